@@ -1,0 +1,140 @@
+//! The one public error type: a small [`ErrorKind`] a caller can act on, plus a message
+//! that ends with the facts (file, tensor, key) and the underlying cause, if any.
+
+use std::fmt;
+
+/// What went wrong, in terms a caller can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The caller passed something unusable (bad URI, bad state, bad option).
+    Invalid,
+    /// The run, checkpoint, file or key does not exist.
+    NotFound,
+    /// A checkpoint for this step is already committed; nothing was overwritten.
+    AlreadyExists,
+    /// Stored bytes are damaged or lie (checksum, truncation, impossible header).
+    Corrupt,
+    /// The data is well-formed but this version of Cairn cannot use it.
+    Incompatible,
+    /// The store refused access.
+    Permission,
+    /// The store failed or timed out; retrying later may succeed.
+    Unavailable,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::AlreadyExists => "already exists",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Incompatible => "incompatible",
+            ErrorKind::Permission => "permission denied",
+            ErrorKind::Unavailable => "unavailable",
+        };
+        f.write_str(name)
+    }
+}
+
+/// A Cairn error: its [`kind`](Error::kind), a lowercase message that names the file,
+/// tensor or key involved, and the underlying cause when there is one.
+///
+/// ```
+/// let err = cairn::Error::new(cairn::ErrorKind::NotFound, "no checkpoint run=`/tmp/x`");
+/// assert_eq!(err.kind(), cairn::ErrorKind::NotFound);
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An error of `kind` with `message` (lowercase, ending with the facts).
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), source: None }
+    }
+
+    /// Attaches the underlying cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message without the cause chain.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The message followed by every cause, joined by `: `.
+    pub fn full_message(&self) -> String {
+        let mut out = self.message.clone();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            cause = c.source();
+        }
+        out
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Invalid, message)
+    }
+
+    pub(crate) fn corrupt(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Corrupt, message)
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    pub(crate) fn incompatible(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Incompatible, message)
+    }
+
+    /// Classifies a store failure on `what` (e.g. ``file=`x` ``) into a kind.
+    pub(crate) fn from_store(err: object_store::Error, doing: &str, what: &str) -> Self {
+        use object_store::Error as E;
+        let kind = match &err {
+            E::NotFound { .. } => ErrorKind::NotFound,
+            E::AlreadyExists { .. } | E::Precondition { .. } => ErrorKind::AlreadyExists,
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => ErrorKind::Permission,
+            E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. } => {
+                ErrorKind::Invalid
+            }
+            _ => io_kind_in(&err).unwrap_or(ErrorKind::Unavailable),
+        };
+        Self::new(kind, format!("{doing} failed {what}")).with_source(err)
+    }
+}
+
+/// Finds an `std::io::Error` in a cause chain and classifies it.
+fn io_kind_in(err: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(match io.kind() {
+                std::io::ErrorKind::PermissionDenied => ErrorKind::Permission,
+                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+                std::io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+                _ => ErrorKind::Unavailable,
+            });
+        }
+        cause = c.source();
+    }
+    None
+}

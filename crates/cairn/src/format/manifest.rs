@@ -1,0 +1,322 @@
+//! The manifest: Cairn's commit record for one checkpoint (serde types, encoding and
+//! validation). A manifest is parsed as hostile input: its size is bounded before it is
+//! read, its version is checked before its schema, and every reference it makes (files,
+//! byte ranges, offsets) is checked against limits before anything is allocated from it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::layout;
+use crate::tree::{checked_nbytes, checked_numel, DType, Value};
+
+/// The value of the manifest's `format` field.
+pub const FORMAT_NAME: &str = "cairn";
+/// The format version this library writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+/// Largest manifest accepted, checked before reading it.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+/// Largest tensor rank accepted.
+pub const MAX_RANK: usize = 64;
+
+/// One checkpoint's commit record (`manifest.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// Always [`FORMAT_VERSION`] for manifests this library writes.
+    pub format_version: u64,
+    /// Training step of the checkpoint.
+    pub step: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Whether retention may delete it once a newer checkpoint is committed.
+    pub temporary: bool,
+    /// Unique id of the save that committed it (reconciles retried commits).
+    pub save_id: String,
+    /// Who wrote it.
+    pub writer: Writer,
+    /// Numeric metrics (e.g. `loss`) for keep-best retention.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, Value>,
+    /// Free-form user metadata (config, notes).
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+    /// Plain (non-tensor) values by key.
+    #[serde(default)]
+    pub values: BTreeMap<String, Value>,
+    /// A frontend's description of how keys nest (opaque to the engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structure: Option<serde_json::Value>,
+    /// Every tensor by key.
+    pub tensors: BTreeMap<String, TensorRecord>,
+    /// Every data file by path relative to the checkpoint folder.
+    pub files: BTreeMap<String, FileRecord>,
+}
+
+/// The writer of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writer {
+    /// Library name (`cairn`).
+    pub library: String,
+    /// Library version.
+    pub version: String,
+    /// Number of ranks that wrote the checkpoint.
+    pub world_size: u32,
+}
+
+/// A tensor: dtype, global shape, and the pieces that cover it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorRecord {
+    /// Element type.
+    pub dtype: DType,
+    /// Global shape.
+    pub shape: Vec<u64>,
+    /// Pieces, each a dense box of the global tensor stored in one file.
+    pub pieces: Vec<Piece>,
+}
+
+/// A dense box of a tensor stored contiguously (row-major) in one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    /// Data file, relative to the checkpoint folder (`shards/...`).
+    pub file: String,
+    /// Byte range `[start, end)` within the file.
+    pub range: [u64; 2],
+    /// Offset of the box within the global shape, one per dimension.
+    pub offsets: Vec<u64>,
+    /// Shape of the box.
+    pub shape: Vec<u64>,
+    /// CRC-32C (Castagnoli) of the piece's bytes.
+    pub crc32c: u32,
+}
+
+/// A data file of the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Exact size in bytes.
+    pub size: u64,
+    /// Length of the safetensors header region (8-byte length + JSON), where data starts.
+    pub header_len: u64,
+    /// CRC-32C of the header region.
+    pub header_crc32c: u32,
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    format: Option<serde_json::Value>,
+    format_version: Option<serde_json::Value>,
+}
+
+impl Manifest {
+    /// Encodes the manifest as JSON.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self)
+            .map_err(|e| Error::invalid(format!("cannot encode manifest step={}", self.step)).with_source(e))
+    }
+
+    /// Decodes and validates a manifest read from `file` (named in every error).
+    pub fn decode(bytes: &[u8], file: &str) -> Result<Manifest> {
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(Error::corrupt(format!(
+                "manifest larger than {MAX_MANIFEST_BYTES} bytes file=`{file}`"
+            )));
+        }
+        let probe: VersionProbe = serde_json::from_slice(bytes).map_err(|e| {
+            Error::corrupt(format!("manifest is not valid json file=`{file}`")).with_source(e)
+        })?;
+        if probe.format.as_ref().and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+            return Err(Error::corrupt(format!("not a cairn manifest file=`{file}`")));
+        }
+        match probe.format_version.as_ref().and_then(|v| v.as_u64()) {
+            Some(FORMAT_VERSION) => {}
+            Some(other) => {
+                return Err(Error::incompatible(format!(
+                    "unsupported format version {other} (this cairn reads {FORMAT_VERSION}) file=`{file}`"
+                )))
+            }
+            None => return Err(Error::corrupt(format!("manifest has no format_version file=`{file}`"))),
+        }
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| {
+            Error::corrupt(format!("manifest does not match format v1 file=`{file}`")).with_source(e)
+        })?;
+        manifest.validate(file)?;
+        Ok(manifest)
+    }
+
+    /// Checks every internal reference: file names, byte ranges, shapes, offsets, keys.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        for (name, record) in &self.files {
+            if !layout::is_valid_shard_file(name) {
+                return Err(Error::corrupt(format!(
+                    "manifest names a file outside the checkpoint's shards folder data_file=`{name}` file=`{file}`"
+                )));
+            }
+            if record.header_len < 8 || record.header_len > record.size {
+                return Err(Error::corrupt(format!(
+                    "header length {} does not fit file size {} data_file=`{name}` file=`{file}`",
+                    record.header_len, record.size
+                )));
+            }
+        }
+        for (key, record) in &self.tensors {
+            validate_tensor(key, record, &self.files)
+                .map_err(|msg| Error::corrupt(format!("{msg} tensor=`{key}` file=`{file}`")))?;
+            if self.values.contains_key(key) {
+                return Err(Error::corrupt(format!(
+                    "key is both a tensor and a value key=`{key}` file=`{file}`"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_tensor(key: &str, record: &TensorRecord, files: &BTreeMap<String, FileRecord>) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("empty tensor key".into());
+    }
+    let rank = record.shape.len();
+    if rank > MAX_RANK {
+        return Err(format!("rank {rank} exceeds {MAX_RANK}"));
+    }
+    let total = checked_numel(&record.shape).ok_or("shape overflows")?;
+    if record.pieces.is_empty() {
+        return Err("tensor has no pieces".into());
+    }
+    let mut covered: u64 = 0;
+    for piece in &record.pieces {
+        let Some(file) = files.get(&piece.file) else {
+            return Err(format!("piece references unknown data file data_file=`{}`", piece.file));
+        };
+        if piece.offsets.len() != rank || piece.shape.len() != rank {
+            return Err(format!("piece rank does not match tensor rank data_file=`{}`", piece.file));
+        }
+        for ((&off, &len), &dim) in piece.offsets.iter().zip(&piece.shape).zip(&record.shape) {
+            if off.checked_add(len).is_none_or(|end| end > dim) {
+                return Err(format!(
+                    "piece offsets {:?} shape {:?} fall outside global shape {:?}",
+                    piece.offsets, piece.shape, record.shape
+                ));
+            }
+        }
+        let [start, end] = piece.range;
+        let nbytes = checked_nbytes(record.dtype, &piece.shape).ok_or("piece shape overflows")?;
+        if end.checked_sub(start) != Some(nbytes) {
+            return Err(format!(
+                "piece byte range {start}..{end} does not hold {nbytes} bytes data_file=`{}`",
+                piece.file
+            ));
+        }
+        if start < file.header_len || end > file.size {
+            return Err(format!(
+                "piece byte range {start}..{end} lies outside the data of a {}-byte file data_file=`{}`",
+                file.size, piece.file
+            ));
+        }
+        covered = covered.saturating_add(checked_numel(&piece.shape).unwrap_or(u64::MAX));
+    }
+    if covered < total {
+        return Err(format!("pieces cover {covered} of {total} elements"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let file = layout::shard_file(0, 0, 1, "a1");
+        let mut files = BTreeMap::new();
+        files.insert(file.clone(), FileRecord { size: 8 + 64 + 16, header_len: 72, header_crc32c: 0 });
+        let mut tensors = BTreeMap::new();
+        tensors.insert(
+            "w".to_string(),
+            TensorRecord {
+                dtype: DType::F32,
+                shape: vec![2, 2],
+                pieces: vec![Piece { file, range: [72, 88], offsets: vec![0, 0], shape: vec![2, 2], crc32c: 0 }],
+            },
+        );
+        Manifest {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            step: 5,
+            created_unix_ms: 1,
+            temporary: false,
+            save_id: "s".into(),
+            writer: Writer { library: "cairn".into(), version: "0".into(), world_size: 1 },
+            metrics: BTreeMap::new(),
+            metadata: serde_json::Value::Null,
+            values: BTreeMap::new(),
+            structure: None,
+            tensors,
+            files,
+        }
+    }
+
+    fn decode_err(m: &Manifest) -> Error {
+        Manifest::decode(&m.encode().unwrap(), "m.json").unwrap_err()
+    }
+
+    #[test]
+    fn manifest_round_trips() {
+        let m = sample();
+        assert_eq!(Manifest::decode(&m.encode().unwrap(), "m.json").unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_format_version_is_incompatible() {
+        let mut m = sample();
+        m.format_version = 2;
+        let err = decode_err(&m);
+        assert_eq!(err.kind(), crate::ErrorKind::Incompatible);
+        assert!(err.to_string().contains("format version 2"), "{err}");
+    }
+
+    #[test]
+    fn file_reference_outside_the_checkpoint_is_corrupt() {
+        let mut m = sample();
+        let rec = m.files.pop_first().unwrap().1;
+        m.files.insert("../../etc/passwd".into(), rec);
+        m.tensors.get_mut("w").unwrap().pieces[0].file = "../../etc/passwd".into();
+        let err = decode_err(&m);
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.to_string().contains("../../etc/passwd"), "{err}");
+    }
+
+    #[test]
+    fn range_that_lies_about_size_is_corrupt() {
+        let mut m = sample();
+        m.tensors.get_mut("w").unwrap().pieces[0].range = [72, 1 << 40];
+        let err = decode_err(&m);
+        assert!(err.to_string().contains("tensor=`w`"), "{err}");
+    }
+
+    #[test]
+    fn piece_outside_global_shape_is_corrupt() {
+        let mut m = sample();
+        m.tensors.get_mut("w").unwrap().pieces[0].offsets = vec![1, 0];
+        assert!(decode_err(&m).to_string().contains("outside global shape"));
+    }
+
+    #[test]
+    fn huge_claimed_shape_is_corrupt_not_allocated() {
+        let mut m = sample();
+        let t = m.tensors.get_mut("w").unwrap();
+        t.shape = vec![u64::MAX, u64::MAX];
+        t.pieces[0].shape = vec![u64::MAX, 2];
+        assert_eq!(decode_err(&m).kind(), crate::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn garbage_is_corrupt() {
+        for bytes in [&b""[..], b"{", b"[]", b"{\"format\":\"cairn\"}", b"\xff\xfe"] {
+            let err = Manifest::decode(bytes, "m.json").unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "{:?}", bytes);
+            assert!(err.to_string().contains("m.json"));
+        }
+    }
+}

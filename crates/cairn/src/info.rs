@@ -1,0 +1,61 @@
+//! What a caller learns about a checkpoint without loading its tensors.
+
+use std::collections::BTreeMap;
+
+use crate::format::manifest::Manifest;
+use crate::tree::Value;
+
+/// Summary of one committed checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointInfo {
+    /// Training step.
+    pub step: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Whether it is temporary (deleted once a newer checkpoint commits).
+    pub temporary: bool,
+    /// Metrics recorded with it.
+    pub metrics: BTreeMap<String, Value>,
+    /// User metadata recorded with it.
+    pub metadata: serde_json::Value,
+    /// Id of the save that committed it.
+    pub save_id: String,
+    /// Where it lives.
+    pub uri: String,
+    /// Number of tensors.
+    pub num_tensors: usize,
+    /// Total bytes of tensor data.
+    pub tensor_bytes: u64,
+}
+
+impl CheckpointInfo {
+    /// Summarizes `manifest`, found at `uri`.
+    pub fn from_manifest(manifest: &Manifest, uri: &str) -> CheckpointInfo {
+        let tensor_bytes = manifest
+            .tensors
+            .values()
+            .flat_map(|t| &t.pieces)
+            .map(|p| p.range[1].saturating_sub(p.range[0]))
+            .fold(0u64, u64::saturating_add);
+        CheckpointInfo {
+            step: manifest.step,
+            created_unix_ms: manifest.created_unix_ms,
+            temporary: manifest.temporary,
+            metrics: manifest.metrics.clone(),
+            metadata: manifest.metadata.clone(),
+            save_id: manifest.save_id.clone(),
+            uri: uri.to_string(),
+            num_tensors: manifest.tensors.len(),
+            tensor_bytes,
+        }
+    }
+
+    /// The metric `name` as a float, if recorded and numeric.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        match self.metrics.get(name)? {
+            Value::Float(v) => Some(*v),
+            Value::Int(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+}

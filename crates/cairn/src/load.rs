@@ -1,0 +1,327 @@
+//! Loading: open a committed checkpoint (its manifest, validated), select and rename keys,
+//! read the needed pieces in parallel across files, verify every checksum, assemble.
+//!
+//! Local files are memory-mapped and tensors point into the mapping (no copy); other
+//! stores are read with ranged GETs of exactly the needed bytes. Every byte range comes
+//! from a validated manifest and is checked against the real file size before use.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use regex::Regex;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::layout::MANIFEST_FILE;
+use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, MAX_MANIFEST_BYTES};
+use crate::geometry;
+use crate::info::CheckpointInfo;
+use crate::store::Location;
+use crate::tree::{checked_nbytes, Entry, State, Tensor};
+
+/// Identifies a piece: its tensor's key and its index among the tensor's pieces.
+type PieceId = (String, usize);
+
+/// A key renaming rule applied on load: every match of `pattern` becomes `replacement`
+/// (`$1` etc. refer to groups), e.g. `^module\.` → `` strips DDP's prefix.
+#[derive(Debug, Clone)]
+pub struct RenameRule {
+    pattern: Regex,
+    replacement: String,
+}
+
+impl RenameRule {
+    /// A rule from a regex pattern and its replacement.
+    pub fn new(pattern: &str, replacement: impl Into<String>) -> Result<RenameRule> {
+        let pattern = Regex::new(pattern)
+            .map_err(|e| Error::invalid(format!("invalid rename pattern pattern=`{pattern}`")).with_source(e))?;
+        Ok(RenameRule { pattern, replacement: replacement.into() })
+    }
+
+    fn apply(&self, key: &str) -> String {
+        self.pattern.replace_all(key, self.replacement.as_str()).into_owned()
+    }
+}
+
+/// What to load and how.
+///
+/// ```
+/// let opts = cairn::LoadOptions::default().with_prefix("model.");
+/// assert_eq!(opts.prefixes, vec!["model.".to_string()]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Load only keys starting with one of these (all keys when empty).
+    pub prefixes: Vec<String>,
+    /// Load exactly these keys; a missing one is [`ErrorKind::NotFound`].
+    pub keys: Option<Vec<String>>,
+    /// Renaming rules applied in order to each selected key.
+    pub rename: Vec<RenameRule>,
+    /// Verify each piece's checksum (on by default).
+    pub verify: bool,
+    /// Files read at once.
+    pub concurrency: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            prefixes: Vec::new(),
+            keys: None,
+            rename: Vec::new(),
+            verify: true,
+            concurrency: std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(2, 16),
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Adds a key prefix to select.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefixes.push(prefix.into());
+        self
+    }
+
+    /// Selects exactly `keys`.
+    pub fn with_keys<I: IntoIterator<Item = S>, S: Into<String>>(mut self, keys: I) -> Self {
+        self.keys = Some(keys.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Adds a renaming rule.
+    pub fn with_rename(mut self, rule: RenameRule) -> Self {
+        self.rename.push(rule);
+        self
+    }
+}
+
+/// A committed checkpoint whose manifest has been read and validated.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    location: Location,
+    manifest: Manifest,
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint folder at `location`; [`ErrorKind::NotFound`] if it has no
+    /// manifest (never committed).
+    pub async fn open_at(location: Location) -> Result<Checkpoint> {
+        let path = location.path(MANIFEST_FILE);
+        let file = format!("{}/{MANIFEST_FILE}", location.uri());
+        let got = location.store().get(&path).await.map_err(|e| match e {
+            object_store::Error::NotFound { .. } => {
+                Error::not_found(format!("no committed checkpoint (manifest missing) file=`{file}`"))
+            }
+            other => Error::from_store(other, "reading manifest", &format!("file=`{file}`")),
+        })?;
+        if got.meta.size > MAX_MANIFEST_BYTES {
+            return Err(Error::corrupt(format!("manifest of {} bytes exceeds the limit file=`{file}`", got.meta.size)));
+        }
+        let bytes = got.bytes().await.map_err(|e| Error::from_store(e, "reading manifest", &format!("file=`{file}`")))?;
+        let manifest = Manifest::decode(&bytes, &file)?;
+        Ok(Checkpoint { location, manifest })
+    }
+
+    /// The validated manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Where the checkpoint lives.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Its summary.
+    pub fn info(&self) -> CheckpointInfo {
+        CheckpointInfo::from_manifest(&self.manifest, self.location.uri())
+    }
+
+    /// Loads the selected keys. Checksums are verified unless `opts.verify` is off.
+    pub async fn read(&self, opts: &LoadOptions) -> Result<State> {
+        let selected = self.select(opts)?;
+        let mut by_file: BTreeMap<&str, Vec<(PieceId, Piece)>> = BTreeMap::new();
+        for (key, _) in &selected {
+            if let Some(record) = self.manifest.tensors.get(*key) {
+                for (index, piece) in record.pieces.iter().enumerate() {
+                    by_file.entry(piece.file.as_str()).or_default().push(((key.to_string(), index), piece.clone()));
+                }
+            }
+        }
+        let jobs = by_file.into_iter().map(|(file, pieces)| self.read_file(file, pieces, opts.verify));
+        let read: Vec<Vec<(PieceId, Bytes)>> =
+            futures::stream::iter(jobs).buffer_unordered(opts.concurrency.max(1)).try_collect().await?;
+        let mut piece_bytes: HashMap<PieceId, Bytes> = read.into_iter().flatten().collect();
+
+        let mut state = State::new();
+        for (key, new_key) in selected {
+            let entry = if let Some(record) = self.manifest.tensors.get(key) {
+                Entry::Tensor(self.assemble(key, record, &mut piece_bytes)?)
+            } else if let Some(value) = self.manifest.values.get(key) {
+                Entry::Value(value.clone())
+            } else {
+                continue;
+            };
+            state.insert(new_key, entry);
+        }
+        state.set_structure(self.manifest.structure.clone());
+        Ok(state)
+    }
+
+    /// Selected stored keys with their new names, in stored-key order.
+    fn select<'m>(&'m self, opts: &LoadOptions) -> Result<Vec<(&'m str, String)>> {
+        let all = self.manifest.tensors.keys().chain(self.manifest.values.keys());
+        let mut chosen: Vec<&str> = match &opts.keys {
+            Some(keys) => {
+                let mut out = Vec::with_capacity(keys.len());
+                for key in keys {
+                    let found = self.manifest.tensors.get_key_value(key).map(|(k, _)| k.as_str())
+                        .or_else(|| self.manifest.values.get_key_value(key).map(|(k, _)| k.as_str()));
+                    match found {
+                        Some(k) => out.push(k),
+                        None => {
+                            return Err(Error::not_found(format!(
+                                "key not in checkpoint key=`{key}` checkpoint=`{}`",
+                                self.location.uri()
+                            )))
+                        }
+                    }
+                }
+                out
+            }
+            None if opts.prefixes.is_empty() => all.map(String::as_str).collect(),
+            None => all.filter(|k| opts.prefixes.iter().any(|p| k.starts_with(p.as_str()))).map(String::as_str).collect(),
+        };
+        chosen.sort_unstable();
+        chosen.dedup();
+        let mut seen: HashMap<String, &str> = HashMap::with_capacity(chosen.len());
+        let mut out = Vec::with_capacity(chosen.len());
+        for key in chosen {
+            let new_key = opts.rename.iter().fold(key.to_string(), |k, rule| rule.apply(&k));
+            if let Some(previous) = seen.insert(new_key.clone(), key) {
+                return Err(Error::invalid(format!(
+                    "renaming maps two keys to one key=`{previous}` key=`{key}` renamed=`{new_key}`"
+                )));
+            }
+            out.push((key, new_key));
+        }
+        Ok(out)
+    }
+
+    async fn read_file(&self, file: &str, pieces: Vec<(PieceId, Piece)>, verify: bool) -> Result<Vec<(PieceId, Bytes)>> {
+        let record = self.manifest.files.get(file).ok_or_else(|| {
+            Error::corrupt(format!("piece references unknown data file data_file=`{file}` checkpoint=`{}`", self.location.uri()))
+        })?;
+        let shown = format!("{}/{file}", self.location.uri());
+        let mut ranges: Vec<std::ops::Range<u64>> = Vec::with_capacity(pieces.len() + 1);
+        ranges.push(0..record.header_len);
+        ranges.extend(pieces.iter().map(|(_, p)| p.range[0]..p.range[1]));
+        let chunks = match self.location.local_dir() {
+            Some(dir) => {
+                let path = dir.join(file);
+                let record = record.clone();
+                let shown = shown.clone();
+                tokio::task::spawn_blocking(move || map_local(&path, &record, &ranges, &shown))
+                    .await
+                    .map_err(|e| Error::new(ErrorKind::Unavailable, format!("read task failed file=`{file}`")).with_source(e))??
+            }
+            None => self.get_remote(file, record, &ranges, &shown).await?,
+        };
+        let header_crc = record.header_crc32c;
+        tokio::task::spawn_blocking(move || {
+            let mut chunks = chunks.into_iter();
+            let header = chunks.next().unwrap_or_default();
+            if verify && crc32c::crc32c(&header) != header_crc {
+                return Err(Error::corrupt(format!("checksum mismatch in shard header file=`{shown}`")));
+            }
+            let mut out = Vec::with_capacity(pieces.len());
+            for ((id, piece), data) in pieces.into_iter().zip(chunks) {
+                if verify && crc32c::crc32c(&data) != piece.crc32c {
+                    return Err(Error::corrupt(format!("checksum mismatch tensor=`{}` file=`{shown}`", id.0)));
+                }
+                out.push((id, data));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Unavailable, format!("checksum task failed file=`{file}`")).with_source(e))?
+    }
+
+    async fn get_remote(&self, file: &str, record: &FileRecord, ranges: &[std::ops::Range<u64>], shown: &str) -> Result<Vec<Bytes>> {
+        let path = self.location.path(file);
+        let meta = self.location.store().head(&path).await.map_err(|e| match e {
+            object_store::Error::NotFound { .. } => Error::corrupt(format!("data file missing file=`{shown}`")),
+            other => Error::from_store(other, "reading shard", &format!("file=`{shown}`")),
+        })?;
+        check_size(meta.size, record.size, shown)?;
+        self.location
+            .store()
+            .get_ranges(&path, ranges)
+            .await
+            .map_err(|e| Error::from_store(e, "reading shard", &format!("file=`{shown}`")))
+    }
+
+    fn assemble(&self, key: &str, record: &TensorRecord, piece_bytes: &mut HashMap<PieceId, Bytes>) -> Result<Tensor> {
+        let shown = || format!("tensor=`{key}` checkpoint=`{}`", self.location.uri());
+        if let [piece] = record.pieces.as_slice() {
+            if piece.shape == record.shape {
+                let data = piece_bytes.remove(&(key.to_string(), 0)).unwrap_or_default();
+                return Tensor::new(record.dtype, record.shape.clone(), data)
+                    .map_err(|e| Error::corrupt(format!("{} {}", e.message(), shown())));
+            }
+        }
+        for (i, a) in record.pieces.iter().enumerate() {
+            for b in &record.pieces[i + 1..] {
+                if geometry::boxes_overlap(&a.offsets, &a.shape, &b.offsets, &b.shape) {
+                    return Err(Error::corrupt(format!("overlapping pieces {}", shown())));
+                }
+            }
+        }
+        // Pieces are disjoint, inside the shape, and (validated) cover at least its
+        // element count, so they tile it. Its size is bounded by the verified file sizes.
+        let nbytes = checked_nbytes(record.dtype, &record.shape).ok_or_else(|| Error::corrupt(format!("shape overflows {}", shown())))?;
+        let mut buffer = vec![0u8; nbytes as usize];
+        for (index, piece) in record.pieces.iter().enumerate() {
+            let data = piece_bytes.remove(&(key.to_string(), index)).unwrap_or_default();
+            geometry::copy_box_into(&mut buffer, &record.shape, &data, &piece.offsets, &piece.shape, record.dtype.size());
+        }
+        Tensor::new(record.dtype, record.shape.clone(), buffer)
+    }
+}
+
+fn check_size(actual: u64, expected: u64, shown: &str) -> Result<()> {
+    if actual != expected {
+        let what = if actual < expected { "truncated data file" } else { "data file has extra bytes" };
+        return Err(Error::corrupt(format!("{what}: {actual} bytes, manifest says {expected} file=`{shown}`")));
+    }
+    Ok(())
+}
+
+/// Maps a local shard read-only and slices out `ranges` without copying.
+fn map_local(path: &std::path::Path, record: &FileRecord, ranges: &[std::ops::Range<u64>], shown: &str) -> Result<Vec<Bytes>> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| {
+        let err = if e.kind() == std::io::ErrorKind::NotFound {
+            Error::corrupt(format!("data file missing file=`{shown}`"))
+        } else {
+            Error::new(ErrorKind::Unavailable, format!("cannot read data file file=`{shown}`"))
+        };
+        err.with_source(e)
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(Error::corrupt(format!("data file is not a regular file file=`{shown}`")));
+    }
+    check_size(meta.len(), record.size, shown)?;
+    if record.size == 0 {
+        return Ok(ranges.iter().map(|_| Bytes::new()).collect());
+    }
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::new(ErrorKind::Unavailable, format!("cannot open data file file=`{shown}`")).with_source(e))?;
+    // SAFETY: committed checkpoint files are never modified in place (saves write new
+    // files, deletes unlink), so the mapping's contents do not change under us.
+    let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }
+        .map_err(|e| Error::new(ErrorKind::Unavailable, format!("cannot map data file file=`{shown}`")).with_source(e))?;
+    check_size(map.len() as u64, record.size, shown)?;
+    let bytes = Bytes::from_owner(map);
+    Ok(ranges.iter().map(|r| bytes.slice(r.start as usize..r.end as usize)).collect())
+}

@@ -1,0 +1,138 @@
+//! A run: the checkpoints of one training job under one location, found by listing.
+//! Only folders named `step-<12+ digits>` that hold a manifest count; anything else
+//! (unfinished saves, stray files) is invisible to readers.
+
+use futures::TryStreamExt;
+
+use crate::error::{Error, Result};
+use crate::format::layout::{self, MANIFEST_FILE};
+use crate::info::CheckpointInfo;
+use crate::load::{Checkpoint, LoadOptions};
+use crate::runtime::block_on;
+use crate::save::{save_checkpoint, SaveOptions};
+use crate::store::Location;
+use crate::tree::State;
+
+/// A committed checkpoint found by listing a run (its manifest not yet read).
+#[derive(Debug, Clone)]
+pub struct CheckpointRef {
+    /// Step of the checkpoint.
+    pub step: u64,
+    /// Its folder.
+    pub location: Location,
+}
+
+impl CheckpointRef {
+    /// Reads and validates its manifest.
+    pub fn open(&self) -> Result<Checkpoint> {
+        block_on(Checkpoint::open_at(self.location.clone()))
+    }
+}
+
+/// The checkpoints of one training run.
+///
+/// ```
+/// use cairn::{DType, Run, SaveOptions, State, Tensor};
+/// let run = Run::create("memory://doc-run/job").unwrap();
+/// let mut state = State::new();
+/// state.insert_tensor("w", Tensor::new(DType::U8, vec![2], vec![1, 2]).unwrap());
+/// run.save(&state, &SaveOptions::default().with_step(10)).unwrap();
+/// assert_eq!(run.latest().unwrap().unwrap().step, 10);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Run {
+    location: Location,
+}
+
+impl Run {
+    /// Opens an existing run for reading.
+    pub fn open(uri: &str) -> Result<Run> {
+        Ok(Run { location: Location::open(uri)? })
+    }
+
+    /// Opens a run for writing, creating a local directory if needed.
+    pub fn create(uri: &str) -> Result<Run> {
+        Ok(Run { location: Location::create(uri)? })
+    }
+
+    /// A run at an already resolved location.
+    pub fn at(location: Location) -> Run {
+        Run { location }
+    }
+
+    /// Where the run lives.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The committed checkpoints, in step order.
+    pub fn list(&self) -> Result<Vec<CheckpointRef>> {
+        block_on(self.list_async())
+    }
+
+    pub(crate) async fn list_async(&self) -> Result<Vec<CheckpointRef>> {
+        let prefix = self.location.prefix();
+        let depth = prefix.parts().count();
+        let objects: Vec<object_store::ObjectMeta> = self
+            .location
+            .store()
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::from_store(e, "listing run", &format!("run=`{}`", self.location.uri())))?;
+        let mut found: Vec<CheckpointRef> = objects
+            .iter()
+            .filter_map(|meta| {
+                let parts: Vec<_> = meta.location.parts().skip(depth).collect();
+                match parts.as_slice() {
+                    [dir, file] if file.as_ref() == MANIFEST_FILE => layout::parse_step_dir(dir.as_ref()),
+                    _ => None,
+                }
+            })
+            .map(|step| CheckpointRef { step, location: self.location.child(&layout::step_dir(step)) })
+            .collect();
+        found.sort_by_key(|c| c.step);
+        Ok(found)
+    }
+
+    /// The committed checkpoint with the highest step, if any.
+    pub fn latest(&self) -> Result<Option<CheckpointRef>> {
+        Ok(self.list()?.pop())
+    }
+
+    /// Opens the committed checkpoint of `step`; [`crate::ErrorKind::NotFound`] if none.
+    pub fn checkpoint(&self, step: u64) -> Result<Checkpoint> {
+        block_on(Checkpoint::open_at(self.location.child(&layout::step_dir(step))))
+    }
+
+    /// Saves `state` as the checkpoint of `opts.step` (required) and commits it.
+    pub fn save(&self, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
+        let step = opts
+            .step
+            .ok_or_else(|| Error::invalid(format!("saving into a run needs a step run=`{}`", self.location.uri())))?;
+        let dest = self.location.child(&layout::step_dir(step));
+        block_on(save_checkpoint(&dest, state, step, opts))
+    }
+
+    /// Loads the latest committed checkpoint; [`crate::ErrorKind::NotFound`] if none.
+    pub fn load_latest(&self, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
+        let latest = self
+            .latest()?
+            .ok_or_else(|| Error::not_found(format!("no committed checkpoint run=`{}`", self.location.uri())))?;
+        let ckpt = latest.open()?;
+        Ok((ckpt.load(opts)?, ckpt.info()))
+    }
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint folder `uri` (blocking).
+    pub fn open(uri: &str) -> Result<Checkpoint> {
+        let location = Location::open(uri)?;
+        block_on(Checkpoint::open_at(location))
+    }
+
+    /// Loads the selected keys (blocking). See [`Checkpoint::read`].
+    pub fn load(&self, opts: &LoadOptions) -> Result<State> {
+        block_on(self.read(opts))
+    }
+}

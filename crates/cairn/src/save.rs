@@ -1,0 +1,345 @@
+//! Saving: plan the shards (pure), write them in parallel straight from the state's
+//! buffers, then commit by creating the manifest only if absent.
+//!
+//! Invariants: no manifest is written before every shard is durable; the manifest is
+//! created with `PutMode::Create`, so a committed checkpoint is never overwritten; shard
+//! names carry a per-attempt id, so two attempts never write the same file; a failed save
+//! removes the shards it wrote (a killed one leaves orphans that no reader sees).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::layout::{self, MANIFEST_FILE};
+use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION};
+use crate::format::shard::{self, ShardEntry};
+use crate::info::CheckpointInfo;
+use crate::store::Location;
+use crate::tree::{State, Tensor, Value};
+
+/// Default upper bound on the bytes of one shard file.
+pub const DEFAULT_SHARD_BYTES: u64 = 512 << 20;
+/// Shards are not split below this size just to gain parallelism.
+const MIN_SPLIT_SHARD_BYTES: u64 = 32 << 20;
+
+/// How to save a checkpoint.
+///
+/// ```
+/// let opts = cairn::SaveOptions::default().with_step(100).with_temporary(true);
+/// assert_eq!(opts.step, Some(100));
+/// ```
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// Step of the checkpoint. With a step, the target is a run and the checkpoint goes to
+    /// `<run>/step-<step>`; without, the target is the checkpoint folder itself (step 0).
+    pub step: Option<u64>,
+    /// Mark the checkpoint temporary (retention deletes it once a newer one commits).
+    pub temporary: bool,
+    /// Numeric metrics (ints or floats) recorded for keep-best retention.
+    pub metrics: BTreeMap<String, Value>,
+    /// Free-form user metadata.
+    pub metadata: serde_json::Value,
+    /// Upper bound on one shard file's size (a larger tensor gets a shard of its own).
+    pub shard_bytes: u64,
+    /// Files written at once.
+    pub concurrency: usize,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            step: None,
+            temporary: false,
+            metrics: BTreeMap::new(),
+            metadata: serde_json::Value::Null,
+            shard_bytes: DEFAULT_SHARD_BYTES,
+            concurrency: std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(2, 16),
+        }
+    }
+}
+
+impl SaveOptions {
+    /// Sets the step.
+    pub fn with_step(mut self, step: u64) -> Self {
+        self.step = Some(step);
+        self
+    }
+
+    /// Sets the temporary flag.
+    pub fn with_temporary(mut self, temporary: bool) -> Self {
+        self.temporary = temporary;
+        self
+    }
+
+    /// Records a metric.
+    pub fn with_metric(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.metrics.insert(name.into(), Value::Float(value));
+        self
+    }
+
+    /// Sets the user metadata.
+    pub fn with_metadata(mut self, metadata: serde_json::Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Sets the shard size bound.
+    pub fn with_shard_bytes(mut self, shard_bytes: u64) -> Self {
+        self.shard_bytes = shard_bytes.max(1);
+        self
+    }
+}
+
+/// One planned shard: its file and the tensors it holds, in layout order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardPlan {
+    /// Path relative to the checkpoint folder.
+    pub file: String,
+    /// Keys of the tensors in the shard, largest element size first (alignment).
+    pub keys: Vec<String>,
+}
+
+/// Splits the tensors of `state` into shards of at most `shard_bytes` (a bigger tensor
+/// gets its own), and into at least `parallelism` shards when each would still hold
+/// `MIN_SPLIT_SHARD_BYTES`. Pure: the same input gives the same plan.
+pub fn plan_shards(state: &State, shard_bytes: u64, parallelism: usize, rank: u32, attempt: &str) -> Vec<ShardPlan> {
+    let total = state.tensor_bytes();
+    let target = (total / parallelism.max(1) as u64).max(MIN_SPLIT_SHARD_BYTES).min(shard_bytes.max(1));
+    let mut groups: Vec<Vec<(&String, &Tensor)>> = Vec::new();
+    let mut current: Vec<(&String, &Tensor)> = Vec::new();
+    let mut current_bytes = 0u64;
+    for (key, tensor) in state.tensors() {
+        let size = tensor.data().len() as u64;
+        if !current.is_empty() && current_bytes + size > target {
+            groups.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current.push((key, tensor));
+        current_bytes += size;
+    }
+    if !current.is_empty() {
+        groups.push(current);
+    }
+    let count = groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut group)| {
+            group.sort_by(|(ka, a), (kb, b)| b.dtype().size().cmp(&a.dtype().size()).then(ka.cmp(kb)));
+            ShardPlan {
+                file: layout::shard_file(rank, index, count, attempt),
+                keys: group.into_iter().map(|(k, _)| k.clone()).collect(),
+            }
+        })
+        .collect()
+}
+
+/// What one shard write produced.
+struct WrittenShard {
+    file: String,
+    record: FileRecord,
+    pieces: Vec<(String, Piece)>,
+}
+
+/// Saves `state` into the checkpoint folder `dest` and commits it. See the module docs
+/// for the guarantees. Fails with [`ErrorKind::AlreadyExists`] if `dest` is committed.
+pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &SaveOptions) -> Result<CheckpointInfo> {
+    validate_state(state, opts)?;
+    let manifest_path = dest.path(MANIFEST_FILE);
+    let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
+    match dest.store().head(&manifest_path).await {
+        Ok(_) => return Err(already_committed(step, dest)),
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(Error::from_store(e, "checking for a committed checkpoint", &format!("file=`{manifest_uri}`"))),
+    }
+
+    let save_id = uuid::Uuid::new_v4().simple().to_string();
+    let attempt = &save_id[..12];
+    let plans = plan_shards(state, opts.shard_bytes, opts.concurrency, 0, attempt);
+    let written = write_shards(dest, state, &plans, opts.concurrency).await;
+    let written = match written {
+        Ok(w) => w,
+        Err(e) => {
+            remove_files(dest, plans.iter().map(|p| p.file.as_str())).await;
+            return Err(e);
+        }
+    };
+
+    let manifest = build_manifest(state, step, opts, &save_id, written);
+    let encoded = manifest.encode()?;
+    let put = PutOptions { mode: PutMode::Create, ..Default::default() };
+    match dest.store().put_opts(&manifest_path, PutPayload::from(encoded), put).await {
+        Ok(_) => {}
+        Err(object_store::Error::AlreadyExists { .. }) if committed_by(dest, &save_id).await => {}
+        Err(err) => {
+            remove_files(dest, plans.iter().map(|p| p.file.as_str())).await;
+            return Err(match err {
+                object_store::Error::AlreadyExists { .. } => already_committed(step, dest),
+                other => Error::from_store(other, "committing manifest", &format!("file=`{manifest_uri}`")),
+            });
+        }
+    }
+    Ok(CheckpointInfo::from_manifest(&manifest, dest.uri()))
+}
+
+fn already_committed(step: u64, dest: &Location) -> Error {
+    Error::new(
+        ErrorKind::AlreadyExists,
+        format!("checkpoint already committed; nothing was overwritten step={step} dir=`{}`", dest.uri()),
+    )
+}
+
+/// Whether the manifest at `dest` carries `save_id` (our own commit whose
+/// acknowledgement was lost and retried).
+async fn committed_by(dest: &Location, save_id: &str) -> bool {
+    let Ok(got) = dest.store().get(&dest.path(MANIFEST_FILE)).await else { return false };
+    let Ok(bytes) = got.bytes().await else { return false };
+    Manifest::decode(&bytes, MANIFEST_FILE).is_ok_and(|m| m.save_id == save_id)
+}
+
+fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {
+    for (key, _) in state.iter() {
+        if key.is_empty() {
+            return Err(Error::invalid("empty key in state key=``"));
+        }
+    }
+    for (name, value) in &opts.metrics {
+        if !matches!(value, Value::Int(_) | Value::Float(_)) {
+            return Err(Error::invalid(format!("metric must be a number metric=`{name}`")));
+        }
+    }
+    Ok(())
+}
+
+async fn write_shards(dest: &Location, state: &State, plans: &[ShardPlan], concurrency: usize) -> Result<Vec<WrittenShard>> {
+    futures::stream::iter(plans.iter().map(|plan| write_shard(dest, state, plan)))
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await
+}
+
+async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan) -> Result<WrittenShard> {
+    let tensors: Vec<(String, Tensor)> = plan
+        .keys
+        .iter()
+        .filter_map(|k| state.tensor(k).map(|t| (k.clone(), t.clone())))
+        .collect();
+    let file = plan.file.clone();
+    // Checksums and the header are CPU work: keep them off the i/o threads.
+    let (header, crcs, tensors) = tokio::task::spawn_blocking(move || {
+        let entries: Vec<ShardEntry> = tensors
+            .iter()
+            .map(|(k, t)| ShardEntry {
+                name: shard::piece_name(k, &vec![0; t.shape().len()], true),
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+            })
+            .collect();
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "cairn".to_string())]);
+        let header = shard::build_header(&entries, metadata)?;
+        let crcs: Vec<u32> = tensors.iter().map(|(_, t)| crc32c::crc32c(t.data())).collect();
+        Ok::<_, Error>((header, crcs, tensors))
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Unavailable, format!("checksum task failed file=`{file}`")).with_source(e))??;
+
+    let header_crc32c = crc32c::crc32c(&header.bytes);
+    let header_len = header.bytes.len() as u64;
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(tensors.len() + 1);
+    chunks.push(Bytes::from(header.bytes));
+    let mut pieces = Vec::with_capacity(tensors.len());
+    for (((key, tensor), crc), range) in tensors.into_iter().zip(crcs).zip(header.ranges) {
+        let rank = tensor.shape().len();
+        pieces.push((
+            key,
+            Piece { file: file.clone(), range, offsets: vec![0; rank], shape: tensor.shape().to_vec(), crc32c: crc },
+        ));
+        let (_, _, data) = tensor.into_parts();
+        if !data.is_empty() {
+            chunks.push(data);
+        }
+    }
+    let payload: PutPayload = chunks.into_iter().collect();
+    dest.store()
+        .put(&dest.path(&file), payload)
+        .await
+        .map_err(|e| Error::from_store(e, "writing shard", &format!("file=`{}/{file}`", dest.uri())))?;
+    Ok(WrittenShard { file, record: FileRecord { size: header.file_size, header_len, header_crc32c }, pieces })
+}
+
+fn build_manifest(state: &State, step: u64, opts: &SaveOptions, save_id: &str, written: Vec<WrittenShard>) -> Manifest {
+    let mut files = BTreeMap::new();
+    let mut tensors = BTreeMap::new();
+    for shard in written {
+        files.insert(shard.file, shard.record);
+        for (key, piece) in shard.pieces {
+            if let Some(t) = state.tensor(&key) {
+                tensors.insert(key, TensorRecord { dtype: t.dtype(), shape: t.shape().to_vec(), pieces: vec![piece] });
+            }
+        }
+    }
+    Manifest {
+        format: FORMAT_NAME.to_string(),
+        format_version: FORMAT_VERSION,
+        step,
+        created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        temporary: opts.temporary,
+        save_id: save_id.to_string(),
+        writer: Writer { library: "cairn".into(), version: env!("CARGO_PKG_VERSION").into(), world_size: 1 },
+        metrics: opts.metrics.clone(),
+        metadata: opts.metadata.clone(),
+        values: state.values().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        structure: state.structure().cloned(),
+        tensors,
+        files,
+    }
+}
+
+/// Best-effort removal of `files` under `dest` (cleanup after a failed save).
+async fn remove_files<'a>(dest: &Location, files: impl Iterator<Item = &'a str>) {
+    for file in files {
+        let _ = dest.store().delete(&dest.path(file)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::DType;
+
+    fn state_of(sizes: &[usize]) -> State {
+        let mut s = State::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            s.insert_tensor(format!("t{i:02}"), Tensor::new(DType::U8, vec![n as u64], vec![0u8; n]).unwrap());
+        }
+        s
+    }
+
+    #[test]
+    fn plan_puts_every_tensor_in_exactly_one_shard() {
+        let s = state_of(&[10, 20, 30, 40, 50]);
+        let plans = plan_shards(&s, 45, 1, 0, "a");
+        let mut keys: Vec<String> = plans.iter().flat_map(|p| p.keys.clone()).collect();
+        keys.sort();
+        assert_eq!(keys, vec!["t00", "t01", "t02", "t03", "t04"]);
+        assert!(plans.len() >= 3);
+    }
+
+    #[test]
+    fn plan_orders_shard_contents_by_alignment() {
+        let mut s = State::new();
+        s.insert_tensor("a", Tensor::new(DType::U8, vec![1], vec![0u8]).unwrap());
+        s.insert_tensor("b", Tensor::new(DType::F64, vec![1], vec![0u8; 8]).unwrap());
+        let plans = plan_shards(&s, u64::MAX, 1, 0, "a");
+        assert_eq!(plans[0].keys, vec!["b", "a"]);
+    }
+
+    #[test]
+    fn plan_of_a_state_without_tensors_is_empty() {
+        assert!(plan_shards(&State::new(), 100, 4, 0, "a").is_empty());
+    }
+}

@@ -1,0 +1,540 @@
+//! The training state: a flat, ordered map from dotted keys to tensors and plain values.
+//!
+//! Keys are data, never paths. Tensor bytes are held as [`Bytes`], so a state can point at
+//! caller-owned memory (no copy before a synchronous save) or at a read buffer (no copy
+//! after a load). Frontends that nest containers (Python dicts, lists, tuples) flatten them
+//! into keys and keep their own description of the nesting in [`State::structure`].
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Element type of a tensor. Serialized with the safetensors names (`F32`, `BF16`,
+/// `F8_E4M3`, `BOOL`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[allow(non_camel_case_types)]
+pub enum DType {
+    /// IEEE 754 binary64.
+    F64,
+    /// IEEE 754 binary32.
+    F32,
+    /// IEEE 754 binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// FP8 with 4 exponent and 3 mantissa bits (`float8_e4m3fn`).
+    F8_E4M3,
+    /// FP8 with 5 exponent and 2 mantissa bits.
+    F8_E5M2,
+    /// Signed 64-bit integer.
+    I64,
+    /// Signed 32-bit integer.
+    I32,
+    /// Signed 16-bit integer.
+    I16,
+    /// Signed 8-bit integer.
+    I8,
+    /// Unsigned 64-bit integer.
+    U64,
+    /// Unsigned 32-bit integer.
+    U32,
+    /// Unsigned 16-bit integer.
+    U16,
+    /// Unsigned 8-bit integer.
+    U8,
+    /// Boolean, one byte per element (0 or 1).
+    BOOL,
+}
+
+impl DType {
+    /// Every supported dtype.
+    pub const ALL: [DType; 15] = [
+        DType::F64,
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::F8_E4M3,
+        DType::F8_E5M2,
+        DType::I64,
+        DType::I32,
+        DType::I16,
+        DType::I8,
+        DType::U64,
+        DType::U32,
+        DType::U16,
+        DType::U8,
+        DType::BOOL,
+    ];
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
+            DType::F8_E4M3 | DType::F8_E5M2 | DType::I8 | DType::U8 | DType::BOOL => 1,
+        }
+    }
+
+    /// The safetensors name (`"F32"`, `"F8_E4M3"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F64 => "F64",
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F8_E4M3 => "F8_E4M3",
+            DType::F8_E5M2 => "F8_E5M2",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U64 => "U64",
+            DType::U32 => "U32",
+            DType::U16 => "U16",
+            DType::U8 => "U8",
+            DType::BOOL => "BOOL",
+        }
+    }
+
+    /// Parses a safetensors name; case-insensitive.
+    pub fn from_name(name: &str) -> Result<DType> {
+        DType::ALL
+            .into_iter()
+            .find(|d| d.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| Error::invalid(format!("unknown dtype dtype=`{name}`")))
+    }
+
+    /// The same dtype in the safetensors crate's enum.
+    pub(crate) fn to_safetensors(self) -> safetensors::Dtype {
+        use safetensors::Dtype as S;
+        match self {
+            DType::F64 => S::F64,
+            DType::F32 => S::F32,
+            DType::F16 => S::F16,
+            DType::BF16 => S::BF16,
+            DType::F8_E4M3 => S::F8_E4M3,
+            DType::F8_E5M2 => S::F8_E5M2,
+            DType::I64 => S::I64,
+            DType::I32 => S::I32,
+            DType::I16 => S::I16,
+            DType::I8 => S::I8,
+            DType::U64 => S::U64,
+            DType::U32 => S::U32,
+            DType::U16 => S::U16,
+            DType::U8 => S::U8,
+            DType::BOOL => S::BOOL,
+        }
+    }
+}
+
+/// Number of elements of `shape`, or `None` on overflow.
+pub fn checked_numel(shape: &[u64]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+}
+
+/// Byte length of a tensor of `dtype` and `shape`, or `None` on overflow.
+pub fn checked_nbytes(dtype: DType, shape: &[u64]) -> Option<u64> {
+    checked_numel(shape)?.checked_mul(dtype.size() as u64)
+}
+
+/// A dense, row-major (C-order) tensor: dtype, shape and its bytes in native little-endian.
+///
+/// ```
+/// use cairn::{DType, Tensor};
+/// let t = Tensor::new(DType::F32, vec![2], 1.5f32.to_le_bytes().repeat(2)).unwrap();
+/// assert_eq!(t.data().len(), 8);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tensor {
+    dtype: DType,
+    shape: Vec<u64>,
+    data: Bytes,
+}
+
+impl Tensor {
+    /// A tensor over `data`, which must be exactly `numel(shape) * dtype.size()` bytes.
+    /// Passing [`Bytes`] that wrap caller memory (`Bytes::from_owner`) avoids any copy.
+    pub fn new(dtype: DType, shape: Vec<u64>, data: impl Into<Bytes>) -> Result<Tensor> {
+        let data = data.into();
+        let expected = checked_nbytes(dtype, &shape)
+            .ok_or_else(|| Error::invalid(format!("tensor shape overflows shape={shape:?}")))?;
+        if data.len() as u64 != expected {
+            return Err(Error::invalid(format!(
+                "tensor data has {} bytes, dtype={} shape={shape:?} needs {expected}",
+                data.len(),
+                dtype.name()
+            )));
+        }
+        Ok(Tensor { dtype, shape, data })
+    }
+
+    /// Copies a strided (possibly non-contiguous) source into a dense tensor.
+    ///
+    /// `strides` are in bytes, one per dimension, and may be negative; element
+    /// `(i0, i1, ...)` is read at `offset + sum(i_k * strides[k])` in `base`. Every element
+    /// read is bounds-checked against `base` before anything is copied.
+    pub fn from_strided(
+        dtype: DType,
+        shape: Vec<u64>,
+        strides: &[i64],
+        base: &[u8],
+        offset: usize,
+    ) -> Result<Tensor> {
+        if strides.len() != shape.len() {
+            return Err(Error::invalid(format!(
+                "strides {strides:?} do not match shape {shape:?}"
+            )));
+        }
+        let nbytes = checked_nbytes(dtype, &shape)
+            .ok_or_else(|| Error::invalid(format!("tensor shape overflows shape={shape:?}")))?;
+        let elem = dtype.size() as i128;
+        if nbytes > 0 {
+            // The lowest and highest byte touched must lie inside `base`.
+            let (mut lo, mut hi) = (offset as i128, offset as i128 + elem);
+            for (&dim, &stride) in shape.iter().zip(strides) {
+                let reach = (dim as i128 - 1) * stride as i128;
+                if reach < 0 {
+                    lo += reach;
+                } else {
+                    hi += reach;
+                }
+            }
+            if lo < 0 || hi > base.len() as i128 {
+                return Err(Error::invalid(format!(
+                    "strided view reaches outside its buffer shape={shape:?} strides={strides:?}"
+                )));
+            }
+        }
+        let mut out = Vec::with_capacity(nbytes as usize);
+        copy_strided(&mut out, base, offset as i64, &shape, strides, dtype.size());
+        Tensor::new(dtype, shape, out)
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Global shape; empty for a 0-d (scalar) tensor.
+    pub fn shape(&self) -> &[u64] {
+        &self.shape
+    }
+
+    /// The dense row-major bytes.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// Splits into its parts.
+    pub fn into_parts(self) -> (DType, Vec<u64>, Bytes) {
+        (self.dtype, self.shape, self.data)
+    }
+
+    /// A copy whose bytes are owned by Cairn, detached from whatever memory backed this one
+    /// (used to snapshot caller buffers before an asynchronous save).
+    pub fn to_owned_copy(&self) -> Tensor {
+        Tensor { dtype: self.dtype, shape: self.shape.clone(), data: Bytes::copy_from_slice(&self.data) }
+    }
+}
+
+fn copy_strided(out: &mut Vec<u8>, base: &[u8], offset: i64, shape: &[u64], strides: &[i64], elem: usize) {
+    match shape.split_first() {
+        None => {
+            let start = offset as usize;
+            out.extend_from_slice(&base[start..start + elem]);
+        }
+        Some((&dim, rest)) => {
+            let stride = strides[0];
+            let inner_dense = rest.is_empty() && stride == elem as i64;
+            if inner_dense {
+                let start = offset as usize;
+                out.extend_from_slice(&base[start..start + dim as usize * elem]);
+                return;
+            }
+            for i in 0..dim as i64 {
+                copy_strided(out, base, offset + i * stride, rest, &strides[1..], elem);
+            }
+        }
+    }
+}
+
+/// A plain (non-tensor) value: what a training loop keeps beside its tensors (step, RNG
+/// state, config, metrics). Floats keep NaN payloads and signed zeros bit-exact.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Value {
+    /// Absent value (`None`).
+    Null,
+    /// Boolean.
+    Bool(bool),
+    /// Signed 64-bit integer.
+    Int(i64),
+    /// 64-bit float; non-finite values are stored by their bit pattern.
+    #[serde(with = "float_bits")]
+    Float(f64),
+    /// UTF-8 text.
+    Str(String),
+    /// Raw bytes (e.g. an RNG state), base64 in the manifest.
+    #[serde(with = "base64_bytes")]
+    Bytes(Vec<u8>),
+    /// Ordered list.
+    List(Vec<Value>),
+    /// Map with string keys, kept in key order.
+    Map(BTreeMap<String, Value>),
+}
+
+impl PartialEq for Value {
+    /// Bit-exact equality: `NaN == NaN` when the payloads match, `0.0 != -0.0`.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Value::Null, Value::Null) => true,
+            (Value::Bool(a), Value::Bool(b)) => a == b,
+            (Value::Int(a), Value::Int(b)) => a == b,
+            (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
+            (Value::Str(a), Value::Str(b)) => a == b,
+            (Value::Bytes(a), Value::Bytes(b)) => a == b,
+            (Value::List(a), Value::List(b)) => a == b,
+            (Value::Map(a), Value::Map(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Floats as JSON numbers when finite, else as `{"bits": u64}`.
+mod float_bits {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f64),
+        Bits { bits: u64 },
+    }
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() { Repr::Number(*v) } else { Repr::Bits { bits: v.to_bits() } }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(match Repr::deserialize(d)? {
+            Repr::Number(v) => v,
+            Repr::Bits { bits } => f64::from_bits(bits),
+        })
+    }
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One leaf of a [`State`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    /// A tensor, stored in a shard file.
+    Tensor(Tensor),
+    /// A plain value, stored in the manifest.
+    Value(Value),
+}
+
+/// A training state: leaves under dotted keys, in key order, plus an optional frontend
+/// description of how the keys nest (opaque to the engine, stored in the manifest).
+///
+/// ```
+/// use cairn::{DType, State, Tensor, Value};
+/// let mut state = State::new();
+/// state.insert_tensor("model.w", Tensor::new(DType::U8, vec![3], vec![1, 2, 3]).unwrap());
+/// state.insert_value("step", Value::Int(7));
+/// assert_eq!(state.len(), 2);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    entries: BTreeMap<String, Entry>,
+    structure: Option<serde_json::Value>,
+}
+
+impl State {
+    /// An empty state.
+    pub fn new() -> State {
+        State::default()
+    }
+
+    /// Inserts or replaces a tensor.
+    pub fn insert_tensor(&mut self, key: impl Into<String>, tensor: Tensor) {
+        self.entries.insert(key.into(), Entry::Tensor(tensor));
+    }
+
+    /// Inserts or replaces a plain value.
+    pub fn insert_value(&mut self, key: impl Into<String>, value: Value) {
+        self.entries.insert(key.into(), Entry::Value(value));
+    }
+
+    /// Inserts or replaces a leaf.
+    pub fn insert(&mut self, key: impl Into<String>, entry: Entry) {
+        self.entries.insert(key.into(), entry);
+    }
+
+    /// The leaf under `key`.
+    pub fn get(&self, key: &str) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    /// The tensor under `key`, if that leaf is a tensor.
+    pub fn tensor(&self, key: &str) -> Option<&Tensor> {
+        match self.entries.get(key) {
+            Some(Entry::Tensor(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The value under `key`, if that leaf is a plain value.
+    pub fn value(&self, key: &str) -> Option<&Value> {
+        match self.entries.get(key) {
+            Some(Entry::Value(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Removes and returns the leaf under `key`.
+    pub fn remove(&mut self, key: &str) -> Option<Entry> {
+        self.entries.remove(key)
+    }
+
+    /// Leaves in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Entry)> {
+        self.entries.iter()
+    }
+
+    /// Tensors in key order.
+    pub fn tensors(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.entries.iter().filter_map(|(k, e)| match e {
+            Entry::Tensor(t) => Some((k, t)),
+            Entry::Value(_) => None,
+        })
+    }
+
+    /// Plain values in key order.
+    pub fn values(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.entries.iter().filter_map(|(k, e)| match e {
+            Entry::Value(v) => Some((k, v)),
+            Entry::Tensor(_) => None,
+        })
+    }
+
+    /// Number of leaves.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are no leaves.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total tensor bytes.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors().map(|(_, t)| t.data().len() as u64).sum()
+    }
+
+    /// The frontend's nesting description, if any.
+    pub fn structure(&self) -> Option<&serde_json::Value> {
+        self.structure.as_ref()
+    }
+
+    /// Sets the frontend's nesting description.
+    pub fn set_structure(&mut self, structure: Option<serde_json::Value>) {
+        self.structure = structure;
+    }
+
+    /// A copy whose tensors own their bytes (see [`Tensor::to_owned_copy`]).
+    pub fn to_owned_copy(&self) -> State {
+        let entries = self
+            .entries
+            .iter()
+            .map(|(k, e)| {
+                let e = match e {
+                    Entry::Tensor(t) => Entry::Tensor(t.to_owned_copy()),
+                    Entry::Value(v) => Entry::Value(v.clone()),
+                };
+                (k.clone(), e)
+            })
+            .collect();
+        State { entries, structure: self.structure.clone() }
+    }
+}
+
+impl FromIterator<(String, Entry)> for State {
+    fn from_iter<I: IntoIterator<Item = (String, Entry)>>(iter: I) -> Self {
+        State { entries: iter.into_iter().collect(), structure: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_rejects_wrong_byte_count() {
+        let err = Tensor::new(DType::F32, vec![2, 2], vec![0u8; 15]).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Invalid);
+        assert!(err.to_string().contains("needs 16"), "{err}");
+    }
+
+    #[test]
+    fn zero_d_and_empty_tensors_are_valid() {
+        assert!(Tensor::new(DType::F64, vec![], vec![0u8; 8]).is_ok());
+        assert!(Tensor::new(DType::F64, vec![3, 0], Vec::<u8>::new()).is_ok());
+    }
+
+    #[test]
+    fn from_strided_copies_a_transposed_view() {
+        // 2x3 u16 matrix stored row-major, read as its 3x2 transpose.
+        let src: Vec<u8> = (0u16..6).flat_map(|v| v.to_le_bytes()).collect();
+        let t = Tensor::from_strided(DType::U16, vec![3, 2], &[2, 6], &src, 0).unwrap();
+        let got: Vec<u16> =
+            t.data().chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        assert_eq!(got, vec![0, 3, 1, 4, 2, 5]);
+    }
+
+    #[test]
+    fn from_strided_handles_negative_strides() {
+        let src = vec![1u8, 2, 3, 4];
+        let t = Tensor::from_strided(DType::U8, vec![4], &[-1], &src, 3).unwrap();
+        assert_eq!(t.data().as_ref(), &[4, 3, 2, 1]);
+    }
+
+    #[test]
+    fn from_strided_rejects_views_outside_the_buffer() {
+        let src = vec![0u8; 4];
+        let err = Tensor::from_strided(DType::U8, vec![4], &[2], &src, 0).unwrap_err();
+        assert!(err.to_string().contains("outside its buffer"), "{err}");
+    }
+
+    #[test]
+    fn value_equality_is_bit_exact() {
+        assert_eq!(Value::Float(f64::NAN), Value::Float(f64::NAN));
+        assert_ne!(Value::Float(0.0), Value::Float(-0.0));
+    }
+
+    #[test]
+    fn non_finite_floats_survive_json() {
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0, 1e308, 5e-324] {
+            let json = serde_json::to_string(&Value::Float(v)).unwrap();
+            let back: Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, Value::Float(v), "{json}");
+        }
+    }
+}
