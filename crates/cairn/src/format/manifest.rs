@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::format::layout;
+use crate::geometry;
 use crate::tree::{checked_nbytes, checked_numel, DType, Value};
 
 /// The value of the manifest's `format` field.
@@ -219,6 +220,14 @@ fn validate_tensor(key: &str, record: &TensorRecord, files: &BTreeMap<String, Fi
     }
     if covered < total {
         return Err(format!("pieces cover {covered} of {total} elements"));
+    }
+    for (i, a) in record.pieces.iter().enumerate() {
+        if record.pieces[i + 1..]
+            .iter()
+            .any(|b| geometry::boxes_overlap(&a.offsets, &a.shape, &b.offsets, &b.shape))
+        {
+            return Err("overlapping pieces".into());
+        }
     }
     Ok(())
 }

@@ -1,0 +1,113 @@
+//! The commit protocol and discovery: the manifest is the commit, unfinished saves are
+//! invisible, a committed step is never overwritten, listing is in step order.
+
+mod common;
+
+use cairn::{ErrorKind, LoadOptions, Run, SaveOptions};
+
+fn run_in(dir: &tempfile::TempDir) -> (String, Run) {
+    let uri = dir.path().join("run").to_str().unwrap().to_string();
+    let run = Run::create(&uri).unwrap();
+    (uri, run)
+}
+
+#[test]
+fn list_is_in_step_order_and_latest_is_highest_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, run) = run_in(&dir);
+    for step in [30, 5, 1000, 200] {
+        run.save(&common::model_state(step, 1, 4), &SaveOptions::default().with_step(step)).unwrap();
+    }
+    let steps: Vec<u64> = run.list().unwrap().iter().map(|c| c.step).collect();
+    assert_eq!(steps, vec![5, 30, 200, 1000]);
+    assert_eq!(run.latest().unwrap().unwrap().step, 1000);
+}
+
+#[test]
+fn uncommitted_step_is_invisible() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uri, run) = run_in(&dir);
+    run.save(&common::model_state(1, 1, 4), &SaveOptions::default().with_step(1)).unwrap();
+    run.save(&common::model_state(2, 1, 4), &SaveOptions::default().with_step(2)).unwrap();
+    // Simulate a save killed before its commit: data present, manifest absent.
+    std::fs::remove_file(dir.path().join("run/step-000000000002/manifest.json")).unwrap();
+    std::fs::create_dir_all(dir.path().join("run/step-000000000009/shards")).unwrap();
+    std::fs::write(dir.path().join("run/step-000000000009/shards/x.safetensors"), b"partial").unwrap();
+    let steps: Vec<u64> = run.list().unwrap().iter().map(|c| c.step).collect();
+    assert_eq!(steps, vec![1]);
+    let (state, info) = cairn::load(&uri, &LoadOptions::default()).unwrap();
+    assert_eq!(info.step, 1);
+    assert_eq!(state, common::model_state(1, 1, 4));
+    assert_eq!(run.checkpoint(2).unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+#[test]
+fn second_save_of_a_committed_step_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, run) = run_in(&dir);
+    let first = run.save(&common::model_state(4, 1, 4), &SaveOptions::default().with_step(4)).unwrap();
+    let err = run.save(&common::model_state(99, 1, 4), &SaveOptions::default().with_step(4)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    assert!(err.to_string().contains("step=4"), "{err}");
+    let ckpt = run.checkpoint(4).unwrap();
+    assert_eq!(ckpt.info().save_id, first.save_id);
+    assert_eq!(ckpt.load(&LoadOptions::default()).unwrap(), common::model_state(4, 1, 4));
+    let shards = std::fs::read_dir(dir.path().join("run/step-000000000004/shards")).unwrap().count();
+    assert_eq!(shards, ckpt.manifest().files.len(), "the refused save left files behind");
+}
+
+#[test]
+fn racing_saves_of_one_step_commit_exactly_once() {
+    let run = Run::create("memory://commit/race").unwrap();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let run = run.clone();
+                s.spawn(move || run.save(&common::model_state(i, 1, 8), &SaveOptions::default().with_step(7)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.kind(), ErrorKind::AlreadyExists);
+    }
+    let loaded = run.checkpoint(7).unwrap();
+    assert_eq!(loaded.info().save_id, winners[0].save_id);
+    loaded.load(&LoadOptions::default()).unwrap();
+}
+
+#[test]
+fn open_a_given_step_and_missing_run_is_not_found() {
+    let run = Run::create("memory://commit/steps").unwrap();
+    run.save(&common::model_state(10, 1, 4), &SaveOptions::default().with_step(10)).unwrap();
+    run.save(&common::model_state(20, 1, 4), &SaveOptions::default().with_step(20)).unwrap();
+    assert_eq!(run.checkpoint(10).unwrap().load(&LoadOptions::default()).unwrap(), common::model_state(10, 1, 4));
+    let err = cairn::load("/nonexistent/cairn/run", &LoadOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(err.to_string().contains("/nonexistent/cairn/run"), "{err}");
+    let empty = tempfile::tempdir().unwrap();
+    let err = cairn::load(empty.path().to_str().unwrap(), &LoadOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+#[test]
+fn saving_into_a_run_without_a_step_is_invalid() {
+    let run = Run::create("memory://commit/nostep").unwrap();
+    let err = run.save(&common::model_state(1, 1, 4), &SaveOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+}
+
+#[test]
+fn saving_where_the_disk_refuses_fails_cleanly_and_keeps_earlier_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uri, run) = run_in(&dir);
+    run.save(&common::model_state(1, 1, 4), &SaveOptions::default().with_step(1)).unwrap();
+    // A file where the next checkpoint's folder should go makes every write fail.
+    std::fs::write(dir.path().join("run/step-000000000002"), b"in the way").unwrap();
+    let err = run.save(&common::model_state(2, 1, 4), &SaveOptions::default().with_step(2)).unwrap_err();
+    assert!(err.to_string().contains("step-000000000002"), "{err}");
+    let (state, info) = cairn::load(&uri, &LoadOptions::default()).unwrap();
+    assert_eq!((info.step, state), (1, common::model_state(1, 1, 4)));
+}
