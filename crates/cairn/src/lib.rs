@@ -22,6 +22,7 @@ pub mod format;
 pub mod geometry;
 pub mod info;
 pub mod load;
+pub mod manager;
 pub mod policy;
 pub mod run;
 pub mod runtime;

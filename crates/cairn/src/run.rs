@@ -3,6 +3,7 @@
 //! (unfinished saves, stray files) is invisible to readers.
 
 use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
 
 use crate::error::{Error, Result};
 use crate::format::layout::{self, MANIFEST_FILE};
@@ -114,6 +115,13 @@ impl Run {
         block_on(save_checkpoint(&dest, state, step, opts))
     }
 
+    /// Deletes the checkpoint of `step`: its manifest first (it stops existing), then its
+    /// data. Deleting a step that does not exist is not an error.
+    pub fn delete(&self, step: u64) -> Result<()> {
+        let dir = self.location.child(&layout::step_dir(step));
+        block_on(delete_checkpoint(&dir))
+    }
+
     /// Loads the latest committed checkpoint; [`crate::ErrorKind::NotFound`] if none.
     pub fn load_latest(&self, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
         let latest = self
@@ -122,6 +130,28 @@ impl Run {
         let ckpt = latest.open()?;
         Ok((ckpt.load(opts)?, ckpt.info()))
     }
+}
+
+/// Deletes the checkpoint folder `dir`: manifest first, then every other object in it.
+pub(crate) async fn delete_checkpoint(dir: &Location) -> Result<()> {
+    let shown = |what: &str| format!("{what}=`{}`", dir.uri());
+    match dir.store().delete(&dir.path(MANIFEST_FILE)).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(Error::from_store(e, "deleting manifest", &shown("checkpoint"))),
+    }
+    let objects: Vec<object_store::ObjectMeta> = dir
+        .store()
+        .list(Some(dir.prefix()))
+        .try_collect()
+        .await
+        .map_err(|e| Error::from_store(e, "listing checkpoint", &shown("checkpoint")))?;
+    for meta in objects {
+        match dir.store().delete(&meta.location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(Error::from_store(e, "deleting checkpoint data", &format!("file=`{}`", meta.location))),
+        }
+    }
+    Ok(())
 }
 
 impl Checkpoint {

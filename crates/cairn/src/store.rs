@@ -58,6 +58,12 @@ impl Location {
         Location::resolve(uri, true)
     }
 
+    /// A location over a store the caller built (a wrapper, a store of its own), at the
+    /// store's root; `uri` names it in messages.
+    pub fn from_store(store: Arc<dyn ObjectStore>, uri: impl Into<String>) -> Location {
+        Location { store, prefix: Path::default(), local_dir: None, uri: uri.into() }
+    }
+
     fn resolve(uri: &str, create: bool) -> Result<Location> {
         if uri.is_empty() {
             return Err(Error::invalid("empty location uri=``"));
@@ -101,7 +107,8 @@ impl Location {
             .map_err(|e| Error::not_found(format!("cannot resolve directory dir=`{shown}`")).with_source(e))?;
         let store = LocalFileSystem::new_with_prefix(&dir)
             .map_err(|e| Error::from_store(e, "opening local store", &format!("dir=`{shown}`")))?
-            .with_fsync(true);
+            .with_fsync(true)
+            .with_automatic_cleanup(true);
         Ok(Location { store: Arc::new(store), prefix: Path::default(), local_dir: Some(dir), uri: shown })
     }
 

@@ -1,0 +1,553 @@
+//! `CheckpointManager`: the one object a training loop calls every step. It asks the save
+//! policy whether to save, snapshots the state, writes in the background with a bounded
+//! number of saves in flight, applies retention after each commit, and resumes a run.
+//!
+//! Thread-safety: all methods take `&self` and may be called from any thread. One
+//! background worker runs saves and deletions in order. A background failure is kept and
+//! returned by the next call to `on_step`, `save`, `restore` or `wait`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use object_store::{ObjectStoreExt, PutPayload};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::layout::LATEST_FILE;
+use crate::info::CheckpointInfo;
+use crate::load::LoadOptions;
+use crate::policy::{self, Candidate, Decision, Retention, SaveContext, SavePolicy};
+use crate::run::Run;
+use crate::runtime::block_on;
+use crate::save::SaveOptions;
+use crate::tree::{State, Value};
+
+/// A source of elapsed time, injectable so time-based policies are testable.
+pub trait Clock: Send + Sync {
+    /// Time elapsed since an arbitrary fixed origin.
+    fn now(&self) -> Duration;
+}
+
+/// The real monotonic clock.
+#[derive(Debug)]
+pub struct SystemClock(Instant);
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock(Instant::now())
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// A clock that moves only when told to (for tests and simulations).
+#[derive(Debug, Default)]
+pub struct ManualClock(Mutex<Duration>);
+
+impl ManualClock {
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        if let Ok(mut now) = self.0.lock() {
+            *now += by;
+        }
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Duration {
+        self.0.lock().map_or(Duration::ZERO, |now| *now)
+    }
+}
+
+/// How a manager behaves.
+#[derive(Clone)]
+pub struct ManagerOptions {
+    /// When to save.
+    pub policy: SavePolicy,
+    /// What to keep.
+    pub retention: Retention,
+    /// Write in the background after snapshotting (`true`), or inside the call.
+    pub async_save: bool,
+    /// Saves queued or running at once; the next save waits for a slot.
+    pub max_in_flight: usize,
+    /// Signal that requests a preemption save (SIGTERM by default; `None` for none).
+    pub preemption_signal: Option<i32>,
+    /// Clock for time-based policies.
+    pub clock: Arc<dyn Clock>,
+    /// Template for every save (shard size, concurrency).
+    pub save: SaveOptions,
+    /// Metric used by keep-best retention.
+    pub metric: Option<String>,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        ManagerOptions {
+            policy: SavePolicy::default(),
+            retention: Retention::default(),
+            async_save: true,
+            max_in_flight: 1,
+            preemption_signal: Some(signal_hook::consts::SIGTERM),
+            clock: Arc::new(SystemClock::default()),
+            save: SaveOptions::default(),
+            metric: None,
+        }
+    }
+}
+
+impl ManagerOptions {
+    /// Sets the save policy.
+    pub fn with_policy(mut self, policy: SavePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets the retention policy; keep-best's metric becomes the manager's metric.
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        if let Some(best) = &retention.keep_best {
+            self.metric = Some(best.metric.clone());
+        }
+        self.retention = retention;
+        self
+    }
+
+    /// Chooses background (`true`) or inline saving.
+    pub fn with_async_save(mut self, async_save: bool) -> Self {
+        self.async_save = async_save;
+        self
+    }
+
+    /// Sets how many saves may be in flight.
+    pub fn with_max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Sets the clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Sets (or disables) the preemption signal.
+    pub fn with_preemption_signal(mut self, signal: Option<i32>) -> Self {
+        self.preemption_signal = signal;
+        self
+    }
+}
+
+/// Per-save details beyond the state.
+#[derive(Debug, Clone, Default)]
+pub struct SaveRequest {
+    /// Save even if the policy would not (e.g. the final step).
+    pub force: bool,
+    /// Mark the checkpoint temporary (explicit saves only).
+    pub temporary: bool,
+    /// Metrics to record (numbers).
+    pub metrics: BTreeMap<String, Value>,
+    /// User metadata to record.
+    pub metadata: serde_json::Value,
+}
+
+enum Job {
+    Save { step: u64, state: State, opts: SaveOptions },
+    Retain,
+}
+
+#[derive(Default)]
+struct Inner {
+    queue: VecDeque<Job>,
+    /// Jobs queued or running.
+    busy: usize,
+    /// Save jobs queued or running.
+    saves_in_flight: usize,
+    writing: BTreeSet<u64>,
+    reading: BTreeMap<u64, usize>,
+    /// What retention knows of each committed checkpoint.
+    known: BTreeMap<u64, Candidate>,
+    error: Option<Error>,
+    last_step: Option<u64>,
+    last_save_at: Duration,
+    shutdown: bool,
+}
+
+struct Shared {
+    run: Run,
+    retention: Retention,
+    metric: Option<String>,
+    inner: Mutex<Inner>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Decides when to save, saves in the background, keeps what retention says, resumes.
+///
+/// ```
+/// use cairn::manager::{CheckpointManager, ManagerOptions};
+/// use cairn::policy::{Every, SavePolicy};
+/// use cairn::{DType, State, Tensor};
+///
+/// let opts = ManagerOptions::default().with_policy(SavePolicy::steps(vec![Every::new(10)]).unwrap());
+/// let manager = CheckpointManager::open("memory://doc-manager/run", opts).unwrap();
+/// let mut state = State::new();
+/// state.insert_tensor("w", Tensor::new(DType::U8, vec![1], vec![0]).unwrap());
+/// for step in 1..=30 {
+///     manager.on_step(step, &state, Default::default()).unwrap();
+/// }
+/// manager.wait().unwrap();
+/// assert_eq!(manager.latest_step().unwrap(), Some(30));
+/// ```
+pub struct CheckpointManager {
+    shared: Arc<Shared>,
+    policy: SavePolicy,
+    async_save: bool,
+    max_in_flight: usize,
+    clock: Arc<dyn Clock>,
+    save_template: SaveOptions,
+    preempted: Arc<AtomicBool>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl CheckpointManager {
+    /// Opens (or creates) the run at `uri`. Existing checkpoints are read so that the
+    /// manager resumes where the run stopped, and retention is applied to them in the
+    /// background (this removes a stale temporary checkpoint left by an earlier run).
+    pub fn open(uri: &str, opts: ManagerOptions) -> Result<CheckpointManager> {
+        CheckpointManager::with_run(Run::create(uri)?, opts)
+    }
+
+    /// Like [`open`](Self::open), over an already opened run.
+    pub fn with_run(run: Run, opts: ManagerOptions) -> Result<CheckpointManager> {
+        let mut known = BTreeMap::new();
+        for c in run.list()? {
+            let info = c.open()?.info();
+            known.insert(c.step, candidate(&info, opts.metric.as_deref()));
+        }
+        let preempted = Arc::new(AtomicBool::new(false));
+        if let Some(signal) = opts.preemption_signal {
+            // The first signal asks for a save; a second one while it is pending exits.
+            signal_hook::flag::register_conditional_shutdown(signal, 1, preempted.clone())
+                .and_then(|_| signal_hook::flag::register(signal, preempted.clone()))
+                .map_err(|e| Error::invalid(format!("cannot handle signal {signal}")).with_source(e))?;
+        }
+        let inner = Inner {
+            last_step: known.keys().next_back().copied(),
+            last_save_at: opts.clock.now(),
+            known,
+            ..Default::default()
+        };
+        let shared = Arc::new(Shared {
+            run,
+            retention: opts.retention.clone(),
+            metric: opts.metric.clone(),
+            inner: Mutex::new(inner),
+            changed: Condvar::new(),
+        });
+        let worker_shared = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("cairn-manager".into())
+            .spawn(move || work(&worker_shared))
+            .map_err(|e| Error::new(ErrorKind::Unavailable, "cannot start manager thread").with_source(e))?;
+        let manager = CheckpointManager {
+            shared,
+            policy: opts.policy,
+            async_save: opts.async_save,
+            max_in_flight: opts.max_in_flight.max(1),
+            clock: opts.clock,
+            save_template: opts.save,
+            preempted,
+            worker: Some(worker),
+        };
+        manager.enqueue(Job::Retain);
+        Ok(manager)
+    }
+
+    /// The run this manager writes.
+    pub fn run(&self) -> &Run {
+        &self.shared.run
+    }
+
+    /// Saves queued or being written right now (never more than `max_in_flight`).
+    pub fn saves_in_flight(&self) -> usize {
+        self.shared.lock().saves_in_flight
+    }
+
+    /// Whether a preemption signal has arrived (the loop should stop after this step).
+    pub fn preempted(&self) -> bool {
+        self.preempted.load(Ordering::SeqCst)
+    }
+
+    /// Called every step: saves if the policy says so (or `req.force`, or after a
+    /// preemption signal) and returns whether it saved. Returns once the state is
+    /// snapshotted; after a preemption save it also waits until everything is durable.
+    pub fn on_step(&self, step: u64, state: &State, req: SaveRequest) -> Result<bool> {
+        self.take_error()?;
+        let preempted = self.preempted();
+        let (last_step, last_save_at) = {
+            let inner = self.shared.lock();
+            (inner.last_step, inner.last_save_at)
+        };
+        let ctx = SaveContext { step, now: self.clock.now(), last_step, last_save_at, force: req.force, preempted };
+        match policy::should_save(&self.policy, &ctx) {
+            Decision::Skip => Ok(false),
+            Decision::Save { temporary } => {
+                self.save(step, state, SaveRequest { temporary, ..req })?;
+                if preempted {
+                    self.wait()?;
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Saves `state` as `step` now, whatever the policy. Fails with
+    /// [`ErrorKind::AlreadyExists`] if the step is already committed or being written.
+    /// With async saving it returns once `state` is copied (the caller may then change
+    /// its buffers); otherwise once the checkpoint is committed.
+    pub fn save(&self, step: u64, state: &State, req: SaveRequest) -> Result<()> {
+        let opts = self.admit(step, req)?;
+        if self.async_save {
+            let snapshot = state.to_owned_copy();
+            self.enqueue(Job::Save { step, state: snapshot, opts });
+            return Ok(());
+        }
+        let result = self.shared.run.save(state, &opts);
+        let mut inner = self.shared.lock();
+        inner.writing.remove(&step);
+        inner.saves_in_flight -= 1;
+        self.shared.changed.notify_all();
+        let info = result?;
+        inner.known.insert(step, candidate(&info, self.shared.metric.as_deref()));
+        drop(inner);
+        write_latest_hint(&self.shared.run, &info)?;
+        self.enqueue(Job::Retain);
+        Ok(())
+    }
+
+    /// Like [`save`](Self::save), but takes ownership of `state` and makes no snapshot
+    /// copy: the caller promises not to change the buffers it points at (used when the
+    /// caller's copy already is the snapshot, e.g. a tensor just copied off a GPU).
+    pub fn save_owned(&self, step: u64, state: State, req: SaveRequest) -> Result<()> {
+        if !self.async_save {
+            return self.save(step, &state, req);
+        }
+        let opts = self.admit(step, req)?;
+        self.enqueue(Job::Save { step, state, opts });
+        Ok(())
+    }
+
+    /// Waits for a free save slot, refuses a step already saved or being written, and
+    /// books the save; returns its options.
+    fn admit(&self, step: u64, req: SaveRequest) -> Result<SaveOptions> {
+        self.take_error()?;
+        let mut inner = self.shared.lock();
+        while inner.saves_in_flight >= self.max_in_flight && inner.error.is_none() {
+            inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(err) = inner.error.take() {
+            return Err(err);
+        }
+        if inner.known.contains_key(&step) || inner.writing.contains(&step) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("checkpoint already saved step={step} run=`{}`", self.shared.run.location().uri()),
+            ));
+        }
+        inner.last_step = Some(inner.last_step.map_or(step, |s| s.max(step)));
+        inner.last_save_at = self.clock.now();
+        inner.writing.insert(step);
+        inner.saves_in_flight += 1;
+        let mut opts = self.save_template.clone();
+        opts.step = Some(step);
+        opts.temporary = req.temporary;
+        opts.metrics = req.metrics;
+        opts.metadata = req.metadata;
+        Ok(opts)
+    }
+
+    /// Blocks until every queued save and deletion is done; returns the first background
+    /// error since the last call, if any.
+    pub fn wait(&self) -> Result<()> {
+        let mut inner = self.shared.lock();
+        while inner.busy > 0 {
+            inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+        match inner.error.take() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// Loads the checkpoint of `step`, or the latest committed one (highest step) when
+    /// `None`. [`ErrorKind::NotFound`] when there is none. Retention never deletes a
+    /// checkpoint while it is being read.
+    pub fn restore(&self, step: Option<u64>, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
+        self.take_error()?;
+        let step = match step {
+            Some(step) => step,
+            None => self.latest_step()?.ok_or_else(|| {
+                Error::not_found(format!("no committed checkpoint run=`{}`", self.shared.run.location().uri()))
+            })?,
+        };
+        *self.shared.lock().reading.entry(step).or_default() += 1;
+        let result = self.shared.run.checkpoint(step).and_then(|c| Ok((c.load(opts)?, c.info())));
+        let mut inner = self.shared.lock();
+        if let Some(count) = inner.reading.get_mut(&step) {
+            *count -= 1;
+            if *count == 0 {
+                inner.reading.remove(&step);
+            }
+        }
+        result
+    }
+
+    /// The highest committed step, if any (read from the store, not from a hint).
+    pub fn latest_step(&self) -> Result<Option<u64>> {
+        Ok(self.shared.run.latest()?.map(|c| c.step))
+    }
+
+    /// Every committed checkpoint, in step order.
+    pub fn list(&self) -> Result<Vec<CheckpointInfo>> {
+        self.shared.run.list()?.iter().map(|c| Ok(c.open()?.info())).collect()
+    }
+
+    /// Deletes every checkpoint of the run (after waiting for work in flight).
+    pub fn reset(&self) -> Result<()> {
+        self.wait()?;
+        let run = &self.shared.run;
+        for c in run.list()? {
+            run.delete(c.step)?;
+        }
+        delete_latest_hint(run)?;
+        let mut inner = self.shared.lock();
+        inner.known.clear();
+        inner.last_step = None;
+        Ok(())
+    }
+
+    fn take_error(&self) -> Result<()> {
+        match self.shared.lock().error.take() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    fn enqueue(&self, job: Job) {
+        let mut inner = self.shared.lock();
+        inner.busy += 1;
+        inner.queue.push_back(job);
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for CheckpointManager {
+    /// Flushes: waits for saves and deletions in flight, then stops the worker.
+    fn drop(&mut self) {
+        let _ = self.wait();
+        self.shared.lock().shutdown = true;
+        self.shared.changed.notify_all();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn candidate(info: &CheckpointInfo, metric: Option<&str>) -> Candidate {
+    Candidate { step: info.step, temporary: info.temporary, metric: metric.and_then(|m| info.metric(m)) }
+}
+
+fn work(shared: &Shared) {
+    loop {
+        let job = {
+            let mut inner = shared.lock();
+            loop {
+                if let Some(job) = inner.queue.pop_front() {
+                    break job;
+                }
+                if inner.shutdown {
+                    return;
+                }
+                inner = shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let result = match job {
+            Job::Save { step, state, opts } => {
+                let result = shared.run.save(&state, &opts);
+                drop(state);
+                let mut inner = shared.lock();
+                inner.writing.remove(&step);
+                inner.saves_in_flight -= 1;
+                match result {
+                    Ok(info) => {
+                        inner.known.insert(step, candidate(&info, shared.metric.as_deref()));
+                        drop(inner);
+                        write_latest_hint(&shared.run, &info).and_then(|()| apply_retention(shared))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Job::Retain => apply_retention(shared),
+        };
+        let mut inner = shared.lock();
+        if let Err(err) = result {
+            inner.error.get_or_insert(err);
+        }
+        inner.busy -= 1;
+        shared.changed.notify_all();
+    }
+}
+
+fn apply_retention(shared: &Shared) -> Result<()> {
+    let (doomed, known_latest) = {
+        let inner = shared.lock();
+        let candidates: Vec<Candidate> = inner.known.values().cloned().collect();
+        let protected: BTreeSet<u64> = inner.writing.iter().chain(inner.reading.keys()).copied().collect();
+        (policy::to_delete(&shared.retention, &candidates, &protected), inner.known.keys().next_back().copied())
+    };
+    for step in doomed {
+        if Some(step) == known_latest || shared.lock().reading.contains_key(&step) {
+            continue;
+        }
+        shared.run.delete(step)?;
+        shared.lock().known.remove(&step);
+    }
+    Ok(())
+}
+
+/// Writes `LATEST` (the URI of the newest checkpoint), like mmengine's `last_checkpoint`.
+/// Only a hint for other tools: Cairn itself always lists manifests.
+fn write_latest_hint(run: &Run, info: &CheckpointInfo) -> Result<()> {
+    let loc = run.location();
+    if run.latest()?.is_some_and(|c| c.step > info.step) {
+        return Ok(());
+    }
+    let body = PutPayload::from(format!("{}\n", info.uri).into_bytes());
+    block_on(async {
+        loc.store()
+            .put(&loc.path(LATEST_FILE), body)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::from_store(e, "writing hint", &format!("file=`{}/{LATEST_FILE}`", loc.uri())))
+    })
+}
+
+fn delete_latest_hint(run: &Run) -> Result<()> {
+    let loc = run.location();
+    block_on(async {
+        match loc.store().delete(&loc.path(LATEST_FILE)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::from_store(e, "deleting hint", &format!("file=`{}/{LATEST_FILE}`", loc.uri()))),
+        }
+    })
+}

@@ -1,0 +1,194 @@
+//! The manager end to end: policies, retention, async saves on a slow store, background
+//! errors, restart and resume, the LATEST hint, reset.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
+use cairn::policy::{Every, KeepBest, Mode, Retention, SavePolicy};
+use cairn::{ErrorKind, LoadOptions, Location, Run, Value};
+use object_store::memory::InMemory;
+use object_store::throttle::{ThrottleConfig, ThrottledStore};
+
+fn options(every: u64) -> ManagerOptions {
+    ManagerOptions::default()
+        .with_policy(SavePolicy::steps(vec![Every::new(every)]).unwrap())
+        .with_preemption_signal(None)
+}
+
+fn steps(manager: &CheckpointManager) -> Vec<u64> {
+    manager.list().unwrap().iter().map(|i| i.step).collect()
+}
+
+#[test]
+fn policy_decides_which_steps_are_saved() {
+    let opts = ManagerOptions::default()
+        .with_policy(SavePolicy::steps(vec![Every::until(100, 1000), Every::new(1000)]).unwrap())
+        .with_preemption_signal(None);
+    let manager = CheckpointManager::open("memory://manager/policy", opts).unwrap();
+    let state = common::model_state(0, 1, 2);
+    let mut saved = Vec::new();
+    for step in 0..=3000 {
+        if manager.on_step(step, &state, SaveRequest::default()).unwrap() {
+            saved.push(step);
+        }
+    }
+    manager.wait().unwrap();
+    let expected: Vec<u64> = (1..=10).map(|i| i * 100).chain([2000, 3000]).collect();
+    assert_eq!(saved, expected);
+    assert_eq!(steps(&manager), expected);
+}
+
+#[test]
+fn keep_last_deletes_older_checkpoints_in_the_background() {
+    let opts = options(1).with_retention(Retention { keep_last: Some(3), ..Default::default() });
+    let manager = CheckpointManager::open("memory://manager/keep-last", opts).unwrap();
+    for step in 1..=10 {
+        manager.on_step(step, &common::model_state(step, 1, 4), SaveRequest::default()).unwrap();
+    }
+    manager.wait().unwrap();
+    assert_eq!(steps(&manager), vec![8, 9, 10]);
+    let (state, info) = manager.restore(None, &LoadOptions::default()).unwrap();
+    assert_eq!((info.step, state), (10, common::model_state(10, 1, 4)));
+}
+
+#[test]
+fn keep_best_uses_the_recorded_metric() {
+    let retention = Retention {
+        keep_best: Some(KeepBest { count: 2, metric: "loss".into(), mode: Mode::Min }),
+        ..Default::default()
+    };
+    let manager = CheckpointManager::open("memory://manager/keep-best", options(1).with_retention(retention)).unwrap();
+    let losses = [0.9, 0.2, 0.5, 0.1, 0.7];
+    for (i, loss) in losses.iter().enumerate() {
+        let req = SaveRequest { metrics: [("loss".to_string(), Value::Float(*loss))].into(), ..Default::default() };
+        manager.on_step(i as u64 + 1, &common::model_state(1, 1, 2), req).unwrap();
+    }
+    manager.wait().unwrap();
+    assert_eq!(steps(&manager), vec![2, 4, 5]); // best two, plus the latest
+}
+
+#[test]
+fn several_saves_in_flight_on_a_slow_store_all_commit() {
+    let slow = ThrottledStore::new(
+        InMemory::new(),
+        ThrottleConfig { wait_put_per_call: Duration::from_millis(30), ..Default::default() },
+    );
+    let run = Run::at(Location::from_store(Arc::new(slow), "slow://run"));
+    let manager = CheckpointManager::with_run(run, options(1).with_max_in_flight(2)).unwrap();
+    for step in 1..=6 {
+        manager.on_step(step, &common::model_state(step, 2, 8), SaveRequest::default()).unwrap();
+        assert!(manager.saves_in_flight() <= 2);
+    }
+    manager.wait().unwrap();
+    assert_eq!(manager.saves_in_flight(), 0);
+    for step in 1..=6 {
+        let (state, _) = manager.restore(Some(step), &LoadOptions::default()).unwrap();
+        assert_eq!(state, common::model_state(step, 2, 8));
+    }
+}
+
+#[test]
+fn background_error_surfaces_on_the_next_call_and_on_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = dir.path().join("run");
+    let manager = CheckpointManager::open(uri.to_str().unwrap(), options(1)).unwrap();
+    std::fs::write(uri.join("step-000000000002"), b"blocks the save").unwrap();
+    std::fs::write(uri.join("step-000000000003"), b"blocks the save").unwrap();
+    manager.on_step(2, &common::model_state(2, 1, 2), SaveRequest::default()).unwrap();
+    let mut surfaced = None;
+    for _ in 0..1000 {
+        match manager.on_step(2, &common::model_state(2, 1, 2), SaveRequest::default()) {
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                surfaced = Some(e);
+                break;
+            }
+        }
+    }
+    let err = surfaced.expect("background error never surfaced");
+    assert!(err.to_string().contains("step-000000000002"), "{err}");
+    manager.on_step(3, &common::model_state(3, 1, 2), SaveRequest::default()).unwrap();
+    let err = manager.wait().unwrap_err();
+    assert!(err.to_string().contains("step-000000000003"), "{err}");
+    manager.wait().unwrap();
+}
+
+#[test]
+fn restarted_manager_resumes_and_removes_a_stale_temporary() {
+    let uri = "memory://manager/restart";
+    {
+        let manager = CheckpointManager::open(uri, options(10)).unwrap();
+        manager.on_step(10, &common::model_state(10, 1, 4), SaveRequest::default()).unwrap();
+        let temporary = SaveRequest { temporary: true, ..Default::default() };
+        manager.save(15, &common::model_state(15, 1, 4), temporary).unwrap();
+    } // dropped: flushes
+    let manager = CheckpointManager::open(uri, options(10)).unwrap();
+    let (state, info) = manager.restore(None, &LoadOptions::default()).unwrap();
+    assert_eq!((info.step, info.temporary), (15, true));
+    assert_eq!(state, common::model_state(15, 1, 4));
+    assert!(!manager.on_step(15, &state, SaveRequest::default()).unwrap(), "resumed step saved again");
+    manager.on_step(20, &common::model_state(20, 1, 4), SaveRequest::default()).unwrap();
+    manager.wait().unwrap();
+    assert_eq!(steps(&manager), vec![10, 20]);
+}
+
+#[test]
+fn time_interval_saves_temporaries_that_newer_checkpoints_replace() {
+    let clock = Arc::new(cairn::manager::ManualClock::default());
+    let policy = SavePolicy::steps(vec![Every::new(100)]).unwrap().with_time_interval(Duration::from_secs(60));
+    let opts = options(1).with_policy(policy).with_clock(clock.clone());
+    let manager = CheckpointManager::open("memory://manager/time", opts).unwrap();
+    let state = common::model_state(1, 1, 2);
+    for step in 1..=100 {
+        clock.advance(Duration::from_secs(10));
+        manager.on_step(step, &state, SaveRequest::default()).unwrap();
+        if step == 50 {
+            manager.wait().unwrap();
+            let infos = manager.list().unwrap();
+            assert_eq!(infos.iter().map(|i| (i.step, i.temporary)).collect::<Vec<_>>(), vec![(48, true)]);
+        }
+    }
+    manager.wait().unwrap();
+    assert_eq!(steps(&manager), vec![100]);
+}
+
+#[test]
+fn forced_save_of_a_committed_step_is_refused() {
+    let manager = CheckpointManager::open("memory://manager/force", options(5)).unwrap();
+    let state = common::model_state(1, 1, 2);
+    manager.on_step(5, &state, SaveRequest::default()).unwrap();
+    let err = manager.on_step(5, &state, SaveRequest { force: true, ..Default::default() }).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    assert!(manager.on_step(6, &state, SaveRequest { force: true, ..Default::default() }).unwrap());
+}
+
+#[test]
+fn latest_hint_names_the_newest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = dir.path().join("run");
+    let manager = CheckpointManager::open(uri.to_str().unwrap(), options(1)).unwrap();
+    for step in 1..=3 {
+        manager.on_step(step, &common::model_state(step, 1, 2), SaveRequest::default()).unwrap();
+    }
+    manager.wait().unwrap();
+    let hint = std::fs::read_to_string(uri.join("LATEST")).unwrap();
+    assert!(hint.trim_end().ends_with("step-000000000003"), "{hint}");
+}
+
+#[test]
+fn reset_deletes_every_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = dir.path().join("run");
+    let manager = CheckpointManager::open(uri.to_str().unwrap(), options(1)).unwrap();
+    for step in 1..=3 {
+        manager.on_step(step, &common::model_state(step, 1, 2), SaveRequest::default()).unwrap();
+    }
+    manager.reset().unwrap();
+    assert_eq!(manager.latest_step().unwrap(), None);
+    assert_eq!(std::fs::read_dir(&uri).unwrap().count(), 0, "files left after reset");
+    assert_eq!(manager.restore(None, &LoadOptions::default()).unwrap_err().kind(), ErrorKind::NotFound);
+    assert!(manager.on_step(1, &common::model_state(1, 1, 2), SaveRequest::default()).unwrap());
+}
