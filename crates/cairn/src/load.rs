@@ -316,8 +316,10 @@ fn map_local(path: &std::path::Path, record: &FileRecord, ranges: &[std::ops::Ra
     let file = std::fs::File::open(path)
         .map_err(|e| Error::new(ErrorKind::Unavailable, format!("cannot open data file file=`{shown}`")).with_source(e))?;
     // SAFETY: committed checkpoint files are never modified in place (saves write new
-    // files, deletes unlink), so the mapping's contents do not change under us.
-    let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }
+    // files, deletes unlink), so the mapping's contents do not change under us. The
+    // mapping is private (copy-on-write): a frontend may hand it out writable, and writes
+    // land in private pages, never in the file.
+    let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
         .map_err(|e| Error::new(ErrorKind::Unavailable, format!("cannot map data file file=`{shown}`")).with_source(e))?;
     check_size(map.len() as u64, record.size, shown)?;
     let bytes = Bytes::from_owner(map);

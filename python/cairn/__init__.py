@@ -1,0 +1,47 @@
+"""Cairn: crash-safe, fast, pickle-free checkpoints for machine-learning training.
+
+    import cairn
+    cairn.save("runs/job", {"model": model.state_dict(), "step": 100}, step=100)
+    state = cairn.load("runs/job", framework="torch")
+
+    with cairn.CheckpointManager("runs/job", keep_last=3) as mgr:
+        for step in range(start, steps):
+            ...
+            mgr.on_step(step, {"model": model.state_dict(), "optim": opt.state_dict()})
+"""
+
+from ._api import CheckpointInfo, CheckpointManager, Every, list_checkpoints, load, save
+from ._cairn import __version__
+from ._errors import (
+    AlreadyExistsError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    UnavailableError,
+)
+from ._state_dict import LoadReport, Mismatch, StateDictMismatchError, load_state_dict
+
+__all__ = [
+    "AlreadyExistsError",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "Every",
+    "IncompatibleError",
+    "InvalidArgumentError",
+    "LoadReport",
+    "Mismatch",
+    "PermissionDeniedError",
+    "StateDictMismatchError",
+    "UnavailableError",
+    "__version__",
+    "list_checkpoints",
+    "load",
+    "load_state_dict",
+    "save",
+]

@@ -1,0 +1,277 @@
+"""The public Python API: `save`, `load`, `CheckpointManager`, `Every`, `CheckpointInfo`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal as _signal
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from . import _arrays, _cairn, _tree
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What is known about a committed checkpoint without loading it."""
+
+    step: int
+    created: _dt.datetime
+    temporary: bool
+    metrics: dict[str, float]
+    metadata: Any
+    save_id: str
+    uri: str
+    num_tensors: int
+    tensor_bytes: int
+
+    @classmethod
+    def _from_native(cls, d: dict) -> "CheckpointInfo":
+        created = _dt.datetime.fromtimestamp(d["created_unix_ms"] / 1000, tz=_dt.timezone.utc)
+        return cls(
+            step=d["step"],
+            created=created,
+            temporary=d["temporary"],
+            metrics=dict(d["metrics"]),
+            metadata=json.loads(d["metadata_json"]),
+            save_id=d["save_id"],
+            uri=d["uri"],
+            num_tensors=d["num_tensors"],
+            tensor_bytes=d["tensor_bytes"],
+        )
+
+
+@dataclass(frozen=True)
+class Every:
+    """Save every `interval` steps, up to and including step `until` (forever if None).
+
+    `[Every(500, until=5000), Every(1000)]` saves every 500 steps until 5,000, then every
+    1,000."""
+
+    interval: int
+    until: int | None = None
+
+
+def _uri(path: str | os.PathLike) -> str:
+    return os.fspath(path)
+
+
+def _metrics(metrics: dict[str, float] | None) -> list[tuple[str, Any]] | None:
+    return None if metrics is None else [(str(k), v) for k, v in metrics.items()]
+
+
+def _metadata(metadata: Any) -> str | None:
+    if metadata is None:
+        return None
+    try:
+        return json.dumps(metadata, allow_nan=True)
+    except TypeError as e:
+        raise _cairn.InvalidArgumentError(f"metadata is not json-serializable: {e}") from None
+
+
+def _rename(rename: Any) -> list[tuple[str, str]] | None:
+    if rename is None:
+        return None
+    if isinstance(rename, dict):
+        return [(str(k), str(v)) for k, v in rename.items()]
+    return [(str(k), str(v)) for k, v in rename]
+
+
+def _prefixes(prefix: str | Sequence[str] | None) -> list[str] | None:
+    if prefix is None:
+        return None
+    return [prefix] if isinstance(prefix, str) else list(prefix)
+
+
+def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool, writable: bool = True) -> Any:
+    leaves, structure, _info = native
+    out: dict[str, Any] = {}
+    for leaf in leaves:
+        if leaf[1] == "tensor":
+            key, _, name, shape, buffer = leaf
+            arr = _arrays.from_buffer(name, shape, buffer, copy=False)
+            if not arr.flags.writeable:
+                arr = arr.copy()
+            if dtype is not None:
+                arr = _arrays.cast(arr, dtype)
+            out[key] = _arrays.to_framework(arr, framework)
+        else:
+            key, _, value = leaf
+            out[key] = value
+    return dict(out) if renamed else _tree.unflatten(structure, out)
+
+
+def save(
+    path: str | os.PathLike,
+    state: Any,
+    *,
+    step: int | None = None,
+    metadata: Any = None,
+    metrics: dict[str, float] | None = None,
+) -> CheckpointInfo:
+    """Saves `state` and commits it; returns once it is durable.
+
+    `state` is nested dicts, lists and tuples of numpy arrays, torch tensors, jax arrays and
+    plain values. With `step`, `path` is a run and the checkpoint goes to
+    `path/step-<step>`; without, `path` is the checkpoint folder. A committed checkpoint is
+    never overwritten (`AlreadyExistsError`)."""
+    leaves = _tree.flatten(state)
+    info = _cairn.save(
+        _uri(path), leaves.tensors, leaves.values, leaves.structure, step, _metrics(metrics), _metadata(metadata)
+    )
+    return CheckpointInfo._from_native(info)
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    prefix: str | Sequence[str] | None = None,
+    keys: Iterable[str] | None = None,
+    rename: Any = None,
+    dtype: Any = None,
+    framework: str = "numpy",
+    step: int | None = None,
+) -> Any:
+    """Loads a checkpoint folder, or the latest (or given `step`) checkpoint of a run.
+
+    `prefix` / `keys` select flattened keys (`"model."`); `rename` is a list of
+    `(regex, replacement)` applied to keys (the result is then a flat dict); `dtype` casts
+    floating-point tensors; `framework` is `"numpy"`, `"torch"` or `"jax"`. Every checksum
+    is verified; nothing is unpickled."""
+    if framework not in ("numpy", "torch", "jax"):
+        raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
+    native = _cairn.load(
+        _uri(path), _prefixes(prefix), None if keys is None else list(keys), _rename(rename), step
+    )
+    return _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
+
+
+def list_checkpoints(path: str | os.PathLike) -> list[CheckpointInfo]:
+    """The committed checkpoints of the run at `path`, in step order."""
+    return [CheckpointInfo._from_native(d) for d in _cairn.list_checkpoints(_uri(path))]
+
+
+def _seconds(interval: float | _dt.timedelta | None) -> float | None:
+    if interval is None:
+        return None
+    if isinstance(interval, _dt.timedelta):
+        return interval.total_seconds()
+    return float(interval)
+
+
+class CheckpointManager:
+    """Decides when to save, saves in the background, keeps what retention says, resumes.
+
+    Call `on_step(step, state)` every step. It returns once the state is copied; writing
+    continues in the background (at most `max_in_flight` saves at once). A background
+    failure is raised by the next call and by `wait()`. Use as a context manager to wait
+    on exit. After SIGTERM (`preemption_signal`) the next `on_step` saves and flushes, and
+    `preempted` becomes true: stop the loop then."""
+
+    def __init__(
+        self,
+        run: str | os.PathLike,
+        *,
+        policies: Sequence[Every] = (Every(500, until=5000), Every(1000)),
+        save_interval: float | _dt.timedelta | None = None,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: str = "min",
+        async_save: bool = True,
+        max_in_flight: int = 1,
+        preemption_signal: int | None = _signal.SIGTERM,
+    ) -> None:
+        self._native = _cairn.Manager(
+            _uri(run),
+            [(p.interval, p.until) for p in policies],
+            _seconds(save_interval),
+            keep_last,
+            keep_every,
+            keep_best,
+            metric,
+            mode,
+            async_save,
+            max_in_flight,
+            None if preemption_signal is None else int(preemption_signal),
+        )
+
+    @property
+    def run(self) -> str:
+        """The run's location."""
+        return self._native.uri()
+
+    @property
+    def preempted(self) -> bool:
+        """Whether the preemption signal arrived (the loop should stop)."""
+        return self._native.preempted()
+
+    def on_step(
+        self,
+        step: int,
+        state: Any,
+        *,
+        force: bool = False,
+        metrics: dict[str, float] | None = None,
+        metadata: Any = None,
+    ) -> bool:
+        """Saves `state` if the policies say so (or `force`); returns whether it saved."""
+        leaves = _tree.flatten(state)
+        return self._native.on_step(
+            step, leaves.tensors, leaves.values, leaves.structure, force, _metrics(metrics), _metadata(metadata)
+        )
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        temporary: bool = False,
+        metrics: dict[str, float] | None = None,
+        metadata: Any = None,
+    ) -> None:
+        """Saves `state` as `step` now, whatever the policies."""
+        leaves = _tree.flatten(state)
+        self._native.save(
+            step, leaves.tensors, leaves.values, leaves.structure, temporary, _metrics(metrics), _metadata(metadata)
+        )
+
+    def wait(self) -> None:
+        """Blocks until every save and deletion is done; raises a background error."""
+        self._native.wait()
+
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        prefix: str | Sequence[str] | None = None,
+        keys: Iterable[str] | None = None,
+        rename: Any = None,
+        dtype: Any = None,
+        framework: str = "numpy",
+    ) -> tuple[Any, CheckpointInfo]:
+        """Loads the latest committed checkpoint (or `step`): `(state, info)`.
+        Raises `CheckpointNotFoundError` when there is none."""
+        native = self._native.restore(step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename))
+        state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
+        return state, CheckpointInfo._from_native(native[2])
+
+    def latest_step(self) -> int | None:
+        """The highest committed step, or None."""
+        return self._native.latest_step()
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, in step order."""
+        return [CheckpointInfo._from_native(d) for d in self._native.list()]
+
+    def reset(self) -> None:
+        """Deletes every checkpoint of the run."""
+        self._native.reset()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wait()

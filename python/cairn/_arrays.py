@@ -1,0 +1,143 @@
+"""Conversions between framework arrays (numpy, torch, jax) and raw little-endian bytes.
+
+Everything here is zero-copy where the source allows it: a contiguous CPU array or tensor
+reaches Rust as a view of its own memory; only CUDA tensors (copied to host), JAX arrays
+(fetched from the device), non-contiguous or big-endian arrays are copied first.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+# Cairn dtype name -> numpy dtype.
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _jax():
+    return sys.modules.get("jax")
+
+
+def is_array(obj: Any) -> bool:
+    """Whether `obj` is an array or tensor Cairn stores as a tensor."""
+    if isinstance(obj, (np.ndarray, np.generic)) and not isinstance(obj, (np.str_, np.bytes_, np.object_)):
+        return True
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return True
+    jax = _jax()
+    return jax is not None and isinstance(obj, jax.Array)
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    torch = _torch()
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    views = {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
+    }
+    if t.dtype in views:
+        raw, np_dtype = views[t.dtype]
+        return t.view(raw).numpy().view(np_dtype)
+    return t.numpy()
+
+
+def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:
+    """(dtype name, shape, 1-D uint8 view of the C-contiguous little-endian data)."""
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        arr = _torch_to_numpy(obj)
+    else:
+        arr = np.asarray(obj)
+    dtype = arr.dtype
+    if dtype.byteorder == ">" or (dtype.byteorder == "=" and sys.byteorder == "big"):
+        arr = arr.astype(dtype.newbyteorder("<"))
+        dtype = arr.dtype
+    name = _NAMES.get(dtype)
+    if name is None:
+        raise TypeError(f"unsupported dtype `{dtype}` key=`{key}`")
+    arr = np.ascontiguousarray(arr)
+    return name, list(arr.shape), arr.reshape(-1).view(np.uint8)
+
+
+def from_buffer(dtype: str, shape: list[int], buffer: Any, *, copy: bool) -> np.ndarray:
+    """A numpy array over a loaded tensor buffer (a copy when `copy`)."""
+    raw = np.frombuffer(buffer, dtype=np.uint8)
+    arr = raw.view(NUMPY_DTYPES[dtype]).reshape(shape)
+    return arr.copy() if copy else arr
+
+
+def cast(arr: np.ndarray, dtype: Any) -> np.ndarray:
+    """Casts floating-point arrays to `dtype` (a Cairn name, numpy dtype or torch dtype);
+    integer and boolean arrays are returned unchanged."""
+    if arr.dtype.kind != "f" and arr.dtype not in (NUMPY_DTYPES["BF16"], NUMPY_DTYPES["F8_E4M3"], NUMPY_DTYPES["F8_E5M2"]):
+        return arr
+    return arr.astype(resolve_dtype(dtype))
+
+
+def resolve_dtype(dtype: Any) -> np.dtype:
+    """A numpy dtype from a Cairn name (`"BF16"`), a numpy dtype or name, or a torch dtype."""
+    if isinstance(dtype, str) and dtype.upper() in NUMPY_DTYPES:
+        return NUMPY_DTYPES[dtype.upper()]
+    torch = _torch()
+    if torch is not None and isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+        return np.dtype(getattr(ml_dtypes, name, None) or name)
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return np.dtype(getattr(ml_dtypes, str(dtype)))
+
+
+def to_framework(arr: np.ndarray, framework: str) -> Any:
+    """Converts a numpy array to the requested framework's array type."""
+    if framework == "numpy":
+        return arr
+    if framework == "torch":
+        import torch
+
+        views = {
+            np.dtype(ml_dtypes.bfloat16): (np.int16, torch.bfloat16),
+            np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, torch.float8_e4m3fn),
+            np.dtype(ml_dtypes.float8_e5m2): (np.uint8, torch.float8_e5m2),
+        }
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        if arr.dtype in views:
+            raw, torch_dtype = views[arr.dtype]
+            return torch.from_numpy(arr.view(raw)).view(torch_dtype)
+        return torch.from_numpy(arr)
+    if framework == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(arr)
+    raise ValueError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')

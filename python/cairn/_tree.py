@@ -1,0 +1,113 @@
+"""Flattening nested training state (dicts, lists, tuples) into keyed leaves and back.
+
+Leaves are arrays/tensors (stored in shards) and plain values (int, float, str, bool,
+None, bytes; stored in the manifest). Keys are the path components joined with dots, as
+in a torch `state_dict` (`model.layers.0.weight`). The nesting itself is recorded as a
+small JSON structure so that dicts (with their key types and order), lists and tuples
+come back exactly. Anything else is refused with an error naming its key: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import _arrays
+from ._cairn import InvalidArgumentError
+
+_PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+class Leaves:
+    """A state flattened for the native layer."""
+
+    def __init__(self) -> None:
+        self.tensors: list[tuple[str, str, list[int], Any]] = []
+        self.values: list[tuple[str, Any]] = []
+        self.structure: str | None = None
+        self._keys: set[str] = set()
+
+    def _claim(self, key: str) -> None:
+        if key in self._keys:
+            raise InvalidArgumentError(f"two entries flatten to the same key key=`{key}`")
+        self._keys.add(key)
+
+
+def flatten(state: Any) -> Leaves:
+    """Flattens `state` (a mapping, list/tuple, or a single leaf) into `Leaves`."""
+    leaves = Leaves()
+    node = _flatten(state, (), leaves)
+    leaves.structure = json.dumps(node, separators=(",", ":"))
+    return leaves
+
+
+def _key(path: tuple[str, ...]) -> str:
+    return ".".join(path) if path else "_"
+
+
+def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
+    if isinstance(obj, dict):
+        items = []
+        for k, v in obj.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise InvalidArgumentError(
+                    f"dict keys must be str or int, got `{type(k).__name__}` key=`{_key(path)}`"
+                )
+            items.append([k, _flatten(v, path + (str(k),), leaves)])
+        return {"dict": items}
+    if isinstance(obj, (list, tuple)):
+        kind = "list" if isinstance(obj, list) else "tuple"
+        return {kind: [_flatten(v, path + (str(i),), leaves) for i, v in enumerate(obj)]}
+    key = _key(path)
+    if _arrays.is_array(obj):
+        leaves._claim(key)
+        try:
+            dtype, shape, raw = _arrays.to_raw(key, obj)
+        except TypeError as e:
+            raise InvalidArgumentError(str(e)) from None
+        leaves.tensors.append((key, dtype, shape, raw))
+        return {"tensor": key}
+    if isinstance(obj, _PLAIN):
+        leaves._claim(key)
+        leaves.values.append((key, obj))
+        return {"value": key}
+    raise InvalidArgumentError(
+        f"cannot store an object of type `{type(obj).__module__}.{type(obj).__qualname__}` key=`{key}`: "
+        "cairn stores arrays, tensors and plain values (int, float, str, bool, None, bytes) "
+        "in dicts, lists and tuples, and never pickles"
+    )
+
+
+def unflatten(structure: str | None, leaves: dict[str, Any]) -> Any:
+    """Rebuilds the nested state from `leaves` (key -> loaded leaf). Leaves absent from
+    `leaves` (not selected) are dropped with their empty containers; without a structure
+    (a checkpoint written by another frontend) the flat dict is returned."""
+    if structure is None:
+        return dict(leaves)
+    node = json.loads(structure)
+    built = _unflatten(node, leaves)
+    if built is not _MISSING:
+        return built
+    return {"dict": {}, "list": [], "tuple": ()}.get(next(iter(node)), None)
+
+
+_MISSING = object()
+
+
+def _unflatten(node: Any, leaves: dict[str, Any]) -> Any:
+    if "dict" in node:
+        out = {}
+        for k, child in node["dict"]:
+            value = _unflatten(child, leaves)
+            if value is not _MISSING:
+                out[k] = value
+        return out if out or not node["dict"] else _MISSING
+    for kind, ctor in (("list", list), ("tuple", tuple)):
+        if kind in node:
+            items = [_unflatten(child, leaves) for child in node[kind]]
+            kept = [v for v in items if v is not _MISSING]
+            if node[kind] and not kept:
+                return _MISSING
+            return ctor(kept)
+    key = node.get("tensor", node.get("value"))
+    return leaves.get(key, _MISSING)

@@ -1,0 +1,511 @@
+//! `cairn._cairn`: the thin PyO3 layer over the Cairn library. Python flattens its nested
+//! state into keyed leaves (see `cairn/_tree.py`); this module moves those leaves in and
+//! out of Rust without copies (arrays are borrowed through the buffer protocol, loaded
+//! tensors are exported as buffers over the read memory), releases the GIL around all
+//! I/O, maps errors to `cairn.CheckpointError` subclasses, and never lets a panic out.
+
+use std::collections::BTreeMap;
+use std::ffi::{c_int, c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
+use cairn::policy::{Every, KeepBest, Mode, Retention, SavePolicy};
+use cairn::{CheckpointInfo, DType, Entry, ErrorKind, LoadOptions, RenameRule, SaveOptions, State, Tensor, Value};
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyBufferError, PyException};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString};
+
+create_exception!(_cairn, CheckpointError, PyException, "Base class of every Cairn error.");
+create_exception!(_cairn, InvalidArgumentError, CheckpointError, "The call passed something unusable.");
+create_exception!(_cairn, CheckpointNotFoundError, CheckpointError, "The run, checkpoint or key does not exist.");
+create_exception!(_cairn, AlreadyExistsError, CheckpointError, "The step is already committed; nothing was overwritten.");
+create_exception!(_cairn, CorruptCheckpointError, CheckpointError, "Stored bytes are damaged (checksum, truncation, impossible header).");
+create_exception!(_cairn, IncompatibleError, CheckpointError, "Well-formed data this version of Cairn cannot use.");
+create_exception!(_cairn, PermissionDeniedError, CheckpointError, "The store refused access.");
+create_exception!(_cairn, UnavailableError, CheckpointError, "The store failed or timed out; retrying may succeed.");
+
+fn to_py_err(err: cairn::Error) -> PyErr {
+    let message = err.full_message();
+    match err.kind() {
+        ErrorKind::Invalid => InvalidArgumentError::new_err(message),
+        ErrorKind::NotFound => CheckpointNotFoundError::new_err(message),
+        ErrorKind::AlreadyExists => AlreadyExistsError::new_err(message),
+        ErrorKind::Corrupt => CorruptCheckpointError::new_err(message),
+        ErrorKind::Incompatible => IncompatibleError::new_err(message),
+        ErrorKind::Permission => PermissionDeniedError::new_err(message),
+        ErrorKind::Unavailable => UnavailableError::new_err(message),
+    }
+}
+
+/// Runs `f`, turning a Rust panic into a `CheckpointError` instead of letting it out.
+fn guarded<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(CheckpointError::new_err(format!("internal error in cairn (please report): {what}")))
+    })
+}
+
+/// Keeps a Python buffer alive while Rust reads it (no copy).
+struct BorrowedBuffer(PyBuffer<u8>);
+
+impl AsRef<[u8]> for BorrowedBuffer {
+    fn as_ref(&self) -> &[u8] {
+        let len = self.0.len_bytes();
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: the buffer is C-contiguous (checked on creation), stays valid while the
+        // PyBuffer is held, and is only read.
+        unsafe { std::slice::from_raw_parts(self.0.buf_ptr() as *const u8, len) }
+    }
+}
+
+/// Builds the Rust state from Python's flattened leaves.
+fn state_from_py(
+    tensors: Vec<(String, String, Vec<u64>, Bound<'_, PyAny>)>,
+    values: Vec<(String, Bound<'_, PyAny>)>,
+    structure: Option<String>,
+) -> PyResult<State> {
+    let mut state = State::new();
+    for (key, dtype, shape, array) in tensors {
+        let dtype = DType::from_name(&dtype).map_err(to_py_err)?;
+        let buffer = PyBuffer::<u8>::get(&array)
+            .map_err(|e| InvalidArgumentError::new_err(format!("tensor is not a byte buffer key=`{key}`: {e}")))?;
+        if !buffer.is_c_contiguous() {
+            return Err(InvalidArgumentError::new_err(format!("tensor buffer is not contiguous key=`{key}`")));
+        }
+        let tensor = Tensor::new(dtype, shape, Bytes::from_owner(BorrowedBuffer(buffer)))
+            .map_err(|e| InvalidArgumentError::new_err(format!("{} key=`{key}`", e.message())))?;
+        state.insert_tensor(key, tensor);
+    }
+    for (key, value) in values {
+        let value = value_from_py(&value, &key)?;
+        state.insert_value(key, value);
+    }
+    let structure = structure
+        .map(|s| serde_json::from_str(&s))
+        .transpose()
+        .map_err(|e| InvalidArgumentError::new_err(format!("invalid structure description: {e}")))?;
+    state.set_structure(structure);
+    Ok(state)
+}
+
+fn value_from_py(obj: &Bound<'_, PyAny>, key: &str) -> PyResult<Value> {
+    if obj.is_none() {
+        Ok(Value::Null)
+    } else if let Ok(b) = obj.cast::<PyBool>() {
+        Ok(Value::Bool(b.is_true()))
+    } else if obj.is_instance_of::<PyInt>() {
+        obj.extract::<i64>()
+            .map(Value::Int)
+            .map_err(|_| InvalidArgumentError::new_err(format!("integer does not fit in 64 bits key=`{key}`")))
+    } else if let Ok(f) = obj.cast::<PyFloat>() {
+        Ok(Value::Float(f.value()))
+    } else if let Ok(s) = obj.cast::<PyString>() {
+        Ok(Value::Str(s.to_str()?.to_string()))
+    } else if let Ok(b) = obj.cast::<PyBytes>() {
+        Ok(Value::Bytes(b.as_bytes().to_vec()))
+    } else if let Ok(list) = obj.cast::<PyList>() {
+        list.iter().map(|item| value_from_py(&item, key)).collect::<PyResult<_>>().map(Value::List)
+    } else if let Ok(dict) = obj.cast::<PyDict>() {
+        let mut map = BTreeMap::new();
+        for (k, v) in dict.iter() {
+            let k: String = k
+                .extract()
+                .map_err(|_| InvalidArgumentError::new_err(format!("map keys must be strings key=`{key}`")))?;
+            map.insert(k, value_from_py(&v, key)?);
+        }
+        Ok(Value::Map(map))
+    } else {
+        let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        Err(InvalidArgumentError::new_err(format!(
+            "cannot store a value of type `{type_name}` key=`{key}`: cairn stores arrays, tensors and plain values only, never pickles"
+        )))
+    }
+}
+
+fn value_to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Int(i) => i.into_pyobject(py)?.into_any(),
+        Value::Float(f) => PyFloat::new(py, *f).into_any(),
+        Value::Str(s) => PyString::new(py, s).into_any(),
+        Value::Bytes(b) => PyBytes::new(py, b).into_any(),
+        Value::List(items) => {
+            PyList::new(py, items.iter().map(|v| value_to_py(py, v)).collect::<PyResult<Vec<_>>>()?)?.into_any()
+        }
+        Value::Map(map) => {
+            let dict = PyDict::new(py);
+            for (k, v) in map {
+                dict.set_item(k, value_to_py(py, v)?)?;
+            }
+            dict.into_any()
+        }
+    })
+}
+
+/// Read-back tensor memory exported through the buffer protocol (no copy). Writable only
+/// when the memory is a private mapping of a local file (writes never reach the file).
+#[pyclass(frozen, module = "cairn._cairn")]
+struct TensorBuffer {
+    data: Bytes,
+    writable: bool,
+}
+
+#[pymethods]
+impl TensorBuffer {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut pyo3::ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("view is null"));
+        }
+        let this = slf.get();
+        if !this.writable && (flags & pyo3::ffi::PyBUF_WRITABLE) == pyo3::ffi::PyBUF_WRITABLE {
+            return Err(PyBufferError::new_err("buffer is read-only"));
+        }
+        // SAFETY: `view` is a valid Py_buffer to fill; the memory stays alive as long as
+        // `view.obj` (this object) is referenced.
+        unsafe {
+            (*view).buf = this.data.as_ptr() as *mut c_void;
+            (*view).len = this.data.len() as isize;
+            (*view).readonly = if this.writable { 0 } else { 1 };
+            (*view).itemsize = 1;
+            (*view).format = if (flags & pyo3::ffi::PyBUF_FORMAT) == pyo3::ffi::PyBUF_FORMAT {
+                CString::new("B").map_or(std::ptr::null_mut(), CString::into_raw)
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if (flags & pyo3::ffi::PyBUF_ND) == pyo3::ffi::PyBUF_ND { &mut (*view).len } else { std::ptr::null_mut() };
+            (*view).strides =
+                if (flags & pyo3::ffi::PyBUF_STRIDES) == pyo3::ffi::PyBUF_STRIDES { &mut (*view).itemsize } else { std::ptr::null_mut() };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+            (*view).obj = slf.into_any().into_ptr();
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, view: *mut pyo3::ffi::Py_buffer) {
+        // SAFETY: `format` was created by CString::into_raw in __getbuffer__ (or is null).
+        unsafe {
+            if !(*view).format.is_null() {
+                drop(CString::from_raw((*view).format));
+            }
+        }
+    }
+}
+
+type PyLeaves<'py> = (Vec<Bound<'py, PyAny>>, Option<String>, Bound<'py, PyDict>);
+
+/// Converts a loaded state for Python: a list of leaves `(key, "tensor", dtype, shape,
+/// buffer)` or `(key, "value", object)`, the structure JSON, and the info dict.
+fn state_to_py<'py>(py: Python<'py>, state: State, info: &CheckpointInfo, writable: bool) -> PyResult<PyLeaves<'py>> {
+    let structure = state.structure().map(|s| s.to_string());
+    let mut leaves = Vec::with_capacity(state.len());
+    for (key, entry) in state.iter() {
+        let leaf = match entry {
+            Entry::Tensor(t) => {
+                let buffer = Bound::new(py, TensorBuffer { data: t.data().clone(), writable })?;
+                (key.as_str(), "tensor", t.dtype().name(), t.shape().to_vec(), buffer).into_pyobject(py)?.into_any()
+            }
+            Entry::Value(v) => (key.as_str(), "value", value_to_py(py, v)?).into_pyobject(py)?.into_any(),
+        };
+        leaves.push(leaf);
+    }
+    Ok((leaves, structure, info_to_py(py, info)?))
+}
+
+fn info_to_py<'py>(py: Python<'py>, info: &CheckpointInfo) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("step", info.step)?;
+    dict.set_item("created_unix_ms", info.created_unix_ms)?;
+    dict.set_item("temporary", info.temporary)?;
+    let metrics = PyDict::new(py);
+    for (k, v) in &info.metrics {
+        metrics.set_item(k, value_to_py(py, v)?)?;
+    }
+    dict.set_item("metrics", metrics)?;
+    dict.set_item("metadata_json", info.metadata.to_string())?;
+    dict.set_item("save_id", &info.save_id)?;
+    dict.set_item("uri", &info.uri)?;
+    dict.set_item("num_tensors", info.num_tensors)?;
+    dict.set_item("tensor_bytes", info.tensor_bytes)?;
+    Ok(dict)
+}
+
+fn metrics_from_py(metrics: Option<Vec<(String, Bound<'_, PyAny>)>>) -> PyResult<BTreeMap<String, Value>> {
+    let mut out = BTreeMap::new();
+    for (name, value) in metrics.unwrap_or_default() {
+        let value = if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
+            Value::Int(value.extract()?)
+        } else {
+            Value::Float(value.extract::<f64>().map_err(|_| {
+                InvalidArgumentError::new_err(format!("metric must be a number metric=`{name}`"))
+            })?)
+        };
+        out.insert(name, value);
+    }
+    Ok(out)
+}
+
+fn metadata_from_json(metadata: Option<String>) -> PyResult<serde_json::Value> {
+    metadata
+        .map(|m| serde_json::from_str(&m))
+        .transpose()
+        .map(Option::unwrap_or_default)
+        .map_err(|e| InvalidArgumentError::new_err(format!("metadata is not json-serializable: {e}")))
+}
+
+fn load_options(prefix: Option<Vec<String>>, keys: Option<Vec<String>>, rename: Option<Vec<(String, String)>>) -> PyResult<LoadOptions> {
+    let mut opts = LoadOptions::default();
+    opts.prefixes = prefix.unwrap_or_default();
+    opts.keys = keys;
+    for (pattern, replacement) in rename.unwrap_or_default() {
+        opts.rename.push(RenameRule::new(&pattern, replacement).map_err(to_py_err)?);
+    }
+    Ok(opts)
+}
+
+/// Saves flattened leaves to `uri` (a run when `step` is given, else a checkpoint folder).
+#[pyfunction]
+#[pyo3(signature = (uri, tensors, values, structure=None, step=None, metrics=None, metadata=None))]
+#[allow(clippy::too_many_arguments)]
+fn save<'py>(
+    py: Python<'py>,
+    uri: &str,
+    tensors: Vec<(String, String, Vec<u64>, Bound<'py, PyAny>)>,
+    values: Vec<(String, Bound<'py, PyAny>)>,
+    structure: Option<String>,
+    step: Option<u64>,
+    metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
+    metadata: Option<String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    guarded(|| {
+        let state = state_from_py(tensors, values, structure)?;
+        let mut opts = SaveOptions::default();
+        opts.step = step;
+        opts.metrics = metrics_from_py(metrics)?;
+        opts.metadata = metadata_from_json(metadata)?;
+        let info = py.detach(|| cairn::save(uri, &state, &opts)).map_err(to_py_err)?;
+        drop(state);
+        info_to_py(py, &info)
+    })
+}
+
+/// Loads `uri` (a checkpoint folder, or the latest or given `step` of a run).
+#[pyfunction]
+#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None))]
+fn load<'py>(
+    py: Python<'py>,
+    uri: &str,
+    prefix: Option<Vec<String>>,
+    keys: Option<Vec<String>>,
+    rename: Option<Vec<(String, String)>>,
+    step: Option<u64>,
+) -> PyResult<PyLeaves<'py>> {
+    guarded(|| {
+        let opts = load_options(prefix, keys, rename)?;
+        let (state, info, local) = py
+            .detach(|| {
+                let ckpt = match step {
+                    Some(step) => cairn::Run::open(uri)?.checkpoint(step)?,
+                    None => cairn::open(uri)?,
+                };
+                let local = ckpt.location().local_dir().is_some();
+                Ok((ckpt.load(&opts)?, ckpt.info(), local))
+            })
+            .map_err(to_py_err)?;
+        state_to_py(py, state, &info, local)
+    })
+}
+
+/// The manager behind `cairn.CheckpointManager`.
+#[pyclass(module = "cairn._cairn")]
+struct Manager {
+    inner: CheckpointManager,
+    local: bool,
+}
+
+#[pymethods]
+impl Manager {
+    #[new]
+    #[pyo3(signature = (uri, policies, save_interval=None, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", async_save=true, max_in_flight=1, preemption_signal=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        uri: &str,
+        policies: Vec<(u64, Option<u64>)>,
+        save_interval: Option<f64>,
+        keep_last: Option<usize>,
+        keep_every: Option<u64>,
+        keep_best: Option<usize>,
+        metric: Option<String>,
+        mode: &str,
+        async_save: bool,
+        max_in_flight: usize,
+        preemption_signal: Option<i32>,
+    ) -> PyResult<Manager> {
+        guarded(|| {
+            let rules = policies.into_iter().map(|(interval, until)| Every { interval, until }).collect();
+            let mut policy = SavePolicy::steps(rules).map_err(to_py_err)?;
+            if let Some(seconds) = save_interval {
+                let interval = Duration::try_from_secs_f64(seconds)
+                    .map_err(|_| InvalidArgumentError::new_err(format!("invalid save_interval={seconds}")))?;
+                policy = policy.with_time_interval(interval);
+            }
+            let mode = match mode {
+                "min" => Mode::Min,
+                "max" => Mode::Max,
+                other => return Err(InvalidArgumentError::new_err(format!("mode must be \"min\" or \"max\", got mode=`{other}`"))),
+            };
+            if keep_best.is_some() && metric.is_none() {
+                return Err(InvalidArgumentError::new_err("keep_best needs metric= (the metric to rank by)"));
+            }
+            let retention = Retention {
+                keep_last,
+                keep_every,
+                keep_best: keep_best.zip(metric.clone()).map(|(count, metric)| KeepBest { count, metric, mode }),
+            };
+            let mut opts = ManagerOptions::default()
+                .with_policy(policy)
+                .with_retention(retention)
+                .with_async_save(async_save)
+                .with_max_in_flight(max_in_flight)
+                .with_preemption_signal(preemption_signal);
+            opts.metric = metric;
+            let inner = py.detach(|| CheckpointManager::open(uri, opts)).map_err(to_py_err)?;
+            let local = inner.run().location().local_dir().is_some();
+            Ok(Manager { inner, local })
+        })
+    }
+
+    #[pyo3(signature = (step, tensors, values, structure=None, force=false, metrics=None, metadata=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn on_step<'py>(
+        &self,
+        py: Python<'py>,
+        step: u64,
+        tensors: Vec<(String, String, Vec<u64>, Bound<'py, PyAny>)>,
+        values: Vec<(String, Bound<'py, PyAny>)>,
+        structure: Option<String>,
+        force: bool,
+        metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
+        metadata: Option<String>,
+    ) -> PyResult<bool> {
+        guarded(|| {
+            let state = state_from_py(tensors, values, structure)?;
+            let req = SaveRequest { force, temporary: false, metrics: metrics_from_py(metrics)?, metadata: metadata_from_json(metadata)? };
+            let saved = py.detach(|| self.inner.on_step(step, &state, req)).map_err(to_py_err)?;
+            drop(state);
+            Ok(saved)
+        })
+    }
+
+    #[pyo3(signature = (step, tensors, values, structure=None, temporary=false, metrics=None, metadata=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn save<'py>(
+        &self,
+        py: Python<'py>,
+        step: u64,
+        tensors: Vec<(String, String, Vec<u64>, Bound<'py, PyAny>)>,
+        values: Vec<(String, Bound<'py, PyAny>)>,
+        structure: Option<String>,
+        temporary: bool,
+        metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
+        metadata: Option<String>,
+    ) -> PyResult<()> {
+        guarded(|| {
+            let state = state_from_py(tensors, values, structure)?;
+            let req = SaveRequest { force: true, temporary, metrics: metrics_from_py(metrics)?, metadata: metadata_from_json(metadata)? };
+            py.detach(|| self.inner.save(step, &state, req)).map_err(to_py_err)?;
+            drop(state);
+            Ok(())
+        })
+    }
+
+    fn wait(&self, py: Python<'_>) -> PyResult<()> {
+        guarded(|| py.detach(|| self.inner.wait()).map_err(to_py_err))
+    }
+
+    #[pyo3(signature = (step=None, prefix=None, keys=None, rename=None))]
+    fn restore<'py>(
+        &self,
+        py: Python<'py>,
+        step: Option<u64>,
+        prefix: Option<Vec<String>>,
+        keys: Option<Vec<String>>,
+        rename: Option<Vec<(String, String)>>,
+    ) -> PyResult<PyLeaves<'py>> {
+        guarded(|| {
+            let opts = load_options(prefix, keys, rename)?;
+            let (state, info) = py.detach(|| self.inner.restore(step, &opts)).map_err(to_py_err)?;
+            state_to_py(py, state, &info, self.local)
+        })
+    }
+
+    fn latest_step(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        guarded(|| py.detach(|| self.inner.latest_step()).map_err(to_py_err))
+    }
+
+    fn list<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        guarded(|| {
+            let infos = py.detach(|| self.inner.list()).map_err(to_py_err)?;
+            infos.iter().map(|i| info_to_py(py, i)).collect()
+        })
+    }
+
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        guarded(|| py.detach(|| self.inner.reset()).map_err(to_py_err))
+    }
+
+    fn preempted(&self) -> bool {
+        self.inner.preempted()
+    }
+
+    fn uri(&self) -> String {
+        self.inner.run().location().uri().to_string()
+    }
+}
+
+/// Lists the committed checkpoints of the run at `uri` as info dicts, in step order.
+#[pyfunction]
+fn list_checkpoints<'py>(py: Python<'py>, uri: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    guarded(|| {
+        let infos = py
+            .detach(|| {
+                let run = cairn::Run::open(uri)?;
+                run.list()?.iter().map(|c| Ok(c.open()?.info())).collect::<cairn::Result<Vec<_>>>()
+            })
+            .map_err(to_py_err)?;
+        infos.iter().map(|i| info_to_py(py, i)).collect()
+    })
+}
+
+#[pymodule]
+fn _cairn(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_function(wrap_pyfunction!(save, m)?)?;
+    m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(list_checkpoints, m)?)?;
+    m.add_class::<Manager>()?;
+    m.add_class::<TensorBuffer>()?;
+    m.add("CheckpointError", py.get_type::<CheckpointError>())?;
+    m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
+    m.add("CheckpointNotFoundError", py.get_type::<CheckpointNotFoundError>())?;
+    m.add("AlreadyExistsError", py.get_type::<AlreadyExistsError>())?;
+    m.add("CorruptCheckpointError", py.get_type::<CorruptCheckpointError>())?;
+    m.add("IncompatibleError", py.get_type::<IncompatibleError>())?;
+    m.add("PermissionDeniedError", py.get_type::<PermissionDeniedError>())?;
+    m.add("UnavailableError", py.get_type::<UnavailableError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
