@@ -85,8 +85,9 @@ def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:
     name = _NAMES.get(dtype)
     if name is None:
         raise TypeError(f"unsupported dtype `{dtype}` key=`{key}`")
+    shape = list(arr.shape)  # before ascontiguousarray, which turns 0-d into 1-d
     arr = np.ascontiguousarray(arr)
-    return name, list(arr.shape), arr.reshape(-1).view(np.uint8)
+    return name, shape, arr.reshape(-1).view(np.uint8)
 
 
 def from_buffer(dtype: str, shape: list[int], buffer: Any, *, copy: bool) -> np.ndarray:

@@ -38,8 +38,8 @@ pub struct ShardHeader {
 /// tensor, else `key@o0,o1,...` (its offsets). Safetensors' reserved `__metadata__` gets
 /// an `@` suffix. Names are informational: the manifest, not the name, locates data.
 pub fn piece_name(key: &str, offsets: &[u64], whole: bool) -> String {
-    if whole && key != RESERVED_NAME {
-        return key.to_string();
+    if whole {
+        return if key == RESERVED_NAME { format!("{key}@") } else { key.to_string() };
     }
     let offsets: Vec<String> = offsets.iter().map(u64::to_string).collect();
     format!("{key}@{}", offsets.join(","))
@@ -115,6 +115,7 @@ mod tests {
     #[test]
     fn piece_names_never_collide_with_the_reserved_key() {
         assert_eq!(piece_name("__metadata__", &[], true), "__metadata__@");
+        assert_eq!(piece_name("__metadata__", &[0, 0], true), "__metadata__@");
         assert_eq!(piece_name("w", &[2, 0], false), "w@2,0");
         assert_eq!(piece_name("w", &[0, 0], true), "w");
     }

@@ -1,0 +1,120 @@
+"""CheckpointManager end to end from Python: policies, retention, async snapshots, resume."""
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import cairn
+
+
+def state(step):
+    return {"model": {"w": np.full((4, 4), step, np.float32)}, "step": step}
+
+
+def test_policies_choose_the_saved_steps(run_dir):
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(10, until=50), cairn.Every(100)]) as mgr:
+        saved = [s for s in range(0, 301) if mgr.on_step(s, state(s))]
+    assert saved == [10, 20, 30, 40, 50, 100, 200, 300]
+    assert [i.step for i in mgr.list()] == saved
+
+
+def test_keep_last_and_keep_every(run_dir):
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(10)], keep_last=2, keep_every=50) as mgr:
+        for s in range(1, 121):
+            mgr.on_step(s, state(s))
+    assert [i.step for i in mgr.list()] == [50, 100, 110, 120]
+
+
+def test_keep_best_by_metric(run_dir):
+    losses = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.3, 5: 0.7}
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)], keep_best=2, metric="loss") as mgr:
+        for s, loss in losses.items():
+            mgr.on_step(s, state(s), metrics={"loss": loss})
+    infos = mgr.list()
+    assert [i.step for i in infos] == [2, 4, 5]
+    assert infos[0].metrics == {"loss": 0.1}
+
+
+def test_async_save_snapshots_before_the_caller_mutates(run_dir):
+    w = np.zeros(1 << 20, np.float32)
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)]) as mgr:
+        mgr.on_step(1, {"w": w})
+        w[:] = 1.0  # mutate immediately after on_step returned
+    restored, info = mgr.restore()
+    assert info.step == 1 and not restored["w"].any()
+
+
+def test_restore_returns_state_and_info_and_resumes(run_dir):
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(5)]) as mgr:
+        for s in range(1, 13):
+            mgr.on_step(s, state(s), metadata={"note": "hi"})
+    mgr2 = cairn.CheckpointManager(run_dir, policies=[cairn.Every(5)])
+    restored, info = mgr2.restore()
+    assert info.step == 10 and info.metadata == {"note": "hi"} and not info.temporary
+    assert isinstance(info.created, datetime.datetime)
+    assert restored["step"] == 10 and restored["model"]["w"][0, 0] == 10
+    older, _ = mgr2.restore(5, prefix="model.")
+    assert list(older) == ["model"] and older["model"]["w"][0, 0] == 5
+    assert mgr2.latest_step() == 10
+    assert not mgr2.on_step(10, state(10))
+
+
+def test_time_interval_makes_temporaries_replaced_by_newer(run_dir):
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1000)], save_interval=datetime.timedelta(0)) as mgr:
+        for s in range(1, 4):
+            assert mgr.on_step(s, state(s))
+    infos = mgr.list()
+    assert [(i.step, i.temporary) for i in infos] == [(3, True)]
+
+
+def test_reset_deletes_everything(run_dir):
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)]) as mgr:
+        for s in range(1, 4):
+            mgr.on_step(s, state(s))
+        mgr.wait()
+        mgr.reset()
+        assert mgr.latest_step() is None
+        with pytest.raises(cairn.CheckpointNotFoundError):
+            mgr.restore()
+
+
+def test_background_error_is_raised_by_wait(run_dir):
+    mgr = cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)])
+    (run_dir / "step-000000000002").write_bytes(b"in the way")
+    mgr.on_step(2, state(2))
+    with pytest.raises(cairn.CheckpointError, match="step-000000000002"):
+        mgr.wait()
+
+
+def test_invalid_policies_are_refused(run_dir):
+    with pytest.raises(cairn.InvalidArgumentError, match="open-ended"):
+        cairn.CheckpointManager(run_dir, policies=[cairn.Every(10), cairn.Every(5, until=100)])
+    with pytest.raises(cairn.InvalidArgumentError, match="metric"):
+        cairn.CheckpointManager(run_dir, keep_best=2)
+
+
+def test_sigterm_saves_at_the_next_step_and_flushes(run_dir):
+    script = textwrap.dedent(
+        f"""
+        import os, signal, numpy as np, cairn
+        mgr = cairn.CheckpointManager({str(run_dir)!r}, policies=[cairn.Every(1000)])
+        for step in range(1, 100):
+            if step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+            saved = mgr.on_step(step, {{"w": np.full(3, step)}})
+            if mgr.preempted:
+                print("stopped at", step, "saved", saved)
+                break
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "stopped at 7 saved True" in out.stdout
+    restored = cairn.load(run_dir)
+    assert restored["w"].tolist() == [7, 7, 7]
