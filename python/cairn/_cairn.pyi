@@ -1,0 +1,89 @@
+"""Type stubs of the native module `cairn._cairn` (the PyO3 layer). Use the `cairn`
+package's public API instead; these signatures are what it calls."""
+
+from typing import Any, Sequence
+
+__version__: str
+
+class CheckpointError(Exception): ...
+class InvalidArgumentError(CheckpointError): ...
+class CheckpointNotFoundError(CheckpointError): ...
+class AlreadyExistsError(CheckpointError): ...
+class CorruptCheckpointError(CheckpointError): ...
+class IncompatibleError(CheckpointError): ...
+class PermissionDeniedError(CheckpointError): ...
+class UnavailableError(CheckpointError): ...
+
+TensorLeaf = tuple[str, str, list[int], Any]
+ValueLeaf = tuple[str, Any]
+Loaded = tuple[list[tuple[Any, ...]], str | None, dict[str, Any]]
+
+class TensorBuffer:
+    """Loaded tensor bytes, exported through the buffer protocol without a copy."""
+
+def save(
+    uri: str,
+    tensors: Sequence[TensorLeaf],
+    values: Sequence[ValueLeaf],
+    structure: str | None = None,
+    step: int | None = None,
+    metrics: Sequence[tuple[str, float]] | None = None,
+    metadata: str | None = None,
+) -> dict[str, Any]: ...
+def load(
+    uri: str,
+    prefix: Sequence[str] | None = None,
+    keys: Sequence[str] | None = None,
+    rename: Sequence[tuple[str, str]] | None = None,
+    step: int | None = None,
+) -> Loaded: ...
+def list_checkpoints(uri: str) -> list[dict[str, Any]]: ...
+
+class Manager:
+    def __init__(
+        self,
+        uri: str,
+        policies: Sequence[tuple[int, int | None]],
+        save_interval: float | None = None,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: str = "min",
+        async_save: bool = True,
+        max_in_flight: int = 1,
+        preemption_signal: int | None = None,
+    ) -> None: ...
+    def on_step(
+        self,
+        step: int,
+        tensors: Sequence[TensorLeaf],
+        values: Sequence[ValueLeaf],
+        structure: str | None = None,
+        force: bool = False,
+        metrics: Sequence[tuple[str, float]] | None = None,
+        metadata: str | None = None,
+    ) -> bool: ...
+    def save(
+        self,
+        step: int,
+        tensors: Sequence[TensorLeaf],
+        values: Sequence[ValueLeaf],
+        structure: str | None = None,
+        temporary: bool = False,
+        metrics: Sequence[tuple[str, float]] | None = None,
+        metadata: str | None = None,
+    ) -> None: ...
+    def wait(self) -> None: ...
+    def restore(
+        self,
+        step: int | None = None,
+        prefix: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+        rename: Sequence[tuple[str, str]] | None = None,
+    ) -> Loaded: ...
+    def latest_step(self) -> int | None: ...
+    def list(self) -> list[dict[str, Any]]: ...
+    def reset(self) -> None: ...
+    def preempted(self) -> bool: ...
+    def uri(self) -> str: ...
