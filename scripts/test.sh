@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Runs every test of the project: Rust unit, integration, property, crash and doc tests,
-# then the main job, then the Python package's tests (numpy, torch, jax) with pytest.
+# Runs every test of the project: Rust unit, integration, property, crash, doc and
+# storage-conformance tests (memory, local disk, and S3 on a real SeaweedFS server), then
+# the main job, then the Python package's tests (numpy, torch, jax) with pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== rust tests"
-cargo test --workspace
-
-echo "== python environment (.venv) and package build"
+echo "== python environment (.venv: torch, jax, seaweedfs) and package build"
 ./scripts/python-env.sh
 
 echo "== main job (train, SIGKILL, resume, bit-exact check)"
 .venv/bin/python examples/train_resume.py
 
-echo "== python tests"
-.venv/bin/python -m pytest -q python/tests
+echo "== rust and python tests, with a SeaweedFS S3 server"
+./scripts/with-seaweedfs.sh bash -c '
+  set -e
+  cargo test --workspace --features cairn/s3-tests
+  .venv/bin/python -m pytest -q python/tests
+'

@@ -28,6 +28,7 @@ pub mod run;
 pub mod runtime;
 pub mod save;
 pub mod store;
+pub mod transfer;
 pub mod tree;
 
 pub use error::{Error, ErrorKind, Result};
@@ -35,7 +36,7 @@ pub use info::CheckpointInfo;
 pub use load::{Checkpoint, LoadOptions, RenameRule};
 pub use run::{CheckpointRef, Run};
 pub use save::SaveOptions;
-pub use store::Location;
+pub use store::{register_scheme, unregister_scheme, Location, SchemeFactory, StoreOptions};
 pub use tree::{DType, Entry, State, Tensor, Value};
 
 use format::layout::MANIFEST_FILE;

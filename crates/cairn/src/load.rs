@@ -210,24 +210,9 @@ impl Checkpoint {
     }
 
     async fn read_file(&self, file: &str, pieces: Vec<(PieceId, Piece)>, verify: bool) -> Result<Vec<(PieceId, Bytes)>> {
-        let record = self.manifest.files.get(file).ok_or_else(|| {
-            Error::corrupt(format!("piece references unknown data file data_file=`{file}` checkpoint=`{}`", self.location.uri()))
-        })?;
+        let ranges: Vec<std::ops::Range<u64>> = pieces.iter().map(|(_, p)| p.range[0]..p.range[1]).collect();
+        let (record, chunks) = self.fetch(file, ranges).await?;
         let shown = format!("{}/{file}", self.location.uri());
-        let mut ranges: Vec<std::ops::Range<u64>> = Vec::with_capacity(pieces.len() + 1);
-        ranges.push(0..record.header_len);
-        ranges.extend(pieces.iter().map(|(_, p)| p.range[0]..p.range[1]));
-        let chunks = match self.location.local_dir() {
-            Some(dir) => {
-                let path = dir.join(file);
-                let record = record.clone();
-                let shown = shown.clone();
-                tokio::task::spawn_blocking(move || map_local(&path, &record, &ranges, &shown))
-                    .await
-                    .map_err(|e| Error::new(ErrorKind::Unavailable, format!("read task failed file=`{file}`")).with_source(e))??
-            }
-            None => self.get_remote(file, record, &ranges, &shown).await?,
-        };
         let header_crc = record.header_crc32c;
         tokio::task::spawn_blocking(move || {
             let mut chunks = chunks.into_iter();
@@ -246,6 +231,65 @@ impl Checkpoint {
         })
         .await
         .map_err(|e| Error::new(ErrorKind::Unavailable, format!("checksum task failed file=`{file}`")).with_source(e))?
+    }
+
+    /// Fetches the header region of `file` followed by `ranges` (no copy when local),
+    /// after checking the file's real size against the manifest.
+    async fn fetch(&self, file: &str, ranges: Vec<std::ops::Range<u64>>) -> Result<(FileRecord, Vec<Bytes>)> {
+        let record = self.manifest.files.get(file).cloned().ok_or_else(|| {
+            Error::corrupt(format!("piece references unknown data file data_file=`{file}` checkpoint=`{}`", self.location.uri()))
+        })?;
+        let shown = format!("{}/{file}", self.location.uri());
+        let mut all = Vec::with_capacity(ranges.len() + 1);
+        all.push(0..record.header_len);
+        all.extend(ranges);
+        let chunks = match self.location.local_dir() {
+            Some(dir) => {
+                let path = dir.join(file);
+                let record = record.clone();
+                tokio::task::spawn_blocking(move || map_local(&path, &record, &all, &shown))
+                    .await
+                    .map_err(|e| Error::new(ErrorKind::Unavailable, format!("read task failed file=`{file}`")).with_source(e))??
+            }
+            None => self.get_remote(file, &record, &all, &shown).await?,
+        };
+        Ok((record, chunks))
+    }
+
+    /// Reads every byte of the checkpoint and checks every size and checksum. Returns
+    /// one error per problem found (empty when intact); fails only when the store
+    /// itself cannot be read.
+    pub async fn scan(&self) -> Result<Vec<Error>> {
+        let mut problems = Vec::new();
+        let mut by_file: BTreeMap<&str, Vec<(&str, &Piece)>> = BTreeMap::new();
+        for (key, record) in &self.manifest.tensors {
+            for piece in &record.pieces {
+                by_file.entry(piece.file.as_str()).or_default().push((key.as_str(), piece));
+            }
+        }
+        for file in self.manifest.files.keys() {
+            let pieces = by_file.remove(file.as_str()).unwrap_or_default();
+            let ranges = pieces.iter().map(|(_, p)| p.range[0]..p.range[1]).collect();
+            let shown = format!("{}/{file}", self.location.uri());
+            let (record, chunks) = match self.fetch(file, ranges).await {
+                Ok(fetched) => fetched,
+                Err(e) if e.kind() == ErrorKind::Corrupt => {
+                    problems.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut chunks = chunks.into_iter();
+            if crc32c::crc32c(&chunks.next().unwrap_or_default()) != record.header_crc32c {
+                problems.push(Error::corrupt(format!("checksum mismatch in shard header file=`{shown}`")));
+            }
+            for ((key, piece), data) in pieces.into_iter().zip(chunks) {
+                if crc32c::crc32c(&data) != piece.crc32c {
+                    problems.push(Error::corrupt(format!("checksum mismatch tensor=`{key}` file=`{shown}`")));
+                }
+            }
+        }
+        Ok(problems)
     }
 
     async fn get_remote(&self, file: &str, record: &FileRecord, ranges: &[std::ops::Range<u64>], shown: &str) -> Result<Vec<Bytes>> {

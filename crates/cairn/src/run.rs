@@ -122,6 +122,57 @@ impl Run {
         block_on(delete_checkpoint(&dir))
     }
 
+    /// Removes what failed or killed saves left behind: folders without a manifest and
+    /// files a committed checkpoint does not reference, once all of a folder's leftovers
+    /// are older than `grace` (so a save in progress is never touched). Returns the
+    /// removed paths. Incomplete multipart uploads are aborted by the saves themselves;
+    /// on S3, a lifecycle rule (AbortIncompleteMultipartUpload) covers killed writers.
+    pub fn prune_orphans(&self, grace: std::time::Duration) -> Result<Vec<String>> {
+        block_on(self.prune_orphans_async(grace))
+    }
+
+    async fn prune_orphans_async(&self, grace: std::time::Duration) -> Result<Vec<String>> {
+        let prefix = self.location.prefix();
+        let depth = prefix.parts().count();
+        let objects: Vec<object_store::ObjectMeta> = self
+            .location
+            .store()
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::from_store(e, "listing run", &format!("run=`{}`", self.location.uri())))?;
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let old_enough = |m: &object_store::ObjectMeta| now_ms - m.last_modified.timestamp_millis() >= grace.as_millis() as i64;
+        let mut by_step: std::collections::BTreeMap<u64, Vec<(String, &object_store::ObjectMeta)>> = Default::default();
+        for meta in &objects {
+            let parts: Vec<String> = meta.location.parts().skip(depth).map(|p| p.as_ref().to_string()).collect();
+            if let Some(step) = parts.first().and_then(|d| layout::parse_step_dir(d)) {
+                by_step.entry(step).or_default().push((parts[1..].join("/"), meta));
+            }
+        }
+        let mut removed = Vec::new();
+        for (step, files) in by_step {
+            let referenced: Option<std::collections::BTreeSet<String>> = if files.iter().any(|(f, _)| f == MANIFEST_FILE) {
+                let ckpt = Checkpoint::open_at(self.location.child(&layout::step_dir(step))).await?;
+                Some(ckpt.manifest().files.keys().cloned().collect())
+            } else {
+                None
+            };
+            let orphans: Vec<&object_store::ObjectMeta> = match &referenced {
+                Some(keep) => files.iter().filter(|(f, m)| f != MANIFEST_FILE && !keep.contains(f) && old_enough(m)).map(|(_, m)| *m).collect(),
+                None if files.iter().all(|(_, m)| old_enough(m)) => files.iter().map(|(_, m)| *m).collect(),
+                None => Vec::new(),
+            };
+            for meta in orphans {
+                match self.location.store().delete(&meta.location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => removed.push(meta.location.to_string()),
+                    Err(e) => return Err(Error::from_store(e, "removing orphan", &format!("file=`{}`", meta.location))),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Loads the latest committed checkpoint; [`crate::ErrorKind::NotFound`] if none.
     pub fn load_latest(&self, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
         let latest = self
@@ -164,5 +215,13 @@ impl Checkpoint {
     /// Loads the selected keys (blocking). See [`Checkpoint::read`].
     pub fn load(&self, opts: &LoadOptions) -> Result<State> {
         block_on(self.read(opts))
+    }
+}
+
+impl Checkpoint {
+    /// Reads every byte and checks every size and checksum (blocking); returns one error
+    /// per problem found, empty when the checkpoint is intact. See [`Checkpoint::scan`].
+    pub fn verify(&self) -> Result<Vec<Error>> {
+        block_on(self.scan())
     }
 }

@@ -23,6 +23,12 @@ use crate::tree::{State, Tensor, Value};
 
 /// Default upper bound on the bytes of one shard file.
 pub const DEFAULT_SHARD_BYTES: u64 = 512 << 20;
+/// Default size from which a shard goes to an object store as a multipart upload.
+pub const DEFAULT_MULTIPART_BYTES: u64 = 64 << 20;
+/// Default part size of a multipart upload (S3 needs at least 5 MiB per part).
+pub const DEFAULT_PART_BYTES: u64 = 16 << 20;
+/// Parts of one upload sent at once.
+const PARTS_IN_FLIGHT: usize = 4;
 /// Shards are not split below this size just to gain parallelism.
 const MIN_SPLIT_SHARD_BYTES: u64 = 32 << 20;
 
@@ -47,6 +53,10 @@ pub struct SaveOptions {
     pub shard_bytes: u64,
     /// Files written at once.
     pub concurrency: usize,
+    /// On object stores, shards of at least this size are sent as multipart uploads.
+    pub multipart_bytes: u64,
+    /// Part size of multipart uploads.
+    pub part_bytes: u64,
 }
 
 impl Default for SaveOptions {
@@ -58,6 +68,8 @@ impl Default for SaveOptions {
             metadata: serde_json::Value::Null,
             shard_bytes: DEFAULT_SHARD_BYTES,
             concurrency: std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(2, 16),
+            multipart_bytes: DEFAULT_MULTIPART_BYTES,
+            part_bytes: DEFAULT_PART_BYTES,
         }
     }
 }
@@ -90,6 +102,13 @@ impl SaveOptions {
     /// Sets the shard size bound.
     pub fn with_shard_bytes(mut self, shard_bytes: u64) -> Self {
         self.shard_bytes = shard_bytes.max(1);
+        self
+    }
+
+    /// Sets the multipart threshold and part size for object stores.
+    pub fn with_multipart(mut self, multipart_bytes: u64, part_bytes: u64) -> Self {
+        self.multipart_bytes = multipart_bytes;
+        self.part_bytes = part_bytes.max(1);
         self
     }
 }
@@ -160,7 +179,7 @@ pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &S
     let save_id = uuid::Uuid::new_v4().simple().to_string();
     let attempt = &save_id[..12];
     let plans = plan_shards(state, opts.shard_bytes, opts.concurrency, 0, attempt);
-    let written = write_shards(dest, state, &plans, opts.concurrency).await;
+    let written = write_shards(dest, state, &plans, opts).await;
     let written = match written {
         Ok(w) => w,
         Err(e) => {
@@ -215,14 +234,14 @@ fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {
     Ok(())
 }
 
-async fn write_shards(dest: &Location, state: &State, plans: &[ShardPlan], concurrency: usize) -> Result<Vec<WrittenShard>> {
-    futures::stream::iter(plans.iter().map(|plan| write_shard(dest, state, plan)))
-        .buffer_unordered(concurrency.max(1))
+async fn write_shards(dest: &Location, state: &State, plans: &[ShardPlan], opts: &SaveOptions) -> Result<Vec<WrittenShard>> {
+    futures::stream::iter(plans.iter().map(|plan| write_shard(dest, state, plan, opts)))
+        .buffer_unordered(opts.concurrency.max(1))
         .try_collect()
         .await
 }
 
-async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan) -> Result<WrittenShard> {
+async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan, opts: &SaveOptions) -> Result<WrittenShard> {
     let tensors: Vec<(String, Tensor)> = plan
         .keys
         .iter()
@@ -263,12 +282,56 @@ async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan) -> Result
             chunks.push(data);
         }
     }
-    let payload: PutPayload = chunks.into_iter().collect();
-    dest.store()
-        .put(&dest.path(&file), payload)
-        .await
-        .map_err(|e| Error::from_store(e, "writing shard", &format!("file=`{}/{file}`", dest.uri())))?;
+    let multipart = dest.local_dir().is_none() && header.file_size >= opts.multipart_bytes;
+    put_file(dest, &file, chunks, multipart.then_some(opts.part_bytes)).await?;
     Ok(WrittenShard { file, record: FileRecord { size: header.file_size, header_len, header_crc32c }, pieces })
+}
+
+/// Writes `chunks` as the file `file` under `dest`: one PUT, or a multipart upload with
+/// parts of `part_bytes` (aborted on failure, so no incomplete upload is left behind).
+pub(crate) async fn put_file(dest: &Location, file: &str, chunks: Vec<Bytes>, part_bytes: Option<u64>) -> Result<()> {
+    let path = dest.path(file);
+    let shown = || format!("file=`{}/{file}`", dest.uri());
+    let Some(part_bytes) = part_bytes else {
+        let payload: PutPayload = chunks.into_iter().collect();
+        dest.store().put(&path, payload).await.map_err(|e| Error::from_store(e, "writing", &shown()))?;
+        return Ok(());
+    };
+    let mut upload = dest.store().put_multipart(&path).await.map_err(|e| Error::from_store(e, "starting upload", &shown()))?;
+    let parts: Vec<_> = split_into_parts(chunks, part_bytes).into_iter().map(|part| upload.put_part(part)).collect();
+    let sent: Result<Vec<()>, object_store::Error> =
+        futures::stream::iter(parts).buffer_unordered(PARTS_IN_FLIGHT).try_collect().await;
+    match sent {
+        Ok(_) => upload.complete().await.map(|_| ()).map_err(|e| Error::from_store(e, "completing upload", &shown())),
+        Err(e) => {
+            let _ = upload.abort().await;
+            Err(Error::from_store(e, "uploading part", &shown()))
+        }
+    }
+}
+
+/// Regroups `chunks` into payloads of exactly `part_bytes` (the last may be smaller) by
+/// slicing, without copying any byte.
+pub fn split_into_parts(chunks: Vec<Bytes>, part_bytes: u64) -> Vec<PutPayload> {
+    let part_bytes = part_bytes.max(1) as usize;
+    let mut parts = Vec::new();
+    let mut current: Vec<Bytes> = Vec::new();
+    let mut filled = 0usize;
+    for mut chunk in chunks {
+        while !chunk.is_empty() {
+            let take = (part_bytes - filled).min(chunk.len());
+            current.push(chunk.split_to(take));
+            filled += take;
+            if filled == part_bytes {
+                parts.push(std::mem::take(&mut current).into_iter().collect());
+                filled = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        parts.push(current.into_iter().collect());
+    }
+    parts
 }
 
 fn build_manifest(state: &State, step: u64, opts: &SaveOptions, save_id: &str, written: Vec<WrittenShard>) -> Manifest {
@@ -336,6 +399,16 @@ mod tests {
         s.insert_tensor("b", Tensor::new(DType::F64, vec![1], vec![0u8; 8]).unwrap());
         let plans = plan_shards(&s, u64::MAX, 1, 0, "a");
         assert_eq!(plans[0].keys, vec!["b", "a"]);
+    }
+
+    #[test]
+    fn parts_are_exact_slices_of_the_chunks() {
+        let chunks = vec![Bytes::from(vec![1u8; 7]), Bytes::new(), Bytes::from(vec![2u8; 5])];
+        let parts = split_into_parts(chunks, 4);
+        let sizes: Vec<usize> = parts.iter().map(|p| p.content_length()).collect();
+        assert_eq!(sizes, vec![4, 4, 4]);
+        let joined: Vec<u8> = parts.iter().flat_map(|p| p.iter().flat_map(|b| b.to_vec())).collect();
+        assert_eq!(joined, [vec![1u8; 7], vec![2u8; 5]].concat());
     }
 
     #[test]

@@ -1,18 +1,30 @@
 //! Where checkpoints live: a URI resolved to an `object_store` store plus a prefix.
 //!
-//! A plain path or `file://` opens the local filesystem with fsync turned on (a write that
-//! returned is durable, directories included); `memory://NAME/prefix` opens a process-wide
-//! in-memory store shared by every call naming the same `NAME`. There is no second storage
-//! abstraction: everything goes through `Arc<dyn ObjectStore>`.
+//! - a plain path or `file://`: the local filesystem, with fsync turned on (a write that
+//!   returned is durable, directories included);
+//! - `memory://NAME/prefix`: a process-wide in-memory store shared by every call naming
+//!   the same `NAME`;
+//! - `s3://`, `gs://`, `az://` (`abfs://`, `azure://`), `http(s)://` (read): configured from
+//!   the environment the way each cloud's users expect (`AWS_ENDPOINT_URL`,
+//!   `AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, ...), then
+//!   from explicit [`StoreOptions`] (object_store configuration keys such as
+//!   `aws_endpoint`, `aws_allow_http`); transient failures are retried with backoff;
+//! - any prefix registered with [`register_scheme`] (the longest matching prefix wins).
+//!
+//! There is no second storage abstraction: everything goes through `Arc<dyn ObjectStore>`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::http::HttpBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreScheme, RetryConfig};
 
 use crate::error::{Error, Result};
 
@@ -32,6 +44,51 @@ impl std::fmt::Debug for Location {
     }
 }
 
+/// Explicit store configuration: object_store configuration keys and values (for
+/// example `aws_endpoint`, `aws_region`, `aws_allow_http`, `google_service_account`,
+/// `azure_storage_account_name`). They override the environment.
+pub type StoreOptions = BTreeMap<String, String>;
+
+/// Builds the location of a URI whose prefix was registered with [`register_scheme`].
+pub type SchemeFactory = Arc<dyn Fn(&str, &StoreOptions) -> Result<Location> + Send + Sync>;
+
+fn schemes() -> &'static Mutex<BTreeMap<String, SchemeFactory>> {
+    static SCHEMES: OnceLock<Mutex<BTreeMap<String, SchemeFactory>>> = OnceLock::new();
+    SCHEMES.get_or_init(Default::default)
+}
+
+/// Registers `prefix` (e.g. `"mystore://"`): URIs starting with it are resolved by
+/// `factory`. Among registered prefixes the longest match wins; registered prefixes win
+/// over the built-in schemes. Registering a prefix again replaces its factory.
+///
+/// ```
+/// use std::sync::Arc;
+/// cairn::register_scheme("team://", Arc::new(|uri: &str, _opts: &cairn::StoreOptions| {
+///     cairn::Location::create(&uri.replacen("team://", "memory://team/", 1))
+/// }));
+/// assert_eq!(cairn::Location::create("team://runs/a").unwrap().uri(), "memory://team/runs/a");
+/// ```
+pub fn register_scheme(prefix: impl Into<String>, factory: SchemeFactory) {
+    if let Ok(mut map) = schemes().lock() {
+        map.insert(prefix.into(), factory);
+    }
+}
+
+/// Removes a prefix registered with [`register_scheme`]; returns whether it was there.
+pub fn unregister_scheme(prefix: &str) -> bool {
+    schemes().lock().is_ok_and(|mut map| map.remove(prefix).is_some())
+}
+
+fn registered_factory(uri: &str) -> Option<SchemeFactory> {
+    let map = schemes().lock().ok()?;
+    map.iter().filter(|(prefix, _)| uri.starts_with(prefix.as_str())).max_by_key(|(prefix, _)| prefix.len()).map(|(_, f)| f.clone())
+}
+
+/// Retries for transient failures (5xx, timeouts, connection resets), with backoff.
+fn retry_config() -> RetryConfig {
+    RetryConfig { max_retries: 8, retry_timeout: std::time::Duration::from_secs(120), ..Default::default() }
+}
+
 fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
     static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
     STORES.get_or_init(Default::default)
@@ -49,13 +106,19 @@ impl Location {
     /// assert_eq!(loc.uri(), "memory://doc/run");
     /// ```
     pub fn open(uri: &str) -> Result<Location> {
-        Location::resolve(uri, false)
+        Location::resolve(uri, false, &StoreOptions::new())
     }
 
     /// Resolves `uri` for writing: like [`Location::open`], but a missing local directory
     /// is created.
     pub fn create(uri: &str) -> Result<Location> {
-        Location::resolve(uri, true)
+        Location::resolve(uri, true, &StoreOptions::new())
+    }
+
+    /// Resolves `uri` with explicit store options; `create` makes a missing local
+    /// directory.
+    pub fn with_options(uri: &str, create: bool, options: &StoreOptions) -> Result<Location> {
+        Location::resolve(uri, create, options)
     }
 
     /// A location over a store the caller built (a wrapper, a store of its own), at the
@@ -64,9 +127,12 @@ impl Location {
         Location { store, prefix: Path::default(), local_dir: None, uri: uri.into() }
     }
 
-    fn resolve(uri: &str, create: bool) -> Result<Location> {
+    fn resolve(uri: &str, create: bool, options: &StoreOptions) -> Result<Location> {
         if uri.is_empty() {
             return Err(Error::invalid("empty location uri=``"));
+        }
+        if let Some(factory) = registered_factory(uri) {
+            return factory(uri, options);
         }
         if let Some(rest) = uri.strip_prefix("memory://") {
             let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -82,12 +148,52 @@ impl Location {
         let path = if let Some(rest) = uri.strip_prefix("file://") {
             PathBuf::from(rest)
         } else if uri.contains("://") {
-            let scheme = uri.split("://").next().unwrap_or_default();
-            return Err(Error::invalid(format!("unsupported uri scheme `{scheme}` uri=`{uri}`")));
+            return Location::open_remote(uri, options);
         } else {
             PathBuf::from(uri)
         };
         Location::open_local(path, create)
+    }
+
+    fn open_remote(uri: &str, options: &StoreOptions) -> Result<Location> {
+        let url = url::Url::parse(uri).map_err(|e| Error::invalid(format!("invalid uri uri=`{uri}`")).with_source(e))?;
+        let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|e| {
+            let scheme = uri.split("://").next().unwrap_or_default();
+            Error::invalid(format!("unsupported uri scheme `{scheme}` uri=`{uri}`")).with_source(e)
+        })?;
+        let built = |e: object_store::Error| Error::from_store(e, "configuring store", &format!("uri=`{uri}`"));
+        let store: Arc<dyn ObjectStore> = match scheme {
+            ObjectStoreScheme::AmazonS3 => {
+                let builder = configure(AmazonS3Builder::from_env().with_url(uri), options, uri, |b, k, v| {
+                    Ok(b.with_config(k.parse().map_err(|_| ())?, v))
+                })?;
+                Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
+            }
+            ObjectStoreScheme::GoogleCloudStorage => {
+                let builder = configure(GoogleCloudStorageBuilder::from_env().with_url(uri), options, uri, |b, k, v| {
+                    Ok(b.with_config(k.parse().map_err(|_| ())?, v))
+                })?;
+                Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
+            }
+            ObjectStoreScheme::MicrosoftAzure => {
+                let builder = configure(MicrosoftAzureBuilder::from_env().with_url(uri), options, uri, |b, k, v| {
+                    Ok(b.with_config(k.parse().map_err(|_| ())?, v))
+                })?;
+                Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
+            }
+            ObjectStoreScheme::Http => {
+                let base = format!("{}://{}", url.scheme(), url.authority());
+                let builder = configure(HttpBuilder::new().with_url(base), options, uri, |b, k, v| {
+                    Ok(b.with_config(k.parse().map_err(|_| ())?, v))
+                })?;
+                Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
+            }
+            _ => {
+                let scheme = url.scheme();
+                return Err(Error::invalid(format!("unsupported uri scheme `{scheme}` uri=`{uri}`")));
+            }
+        };
+        Ok(Location { store, prefix, local_dir: None, uri: uri.trim_end_matches('/').to_string() })
     }
 
     fn open_local(path: PathBuf, create: bool) -> Result<Location> {
@@ -150,6 +256,18 @@ impl Location {
     }
 }
 
+/// Applies `options` to a builder with `set`, naming an unknown key in the error.
+fn configure<B>(mut builder: B, options: &StoreOptions, uri: &str, set: impl Fn(B, &str, &str) -> Result<B, ()>) -> Result<B>
+where
+    B: Clone,
+{
+    for (key, value) in options {
+        builder = set(builder.clone(), key, value)
+            .map_err(|()| Error::invalid(format!("unknown store option option=`{key}` uri=`{uri}`")))?;
+    }
+    Ok(builder)
+}
+
 fn parse_prefix(prefix: &str, uri: &str) -> Result<Path> {
     Path::parse(prefix.trim_matches('/'))
         .map_err(|e| Error::invalid(format!("invalid path in uri=`{uri}`")).with_source(e))
@@ -165,6 +283,27 @@ mod tests {
         let b = Location::open("memory://shared-test/b").unwrap();
         assert!(Arc::ptr_eq(a.store(), b.store()));
         assert_eq!(b.prefix().as_ref(), "b");
+    }
+
+    #[test]
+    fn cloud_uris_resolve_to_their_bucket_prefix() {
+        let opts: StoreOptions = [("aws_region".to_string(), "us-east-1".to_string())].into();
+        let s3 = Location::with_options("s3://bucket/runs/job", false, &opts).unwrap();
+        assert_eq!(s3.prefix().as_ref(), "runs/job");
+        assert!(s3.local_dir().is_none());
+        let bad: StoreOptions = [("aws_no_such_key".to_string(), "x".to_string())].into();
+        let err = Location::with_options("s3://bucket/x", false, &bad).unwrap_err();
+        assert!(err.to_string().contains("aws_no_such_key"), "{err}");
+    }
+
+    #[test]
+    fn longest_registered_prefix_wins() {
+        register_scheme("lp://", Arc::new(|_: &str, _: &StoreOptions| Location::create("memory://lp-short/x")));
+        register_scheme("lp://deep/", Arc::new(|_: &str, _: &StoreOptions| Location::create("memory://lp-long/x")));
+        assert_eq!(Location::open("lp://deep/a").unwrap().uri(), "memory://lp-long/x");
+        assert_eq!(Location::open("lp://other").unwrap().uri(), "memory://lp-short/x");
+        assert!(unregister_scheme("lp://deep/"));
+        assert_eq!(Location::open("lp://deep/a").unwrap().uri(), "memory://lp-short/x");
     }
 
     #[test]

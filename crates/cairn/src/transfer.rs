@@ -1,0 +1,204 @@
+//! Moving checkpoints: copy a checkpoint or a whole run between any two stores (verified
+//! at the destination, resumable), pack a checkpoint into one self-contained byte bundle
+//! and back, and materialize any checkpoint as a local read-only directory (cached).
+//!
+//! Every copy follows the commit protocol: data files first, the manifest last with a
+//! create-only write, so an interrupted copy is invisible and can simply be run again.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::layout::{self, MANIFEST_FILE};
+use crate::format::manifest::{Manifest, MAX_MANIFEST_BYTES};
+use crate::info::CheckpointInfo;
+use crate::load::Checkpoint;
+use crate::run::Run;
+use crate::runtime::block_on;
+use crate::save::{put_file, DEFAULT_MULTIPART_BYTES, DEFAULT_PART_BYTES};
+use crate::store::Location;
+
+/// Copies `src` into the checkpoint folder `dst` and verifies every byte there.
+///
+/// Resumable: data files already present at `dst` with the right size are kept, and a
+/// destination already committed by the same save (same `save_id`) is accepted as done.
+/// A destination committed by another save is [`ErrorKind::AlreadyExists`].
+pub fn copy_checkpoint(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> {
+    block_on(copy_async(src, dst))
+}
+
+async fn copy_async(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> {
+    let manifest = src.manifest();
+    if let Some(existing) = existing_manifest(dst).await? {
+        if existing.save_id != manifest.save_id {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("destination holds another checkpoint dir=`{}`", dst.uri()),
+            ));
+        }
+    } else {
+        for (file, record) in &manifest.files {
+            let present = dst.store().head(&dst.path(file)).await.is_ok_and(|m| m.size == record.size);
+            if present {
+                continue;
+            }
+            let data = read_whole(src.location(), file, record.size).await?;
+            let part = (dst.local_dir().is_none() && record.size >= DEFAULT_MULTIPART_BYTES).then_some(DEFAULT_PART_BYTES);
+            put_file(dst, file, vec![data], part).await?;
+        }
+        commit(dst, manifest).await?;
+    }
+    let copied = Checkpoint::open_at(dst.clone()).await?;
+    let problems = copied.scan().await?;
+    if let Some(first) = problems.into_iter().next() {
+        return Err(Error::corrupt(format!("copy failed verification at the destination: {}", first.message())));
+    }
+    Ok(copied.info())
+}
+
+async fn existing_manifest(dst: &Location) -> Result<Option<Manifest>> {
+    match Checkpoint::open_at(dst.clone()).await {
+        Ok(c) => Ok(Some(c.manifest().clone())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn read_whole(loc: &Location, file: &str, size: u64) -> Result<Bytes> {
+    let shown = format!("file=`{}/{file}`", loc.uri());
+    let got = loc.store().get(&loc.path(file)).await.map_err(|e| Error::from_store(e, "reading", &shown))?;
+    if got.meta.size != size {
+        return Err(Error::corrupt(format!("data file has {} bytes, manifest says {size} {shown}", got.meta.size)));
+    }
+    got.bytes().await.map_err(|e| Error::from_store(e, "reading", &shown))
+}
+
+/// Creates the manifest at `dst` only if absent; a manifest there from the same save is
+/// our own earlier (retried) commit.
+async fn commit(dst: &Location, manifest: &Manifest) -> Result<()> {
+    let put = PutOptions { mode: PutMode::Create, ..Default::default() };
+    let shown = format!("file=`{}/{MANIFEST_FILE}`", dst.uri());
+    match dst.store().put_opts(&dst.path(MANIFEST_FILE), PutPayload::from(manifest.encode()?), put).await {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. }) => match existing_manifest(dst).await? {
+            Some(m) if m.save_id == manifest.save_id => Ok(()),
+            _ => Err(Error::new(ErrorKind::AlreadyExists, format!("destination already committed {shown}"))),
+        },
+        Err(e) => Err(Error::from_store(e, "committing manifest", &shown)),
+    }
+}
+
+/// Copies every committed checkpoint of `src` into `dst` (same step folders), each
+/// verified; returns what was copied. Re-running after an interruption resumes.
+pub fn copy_run(src: &Run, dst: &Run) -> Result<Vec<CheckpointInfo>> {
+    src.list()?
+        .iter()
+        .map(|c| copy_checkpoint(&c.open()?, &dst.location().child(&layout::step_dir(c.step))))
+        .collect()
+}
+
+/// Packs a checkpoint into one self-contained byte bundle (a tar archive of its folder,
+/// manifest last), e.g. to send it over the wire or keep it in a database.
+pub fn to_bytes(src: &Checkpoint) -> Result<Vec<u8>> {
+    block_on(async {
+        let mut archive = tar::Builder::new(Vec::new());
+        for (file, record) in &src.manifest().files {
+            let data = read_whole(src.location(), file, record.size).await?;
+            append(&mut archive, file, &data)?;
+        }
+        append(&mut archive, MANIFEST_FILE, &src.manifest().encode()?)?;
+        archive.into_inner().map_err(|e| Error::invalid("cannot finish bundle").with_source(e))
+    })
+}
+
+fn append(archive: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    archive
+        .append_data(&mut header, name, data)
+        .map_err(|e| Error::invalid(format!("cannot add to bundle entry=`{name}`")).with_source(e))
+}
+
+/// Unpacks a bundle made by [`to_bytes`] into the checkpoint folder `dst`, commits it and
+/// verifies it. The bundle is untrusted: only `manifest.json` and valid shard names are
+/// accepted, and every byte is checked against the manifest.
+pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
+    let mut manifest_bytes = None;
+    let mut files: Vec<(String, Bytes)> = Vec::new();
+    let mut archive = tar::Archive::new(bundle);
+    let entries = archive.entries().map_err(|e| Error::corrupt("bundle is not a cairn bundle").with_source(e))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| Error::corrupt("bundle is damaged").with_source(e))?;
+        let name = entry
+            .path()
+            .map_err(|e| Error::corrupt("bundle entry has an invalid name").with_source(e))?
+            .to_string_lossy()
+            .into_owned();
+        let size = entry.size();
+        if size > bundle.len() as u64 {
+            return Err(Error::corrupt(format!("bundle entry claims {size} bytes entry=`{name}`")));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        entry.read_to_end(&mut data).map_err(|e| Error::corrupt(format!("bundle entry is truncated entry=`{name}`")).with_source(e))?;
+        if name == MANIFEST_FILE {
+            if size > MAX_MANIFEST_BYTES {
+                return Err(Error::corrupt("bundle manifest exceeds the size limit"));
+            }
+            manifest_bytes = Some(data);
+        } else if layout::is_valid_shard_file(&name) {
+            files.push((name, Bytes::from(data)));
+        } else {
+            return Err(Error::corrupt(format!("unexpected entry in bundle entry=`{name}`")));
+        }
+    }
+    let manifest_bytes = manifest_bytes.ok_or_else(|| Error::corrupt("bundle has no manifest.json"))?;
+    let manifest = Manifest::decode(&manifest_bytes, "bundle:manifest.json")?;
+    block_on(async {
+        if existing_manifest(dst).await?.is_some() {
+            return Err(Error::new(ErrorKind::AlreadyExists, format!("destination already committed dir=`{}`", dst.uri())));
+        }
+        for (name, data) in files {
+            if !manifest.files.contains_key(&name) {
+                return Err(Error::corrupt(format!("bundle holds a file its manifest does not list entry=`{name}`")));
+            }
+            put_file(dst, &name, vec![data], None).await?;
+        }
+        commit(dst, &manifest).await?;
+        let copied = Checkpoint::open_at(dst.clone()).await?;
+        if let Some(first) = copied.scan().await?.into_iter().next() {
+            return Err(first);
+        }
+        Ok(copied.info())
+    })
+}
+
+/// A local directory holding the checkpoint at `uri`: the checkpoint's own folder when it
+/// is on local disk, else a copy downloaded once into `cache_dir` (keyed by save id).
+/// Safe when several processes ask at once: each downloads into a private folder and
+/// renames it into place; the first rename wins and the others use it.
+pub fn as_directory(uri: &str, cache_dir: &std::path::Path) -> Result<PathBuf> {
+    let ckpt = crate::open(uri)?;
+    if let Some(dir) = ckpt.location().local_dir() {
+        return Ok(dir.to_path_buf());
+    }
+    let target = cache_dir.join(&ckpt.manifest().save_id);
+    if target.join(MANIFEST_FILE).is_file() {
+        return Ok(target);
+    }
+    let staging = cache_dir.join(format!(".partial-{}", uuid::Uuid::new_v4().simple()));
+    let staging_uri = staging.to_str().ok_or_else(|| Error::invalid("cache directory is not valid utf-8"))?;
+    copy_checkpoint(&ckpt, &Location::create(staging_uri)?)?;
+    match std::fs::rename(&staging, &target) {
+        Ok(()) => Ok(target),
+        Err(_) if target.join(MANIFEST_FILE).is_file() => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Ok(target)
+        }
+        Err(e) => Err(Error::new(ErrorKind::Unavailable, format!("cannot place cached checkpoint dir=`{}`", target.display())).with_source(e)),
+    }
+}
