@@ -10,7 +10,20 @@
             mgr.on_step(step, {"model": model.state_dict(), "optim": opt.state_dict()})
 """
 
-from ._api import CheckpointInfo, CheckpointManager, Every, list_checkpoints, load, save
+from ._api import (
+    CheckpointInfo,
+    CheckpointManager,
+    Every,
+    as_directory,
+    copy,
+    from_bytes,
+    list_checkpoints,
+    load,
+    register_scheme,
+    save,
+    to_bytes,
+    unregister_scheme,
+)
 from ._cairn import __version__
 from ._errors import (
     AlreadyExistsError,
@@ -40,8 +53,14 @@ __all__ = [
     "StateDictMismatchError",
     "UnavailableError",
     "__version__",
+    "as_directory",
+    "copy",
+    "from_bytes",
     "list_checkpoints",
     "load",
     "load_state_dict",
+    "register_scheme",
     "save",
+    "to_bytes",
+    "unregister_scheme",
 ]

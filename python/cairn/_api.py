@@ -7,7 +7,7 @@ import json
 import os
 import signal as _signal
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import _arrays, _cairn, _tree
 
@@ -109,16 +109,25 @@ def save(
     step: int | None = None,
     metadata: Any = None,
     metrics: dict[str, float] | None = None,
+    storage_options: dict[str, str] | None = None,
 ) -> CheckpointInfo:
     """Saves `state` and commits it; returns once it is durable.
 
     `state` is nested dicts, lists and tuples of numpy arrays, torch tensors, jax arrays and
     plain values. With `step`, `path` is a run and the checkpoint goes to
     `path/step-<step>`; without, `path` is the checkpoint folder. A committed checkpoint is
-    never overwritten (`AlreadyExistsError`)."""
+    never overwritten (`AlreadyExistsError`). `storage_options` are object_store settings
+    (e.g. `{"aws_endpoint": ..., "aws_allow_http": "true"}`) that override the environment."""
     leaves = _tree.flatten(state)
     info = _cairn.save(
-        _uri(path), leaves.tensors, leaves.values, leaves.structure, step, _metrics(metrics), _metadata(metadata)
+        _uri(path),
+        leaves.tensors,
+        leaves.values,
+        leaves.structure,
+        step,
+        _metrics(metrics),
+        _metadata(metadata),
+        storage_options,
     )
     return CheckpointInfo._from_native(info)
 
@@ -132,6 +141,7 @@ def load(
     dtype: Any = None,
     framework: str = "numpy",
     step: int | None = None,
+    storage_options: dict[str, str] | None = None,
 ) -> Any:
     """Loads a checkpoint folder, or the latest (or given `step`) checkpoint of a run.
 
@@ -142,14 +152,58 @@ def load(
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
     native = _cairn.load(
-        _uri(path), _prefixes(prefix), None if keys is None else list(keys), _rename(rename), step
+        _uri(path), _prefixes(prefix), None if keys is None else list(keys), _rename(rename), step, storage_options
     )
     return _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
 
 
-def list_checkpoints(path: str | os.PathLike) -> list[CheckpointInfo]:
+def list_checkpoints(path: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> list[CheckpointInfo]:
     """The committed checkpoints of the run at `path`, in step order."""
-    return [CheckpointInfo._from_native(d) for d in _cairn.list_checkpoints(_uri(path))]
+    return [CheckpointInfo._from_native(d) for d in _cairn.list_checkpoints(_uri(path), storage_options)]
+
+
+def copy(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    src_options: dict[str, str] | None = None,
+    dst_options: dict[str, str] | None = None,
+) -> list[CheckpointInfo]:
+    """Copies a checkpoint folder, or every checkpoint of a run, between any two stores
+    (e.g. local disk and `s3://`), verified at the destination. Running it again after
+    an interruption resumes; what is already there is kept."""
+    return [CheckpointInfo._from_native(d) for d in _cairn.copy(_uri(src), _uri(dst), src_options, dst_options)]
+
+
+def to_bytes(path: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> bytes:
+    """Packs a checkpoint (or a run's latest) into one self-contained byte bundle."""
+    return _cairn.to_bytes(_uri(path), storage_options)
+
+
+def from_bytes(bundle: bytes, path: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> CheckpointInfo:
+    """Unpacks a bundle from `to_bytes` into the checkpoint folder `path`, verified."""
+    return CheckpointInfo._from_native(_cairn.from_bytes(bundle, _uri(path), storage_options))
+
+
+def as_directory(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local read-only directory holding the checkpoint at `path` (any URI): its own
+    folder when local, else a copy downloaded once into `cache_dir` (default
+    `$CAIRN_CACHE_DIR` or `~/.cache/cairn`), safe when several processes ask at once."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("CAIRN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cairn")
+    os.makedirs(cache_dir, exist_ok=True)
+    return os.fspath(_cairn.as_directory(_uri(path), os.fspath(cache_dir)))
+
+
+def register_scheme(prefix: str, resolver: Callable[[str], str]) -> None:
+    """Registers a URI prefix (e.g. `"mystore://"`): `resolver(uri)` returns the URI Cairn
+    should use instead (a path, `s3://...`). The longest registered prefix wins."""
+    _cairn.register_scheme(prefix, resolver)
+
+
+def unregister_scheme(prefix: str) -> bool:
+    """Removes a prefix registered with `register_scheme`; returns whether it was there."""
+    return _cairn.unregister_scheme(prefix)
 
 
 def _seconds(interval: float | _dt.timedelta | None) -> float | None:
@@ -183,6 +237,7 @@ class CheckpointManager:
         async_save: bool = True,
         max_in_flight: int = 1,
         preemption_signal: int | None = _signal.SIGTERM,
+        storage_options: dict[str, str] | None = None,
     ) -> None:
         self._native = _cairn.Manager(
             _uri(run),
@@ -196,6 +251,7 @@ class CheckpointManager:
             async_save,
             max_in_flight,
             None if preemption_signal is None else int(preemption_signal),
+            storage_options,
         )
 
     @property

@@ -1,7 +1,7 @@
 """Type stubs of the native module `cairn._cairn` (the PyO3 layer). Use the `cairn`
 package's public API instead; these signatures are what it calls."""
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __version__: str
 
@@ -21,6 +21,8 @@ Loaded = tuple[list[tuple[Any, ...]], str | None, dict[str, Any]]
 class TensorBuffer:
     """Loaded tensor bytes, exported through the buffer protocol without a copy."""
 
+Options = dict[str, str] | None
+
 def save(
     uri: str,
     tensors: Sequence[TensorLeaf],
@@ -29,6 +31,7 @@ def save(
     step: int | None = None,
     metrics: Sequence[tuple[str, float]] | None = None,
     metadata: str | None = None,
+    storage_options: Options = None,
 ) -> dict[str, Any]: ...
 def load(
     uri: str,
@@ -36,8 +39,15 @@ def load(
     keys: Sequence[str] | None = None,
     rename: Sequence[tuple[str, str]] | None = None,
     step: int | None = None,
+    storage_options: Options = None,
 ) -> Loaded: ...
-def list_checkpoints(uri: str) -> list[dict[str, Any]]: ...
+def list_checkpoints(uri: str, storage_options: Options = None) -> list[dict[str, Any]]: ...
+def copy(src: str, dst: str, src_options: Options = None, dst_options: Options = None) -> list[dict[str, Any]]: ...
+def to_bytes(uri: str, storage_options: Options = None) -> bytes: ...
+def from_bytes(bundle: bytes, uri: str, storage_options: Options = None) -> dict[str, Any]: ...
+def as_directory(uri: str, cache_dir: str) -> str: ...
+def register_scheme(prefix: str, resolver: Callable[[str], str]) -> None: ...
+def unregister_scheme(prefix: str) -> bool: ...
 
 class Manager:
     def __init__(
@@ -53,6 +63,7 @@ class Manager:
         async_save: bool = True,
         max_in_flight: int = 1,
         preemption_signal: int | None = None,
+        storage_options: Options = None,
     ) -> None: ...
     def on_step(
         self,

@@ -12,7 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
 use cairn::policy::{Every, KeepBest, Mode, Retention, SavePolicy};
-use cairn::{CheckpointInfo, DType, Entry, ErrorKind, LoadOptions, RenameRule, SaveOptions, State, Tensor, Value};
+use cairn::{
+    CheckpointInfo, DType, Entry, ErrorKind, LoadOptions, Location, RenameRule, Run, SaveOptions, State, StoreOptions, Tensor,
+    Value,
+};
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyBufferError, PyException};
@@ -277,7 +280,7 @@ fn load_options(prefix: Option<Vec<String>>, keys: Option<Vec<String>>, rename: 
 
 /// Saves flattened leaves to `uri` (a run when `step` is given, else a checkpoint folder).
 #[pyfunction]
-#[pyo3(signature = (uri, tensors, values, structure=None, step=None, metrics=None, metadata=None))]
+#[pyo3(signature = (uri, tensors, values, structure=None, step=None, metrics=None, metadata=None, storage_options=None))]
 #[allow(clippy::too_many_arguments)]
 fn save<'py>(
     py: Python<'py>,
@@ -288,6 +291,7 @@ fn save<'py>(
     step: Option<u64>,
     metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
     metadata: Option<String>,
+    storage_options: Option<StoreOptions>,
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded(|| {
         let state = state_from_py(tensors, values, structure)?;
@@ -295,7 +299,10 @@ fn save<'py>(
         opts.step = step;
         opts.metrics = metrics_from_py(metrics)?;
         opts.metadata = metadata_from_json(metadata)?;
-        let info = py.detach(|| cairn::save(uri, &state, &opts)).map_err(to_py_err)?;
+        let storage = storage_options.unwrap_or_default();
+        let info = py
+            .detach(|| cairn::save_at(&Location::with_options(uri, true, &storage)?, &state, &opts))
+            .map_err(to_py_err)?;
         drop(state);
         info_to_py(py, &info)
     })
@@ -303,7 +310,7 @@ fn save<'py>(
 
 /// Loads `uri` (a checkpoint folder, or the latest or given `step` of a run).
 #[pyfunction]
-#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None))]
+#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None))]
 fn load<'py>(
     py: Python<'py>,
     uri: &str,
@@ -311,14 +318,16 @@ fn load<'py>(
     keys: Option<Vec<String>>,
     rename: Option<Vec<(String, String)>>,
     step: Option<u64>,
+    storage_options: Option<StoreOptions>,
 ) -> PyResult<PyLeaves<'py>> {
     guarded(|| {
         let opts = load_options(prefix, keys, rename)?;
         let (state, info, local) = py
             .detach(|| {
+                let location = Location::with_options(uri, false, &storage_options.unwrap_or_default())?;
                 let ckpt = match step {
-                    Some(step) => cairn::Run::open(uri)?.checkpoint(step)?,
-                    None => cairn::open(uri)?,
+                    Some(step) => Run::at(location).checkpoint(step)?,
+                    None => cairn::open_at(location)?,
                 };
                 let local = ckpt.location().local_dir().is_some();
                 Ok((ckpt.load(&opts)?, ckpt.info(), local))
@@ -338,7 +347,7 @@ struct Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies, save_interval=None, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", async_save=true, max_in_flight=1, preemption_signal=None))]
+    #[pyo3(signature = (uri, policies, save_interval=None, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -353,6 +362,7 @@ impl Manager {
         async_save: bool,
         max_in_flight: usize,
         preemption_signal: Option<i32>,
+        storage_options: Option<StoreOptions>,
     ) -> PyResult<Manager> {
         guarded(|| {
             let rules = policies.into_iter().map(|(interval, until)| Every { interval, until }).collect();
@@ -382,7 +392,10 @@ impl Manager {
                 .with_max_in_flight(max_in_flight)
                 .with_preemption_signal(preemption_signal);
             opts.metric = metric;
-            let inner = py.detach(|| CheckpointManager::open(uri, opts)).map_err(to_py_err)?;
+            let storage = storage_options.unwrap_or_default();
+            let inner = py
+                .detach(|| CheckpointManager::with_run(Run::at(Location::with_options(uri, true, &storage)?), opts))
+                .map_err(to_py_err)?;
             let local = inner.run().location().local_dir().is_some();
             Ok(Manager { inner, local })
         })
@@ -478,16 +491,106 @@ impl Manager {
 
 /// Lists the committed checkpoints of the run at `uri` as info dicts, in step order.
 #[pyfunction]
-fn list_checkpoints<'py>(py: Python<'py>, uri: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
+#[pyo3(signature = (uri, storage_options=None))]
+fn list_checkpoints<'py>(py: Python<'py>, uri: &str, storage_options: Option<StoreOptions>) -> PyResult<Vec<Bound<'py, PyDict>>> {
     guarded(|| {
         let infos = py
             .detach(|| {
-                let run = cairn::Run::open(uri)?;
+                let run = Run::at(Location::with_options(uri, false, &storage_options.unwrap_or_default())?);
                 run.list()?.iter().map(|c| Ok(c.open()?.info())).collect::<cairn::Result<Vec<_>>>()
             })
             .map_err(to_py_err)?;
         infos.iter().map(|i| info_to_py(py, i)).collect()
     })
+}
+
+/// Copies a checkpoint (a folder with a manifest) or a whole run from `src` to `dst`,
+/// verified at the destination; returns the info dicts of what was copied.
+#[pyfunction]
+#[pyo3(signature = (src, dst, src_options=None, dst_options=None))]
+fn copy<'py>(
+    py: Python<'py>,
+    src: &str,
+    dst: &str,
+    src_options: Option<StoreOptions>,
+    dst_options: Option<StoreOptions>,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    guarded(|| {
+        let infos = py
+            .detach(|| {
+                let from = Location::with_options(src, false, &src_options.unwrap_or_default())?;
+                let to = Location::with_options(dst, true, &dst_options.unwrap_or_default())?;
+                match cairn::runtime::block_on(cairn::Checkpoint::open_at(from.clone())) {
+                    Ok(ckpt) => Ok(vec![cairn::transfer::copy_checkpoint(&ckpt, &to)?]),
+                    Err(e) if e.kind() == ErrorKind::NotFound => cairn::transfer::copy_run(&Run::at(from), &Run::at(to)),
+                    Err(e) => Err(e),
+                }
+            })
+            .map_err(to_py_err)?;
+        infos.iter().map(|i| info_to_py(py, i)).collect()
+    })
+}
+
+/// Packs the checkpoint at `uri` (or a run's latest) into one self-contained bundle.
+#[pyfunction]
+#[pyo3(signature = (uri, storage_options=None))]
+fn to_bytes<'py>(py: Python<'py>, uri: &str, storage_options: Option<StoreOptions>) -> PyResult<Bound<'py, PyBytes>> {
+    guarded(|| {
+        let bytes = py
+            .detach(|| {
+                let ckpt = cairn::open_at(Location::with_options(uri, false, &storage_options.unwrap_or_default())?)?;
+                cairn::transfer::to_bytes(&ckpt)
+            })
+            .map_err(to_py_err)?;
+        Ok(PyBytes::new(py, &bytes))
+    })
+}
+
+/// Unpacks a bundle into the checkpoint folder `uri`, commits and verifies it.
+#[pyfunction]
+#[pyo3(signature = (bundle, uri, storage_options=None))]
+fn from_bytes<'py>(py: Python<'py>, bundle: &[u8], uri: &str, storage_options: Option<StoreOptions>) -> PyResult<Bound<'py, PyDict>> {
+    guarded(|| {
+        let info = py
+            .detach(|| cairn::transfer::from_bytes(bundle, &Location::with_options(uri, true, &storage_options.unwrap_or_default())?))
+            .map_err(to_py_err)?;
+        info_to_py(py, &info)
+    })
+}
+
+/// A local directory holding the checkpoint at `uri` (downloaded once into `cache_dir`).
+#[pyfunction]
+fn as_directory(py: Python<'_>, uri: &str, cache_dir: std::path::PathBuf) -> PyResult<std::path::PathBuf> {
+    guarded(|| py.detach(|| cairn::transfer::as_directory(uri, &cache_dir)).map_err(to_py_err))
+}
+
+/// Registers a URI prefix resolved by a Python callable that maps such a URI to another
+/// URI Cairn understands (the longest registered prefix wins).
+#[pyfunction]
+fn register_scheme(prefix: String, resolver: Py<PyAny>) -> PyResult<()> {
+    let shown = prefix.clone();
+    cairn::register_scheme(
+        prefix,
+        std::sync::Arc::new(move |uri: &str, options: &StoreOptions| {
+            let target: String = Python::attach(|py| resolver.call1(py, (uri,)).and_then(|r| r.extract(py))).map_err(|e| {
+                cairn::Error::new(ErrorKind::Invalid, format!("scheme resolver failed prefix=`{shown}` uri=`{uri}`: {e}"))
+            })?;
+            if target.starts_with(shown.as_str()) {
+                return Err(cairn::Error::new(
+                    ErrorKind::Invalid,
+                    format!("scheme resolver returned a uri with its own prefix prefix=`{shown}` uri=`{target}`"),
+                ));
+            }
+            Location::with_options(&target, true, options)
+        }),
+    );
+    Ok(())
+}
+
+/// Removes a prefix registered with `register_scheme`; returns whether it was there.
+#[pyfunction]
+fn unregister_scheme(prefix: &str) -> bool {
+    cairn::unregister_scheme(prefix)
 }
 
 #[pymodule]
@@ -496,6 +599,12 @@ fn _cairn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(save, m)?)?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(list_checkpoints, m)?)?;
+    m.add_function(wrap_pyfunction!(copy, m)?)?;
+    m.add_function(wrap_pyfunction!(to_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(from_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(as_directory, m)?)?;
+    m.add_function(wrap_pyfunction!(register_scheme, m)?)?;
+    m.add_function(wrap_pyfunction!(unregister_scheme, m)?)?;
     m.add_class::<Manager>()?;
     m.add_class::<TensorBuffer>()?;
     m.add("CheckpointError", py.get_type::<CheckpointError>())?;

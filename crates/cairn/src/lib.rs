@@ -46,28 +46,37 @@ use object_store::ObjectStoreExt;
 /// checkpoint goes to `<uri>/step-<step>`; without, `uri` is the checkpoint folder.
 /// Returns once the checkpoint is committed (and durable, on local disk).
 pub fn save(uri: &str, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
-    let location = Location::create(uri)?;
+    save_at(&Location::create(uri)?, state, opts)
+}
+
+/// [`save`] to an already resolved location (e.g. one opened with store options).
+pub fn save_at(location: &Location, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
     match opts.step {
-        Some(_) => Run::at(location).save(state, opts),
-        None => runtime::block_on(save::save_checkpoint(&location, state, 0, opts)),
+        Some(_) => Run::at(location.clone()).save(state, opts),
+        None => runtime::block_on(save::save_checkpoint(location, state, 0, opts)),
     }
 }
 
 /// Opens `uri` as a checkpoint folder if it holds a manifest, else as a run whose latest
 /// committed checkpoint is opened.
 pub fn open(uri: &str) -> Result<Checkpoint> {
-    let location = Location::open(uri)?;
+    open_at(Location::open(uri)?)
+}
+
+/// [`open`] at an already resolved location.
+pub fn open_at(location: Location) -> Result<Checkpoint> {
     let manifest = location.path(MANIFEST_FILE);
     let is_checkpoint = runtime::block_on(async {
         match location.store().head(&manifest).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(Error::from_store(e, "opening checkpoint", &format!("uri=`{uri}`"))),
+            Err(e) => Err(Error::from_store(e, "opening checkpoint", &format!("uri=`{}`", location.uri()))),
         }
     })?;
     if is_checkpoint {
         return runtime::block_on(Checkpoint::open_at(location));
     }
+    let uri = location.uri().to_string();
     let latest = Run::at(location)
         .latest()?
         .ok_or_else(|| Error::not_found(format!("no committed checkpoint uri=`{uri}`")))?;
