@@ -108,8 +108,13 @@ impl DType {
             .ok_or_else(|| Error::invalid(format!("unknown dtype dtype=`{name}`")))
     }
 
+    /// The dtype of a safetensors file, if Cairn supports it.
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.to_safetensors() == dtype)
+    }
+
     /// The same dtype in the safetensors crate's enum.
-    pub(crate) fn to_safetensors(self) -> safetensors::Dtype {
+    pub fn to_safetensors(self) -> safetensors::Dtype {
         use safetensors::Dtype as S;
         match self {
             DType::F64 => S::F64,
@@ -232,6 +237,37 @@ impl Tensor {
     /// Splits into its parts.
     pub fn into_parts(self) -> (DType, Vec<u64>, Bytes) {
         (self.dtype, self.shape, self.data)
+    }
+
+    /// The elements as `f64`, for floating-point dtypes (F64, F32, F16, BF16); `None` for
+    /// others. Used to compare tensors numerically.
+    pub fn to_f64s(&self) -> Option<Vec<f64>> {
+        let data = self.data.as_ref();
+        Some(match self.dtype {
+            DType::F64 => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default())).collect(),
+            DType::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()) as f64).collect(),
+            DType::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+            DType::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+            _ => return None,
+        })
+    }
+
+    /// This tensor converted to the floating-point dtype `to` (F64, F32, F16 or BF16),
+    /// rounding to nearest even; the same tensor when `to` is its dtype.
+    pub fn cast(&self, to: DType) -> Result<Tensor> {
+        if to == self.dtype {
+            return Ok(self.clone());
+        }
+        let unsupported = || Error::invalid(format!("cannot cast {} to {}: only F64, F32, F16 and BF16 convert", self.dtype.name(), to.name()));
+        let values = self.to_f64s().ok_or_else(unsupported)?;
+        let bytes: Vec<u8> = match to {
+            DType::F64 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F32 => values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+            DType::F16 => values.iter().flat_map(|v| half::f16::from_f64(*v).to_le_bytes()).collect(),
+            DType::BF16 => values.iter().flat_map(|v| half::bf16::from_f64(*v).to_le_bytes()).collect(),
+            _ => return Err(unsupported()),
+        };
+        Tensor::new(to, self.shape.clone(), bytes)
     }
 
     /// A copy whose bytes are owned by Cairn, detached from whatever memory backed this one
@@ -521,6 +557,14 @@ mod tests {
         let src = vec![0u8; 4];
         let err = Tensor::from_strided(DType::U8, vec![4], &[2], &src, 0).unwrap_err();
         assert!(err.to_string().contains("outside its buffer"), "{err}");
+    }
+
+    #[test]
+    fn cast_converts_between_float_dtypes() {
+        let t = Tensor::new(DType::F32, vec![2], [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let b = t.cast(DType::BF16).unwrap();
+        assert_eq!(b.to_f64s().unwrap(), vec![1.5, -2.0]);
+        assert!(Tensor::new(DType::I32, vec![1], vec![0u8; 4]).unwrap().cast(DType::F32).is_err());
     }
 
     #[test]

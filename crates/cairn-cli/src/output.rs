@@ -1,0 +1,97 @@
+//! Everything the CLI prints: data to stdout, messages and progress to stderr, errors as
+//! `error: … / caused by: … / hint: …`. The library never prints.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+
+/// A failure to report: the message, its causes, and an optional hint.
+pub struct CliError {
+    pub message: String,
+    pub causes: Vec<String>,
+    pub hint: Option<String>,
+}
+
+impl From<cairn::Error> for CliError {
+    fn from(err: cairn::Error) -> Self {
+        let mut causes = Vec::new();
+        let mut cause = std::error::Error::source(&err);
+        while let Some(c) = cause {
+            causes.push(c.to_string());
+            cause = c.source();
+        }
+        let hint = match err.kind() {
+            cairn::ErrorKind::NotFound => Some("check the path or URI; `cairn ls RUN` lists committed checkpoints".to_string()),
+            cairn::ErrorKind::Corrupt => Some("`cairn verify` lists every damaged tensor and file".to_string()),
+            cairn::ErrorKind::Permission => Some("check the credentials and permissions of the store".to_string()),
+            cairn::ErrorKind::Unavailable => Some("the store failed or timed out; retrying may succeed".to_string()),
+            _ => None,
+        };
+        CliError { message: err.message().to_string(), causes, hint }
+    }
+}
+
+impl CliError {
+    /// An error with just a message.
+    pub fn msg(message: impl Into<String>) -> CliError {
+        CliError { message: message.into(), causes: Vec::new(), hint: None }
+    }
+
+    /// Prints it to stderr.
+    pub fn print(&self) {
+        eprintln!("error: {}", self.message);
+        for cause in &self.causes {
+            eprintln!("  caused by: {cause}");
+        }
+        if let Some(hint) = &self.hint {
+            eprintln!("  hint: {hint}");
+        }
+    }
+}
+
+/// A byte count for humans (`1.50 MiB`).
+pub fn size(bytes: u64) -> String {
+    HumanBytes(bytes).to_string()
+}
+
+/// A creation time as RFC 3339 UTC, to the second.
+pub fn time(unix_ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
+}
+
+/// A progress bar over `len` units on stderr, hidden when stderr is not a terminal.
+pub fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Prints rows as a left-aligned table with a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Metrics as `name=value` pairs.
+pub fn metrics(info: &cairn::CheckpointInfo) -> String {
+    info.metrics
+        .keys()
+        .filter_map(|k| info.metric(k).map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,219 @@
+//! The real `cairn` binary on real checkpoints (corrupt ones included), output snapshotted.
+
+use std::path::Path;
+use std::process::Command;
+
+use cairn::{DType, SaveOptions, State, Tensor, Value};
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn cairn(dir: &Path, args: &[&str]) -> Out {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn")).current_dir(dir).args(args).output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+fn f32s(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn state(scale: f32) -> State {
+    let mut s = State::new();
+    s.insert_tensor("model.w", Tensor::new(DType::F32, vec![2, 2], f32s(&[1.0 * scale, 2.0, 3.0, 4.0])).unwrap());
+    s.insert_tensor("model.b", Tensor::new(DType::F32, vec![2], f32s(&[0.5, -0.5])).unwrap());
+    s.insert_tensor("optim.m", Tensor::new(DType::I64, vec![3], vec![0u8; 24]).unwrap());
+    s.insert_value("step", Value::Int(1));
+    s
+}
+
+/// A run with steps 10, 20, 30 (30 temporary) in `dir/run`.
+fn make_run(dir: &Path) {
+    let uri = dir.join("run");
+    for (step, temporary) in [(10, false), (20, false), (30, true)] {
+        let opts = SaveOptions::default().with_step(step).with_temporary(temporary).with_metric("loss", step as f64 / 100.0);
+        cairn::save(uri.to_str().unwrap(), &state(1.0), &opts).unwrap();
+    }
+}
+
+macro_rules! snapshot {
+    ($name:expr, $value:expr) => {
+        insta::with_settings!({filters => vec![
+            (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "[TIME]"),
+            (r"r\d{5}-\d{5}-of-\d{5}-[0-9a-f]{12}", "[SHARD]"),
+        ]}, {
+            insta::assert_snapshot!($name, $value);
+        });
+    };
+}
+
+#[test]
+fn ls_prints_a_table_in_step_order() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    let out = cairn(dir.path(), &["ls", "run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    snapshot!("ls", out.stdout);
+}
+
+#[test]
+fn ls_json_is_machine_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    let out = cairn(dir.path(), &["ls", "run", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 3);
+    assert_eq!(rows[2]["temporary"], true);
+    assert_eq!(rows[0]["metrics"]["loss"], 0.1);
+}
+
+#[test]
+fn latest_prints_the_uri_or_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    let out = cairn(dir.path(), &["latest", "run"]);
+    assert_eq!((out.code, out.stdout.trim()), (0, "run/step-000000000030"));
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    assert_eq!(cairn(dir.path(), &["latest", "empty"]).code, 1);
+}
+
+#[test]
+fn inspect_shows_tensors_shards_and_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    let out = cairn(dir.path(), &["inspect", "run/step-000000000010"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    snapshot!("inspect", out.stdout);
+    let json: serde_json::Value = serde_json::from_str(&cairn(dir.path(), &["inspect", "run", "--json"]).stdout).unwrap();
+    assert_eq!(json["step"], 30);
+    assert_eq!(json["tensors"]["model.w"]["shape"], serde_json::json!([2, 2]));
+    assert_eq!(json["totals"]["model"]["tensors"], 2);
+}
+
+#[test]
+fn verify_passes_on_an_intact_run() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    let out = cairn(dir.path(), &["verify", "run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    snapshot!("verify_ok", out.stdout);
+}
+
+#[test]
+fn verify_names_each_corrupt_tensor_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    let ckpt = cairn::Checkpoint::open(dir.path().join("run/step-000000000020").to_str().unwrap()).unwrap();
+    for key in ["model.w", "optim.m"] {
+        let piece = &ckpt.manifest().tensors[key].pieces[0];
+        let path = dir.path().join("run/step-000000000020").join(&piece.file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[piece.range[0] as usize] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let out = cairn(dir.path(), &["verify", "run"]);
+    assert_eq!(out.code, 1);
+    snapshot!("verify_corrupt", out.stdout);
+}
+
+#[test]
+fn verify_of_a_missing_run_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cairn(dir.path(), &["verify", "nowhere"]);
+    assert_eq!(out.code, 2);
+    snapshot!("verify_missing", out.stderr);
+}
+
+#[test]
+fn diff_reports_changes_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut other = state(1.5);
+    other.remove("optim.m");
+    other.insert_tensor("extra", Tensor::new(DType::U8, vec![1], vec![1]).unwrap());
+    cairn::save(dir.path().join("a").to_str().unwrap(), &state(1.0), &SaveOptions::default()).unwrap();
+    cairn::save(dir.path().join("b").to_str().unwrap(), &other, &SaveOptions::default()).unwrap();
+    let out = cairn(dir.path(), &["diff", "a", "b"]);
+    assert_eq!(out.code, 1);
+    snapshot!("diff", out.stdout);
+    assert_eq!(cairn(dir.path(), &["diff", "a", "a"]).code, 0);
+}
+
+#[test]
+fn cp_copies_a_run_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    let out = cairn(dir.path(), &["cp", "run", "copy"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.lines().count(), 3);
+    // Interrupted copy: a checkpoint without its manifest is completed by running cp again.
+    std::fs::remove_file(dir.path().join("copy/step-000000000020/manifest.json")).unwrap();
+    assert_eq!(cairn(dir.path(), &["cp", "run", "copy"]).code, 0);
+    assert_eq!(cairn(dir.path(), &["verify", "copy"]).code, 0);
+    assert_eq!(cairn(dir.path(), &["diff", "run/step-000000000020", "copy/step-000000000020"]).code, 0);
+}
+
+#[test]
+fn prune_applies_retention_and_removes_unfinished_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    std::fs::create_dir_all(dir.path().join("run/step-000000000040/shards")).unwrap();
+    std::fs::write(dir.path().join("run/step-000000000040/shards/x.safetensors"), b"partial").unwrap();
+    let dry = cairn(dir.path(), &["prune", "run", "--keep-last", "1", "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    snapshot!("prune_dry_run", dry.stdout);
+    assert_eq!(cairn(dir.path(), &["ls", "run"]).stdout.lines().count(), 4);
+    let out = cairn(dir.path(), &["prune", "run", "--keep-last", "1", "--grace", "0s"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    snapshot!("prune", out.stdout);
+    assert!(!dir.path().join("run/step-000000000040").exists());
+}
+
+#[test]
+fn export_writes_one_safetensors_file_with_cast_and_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    let out = cairn(dir.path(), &["export", "run", "model.safetensors", "--prefix", "model.", "--dtype", "bf16"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names = file.names();
+    names.sort();
+    assert_eq!(names, vec!["model.b", "model.w"]);
+    assert_eq!(file.tensor("model.w").unwrap().dtype(), safetensors::Dtype::BF16);
+}
+
+#[test]
+fn import_reads_a_hugging_face_sharded_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    assert_eq!(cairn(dir.path(), &["export", "run", "hf/part-1.safetensors", "--prefix", "model."]).code, 0);
+    assert_eq!(cairn(dir.path(), &["export", "run", "hf/part-2.safetensors", "--prefix", "optim."]).code, 0);
+    let index = serde_json::json!({"metadata": {}, "weight_map": {
+        "model.w": "part-1.safetensors", "model.b": "part-1.safetensors", "optim.m": "part-2.safetensors"}});
+    std::fs::write(hf.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let out = cairn(dir.path(), &["import", "hf", "imported", "--step", "5"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let (loaded, info) = cairn::load(dir.path().join("imported").to_str().unwrap(), &Default::default()).unwrap();
+    assert_eq!(info.step, 5);
+    assert_eq!(loaded.tensor("model.w"), state(1.0).tensor("model.w"));
+    assert_eq!(loaded.tensor("optim.m"), state(1.0).tensor("optim.m"));
+}
+
+#[test]
+fn import_refuses_an_index_pointing_outside_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    std::fs::write(hf.join("model.safetensors.index.json"), r#"{"weight_map": {"w": "../../etc/passwd"}}"#).unwrap();
+    let out = cairn(dir.path(), &["import", "hf", "imported", "--step", "1"]);
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("error: index names a file outside its folder"), "{}", out.stderr);
+}
