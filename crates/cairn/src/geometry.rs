@@ -1,7 +1,8 @@
-//! Box geometry of tensor pieces: copying a dense box into its place in a row-major
-//! global tensor, and checking that boxes tile a shape. Pure functions over shapes.
+//! Box geometry of tensor pieces: intersecting boxes and copying the intersection of two
+//! row-major boxes of one global tensor. Pure functions over shapes, used to assemble
+//! whole tensors from pieces and to cut the slices a rank asks for (resharding).
 
-/// Whether two boxes (offsets, shape) intersect.
+/// Whether two boxes (offsets, shape) of the same rank intersect.
 pub fn boxes_overlap(a_off: &[u64], a_shape: &[u64], b_off: &[u64], b_shape: &[u64]) -> bool {
     a_off
         .iter()
@@ -10,36 +11,65 @@ pub fn boxes_overlap(a_off: &[u64], a_shape: &[u64], b_off: &[u64], b_shape: &[u
         .all(|((&ao, &al), (&bo, &bl))| ao < bo + bl && bo < ao + al)
 }
 
-/// Copies the dense row-major box `src` (at `offsets`, of `box_shape`) into `dst`, the
-/// row-major buffer of a tensor of `shape`. Elements are `elem` bytes. The caller has
-/// checked that the box lies inside `shape` and that the buffers have the right lengths.
-pub fn copy_box_into(dst: &mut [u8], shape: &[u64], src: &[u8], offsets: &[u64], box_shape: &[u64], elem: usize) {
-    if box_shape.contains(&0) {
-        return;
+/// The intersection of two boxes as (offsets, shape), or `None` if empty. A 0-d box
+/// (rank 0) intersects a 0-d box.
+pub fn intersection(a_off: &[u64], a_shape: &[u64], b_off: &[u64], b_shape: &[u64]) -> Option<(Vec<u64>, Vec<u64>)> {
+    let mut off = Vec::with_capacity(a_off.len());
+    let mut shape = Vec::with_capacity(a_off.len());
+    for d in 0..a_off.len() {
+        let lo = a_off[d].max(b_off[d]);
+        let hi = (a_off[d] + a_shape[d]).min(b_off[d] + b_shape[d]);
+        if hi <= lo {
+            return None;
+        }
+        off.push(lo);
+        shape.push(hi - lo);
     }
-    let rank = shape.len();
+    Some((off, shape))
+}
+
+fn strides(shape: &[u64]) -> Vec<u64> {
+    let mut strides = vec![1u64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1];
+    }
+    strides
+}
+
+/// Copies the intersection of the box `src` (row-major bytes of the box at `src_off` with
+/// `src_shape`) into the box `dst` (at `dst_off` with `dst_shape`). Elements are `elem`
+/// bytes. The caller has checked that both buffers match their boxes' sizes.
+pub fn copy_intersection(
+    dst: &mut [u8],
+    dst_off: &[u64],
+    dst_shape: &[u64],
+    src: &[u8],
+    src_off: &[u64],
+    src_shape: &[u64],
+    elem: usize,
+) {
+    let rank = dst_shape.len();
     if rank == 0 {
         dst[..elem].copy_from_slice(&src[..elem]);
         return;
     }
-    // Row-major strides of the global tensor, in elements.
-    let mut strides = vec![1u64; rank];
-    for d in (0..rank - 1).rev() {
-        strides[d] = strides[d + 1] * shape[d + 1];
-    }
-    let row = box_shape[rank - 1] as usize * elem;
-    let rows: u64 = box_shape[..rank - 1].iter().product();
+    let Some((off, shape)) = intersection(dst_off, dst_shape, src_off, src_shape) else { return };
+    let (ds, ss) = (strides(dst_shape), strides(src_shape));
+    let row = shape[rank - 1] as usize * elem;
+    let rows: u64 = shape[..rank - 1].iter().product();
     let mut index = vec![0u64; rank - 1];
-    for r in 0..rows as usize {
-        let mut at = offsets[rank - 1];
+    for _ in 0..rows {
+        let (mut d_at, mut s_at) = (off[rank - 1] - dst_off[rank - 1], off[rank - 1] - src_off[rank - 1]);
         for d in 0..rank - 1 {
-            at += (offsets[d] + index[d]) * strides[d];
+            let g = off[d] + index[d];
+            d_at += (g - dst_off[d]) * ds[d];
+            s_at += (g - src_off[d]) * ss[d];
         }
-        let at = at as usize * elem;
-        dst[at..at + row].copy_from_slice(&src[r * row..(r + 1) * row]);
+        let (d_at, s_at) = (d_at as usize * elem, s_at as usize * elem);
+        dst[d_at..d_at + row].copy_from_slice(&src[s_at..s_at + row]);
         for d in (0..rank - 1).rev() {
             index[d] += 1;
-            if index[d] < box_shape[d] {
+            if index[d] < shape[d] {
                 break;
             }
             index[d] = 0;
@@ -50,6 +80,7 @@ pub fn copy_box_into(dst: &mut [u8], shape: &[u64], src: &[u8], offsets: &[u64],
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn two_column_halves_rebuild_a_matrix() {
@@ -57,8 +88,8 @@ mod tests {
         let left = [0u8, 1, 4, 5];
         let right = [2u8, 3, 6, 7];
         let mut dst = vec![0u8; 8];
-        copy_box_into(&mut dst, &[2, 4], &left, &[0, 0], &[2, 2], 1);
-        copy_box_into(&mut dst, &[2, 4], &right, &[0, 2], &[2, 2], 1);
+        copy_intersection(&mut dst, &[0, 0], &[2, 4], &left, &[0, 0], &[2, 2], 1);
+        copy_intersection(&mut dst, &[0, 0], &[2, 4], &right, &[0, 2], &[2, 2], 1);
         assert_eq!(dst, (0u8..8).collect::<Vec<_>>());
     }
 
@@ -66,5 +97,59 @@ mod tests {
     fn overlap_is_detected_per_dimension() {
         assert!(boxes_overlap(&[0, 0], &[2, 2], &[1, 1], &[2, 2]));
         assert!(!boxes_overlap(&[0, 0], &[2, 2], &[0, 2], &[2, 2]));
+    }
+
+    fn element(shape: &[u64], at: &[u64]) -> u8 {
+        let mut linear = 0u64;
+        for (d, &i) in at.iter().enumerate() {
+            linear = linear * shape[d] + i;
+        }
+        (linear % 251) as u8
+    }
+
+    fn fill(global: &[u64], off: &[u64], shape: &[u64]) -> Vec<u8> {
+        let n: u64 = shape.iter().product();
+        (0..n)
+            .map(|mut linear| {
+                let mut at = vec![0u64; shape.len()];
+                for d in (0..shape.len()).rev() {
+                    at[d] = off[d] + linear % shape[d];
+                    linear /= shape[d];
+                }
+                element(global, &at)
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn any_box_cut_from_any_tiling_matches_the_global_tensor(
+            global in prop::collection::vec(1u64..6, 1..4),
+            cuts in prop::collection::vec(0u64..6, 1..4),
+            want in prop::collection::vec((0u64..6, 1u64..6), 1..4),
+        ) {
+            let rank = global.len();
+            // Split dimension 0 at `cuts` into pieces.
+            let mut bounds: Vec<u64> = cuts.iter().map(|c| c % global[0]).chain([0, global[0]]).collect();
+            bounds.sort_unstable();
+            bounds.dedup();
+            let (w_off, w_shape): (Vec<u64>, Vec<u64>) = (0..rank)
+                .map(|d| {
+                    let (o, l) = want.get(d).copied().unwrap_or((0, global[d]));
+                    let o = o % global[d];
+                    (o, l.min(global[d] - o).max(1))
+                })
+                .unzip();
+            let mut got = vec![0u8; w_shape.iter().product::<u64>() as usize];
+            for pair in bounds.windows(2) {
+                let mut off = vec![0u64; rank];
+                let mut shape = global.clone();
+                off[0] = pair[0];
+                shape[0] = pair[1] - pair[0];
+                let src = fill(&global, &off, &shape);
+                copy_intersection(&mut got, &w_off, &w_shape, &src, &off, &shape, 1);
+            }
+            prop_assert_eq!(got, fill(&global, &w_off, &w_shape));
+        }
     }
 }

@@ -17,6 +17,7 @@
 //! assert_eq!(loaded, state);
 //! ```
 
+pub mod dist;
 pub mod error;
 pub mod format;
 pub mod geometry;
@@ -33,7 +34,7 @@ pub mod tree;
 
 pub use error::{Error, ErrorKind, Result};
 pub use info::CheckpointInfo;
-pub use load::{Checkpoint, LoadOptions, RenameRule};
+pub use load::{Checkpoint, LoadOptions, Region, RenameRule};
 pub use run::{CheckpointRef, Run};
 pub use save::SaveOptions;
 pub use store::{register_scheme, unregister_scheme, Location, SchemeFactory, StoreOptions};

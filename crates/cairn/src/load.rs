@@ -58,6 +58,10 @@ pub struct LoadOptions {
     pub keys: Option<Vec<String>>,
     /// Renaming rules applied in order to each selected key.
     pub rename: Vec<RenameRule>,
+    /// Load only a region of these tensors (by stored key): `(offsets, shape)` within the
+    /// global shape. Only the pieces that overlap a region are read. A region outside the
+    /// global shape is [`ErrorKind::Invalid`].
+    pub slices: BTreeMap<String, Region>,
     /// Verify each piece's checksum (on by default).
     pub verify: bool,
     /// Files read at once.
@@ -70,6 +74,7 @@ impl Default for LoadOptions {
             prefixes: Vec::new(),
             keys: None,
             rename: Vec::new(),
+            slices: BTreeMap::new(),
             verify: true,
             concurrency: std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(2, 16),
         }
@@ -94,6 +99,21 @@ impl LoadOptions {
         self.rename.push(rule);
         self
     }
+
+    /// Loads only `region` of the tensor `key` (resharding on load).
+    pub fn with_slice(mut self, key: impl Into<String>, offsets: Vec<u64>, shape: Vec<u64>) -> Self {
+        self.slices.insert(key.into(), Region { offsets, shape });
+        self
+    }
+}
+
+/// A box of a tensor: offsets within the global shape and the box's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// Offset of the box, one per dimension.
+    pub offsets: Vec<u64>,
+    /// Shape of the box.
+    pub shape: Vec<u64>,
 }
 
 /// A committed checkpoint whose manifest has been read and validated.
@@ -141,10 +161,15 @@ impl Checkpoint {
     /// Loads the selected keys. Checksums are verified unless `opts.verify` is off.
     pub async fn read(&self, opts: &LoadOptions) -> Result<State> {
         let selected = self.select(opts)?;
+        let regions = self.regions(&selected, opts)?;
         let mut by_file: BTreeMap<&str, Vec<(PieceId, Piece)>> = BTreeMap::new();
         for (key, _) in &selected {
-            if let Some(record) = self.manifest.tensors.get(*key) {
-                for (index, piece) in record.pieces.iter().enumerate() {
+            let Some(record) = self.manifest.tensors.get(*key) else { continue };
+            for (index, piece) in record.pieces.iter().enumerate() {
+                let wanted = regions.get(*key).is_none_or(|r| {
+                    geometry::intersection(&r.offsets, &r.shape, &piece.offsets, &piece.shape).is_some()
+                });
+                if wanted {
                     by_file.entry(piece.file.as_str()).or_default().push(((key.to_string(), index), piece.clone()));
                 }
             }
@@ -157,7 +182,9 @@ impl Checkpoint {
         let mut state = State::new();
         for (key, new_key) in selected {
             let entry = if let Some(record) = self.manifest.tensors.get(key) {
-                Entry::Tensor(self.assemble(key, record, &mut piece_bytes)?)
+                let whole = Region { offsets: vec![0; record.shape.len()], shape: record.shape.clone() };
+                let region = regions.get(key).copied().unwrap_or(&whole);
+                Entry::Tensor(self.assemble(key, record, region, &mut piece_bytes)?)
             } else if let Some(value) = self.manifest.values.get(key) {
                 Entry::Value(value.clone())
             } else {
@@ -167,6 +194,29 @@ impl Checkpoint {
         }
         state.set_structure(self.manifest.structure.clone());
         Ok(state)
+    }
+
+    /// The requested regions of selected tensors, each checked against its global shape.
+    fn regions<'o>(&self, selected: &[(&str, String)], opts: &'o LoadOptions) -> Result<BTreeMap<String, &'o Region>> {
+        let mut out = BTreeMap::new();
+        for (key, region) in &opts.slices {
+            let Some(record) = self.manifest.tensors.get(key) else {
+                return Err(Error::not_found(format!("sliced tensor not in checkpoint key=`{key}` checkpoint=`{}`", self.location.uri())));
+            };
+            let inside = region.offsets.len() == record.shape.len()
+                && region.shape.len() == record.shape.len()
+                && region.offsets.iter().zip(&region.shape).zip(&record.shape).all(|((&o, &l), &d)| o.checked_add(l).is_some_and(|e| e <= d));
+            if !inside {
+                return Err(Error::invalid(format!(
+                    "requested slice offsets {:?} shape {:?} lies outside global shape {:?} key=`{key}`",
+                    region.offsets, region.shape, record.shape
+                )));
+            }
+            if selected.iter().any(|(k, _)| k == key) {
+                out.insert(key.clone(), region);
+            }
+        }
+        Ok(out)
     }
 
     /// Selected stored keys with their new names, in stored-key order.
@@ -311,24 +361,25 @@ impl Checkpoint {
         Ok(ranges.iter().map(|r| if r.is_empty() { Bytes::new() } else { fetched.next().unwrap_or_default() }).collect())
     }
 
-    fn assemble(&self, key: &str, record: &TensorRecord, piece_bytes: &mut HashMap<PieceId, Bytes>) -> Result<Tensor> {
+    /// Builds `region` of the tensor `key` from its read pieces: no copy when a single
+    /// piece is exactly the region, else a buffer of the region's size (bounded by the
+    /// verified file sizes) filled from every overlapping piece.
+    fn assemble(&self, key: &str, record: &TensorRecord, region: &Region, piece_bytes: &mut HashMap<PieceId, Bytes>) -> Result<Tensor> {
         let shown = || format!("tensor=`{key}` checkpoint=`{}`", self.location.uri());
-        if let [piece] = record.pieces.as_slice() {
-            if piece.shape == record.shape {
-                let data = piece_bytes.remove(&(key.to_string(), 0)).unwrap_or_default();
-                return Tensor::new(record.dtype, record.shape.clone(), data)
-                    .map_err(|e| Error::corrupt(format!("{} {}", e.message(), shown())));
-            }
+        let exact = record.pieces.iter().position(|p| p.offsets == region.offsets && p.shape == region.shape);
+        if let Some(index) = exact {
+            let data = piece_bytes.remove(&(key.to_string(), index)).unwrap_or_default();
+            return Tensor::new(record.dtype, region.shape.clone(), data)
+                .map_err(|e| Error::corrupt(format!("{} {}", e.message(), shown())));
         }
-        // Pieces are disjoint, inside the shape, and (validated) cover at least its
-        // element count, so they tile it. Its size is bounded by the verified file sizes.
-        let nbytes = checked_nbytes(record.dtype, &record.shape).ok_or_else(|| Error::corrupt(format!("shape overflows {}", shown())))?;
+        let nbytes = checked_nbytes(record.dtype, &region.shape).ok_or_else(|| Error::corrupt(format!("shape overflows {}", shown())))?;
         let mut buffer = vec![0u8; nbytes as usize];
         for (index, piece) in record.pieces.iter().enumerate() {
-            let data = piece_bytes.remove(&(key.to_string(), index)).unwrap_or_default();
-            geometry::copy_box_into(&mut buffer, &record.shape, &data, &piece.offsets, &piece.shape, record.dtype.size());
+            if let Some(data) = piece_bytes.remove(&(key.to_string(), index)) {
+                geometry::copy_intersection(&mut buffer, &region.offsets, &region.shape, &data, &piece.offsets, &piece.shape, record.dtype.size());
+            }
         }
-        Tensor::new(record.dtype, record.shape.clone(), buffer)
+        Tensor::new(record.dtype, region.shape.clone(), buffer)
     }
 }
 

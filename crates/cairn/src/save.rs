@@ -158,51 +158,58 @@ pub fn plan_shards(state: &State, shard_bytes: u64, parallelism: usize, rank: u3
 }
 
 /// What one shard write produced.
-struct WrittenShard {
-    file: String,
-    record: FileRecord,
-    pieces: Vec<(String, Piece)>,
+pub(crate) struct WrittenShard {
+    pub(crate) file: String,
+    pub(crate) record: FileRecord,
+    pub(crate) pieces: Vec<(String, Piece)>,
 }
 
 /// Saves `state` into the checkpoint folder `dest` and commits it. See the module docs
 /// for the guarantees. Fails with [`ErrorKind::AlreadyExists`] if `dest` is committed.
 pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &SaveOptions) -> Result<CheckpointInfo> {
     validate_state(state, opts)?;
-    let manifest_path = dest.path(MANIFEST_FILE);
     let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
-    match dest.store().head(&manifest_path).await {
+    match dest.store().head(&dest.path(MANIFEST_FILE)).await {
         Ok(_) => return Err(already_committed(step, dest)),
         Err(object_store::Error::NotFound { .. }) => {}
         Err(e) => return Err(Error::from_store(e, "checking for a committed checkpoint", &format!("file=`{manifest_uri}`"))),
     }
 
     let save_id = uuid::Uuid::new_v4().simple().to_string();
-    let attempt = &save_id[..12];
-    let plans = plan_shards(state, opts.shard_bytes, opts.concurrency, 0, attempt);
-    let written = write_shards(dest, state, &plans, opts).await;
-    let written = match written {
-        Ok(w) => w,
-        Err(e) => {
-            remove_files(dest, plans.iter().map(|p| p.file.as_str())).await;
-            return Err(e);
-        }
-    };
-
+    let written = write_share(dest, state, 0, &save_id[..12], opts).await?;
+    let files: Vec<String> = written.iter().map(|w| w.file.clone()).collect();
     let manifest = build_manifest(state, step, opts, &save_id, written);
-    let encoded = manifest.encode()?;
-    let put = PutOptions { mode: PutMode::Create, ..Default::default() };
-    match dest.store().put_opts(&manifest_path, PutPayload::from(encoded), put).await {
-        Ok(_) => {}
-        Err(object_store::Error::AlreadyExists { .. }) if committed_by(dest, &save_id).await => {}
-        Err(err) => {
-            remove_files(dest, plans.iter().map(|p| p.file.as_str())).await;
-            return Err(match err {
-                object_store::Error::AlreadyExists { .. } => already_committed(step, dest),
-                other => Error::from_store(other, "committing manifest", &format!("file=`{manifest_uri}`")),
-            });
-        }
+    if let Err(e) = commit_manifest(dest, &manifest, step).await {
+        remove_files(dest, files.iter().map(String::as_str)).await;
+        return Err(e);
     }
     Ok(CheckpointInfo::from_manifest(&manifest, dest.uri()))
+}
+
+/// Writes the tensors of `state` as this rank's shard files (names carry `rank` and
+/// `attempt`), durably; on failure removes what it wrote.
+pub(crate) async fn write_share(dest: &Location, state: &State, rank: u32, attempt: &str, opts: &SaveOptions) -> Result<Vec<WrittenShard>> {
+    let plans = plan_shards(state, opts.shard_bytes, opts.concurrency, rank, attempt);
+    match write_shards(dest, state, &plans, opts).await {
+        Ok(written) => Ok(written),
+        Err(e) => {
+            remove_files(dest, plans.iter().map(|p| p.file.as_str())).await;
+            Err(e)
+        }
+    }
+}
+
+/// The commit: creates `manifest.json` only if absent. A manifest already there with
+/// this save's id is our own commit whose acknowledgement was lost (not a conflict).
+pub(crate) async fn commit_manifest(dest: &Location, manifest: &Manifest, step: u64) -> Result<()> {
+    let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
+    let put = PutOptions { mode: PutMode::Create, ..Default::default() };
+    match dest.store().put_opts(&dest.path(MANIFEST_FILE), PutPayload::from(manifest.encode()?), put).await {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. }) if committed_by(dest, &manifest.save_id).await => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. }) => Err(already_committed(step, dest)),
+        Err(other) => Err(Error::from_store(other, "committing manifest", &format!("file=`{manifest_uri}`"))),
+    }
 }
 
 fn already_committed(step: u64, dest: &Location) -> Error {

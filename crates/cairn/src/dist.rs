@@ -1,0 +1,497 @@
+//! Many writers: a checkpoint saved by N ranks (processes, possibly on hosts that share
+//! only the store), committed once, loadable by any number of ranks.
+//!
+//! Each rank passes its whole tensors (replicated when several ranks hold the same one)
+//! and its [`Slice`]s (a box of a tensor's global shape). The ranks agree on a plan in
+//! which every distinct box is written exactly once, by one of the ranks holding it,
+//! balancing bytes across ranks; each rank writes only its own files; rank 0 commits the
+//! manifest only after every rank reported its data durable; every rank returns rank 0's
+//! outcome. Ranks talk through an [`Exchange`]: the store itself ([`StoreExchange`], no
+//! extra service) or the caller's collectives ([`CallbackExchange`], e.g. an all-gather
+//! from `torch.distributed`).
+//!
+//! Plain values and the frontend structure are taken from rank 0.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::layout::MANIFEST_FILE;
+use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION};
+use crate::info::CheckpointInfo;
+use crate::load::Checkpoint;
+use crate::runtime::block_on;
+use crate::save::{self, SaveOptions};
+use crate::store::Location;
+use crate::tree::{checked_nbytes, DType, State, Tensor};
+
+/// A box of a tensor held by one rank: its data, its offsets in the global shape, and
+/// the global shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slice {
+    /// The rank's local data (its shape is the box's shape).
+    pub tensor: Tensor,
+    /// Offset of the box in the global tensor, one per dimension.
+    pub offsets: Vec<u64>,
+    /// Shape of the whole tensor.
+    pub global_shape: Vec<u64>,
+}
+
+/// How ranks exchange small messages during a save.
+pub trait Exchange {
+    /// This process's rank, `0..world_size`.
+    fn rank(&self) -> u32;
+    /// Number of ranks.
+    fn world_size(&self) -> u32;
+    /// Starts an attempt; returns an id that is the same on every rank.
+    fn begin(&mut self) -> Result<String>;
+    /// Every rank's `payload` for `round`, in rank order; [`Gathered::Superseded`] when
+    /// this rank must restart with a newer attempt.
+    fn all_gather(&mut self, round: &str, payload: Vec<u8>) -> Result<Gathered>;
+}
+
+/// The result of one exchange round.
+pub enum Gathered {
+    /// Every rank's payload, in rank order.
+    Ready(Vec<Vec<u8>>),
+    /// Rank 0 started a newer attempt; start over.
+    Superseded,
+}
+
+/// Exchange through the caller's collectives: a function that all-gathers one byte
+/// string per rank (called by every rank in the same order).
+pub struct CallbackExchange<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> {
+    rank: u32,
+    world_size: u32,
+    all_gather: F,
+}
+
+impl<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> CallbackExchange<F> {
+    /// An exchange for `rank` of `world_size` over `all_gather`.
+    pub fn new(rank: u32, world_size: u32, all_gather: F) -> Self {
+        CallbackExchange { rank, world_size, all_gather }
+    }
+
+    fn gather(&mut self, payload: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        let got = (self.all_gather)(payload)?;
+        if got.len() != self.world_size as usize {
+            return Err(Error::invalid(format!("all-gather returned {} payloads for world_size={}", got.len(), self.world_size)));
+        }
+        Ok(got)
+    }
+}
+
+impl<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> Exchange for CallbackExchange<F> {
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+    fn world_size(&self) -> u32 {
+        self.world_size
+    }
+    fn begin(&mut self) -> Result<String> {
+        let nonce = uuid::Uuid::new_v4().simple().to_string().into_bytes();
+        let all = self.gather(nonce)?;
+        // Every rank derives the same id from every rank's nonce.
+        let joined: Vec<u8> = all.concat();
+        let (a, b) = joined.split_at(joined.len() / 2);
+        Ok(format!("{:08x}{:08x}", crc32c::crc32c(a), crc32c::crc32c(b)))
+    }
+    fn all_gather(&mut self, _round: &str, payload: Vec<u8>) -> Result<Gathered> {
+        self.gather(payload).map(Gathered::Ready)
+    }
+}
+
+/// Exchange through the store alone: small files under the checkpoint's `.cairn-coord/`.
+/// Rank 0 publishes a fresh attempt id; a rank that picked up a stale one notices the
+/// change while waiting and starts over. A rank that does not show up within `timeout`
+/// fails the save on every rank (rank 0 publishes the abort).
+pub struct StoreExchange {
+    coord: Location,
+    rank: u32,
+    world_size: u32,
+    attempt: String,
+    timeout: Duration,
+}
+
+impl StoreExchange {
+    /// An exchange for `rank` of `world_size` saving into the checkpoint folder `dir`.
+    pub fn new(dir: &Location, rank: u32, world_size: u32, timeout: Duration) -> StoreExchange {
+        StoreExchange { coord: dir.child(COORD_DIR), rank, world_size, attempt: String::new(), timeout }
+    }
+
+    async fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        match self.coord.store().get(&self.coord.path(name)).await {
+            Ok(got) => Ok(Some(got.bytes().await.map_err(|e| self.store_err(e))?.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_err(e)),
+        }
+    }
+
+    async fn write(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        self.coord.store().put(&self.coord.path(name), PutPayload::from(data)).await.map(|_| ()).map_err(|e| self.store_err(e))
+    }
+
+    async fn clear(&self) -> Result<()> {
+        let stale: Vec<object_store::ObjectMeta> = self
+            .coord
+            .store()
+            .list(Some(self.coord.prefix()))
+            .try_collect()
+            .await
+            .map_err(|e| self.store_err(e))?;
+        for meta in stale {
+            match self.coord.store().delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.store_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn store_err(&self, e: object_store::Error) -> Error {
+        Error::from_store(e, "coordinating ranks", &format!("dir=`{}`", self.coord.uri()))
+    }
+}
+
+const COORD_DIR: &str = ".cairn-coord";
+
+fn pause(attempt: u32) -> Duration {
+    Duration::from_millis((5u64 << attempt.min(6)).min(200))
+}
+
+impl Exchange for StoreExchange {
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+    fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    fn begin(&mut self) -> Result<String> {
+        block_on(async {
+            if self.rank == 0 {
+                // Clear what a crashed earlier attempt left, then publish a fresh attempt.
+                self.clear().await?;
+                let attempt = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
+                self.write("attempt", attempt.clone().into_bytes()).await?;
+                self.attempt = attempt;
+                return Ok(self.attempt.clone());
+            }
+            let deadline = Instant::now() + self.timeout;
+            for n in 0.. {
+                if let Some(id) = self.read("attempt").await? {
+                    let id = String::from_utf8_lossy(&id).into_owned();
+                    // An aborted attempt is over: wait for rank 0 to publish the next one.
+                    if self.read(&format!("{id}/abort")).await?.is_none() {
+                        self.attempt = id;
+                        return Ok(self.attempt.clone());
+                    }
+                }
+                if Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(pause(n)).await;
+            }
+            Err(Error::new(ErrorKind::Unavailable, format!("timed out waiting for rank 0 to start the save dir=`{}`", self.coord.uri())))
+        })
+    }
+
+    fn all_gather(&mut self, round: &str, payload: Vec<u8>) -> Result<Gathered> {
+        block_on(async {
+            let dir = format!("{}/{round}", self.attempt);
+            self.write(&format!("{dir}/{:05}", self.rank), payload).await?;
+            let deadline = Instant::now() + self.timeout;
+            let mut got: Vec<Option<Vec<u8>>> = vec![None; self.world_size as usize];
+            for n in 0u32.. {
+                for (r, slot) in got.iter_mut().enumerate() {
+                    if slot.is_none() {
+                        *slot = self.read(&format!("{dir}/{r:05}")).await?;
+                    }
+                }
+                if got.iter().all(Option::is_some) {
+                    return Ok(Gathered::Ready(got.into_iter().flatten().collect()));
+                }
+                if let Some(reason) = self.read(&format!("{}/abort", self.attempt)).await? {
+                    return Err(Error::new(ErrorKind::Unavailable, String::from_utf8_lossy(&reason).into_owned()));
+                }
+                if self.rank != 0 && n % 4 == 3 {
+                    let current = self.read("attempt").await?.map(|id| String::from_utf8_lossy(&id).into_owned());
+                    if current.is_some_and(|id| id != self.attempt) {
+                        return Ok(Gathered::Superseded);
+                    }
+                }
+                if Instant::now() > deadline {
+                    let missing: Vec<usize> = got.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(r, _)| r).collect();
+                    let reason = format!(
+                        "timed out waiting for ranks {missing:?} round={round} dir=`{}`; nothing was committed",
+                        self.coord.uri()
+                    );
+                    if self.rank == 0 {
+                        self.write(&format!("{}/abort", self.attempt), reason.clone().into_bytes()).await?;
+                    }
+                    return Err(Error::new(ErrorKind::Unavailable, reason));
+                }
+                tokio::time::sleep(pause(n)).await;
+            }
+            unreachable!("the polling loop only ends by returning")
+        })
+    }
+}
+
+/// One leaf a rank holds, as described to the other ranks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Leaf {
+    key: String,
+    dtype: DType,
+    global_shape: Vec<u64>,
+    offsets: Vec<u64>,
+    shape: Vec<u64>,
+}
+
+/// What a rank reports after writing: its pieces and files.
+#[derive(Debug, Serialize, Deserialize)]
+struct Written {
+    pieces: Vec<(String, DType, Vec<u64>, Piece)>,
+    files: BTreeMap<String, FileRecord>,
+}
+
+/// Rank 0's verdict, returned by every rank.
+#[derive(Debug, Serialize, Deserialize)]
+struct Outcome {
+    error: Option<(String, String)>,
+}
+
+/// Assigns every distinct box to one rank holding it, largest first, to the holder with
+/// the fewest bytes so far (ties: lowest rank). Pure: every rank computes the same plan
+/// from the same gathered leaves. Fails, naming the key, when ranks disagree on a
+/// tensor's dtype or global shape.
+fn plan_writers(leaves: &[Vec<Leaf>]) -> Result<HashMap<(String, Vec<u64>, Vec<u64>), u32>> {
+    let mut meta: BTreeMap<&str, (DType, &Vec<u64>, u32)> = BTreeMap::new();
+    let mut holders: BTreeMap<(String, Vec<u64>, Vec<u64>), (u64, Vec<u32>)> = BTreeMap::new();
+    for (rank, list) in leaves.iter().enumerate() {
+        for leaf in list {
+            match meta.get(leaf.key.as_str()) {
+                Some((dtype, global, first)) if *dtype != leaf.dtype || *global != &leaf.global_shape => {
+                    return Err(Error::invalid(format!(
+                        "ranks disagree on tensor key=`{}`: rank {first} has {} {:?}, rank {rank} has {} {:?}",
+                        leaf.key,
+                        dtype.name(),
+                        global,
+                        leaf.dtype.name(),
+                        leaf.global_shape
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(&leaf.key, (leaf.dtype, &leaf.global_shape, rank as u32));
+                }
+            }
+            let bytes = checked_nbytes(leaf.dtype, &leaf.shape).unwrap_or(u64::MAX);
+            let entry = holders.entry((leaf.key.clone(), leaf.offsets.clone(), leaf.shape.clone())).or_insert((bytes, Vec::new()));
+            entry.1.push(rank as u32);
+        }
+    }
+    let mut boxes: Vec<_> = holders.into_iter().collect();
+    boxes.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(&b.0)));
+    let mut load = vec![0u64; leaves.len()];
+    let mut plan = HashMap::with_capacity(boxes.len());
+    for (id, (bytes, ranks)) in boxes {
+        let Some(&writer) = ranks.iter().min_by_key(|&&r| (load[r as usize], r)) else { continue };
+        load[writer as usize] = load[writer as usize].saturating_add(bytes);
+        plan.insert(id, writer);
+    }
+    Ok(plan)
+}
+
+fn leaves_of(state: &State, slices: &BTreeMap<String, Slice>) -> Result<Vec<Leaf>> {
+    let mut out: Vec<Leaf> = state
+        .tensors()
+        .map(|(k, t)| Leaf {
+            key: k.clone(),
+            dtype: t.dtype(),
+            global_shape: t.shape().to_vec(),
+            offsets: vec![0; t.shape().len()],
+            shape: t.shape().to_vec(),
+        })
+        .collect();
+    for (key, s) in slices {
+        if state.get(key).is_some() {
+            return Err(Error::invalid(format!("key is both a whole tensor and a slice key=`{key}`")));
+        }
+        let inside = s.offsets.len() == s.global_shape.len()
+            && s.tensor.shape().len() == s.global_shape.len()
+            && s.offsets.iter().zip(s.tensor.shape()).zip(&s.global_shape).all(|((&o, &l), &d)| o.checked_add(l).is_some_and(|e| e <= d));
+        if !inside {
+            return Err(Error::invalid(format!(
+                "slice offsets {:?} shape {:?} lies outside global shape {:?} key=`{key}`",
+                s.offsets,
+                s.tensor.shape(),
+                s.global_shape
+            )));
+        }
+        out.push(Leaf {
+            key: key.clone(),
+            dtype: s.tensor.dtype(),
+            global_shape: s.global_shape.clone(),
+            offsets: s.offsets.clone(),
+            shape: s.tensor.shape().to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::invalid("cannot encode a message for the other ranks").with_source(e))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], rank: usize) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::corrupt(format!("unreadable message from rank {rank}")).with_source(e))
+}
+
+/// Saves this rank's part of a multi-rank checkpoint into the checkpoint folder `dest`
+/// (`<run>/step-…`) and returns once it is committed by rank 0 — with the same outcome
+/// on every rank. `state` holds this rank's whole tensors (replicated ones are written
+/// once overall) and plain values (rank 0's are kept); `slices` its boxes of sharded
+/// tensors.
+pub fn save_distributed(
+    dest: &Location,
+    state: &State,
+    slices: &BTreeMap<String, Slice>,
+    step: u64,
+    opts: &SaveOptions,
+    exchange: &mut dyn Exchange,
+) -> Result<CheckpointInfo> {
+    let manifest_path = dest.path(MANIFEST_FILE);
+    let exists = block_on(async {
+        match dest.store().head(&manifest_path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Error::from_store(e, "checking for a committed checkpoint", &format!("dir=`{}`", dest.uri()))),
+        }
+    })?;
+    if exists {
+        return Err(Error::new(ErrorKind::AlreadyExists, format!("checkpoint already committed step={step} dir=`{}`", dest.uri())));
+    }
+    let mine = leaves_of(state, slices)?;
+    loop {
+        let attempt = exchange.begin()?;
+        match attempt_save(dest, state, slices, step, opts, exchange, &attempt, &mine)? {
+            Some(info) => return Ok(info),
+            None => continue, // superseded by a newer attempt of rank 0
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attempt_save(
+    dest: &Location,
+    state: &State,
+    slices: &BTreeMap<String, Slice>,
+    step: u64,
+    opts: &SaveOptions,
+    exchange: &mut dyn Exchange,
+    attempt: &str,
+    mine: &[Leaf],
+) -> Result<Option<CheckpointInfo>> {
+    let rank = exchange.rank();
+    let Gathered::Ready(all) = exchange.all_gather("plan", encode(&mine)?)? else { return Ok(None) };
+    let leaves: Vec<Vec<Leaf>> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect::<Result<_>>()?;
+    let plan = plan_writers(&leaves)?;
+
+    // This rank's share: the boxes the plan gives it, as a state of dense tensors.
+    let mut share = State::new();
+    let mut placement: BTreeMap<String, (String, Vec<u64>, Vec<u64>)> = BTreeMap::new();
+    for leaf in mine {
+        if plan.get(&(leaf.key.clone(), leaf.offsets.clone(), leaf.shape.clone())) != Some(&rank) {
+            continue;
+        }
+        let tensor = match slices.get(&leaf.key) {
+            Some(s) => s.tensor.clone(),
+            None => state.tensor(&leaf.key).cloned().ok_or_else(|| Error::invalid(format!("missing tensor key=`{}`", leaf.key)))?,
+        };
+        share.insert_tensor(leaf.key.clone(), tensor);
+        placement.insert(leaf.key.clone(), (leaf.key.clone(), leaf.offsets.clone(), leaf.global_shape.clone()));
+    }
+    let written = block_on(save::write_share(dest, &share, rank, &attempt[..attempt.len().min(12)], opts));
+    let report = match &written {
+        Ok(shards) => Written {
+            pieces: shards
+                .iter()
+                .flat_map(|s| s.pieces.iter())
+                .filter_map(|(key, piece)| {
+                    let (_, offsets, global) = placement.get(key)?;
+                    let dtype = share.tensor(key)?.dtype();
+                    Some((key.clone(), dtype, global.clone(), Piece { offsets: offsets.clone(), ..piece.clone() }))
+                })
+                .collect(),
+            files: shards.iter().map(|s| (s.file.clone(), s.record.clone())).collect(),
+        },
+        Err(_) => Written { pieces: Vec::new(), files: BTreeMap::new() },
+    };
+    // A rank whose writes failed still takes part, so every rank learns the outcome.
+    let failure = written.as_ref().err().map(|e| (format!("{:?}", e.kind()), format!("rank {rank}: {}", e.full_message())));
+    let Gathered::Ready(all) = exchange.all_gather("written", encode(&(report, failure))?)? else { return Ok(None) };
+
+    let verdict = if rank == 0 {
+        Outcome { error: commit(dest, state, step, opts, attempt, &all, exchange.world_size()).err().map(|e| (format!("{:?}", e.kind()), e.full_message())) }
+    } else {
+        Outcome { error: None }
+    };
+    let Gathered::Ready(all) = exchange.all_gather("outcome", encode(&verdict)?)? else { return Ok(None) };
+    let verdict: Outcome = decode(&all[0], 0)?;
+    if let Some((kind, message)) = verdict.error {
+        return Err(Error::new(kind_from_name(&kind), message));
+    }
+    let ckpt = block_on(Checkpoint::open_at(dest.clone()))?;
+    Ok(Some(ckpt.info()))
+}
+
+fn kind_from_name(name: &str) -> ErrorKind {
+    match name {
+        "Invalid" => ErrorKind::Invalid,
+        "NotFound" => ErrorKind::NotFound,
+        "AlreadyExists" => ErrorKind::AlreadyExists,
+        "Corrupt" => ErrorKind::Corrupt,
+        "Incompatible" => ErrorKind::Incompatible,
+        "Permission" => ErrorKind::Permission,
+        _ => ErrorKind::Unavailable,
+    }
+}
+
+/// Rank 0: merges every rank's report into one manifest and commits it (create-only).
+fn commit(dest: &Location, state: &State, step: u64, opts: &SaveOptions, attempt: &str, reports: &[Vec<u8>], world_size: u32) -> Result<()> {
+    let mut tensors: BTreeMap<String, TensorRecord> = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    for (r, bytes) in reports.iter().enumerate() {
+        let (report, failure): (Written, Option<(String, String)>) = decode(bytes, r)?;
+        if let Some((kind, message)) = failure {
+            return Err(Error::new(kind_from_name(&kind), message));
+        }
+        files.extend(report.files);
+        for (key, dtype, global, piece) in report.pieces {
+            tensors.entry(key).or_insert_with(|| TensorRecord { dtype, shape: global, pieces: Vec::new() }).pieces.push(piece);
+        }
+    }
+    let manifest = Manifest {
+        format: FORMAT_NAME.to_string(),
+        format_version: FORMAT_VERSION,
+        step,
+        created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        temporary: opts.temporary,
+        save_id: attempt.to_string(),
+        writer: Writer { library: "cairn".into(), version: env!("CARGO_PKG_VERSION").into(), world_size },
+        metrics: opts.metrics.clone(),
+        metadata: opts.metadata.clone(),
+        values: state.values().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        structure: state.structure().cloned(),
+        tensors,
+        files,
+    };
+    // Holes or overlaps in what the ranks hold are the caller's mistake, named by tensor.
+    manifest.validate(MANIFEST_FILE).map_err(|e| Error::invalid(format!("{} (ranks' slices do not tile the tensor)", e.message())))?;
+    block_on(save::commit_manifest(dest, &manifest, step))
+}

@@ -1,0 +1,329 @@
+//! Many writers: N ranks (threads here; processes in the Python tests) save one
+//! checkpoint through the store alone or through collectives; M ranks load it back.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use cairn::dist::{save_distributed, CallbackExchange, Exchange, Slice, StoreExchange};
+use cairn::format::layout;
+use cairn::{DType, ErrorKind, LoadOptions, Location, Run, SaveOptions, State, Tensor, Value};
+use proptest::prelude::*;
+
+/// A global u16 tensor whose element i is i (mod 65536).
+fn global(shape: &[u64]) -> Tensor {
+    let n: u64 = shape.iter().product();
+    Tensor::new(DType::U16, shape.to_vec(), (0..n).flat_map(|i| (i as u16).to_le_bytes()).collect::<Vec<u8>>()).unwrap()
+}
+
+/// The box (offsets, shape) of a global tensor from `global`.
+fn cut(tensor: &Tensor, offsets: &[u64], shape: &[u64]) -> Tensor {
+    let mut out = vec![0u8; shape.iter().product::<u64>() as usize * 2];
+    cairn::geometry::copy_intersection(&mut out, offsets, shape, tensor.data(), &vec![0; shape.len()], tensor.shape(), 2);
+    Tensor::new(DType::U16, shape.to_vec(), out).unwrap()
+}
+
+/// Splits `len` into `parts` contiguous ranges (some may be empty).
+fn split(len: u64, parts: u64, i: u64) -> (u64, u64) {
+    let lo = len * i / parts;
+    let hi = len * (i + 1) / parts;
+    (lo, hi - lo)
+}
+
+/// What rank `r` of `n` holds: rows of "rows" [8, 6], columns of "cols" [4, 8], and the
+/// replicated "rep" [5] and "rep2" [3, 3].
+fn rank_state(r: u64, n: u64) -> (State, BTreeMap<String, Slice>) {
+    let mut state = State::new();
+    state.insert_tensor("rep", global(&[5]));
+    state.insert_tensor("rep2", global(&[3, 3]));
+    if r == 0 {
+        state.insert_value("step", Value::Int(42));
+    }
+    let mut slices = BTreeMap::new();
+    let (lo, len) = split(8, n, r);
+    slices.insert("rows".to_string(), Slice { tensor: cut(&global(&[8, 6]), &[lo, 0], &[len, 6]), offsets: vec![lo, 0], global_shape: vec![8, 6] });
+    let (lo, len) = split(8, n, r);
+    slices.insert("cols".to_string(), Slice { tensor: cut(&global(&[4, 8]), &[0, lo], &[4, len]), offsets: vec![0, lo], global_shape: vec![4, 8] });
+    (state, slices)
+}
+
+fn save_with_store_exchange(run_uri: &str, n: u64, step: u64) -> Vec<cairn::Result<cairn::CheckpointInfo>> {
+    let run = Run::create(run_uri).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|r| {
+                let dir = run.location().child(&layout::step_dir(step));
+                s.spawn(move || {
+                    let (state, slices) = rank_state(r, n);
+                    let mut ex = StoreExchange::new(&dir, r as u32, n as u32, Duration::from_secs(30));
+                    save_distributed(&dir, &state, &slices, step, &SaveOptions::default(), &mut ex)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn check_loads_on(run_uri: &str, m: u64) {
+    for r in 0..m {
+        let (lo, len) = split(8, m, r);
+        let (clo, clen) = split(8, m, r);
+        let opts = LoadOptions::default().with_slice("rows", vec![lo, 0], vec![len, 6]).with_slice("cols", vec![0, clo], vec![4, clen]);
+        let (state, info) = cairn::load(run_uri, &opts).unwrap();
+        assert_eq!(state.tensor("rows").unwrap(), &cut(&global(&[8, 6]), &[lo, 0], &[len, 6]), "rank {r} of {m}");
+        assert_eq!(state.tensor("cols").unwrap(), &cut(&global(&[4, 8]), &[0, clo], &[4, clen]), "rank {r} of {m}");
+        assert_eq!(state.tensor("rep").unwrap(), &global(&[5]));
+        assert_eq!(state.value("step"), Some(&Value::Int(42)));
+        assert_eq!(info.step, 7);
+    }
+}
+
+#[test]
+fn four_ranks_save_through_the_store_and_one_two_three_ranks_load() {
+    let uri = "memory://dist/four";
+    let results = save_with_store_exchange(uri, 4, 7);
+    let ids: Vec<String> = results.into_iter().map(|r| r.unwrap().save_id).collect();
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "ranks disagree on the outcome");
+    let (full, _) = cairn::load(uri, &LoadOptions::default()).unwrap();
+    assert_eq!(full.tensor("rows").unwrap(), &global(&[8, 6]));
+    assert_eq!(full.tensor("cols").unwrap(), &global(&[4, 8]));
+    for m in 1..=3 {
+        check_loads_on(uri, m);
+    }
+}
+
+#[test]
+fn four_ranks_on_local_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = dir.path().join("run");
+    let results = save_with_store_exchange(uri.to_str().unwrap(), 4, 7);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    check_loads_on(uri.to_str().unwrap(), 3);
+    let ckpt = cairn::open(uri.to_str().unwrap()).unwrap();
+    assert_eq!(ckpt.manifest().writer.world_size, 4);
+    assert!(ckpt.verify().unwrap().is_empty());
+}
+
+#[test]
+fn replicated_tensors_are_written_once_and_balanced() {
+    let n = 4u32;
+    let run = Run::create("memory://dist/balance").unwrap();
+    let dir = run.location().child(&layout::step_dir(1));
+    std::thread::scope(|s| {
+        for r in 0..n {
+            let dir = dir.clone();
+            s.spawn(move || {
+                let mut state = State::new();
+                for i in 0..8 {
+                    state.insert_tensor(format!("rep.{i}"), global(&[64]));
+                }
+                let mut ex = StoreExchange::new(&dir, r, n, Duration::from_secs(30));
+                save_distributed(&dir, &state, &BTreeMap::new(), 1, &SaveOptions::default(), &mut ex).unwrap();
+            });
+        }
+    });
+    let manifest = run.checkpoint(1).unwrap().manifest().clone();
+    let mut per_rank = BTreeMap::new();
+    for t in manifest.tensors.values() {
+        assert_eq!(t.pieces.len(), 1, "a replicated tensor written more than once");
+        *per_rank.entry(t.pieces[0].file[7..13].to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(per_rank.values().copied().collect::<Vec<_>>(), vec![2, 2, 2, 2], "{per_rank:?}");
+}
+
+#[test]
+fn a_missing_rank_commits_nothing_and_the_next_save_succeeds() {
+    let uri = "memory://dist/missing";
+    let run = Run::create(uri).unwrap();
+    let dir = run.location().child(&layout::step_dir(3));
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3u64) // rank 3 of 4 never shows up (it died)
+            .map(|r| {
+                let dir = dir.clone();
+                s.spawn(move || {
+                    let (state, slices) = rank_state(r, 4);
+                    let mut ex = StoreExchange::new(&dir, r as u32, 4, Duration::from_millis(600));
+                    save_distributed(&dir, &state, &slices, 3, &SaveOptions::default(), &mut ex)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        let err = r.as_ref().unwrap_err();
+        assert!(err.to_string().contains("timed out waiting for ranks [3]"), "{err}");
+    }
+    assert!(run.list().unwrap().is_empty(), "a partial checkpoint was committed");
+    let again = save_with_store_exchange(uri, 4, 3);
+    assert!(again.iter().all(|r| r.is_ok()), "{again:?}");
+    let removed = run.prune_orphans(Duration::ZERO).unwrap();
+    assert!(!removed.is_empty(), "the dead attempt's files were not pruned");
+    assert!(run.checkpoint(3).unwrap().verify().unwrap().is_empty());
+}
+
+#[test]
+fn a_stale_attempt_from_a_crashed_save_is_superseded() {
+    let uri = "memory://dist/stale";
+    let run = Run::create(uri).unwrap();
+    let coord = run.location().child("step-000000000007/.cairn-coord");
+    cairn::runtime::block_on(async move {
+        use object_store::ObjectStoreExt;
+        coord.store().put(&coord.path("attempt"), object_store::PutPayload::from_static(b"0123456789abcdef")).await.unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let results = save_with_store_exchange(uri, 3, 7);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    check_loads_on(uri, 2);
+}
+
+#[test]
+fn ranks_that_disagree_all_get_the_same_clear_error() {
+    let run = Run::create("memory://dist/disagree").unwrap();
+    let dir = run.location().child(&layout::step_dir(1));
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u32)
+            .map(|r| {
+                let dir = dir.clone();
+                s.spawn(move || {
+                    let mut state = State::new();
+                    state.insert_tensor("w", global(&[4 + r as u64]));
+                    let mut ex = StoreExchange::new(&dir, r, 2, Duration::from_secs(30));
+                    save_distributed(&dir, &state, &BTreeMap::new(), 1, &SaveOptions::default(), &mut ex)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        let err = r.as_ref().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(err.to_string().contains("ranks disagree on tensor key=`w`"), "{err}");
+    }
+}
+
+#[test]
+fn holes_in_the_saved_coverage_are_refused_on_every_rank() {
+    let run = Run::create("memory://dist/holes").unwrap();
+    let dir = run.location().child(&layout::step_dir(1));
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u32)
+            .map(|r| {
+                let dir = dir.clone();
+                s.spawn(move || {
+                    // Each rank holds 2 rows of an 8-row tensor: rows 4..8 are missing.
+                    let lo = 2 * r as u64;
+                    let slice = Slice { tensor: cut(&global(&[8, 2]), &[lo, 0], &[2, 2]), offsets: vec![lo, 0], global_shape: vec![8, 2] };
+                    let slices = BTreeMap::from([("w".to_string(), slice)]);
+                    let mut ex = StoreExchange::new(&dir, r, 2, Duration::from_secs(30));
+                    save_distributed(&dir, &State::new(), &slices, 1, &SaveOptions::default(), &mut ex)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        let err = r.as_ref().unwrap_err();
+        assert!(err.to_string().contains("cover 8 of 16 elements tensor=`w`"), "{err}");
+    }
+    assert!(run.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_request_outside_the_global_shape_is_refused() {
+    let uri = "memory://dist/outside";
+    save_with_store_exchange(uri, 2, 7).into_iter().for_each(|r| {
+        r.unwrap();
+    });
+    let err = cairn::load(uri, &LoadOptions::default().with_slice("rows", vec![6, 0], vec![4, 6])).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+    assert!(err.to_string().contains("key=`rows`"), "{err}");
+}
+
+/// An in-process all-gather, standing in for the caller's collectives.
+fn collective(n: usize) -> (Arc<Barrier>, Arc<Mutex<Vec<Vec<u8>>>>) {
+    (Arc::new(Barrier::new(n)), Arc::new(Mutex::new(vec![Vec::new(); n])))
+}
+
+#[test]
+fn collectives_coordinate_instead_of_the_store() {
+    let n = 3usize;
+    let (barrier, slots) = collective(n);
+    let run = Run::create("memory://dist/collective").unwrap();
+    let dir = run.location().child(&layout::step_dir(7));
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|r| {
+                let (barrier, slots, dir) = (barrier.clone(), slots.clone(), dir.clone());
+                s.spawn(move || {
+                    let mut ex = CallbackExchange::new(r as u32, n as u32, |payload: Vec<u8>| {
+                        slots.lock().unwrap()[r] = payload;
+                        barrier.wait();
+                        let all = slots.lock().unwrap().clone();
+                        barrier.wait();
+                        Ok(all)
+                    });
+                    assert_eq!(ex.world_size(), 3);
+                    let (state, slices) = rank_state(r as u64, n as u64);
+                    save_distributed(&dir, &state, &slices, 7, &SaveOptions::default(), &mut ex).unwrap().save_id
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(ids.windows(2).all(|w| w[0] == w[1]));
+    check_loads_on("memory://dist/collective", 2);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn any_save_sharding_loads_bit_exact_on_any_load_sharding(
+        shape in prop::collection::vec(1u64..7, 1..4),
+        save_ranks in 1u64..5,
+        load_ranks in 1u64..5,
+        save_dim in 0usize..3,
+        load_dim in 0usize..3,
+    ) {
+        static CASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let uri = format!("memory://dist-prop/{}", CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let (save_dim, load_dim) = (save_dim % shape.len(), load_dim % shape.len());
+        let full = global(&shape);
+        let run = Run::create(&uri).unwrap();
+        let dir = run.location().child(&layout::step_dir(1));
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..save_ranks).map(|r| {
+                let (dir, shape, full) = (dir.clone(), shape.clone(), full.clone());
+                s.spawn(move || {
+                    let (lo, len) = split(shape[save_dim], save_ranks, r);
+                    let mut slices = BTreeMap::new();
+                    if len > 0 {
+                        let mut off = vec![0; shape.len()];
+                        let mut sub = shape.clone();
+                        off[save_dim] = lo;
+                        sub[save_dim] = len;
+                        slices.insert("t".to_string(), Slice { tensor: cut(&full, &off, &sub), offsets: off, global_shape: shape.clone() });
+                    }
+                    let mut ex = StoreExchange::new(&dir, r as u32, save_ranks as u32, Duration::from_secs(30));
+                    save_distributed(&dir, &State::new(), &slices, 1, &SaveOptions::default(), &mut ex)
+                })
+            }).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        prop_assert!(results.iter().all(|r| r.is_ok()), "{:?}", results);
+        for r in 0..load_ranks {
+            let (lo, len) = split(shape[load_dim], load_ranks, r);
+            if len == 0 { continue; }
+            let mut off = vec![0; shape.len()];
+            let mut sub = shape.clone();
+            off[load_dim] = lo;
+            sub[load_dim] = len;
+            let (state, _) = cairn::load(&uri, &LoadOptions::default().with_slice("t", off.clone(), sub.clone())).unwrap();
+            prop_assert_eq!(state.tensor("t").unwrap(), &cut(&full, &off, &sub));
+        }
+        let _ = Location::open(&uri);
+    }
+}
