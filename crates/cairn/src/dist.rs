@@ -2,7 +2,7 @@
 //! only the store), committed once, loadable by any number of ranks.
 //!
 //! Each rank passes its whole tensors (replicated when several ranks hold the same one)
-//! and its [`Slice`]s (a box of a tensor's global shape). The ranks agree on a plan in
+//! and its [`Slice`](crate::Slice)s (a box of a tensor's global shape). The ranks agree on a plan in
 //! which every distinct box is written exactly once, by one of the ranks holding it,
 //! balancing bytes across ranks; each rank writes only its own files; rank 0 commits the
 //! manifest only after every rank reported its data durable; every rank returns rank 0's
@@ -27,19 +27,7 @@ use crate::load::Checkpoint;
 use crate::runtime::block_on;
 use crate::save::{self, SaveOptions};
 use crate::store::Location;
-use crate::tree::{checked_nbytes, DType, State, Tensor};
-
-/// A box of a tensor held by one rank: its data, its offsets in the global shape, and
-/// the global shape.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Slice {
-    /// The rank's local data (its shape is the box's shape).
-    pub tensor: Tensor,
-    /// Offset of the box in the global tensor, one per dimension.
-    pub offsets: Vec<u64>,
-    /// Shape of the whole tensor.
-    pub global_shape: Vec<u64>,
-}
+use crate::tree::{checked_nbytes, DType, State};
 
 /// How ranks exchange small messages during a save.
 pub trait Exchange {
@@ -307,7 +295,8 @@ fn plan_writers(leaves: &[Vec<Leaf>]) -> Result<HashMap<(String, Vec<u64>, Vec<u
     Ok(plan)
 }
 
-fn leaves_of(state: &State, slices: &BTreeMap<String, Slice>) -> Result<Vec<Leaf>> {
+fn leaves_of(state: &State) -> Result<Vec<Leaf>> {
+    let slices = state.slices();
     let mut out: Vec<Leaf> = state
         .tensors()
         .map(|(k, t)| Leaf {
@@ -355,12 +344,11 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], rank: usize) -> Result<T> 
 /// Saves this rank's part of a multi-rank checkpoint into the checkpoint folder `dest`
 /// (`<run>/step-…`) and returns once it is committed by rank 0 — with the same outcome
 /// on every rank. `state` holds this rank's whole tensors (replicated ones are written
-/// once overall) and plain values (rank 0's are kept); `slices` its boxes of sharded
-/// tensors.
+/// once overall), its [`Slice`](crate::Slice)s of sharded tensors, and plain values
+/// (rank 0's are kept).
 pub fn save_distributed(
     dest: &Location,
     state: &State,
-    slices: &BTreeMap<String, Slice>,
     step: u64,
     opts: &SaveOptions,
     exchange: &mut dyn Exchange,
@@ -376,10 +364,10 @@ pub fn save_distributed(
     if exists {
         return Err(Error::new(ErrorKind::AlreadyExists, format!("checkpoint already committed step={step} dir=`{}`", dest.uri())));
     }
-    let mine = leaves_of(state, slices)?;
+    let mine = leaves_of(state)?;
     loop {
         let attempt = exchange.begin()?;
-        match attempt_save(dest, state, slices, step, opts, exchange, &attempt, &mine)? {
+        match attempt_save(dest, state, step, opts, exchange, &attempt, &mine)? {
             Some(info) => return Ok(info),
             None => continue, // superseded by a newer attempt of rank 0
         }
@@ -390,7 +378,6 @@ pub fn save_distributed(
 fn attempt_save(
     dest: &Location,
     state: &State,
-    slices: &BTreeMap<String, Slice>,
     step: u64,
     opts: &SaveOptions,
     exchange: &mut dyn Exchange,
@@ -409,7 +396,7 @@ fn attempt_save(
         if plan.get(&(leaf.key.clone(), leaf.offsets.clone(), leaf.shape.clone())) != Some(&rank) {
             continue;
         }
-        let tensor = match slices.get(&leaf.key) {
+        let tensor = match state.slices().get(&leaf.key) {
             Some(s) => s.tensor.clone(),
             None => state.tensor(&leaf.key).cloned().ok_or_else(|| Error::invalid(format!("missing tensor key=`{}`", leaf.key)))?,
         };

@@ -38,7 +38,7 @@ pub use load::{Checkpoint, LoadOptions, Region, RenameRule};
 pub use run::{CheckpointRef, Run};
 pub use save::SaveOptions;
 pub use store::{register_scheme, unregister_scheme, Location, SchemeFactory, StoreOptions};
-pub use tree::{DType, Entry, State, Tensor, Value};
+pub use tree::{DType, Entry, Slice, State, Tensor, Value};
 
 use format::layout::MANIFEST_FILE;
 use object_store::ObjectStoreExt;

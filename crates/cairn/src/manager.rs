@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::layout::LATEST_FILE;
+use crate::dist::{self, StoreExchange};
+use crate::format::layout::{self, LATEST_FILE};
 use crate::info::CheckpointInfo;
 use crate::load::LoadOptions;
 use crate::policy::{self, Candidate, Decision, Retention, SaveContext, SavePolicy};
@@ -84,6 +85,13 @@ pub struct ManagerOptions {
     pub save: SaveOptions,
     /// Metric used by keep-best retention.
     pub metric: Option<String>,
+    /// This process's rank in a multi-rank job (0 for a single process).
+    pub rank: u32,
+    /// Number of ranks saving each checkpoint together (1 for a single process). With
+    /// more than one, saves are coordinated through the store; only rank 0 deletes.
+    pub world_size: u32,
+    /// How long a multi-rank save waits for the other ranks.
+    pub coordination_timeout: Duration,
 }
 
 impl Default for ManagerOptions {
@@ -97,6 +105,9 @@ impl Default for ManagerOptions {
             clock: Arc::new(SystemClock::default()),
             save: SaveOptions::default(),
             metric: None,
+            rank: 0,
+            world_size: 1,
+            coordination_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -132,6 +143,13 @@ impl ManagerOptions {
     /// Sets the clock.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Makes this manager rank `rank` of `world_size` ranks that save together.
+    pub fn with_ranks(mut self, rank: u32, world_size: u32) -> Self {
+        self.rank = rank;
+        self.world_size = world_size.max(1);
         self
     }
 
@@ -181,6 +199,9 @@ struct Shared {
     run: Run,
     retention: Retention,
     metric: Option<String>,
+    rank: u32,
+    world_size: u32,
+    coordination_timeout: Duration,
     inner: Mutex<Inner>,
     changed: Condvar,
 }
@@ -188,6 +209,22 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Saves and commits one checkpoint: alone, or together with the other ranks.
+    fn save(&self, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
+        if self.world_size <= 1 {
+            return self.run.save(state, opts);
+        }
+        let step = opts.step.unwrap_or_default();
+        let dest = self.run.location().child(&layout::step_dir(step));
+        let mut exchange = StoreExchange::new(&dest, self.rank, self.world_size, self.coordination_timeout);
+        dist::save_distributed(&dest, state, step, opts, &mut exchange)
+    }
+
+    /// Whether this process deletes checkpoints and writes the hint (rank 0 only).
+    fn leads(&self) -> bool {
+        self.rank == 0
     }
 }
 
@@ -229,6 +266,14 @@ impl CheckpointManager {
 
     /// Like [`open`](Self::open), over an already opened run.
     pub fn with_run(run: Run, opts: ManagerOptions) -> Result<CheckpointManager> {
+        if opts.world_size > 1 && opts.policy.has_time_interval() {
+            return Err(Error::invalid(
+                "a time-based save interval cannot be used with several ranks: ranks' clocks would disagree on when to save",
+            ));
+        }
+        if opts.rank >= opts.world_size {
+            return Err(Error::invalid(format!("rank {} is not below world_size {}", opts.rank, opts.world_size)));
+        }
         let mut known = BTreeMap::new();
         for c in run.list()? {
             let info = c.open()?.info();
@@ -251,6 +296,9 @@ impl CheckpointManager {
             run,
             retention: opts.retention.clone(),
             metric: opts.metric.clone(),
+            rank: opts.rank,
+            world_size: opts.world_size,
+            coordination_timeout: opts.coordination_timeout,
             inner: Mutex::new(inner),
             changed: Condvar::new(),
         });
@@ -322,7 +370,7 @@ impl CheckpointManager {
             self.enqueue(Job::Save { step, state: snapshot, opts });
             return Ok(());
         }
-        let result = self.shared.run.save(state, &opts);
+        let result = self.shared.save(state, &opts);
         let mut inner = self.shared.lock();
         inner.writing.remove(&step);
         inner.saves_in_flight -= 1;
@@ -330,7 +378,7 @@ impl CheckpointManager {
         let info = result?;
         inner.known.insert(step, candidate(&info, self.shared.metric.as_deref()));
         drop(inner);
-        write_latest_hint(&self.shared.run, &info)?;
+        write_latest_hint(&self.shared, &info)?;
         self.enqueue(Job::Retain);
         Ok(())
     }
@@ -483,7 +531,7 @@ fn work(shared: &Shared) {
         };
         let result = match job {
             Job::Save { step, state, opts } => {
-                let result = shared.run.save(&state, &opts);
+                let result = shared.save(&state, &opts);
                 drop(state);
                 let mut inner = shared.lock();
                 inner.writing.remove(&step);
@@ -492,7 +540,7 @@ fn work(shared: &Shared) {
                     Ok(info) => {
                         inner.known.insert(step, candidate(&info, shared.metric.as_deref()));
                         drop(inner);
-                        write_latest_hint(&shared.run, &info).and_then(|()| apply_retention(shared))
+                        write_latest_hint(shared, &info).and_then(|()| apply_retention(shared))
                     }
                     Err(e) => Err(e),
                 }
@@ -509,6 +557,9 @@ fn work(shared: &Shared) {
 }
 
 fn apply_retention(shared: &Shared) -> Result<()> {
+    if !shared.leads() {
+        return Ok(());
+    }
     let (doomed, known_latest) = {
         let inner = shared.lock();
         let candidates: Vec<Candidate> = inner.known.values().cloned().collect();
@@ -527,7 +578,11 @@ fn apply_retention(shared: &Shared) -> Result<()> {
 
 /// Writes `LATEST` (the URI of the newest checkpoint), like mmengine's `last_checkpoint`.
 /// Only a hint for other tools: Cairn itself always lists manifests.
-fn write_latest_hint(run: &Run, info: &CheckpointInfo) -> Result<()> {
+fn write_latest_hint(shared: &Shared, info: &CheckpointInfo) -> Result<()> {
+    if !shared.leads() {
+        return Ok(());
+    }
+    let run = &shared.run;
     let loc = run.location();
     if run.latest()?.is_some_and(|c| c.step > info.step) {
         return Ok(());

@@ -79,6 +79,11 @@ impl SavePolicy {
         self
     }
 
+    /// Whether a time interval (temporary checkpoints) is configured.
+    pub fn has_time_interval(&self) -> bool {
+        self.interval.is_some()
+    }
+
     /// The step rule that applies at `step`, if any.
     fn rule_at(&self, step: u64) -> Option<&Every> {
         self.steps.iter().find(|r| r.until.is_none_or(|u| step <= u))

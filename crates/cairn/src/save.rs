@@ -228,6 +228,11 @@ async fn committed_by(dest: &Location, save_id: &str) -> bool {
 }
 
 fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {
+    if let Some(key) = state.slices().keys().next() {
+        return Err(Error::invalid(format!(
+            "slices of sharded tensors need a multi-rank save (rank and world size) key=`{key}`"
+        )));
+    }
     for (key, _) in state.iter() {
         if key.is_empty() {
             return Err(Error::invalid("empty key in state key=``"));

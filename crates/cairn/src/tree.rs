@@ -386,8 +386,22 @@ pub enum Entry {
     Value(Value),
 }
 
+/// A box of a tensor held by one rank of a multi-rank save: its data, its offsets in the
+/// global shape, and the global shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slice {
+    /// The rank's local data (its shape is the box's shape).
+    pub tensor: Tensor,
+    /// Offset of the box in the global tensor, one per dimension.
+    pub offsets: Vec<u64>,
+    /// Shape of the whole tensor.
+    pub global_shape: Vec<u64>,
+}
+
 /// A training state: leaves under dotted keys, in key order, plus an optional frontend
 /// description of how the keys nest (opaque to the engine, stored in the manifest).
+/// In a multi-rank save a state may also hold [`Slice`]s: this rank's boxes of sharded
+/// tensors.
 ///
 /// ```
 /// use cairn::{DType, State, Tensor, Value};
@@ -399,6 +413,7 @@ pub enum Entry {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct State {
     entries: BTreeMap<String, Entry>,
+    slices: BTreeMap<String, Slice>,
     structure: Option<serde_json::Value>,
 }
 
@@ -421,6 +436,16 @@ impl State {
     /// Inserts or replaces a leaf.
     pub fn insert(&mut self, key: impl Into<String>, entry: Entry) {
         self.entries.insert(key.into(), entry);
+    }
+
+    /// Inserts or replaces this rank's box of the sharded tensor `key`.
+    pub fn insert_slice(&mut self, key: impl Into<String>, slice: Slice) {
+        self.slices.insert(key.into(), slice);
+    }
+
+    /// This rank's boxes of sharded tensors, by key.
+    pub fn slices(&self) -> &BTreeMap<String, Slice> {
+        &self.slices
     }
 
     /// The leaf under `key`.
@@ -480,9 +505,10 @@ impl State {
         self.entries.is_empty()
     }
 
-    /// Total tensor bytes.
+    /// Total tensor bytes (whole tensors and slices).
     pub fn tensor_bytes(&self) -> u64 {
-        self.tensors().map(|(_, t)| t.data().len() as u64).sum()
+        let slices: u64 = self.slices.values().map(|s| s.tensor.data().len() as u64).sum();
+        self.tensors().map(|(_, t)| t.data().len() as u64).sum::<u64>() + slices
     }
 
     /// The frontend's nesting description, if any.
@@ -508,13 +534,18 @@ impl State {
                 (k.clone(), e)
             })
             .collect();
-        State { entries, structure: self.structure.clone() }
+        let slices = self
+            .slices
+            .iter()
+            .map(|(k, s)| (k.clone(), Slice { tensor: s.tensor.to_owned_copy(), ..s.clone() }))
+            .collect();
+        State { entries, slices, structure: self.structure.clone() }
     }
 }
 
 impl FromIterator<(String, Entry)> for State {
     fn from_iter<I: IntoIterator<Item = (String, Entry)>>(iter: I) -> Self {
-        State { entries: iter.into_iter().collect(), structure: None }
+        State { entries: iter.into_iter().collect(), slices: BTreeMap::new(), structure: None }
     }
 }
 

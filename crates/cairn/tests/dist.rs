@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
-use cairn::dist::{save_distributed, CallbackExchange, Exchange, Slice, StoreExchange};
+use cairn::dist::{save_distributed, CallbackExchange, Exchange, StoreExchange};
 use cairn::format::layout;
-use cairn::{DType, ErrorKind, LoadOptions, Location, Run, SaveOptions, State, Tensor, Value};
+use cairn::{DType, ErrorKind, LoadOptions, Location, Run, SaveOptions, Slice, State, Tensor, Value};
 use proptest::prelude::*;
 
 /// A global u16 tensor whose element i is i (mod 65536).
@@ -34,19 +34,18 @@ fn split(len: u64, parts: u64, i: u64) -> (u64, u64) {
 
 /// What rank `r` of `n` holds: rows of "rows" [8, 6], columns of "cols" [4, 8], and the
 /// replicated "rep" [5] and "rep2" [3, 3].
-fn rank_state(r: u64, n: u64) -> (State, BTreeMap<String, Slice>) {
+fn rank_state(r: u64, n: u64) -> State {
     let mut state = State::new();
     state.insert_tensor("rep", global(&[5]));
     state.insert_tensor("rep2", global(&[3, 3]));
     if r == 0 {
         state.insert_value("step", Value::Int(42));
     }
-    let mut slices = BTreeMap::new();
     let (lo, len) = split(8, n, r);
-    slices.insert("rows".to_string(), Slice { tensor: cut(&global(&[8, 6]), &[lo, 0], &[len, 6]), offsets: vec![lo, 0], global_shape: vec![8, 6] });
+    state.insert_slice("rows", Slice { tensor: cut(&global(&[8, 6]), &[lo, 0], &[len, 6]), offsets: vec![lo, 0], global_shape: vec![8, 6] });
     let (lo, len) = split(8, n, r);
-    slices.insert("cols".to_string(), Slice { tensor: cut(&global(&[4, 8]), &[0, lo], &[4, len]), offsets: vec![0, lo], global_shape: vec![4, 8] });
-    (state, slices)
+    state.insert_slice("cols", Slice { tensor: cut(&global(&[4, 8]), &[0, lo], &[4, len]), offsets: vec![0, lo], global_shape: vec![4, 8] });
+    state
 }
 
 fn save_with_store_exchange(run_uri: &str, n: u64, step: u64) -> Vec<cairn::Result<cairn::CheckpointInfo>> {
@@ -56,9 +55,9 @@ fn save_with_store_exchange(run_uri: &str, n: u64, step: u64) -> Vec<cairn::Resu
             .map(|r| {
                 let dir = run.location().child(&layout::step_dir(step));
                 s.spawn(move || {
-                    let (state, slices) = rank_state(r, n);
+                    let state = rank_state(r, n);
                     let mut ex = StoreExchange::new(&dir, r as u32, n as u32, Duration::from_secs(30));
-                    save_distributed(&dir, &state, &slices, step, &SaveOptions::default(), &mut ex)
+                    save_distributed(&dir, &state, step, &SaveOptions::default(), &mut ex)
                 })
             })
             .collect();
@@ -120,7 +119,7 @@ fn replicated_tensors_are_written_once_and_balanced() {
                     state.insert_tensor(format!("rep.{i}"), global(&[64]));
                 }
                 let mut ex = StoreExchange::new(&dir, r, n, Duration::from_secs(30));
-                save_distributed(&dir, &state, &BTreeMap::new(), 1, &SaveOptions::default(), &mut ex).unwrap();
+                save_distributed(&dir, &state, 1, &SaveOptions::default(), &mut ex).unwrap();
             });
         }
     });
@@ -143,9 +142,9 @@ fn a_missing_rank_commits_nothing_and_the_next_save_succeeds() {
             .map(|r| {
                 let dir = dir.clone();
                 s.spawn(move || {
-                    let (state, slices) = rank_state(r, 4);
+                    let state = rank_state(r, 4);
                     let mut ex = StoreExchange::new(&dir, r as u32, 4, Duration::from_millis(600));
-                    save_distributed(&dir, &state, &slices, 3, &SaveOptions::default(), &mut ex)
+                    save_distributed(&dir, &state, 3, &SaveOptions::default(), &mut ex)
                 })
             })
             .collect();
@@ -191,7 +190,7 @@ fn ranks_that_disagree_all_get_the_same_clear_error() {
                     let mut state = State::new();
                     state.insert_tensor("w", global(&[4 + r as u64]));
                     let mut ex = StoreExchange::new(&dir, r, 2, Duration::from_secs(30));
-                    save_distributed(&dir, &state, &BTreeMap::new(), 1, &SaveOptions::default(), &mut ex)
+                    save_distributed(&dir, &state, 1, &SaveOptions::default(), &mut ex)
                 })
             })
             .collect();
@@ -216,9 +215,10 @@ fn holes_in_the_saved_coverage_are_refused_on_every_rank() {
                     // Each rank holds 2 rows of an 8-row tensor: rows 4..8 are missing.
                     let lo = 2 * r as u64;
                     let slice = Slice { tensor: cut(&global(&[8, 2]), &[lo, 0], &[2, 2]), offsets: vec![lo, 0], global_shape: vec![8, 2] };
-                    let slices = BTreeMap::from([("w".to_string(), slice)]);
+                    let mut state = State::new();
+                    state.insert_slice("w", slice);
                     let mut ex = StoreExchange::new(&dir, r, 2, Duration::from_secs(30));
-                    save_distributed(&dir, &State::new(), &slices, 1, &SaveOptions::default(), &mut ex)
+                    save_distributed(&dir, &state, 1, &SaveOptions::default(), &mut ex)
                 })
             })
             .collect();
@@ -266,8 +266,8 @@ fn collectives_coordinate_instead_of_the_store() {
                         Ok(all)
                     });
                     assert_eq!(ex.world_size(), 3);
-                    let (state, slices) = rank_state(r as u64, n as u64);
-                    save_distributed(&dir, &state, &slices, 7, &SaveOptions::default(), &mut ex).unwrap().save_id
+                    let state = rank_state(r as u64, n as u64);
+                    save_distributed(&dir, &state, 7, &SaveOptions::default(), &mut ex).unwrap().save_id
                 })
             })
             .collect();
@@ -299,16 +299,16 @@ proptest! {
                 let (dir, shape, full) = (dir.clone(), shape.clone(), full.clone());
                 s.spawn(move || {
                     let (lo, len) = split(shape[save_dim], save_ranks, r);
-                    let mut slices = BTreeMap::new();
+                    let mut state = State::new();
                     if len > 0 {
                         let mut off = vec![0; shape.len()];
                         let mut sub = shape.clone();
                         off[save_dim] = lo;
                         sub[save_dim] = len;
-                        slices.insert("t".to_string(), Slice { tensor: cut(&full, &off, &sub), offsets: off, global_shape: shape.clone() });
+                        state.insert_slice("t", Slice { tensor: cut(&full, &off, &sub), offsets: off, global_shape: shape.clone() });
                     }
                     let mut ex = StoreExchange::new(&dir, r as u32, save_ranks as u32, Duration::from_secs(30));
-                    save_distributed(&dir, &State::new(), &slices, 1, &SaveOptions::default(), &mut ex)
+                    save_distributed(&dir, &state, 1, &SaveOptions::default(), &mut ex)
                 })
             }).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()

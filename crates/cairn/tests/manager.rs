@@ -192,3 +192,36 @@ fn reset_deletes_every_checkpoint() {
     assert_eq!(manager.restore(None, &LoadOptions::default()).unwrap_err().kind(), ErrorKind::NotFound);
     assert!(manager.on_step(1, &common::model_state(1, 1, 2), SaveRequest::default()).unwrap());
 }
+
+#[test]
+fn ranks_save_together_and_rank_zero_applies_retention() {
+    use cairn::{DType, Slice, Tensor};
+    let uri = "memory://manager/ranks";
+    std::thread::scope(|s| {
+        for rank in 0..2u32 {
+            s.spawn(move || {
+                let opts = options(1).with_ranks(rank, 2).with_retention(Retention { keep_last: Some(2), ..Default::default() });
+                let manager = CheckpointManager::open(uri, opts).unwrap();
+                for step in 1..=4u64 {
+                    let mut state = common::model_state(step, 1, 2);
+                    let half = vec![(rank as u8 + 1) * step as u8; 4];
+                    let slice = Slice { tensor: Tensor::new(DType::U8, vec![2, 2], half).unwrap(), offsets: vec![2 * rank as u64, 0], global_shape: vec![4, 2] };
+                    state.insert_slice("sharded", slice);
+                    manager.on_step(step, &state, SaveRequest::default()).unwrap();
+                }
+                manager.wait().unwrap();
+            });
+        }
+    });
+    let run = Run::open(uri).unwrap();
+    assert_eq!(run.list().unwrap().iter().map(|c| c.step).collect::<Vec<_>>(), vec![3, 4]);
+    let (state, _) = run.load_latest(&LoadOptions::default()).unwrap();
+    assert_eq!(state.tensor("sharded").unwrap().data().as_ref(), &[4, 4, 4, 4, 8, 8, 8, 8]);
+}
+
+#[test]
+fn time_intervals_are_refused_with_several_ranks() {
+    let policy = SavePolicy::steps(vec![Every::new(1)]).unwrap().with_time_interval(Duration::from_secs(5));
+    let err = CheckpointManager::open("memory://manager/ranks-time", options(1).with_policy(policy).with_ranks(0, 2)).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+}
