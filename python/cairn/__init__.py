@@ -22,8 +22,10 @@ from ._api import (
     register_scheme,
     save,
     to_bytes,
+    torch_all_gather,
     unregister_scheme,
 )
+from ._tree import Shard
 from ._cairn import __version__
 from ._errors import (
     AlreadyExistsError,
@@ -50,6 +52,7 @@ __all__ = [
     "LoadReport",
     "Mismatch",
     "PermissionDeniedError",
+    "Shard",
     "StateDictMismatchError",
     "UnavailableError",
     "__version__",
@@ -62,5 +65,6 @@ __all__ = [
     "register_scheme",
     "save",
     "to_bytes",
+    "torch_all_gather",
     "unregister_scheme",
 ]

@@ -110,6 +110,10 @@ def save(
     metadata: Any = None,
     metrics: dict[str, float] | None = None,
     storage_options: dict[str, str] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    all_gather: Callable[[bytes], list[bytes]] | None = None,
+    timeout: float = 600.0,
 ) -> CheckpointInfo:
     """Saves `state` and commits it; returns once it is durable.
 
@@ -117,7 +121,15 @@ def save(
     plain values. With `step`, `path` is a run and the checkpoint goes to
     `path/step-<step>`; without, `path` is the checkpoint folder. A committed checkpoint is
     never overwritten (`AlreadyExistsError`). `storage_options` are object_store settings
-    (e.g. `{"aws_endpoint": ..., "aws_allow_http": "true"}`) that override the environment."""
+    (e.g. `{"aws_endpoint": ..., "aws_allow_http": "true"}`) that override the environment.
+
+    Several processes save one checkpoint together by each calling `save` with its `rank`
+    and the `world_size`: leaves that are `cairn.Shard`s are this rank's boxes of sharded
+    tensors, other tensors are replicated (written once overall, the work balanced across
+    ranks), plain values come from rank 0. The ranks coordinate through the store alone,
+    or through `all_gather` (e.g. `cairn.torch_all_gather()`); one commit makes the
+    checkpoint visible once every rank's data is durable, and every rank gets the same
+    outcome. A rank that does not show up within `timeout` seconds fails the save."""
     leaves = _tree.flatten(state)
     info = _cairn.save(
         _uri(path),
@@ -128,6 +140,10 @@ def save(
         _metrics(metrics),
         _metadata(metadata),
         storage_options,
+        rank,
+        world_size,
+        all_gather,
+        timeout,
     )
     return CheckpointInfo._from_native(info)
 
@@ -142,19 +158,50 @@ def load(
     framework: str = "numpy",
     step: int | None = None,
     storage_options: dict[str, str] | None = None,
+    slices: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
 ) -> Any:
     """Loads a checkpoint folder, or the latest (or given `step`) checkpoint of a run.
 
     `prefix` / `keys` select flattened keys (`"model."`); `rename` is a list of
     `(regex, replacement)` applied to keys (the result is then a flat dict); `dtype` casts
     floating-point tensors; `framework` is `"numpy"`, `"torch"` or `"jax"`. Every checksum
-    is verified; nothing is unpickled."""
+    is verified; nothing is unpickled. `slices` maps a (flattened) key to `(offsets,
+    shape)`: only that box of the tensor is returned, read from the pieces that overlap it
+    (a checkpoint saved by N ranks loads on M ranks)."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
     native = _cairn.load(
-        _uri(path), _prefixes(prefix), None if keys is None else list(keys), _rename(rename), step, storage_options
+        _uri(path),
+        _prefixes(prefix),
+        None if keys is None else list(keys),
+        _rename(rename),
+        step,
+        storage_options,
+        None if slices is None else {k: ([int(o) for o in off], [int(d) for d in shp]) for k, (off, shp) in slices.items()},
     )
     return _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
+
+
+def torch_all_gather(group: Any = None) -> Callable[[bytes], list[bytes]]:
+    """An `all_gather` for `save` over `torch.distributed` (any backend, gloo included):
+    byte strings travel as uint8 tensors, never pickled."""
+    import torch
+    import torch.distributed as dist
+
+    def gather(payload: bytes) -> list[bytes]:
+        world = dist.get_world_size(group)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
+        longest = int(max(s.item() for s in sizes))
+        mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else mine[:0]
+        buffers = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+        dist.all_gather(buffers, mine, group=group)
+        return [bytes(b[: int(s.item())].cpu().numpy().tobytes()) for b, s in zip(buffers, sizes)]
+
+    return gather
 
 
 def list_checkpoints(path: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> list[CheckpointInfo]:
@@ -221,7 +268,9 @@ class CheckpointManager:
     continues in the background (at most `max_in_flight` saves at once). A background
     failure is raised by the next call and by `wait()`. Use as a context manager to wait
     on exit. After SIGTERM (`preemption_signal`) the next `on_step` saves and flushes, and
-    `preempted` becomes true: stop the loop then."""
+    `preempted` becomes true: stop the loop then. In a multi-process job give every
+    process its `rank` and the `world_size`: they save each checkpoint together
+    (coordinated through the store) and rank 0 applies retention."""
 
     def __init__(
         self,
@@ -238,6 +287,8 @@ class CheckpointManager:
         max_in_flight: int = 1,
         preemption_signal: int | None = _signal.SIGTERM,
         storage_options: dict[str, str] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self._native = _cairn.Manager(
             _uri(run),
@@ -252,6 +303,8 @@ class CheckpointManager:
             max_in_flight,
             None if preemption_signal is None else int(preemption_signal),
             storage_options,
+            rank,
+            world_size,
         )
 
     @property

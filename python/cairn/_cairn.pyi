@@ -14,7 +14,7 @@ class IncompatibleError(CheckpointError): ...
 class PermissionDeniedError(CheckpointError): ...
 class UnavailableError(CheckpointError): ...
 
-TensorLeaf = tuple[str, str, list[int], Any]
+TensorLeaf = tuple[str, str, list[int], Any, tuple[list[int], list[int]] | None]
 ValueLeaf = tuple[str, Any]
 Loaded = tuple[list[tuple[Any, ...]], str | None, dict[str, Any]]
 
@@ -32,6 +32,10 @@ def save(
     metrics: Sequence[tuple[str, float]] | None = None,
     metadata: str | None = None,
     storage_options: Options = None,
+    rank: int = 0,
+    world_size: int = 1,
+    all_gather: Callable[[bytes], list[bytes]] | None = None,
+    timeout: float = 600.0,
 ) -> dict[str, Any]: ...
 def load(
     uri: str,
@@ -40,6 +44,7 @@ def load(
     rename: Sequence[tuple[str, str]] | None = None,
     step: int | None = None,
     storage_options: Options = None,
+    slices: dict[str, tuple[list[int], list[int]]] | None = None,
 ) -> Loaded: ...
 def list_checkpoints(uri: str, storage_options: Options = None) -> list[dict[str, Any]]: ...
 def copy(src: str, dst: str, src_options: Options = None, dst_options: Options = None) -> list[dict[str, Any]]: ...
@@ -64,6 +69,8 @@ class Manager:
         max_in_flight: int = 1,
         preemption_signal: int | None = None,
         storage_options: Options = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None: ...
     def on_step(
         self,

@@ -10,7 +10,7 @@ come back exactly. Anything else is refused with an error naming its key: no pic
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from . import _arrays
 from ._cairn import InvalidArgumentError
@@ -18,11 +18,27 @@ from ._cairn import InvalidArgumentError
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
 
+class Shard:
+    """This rank's box of a tensor sharded across ranks: `local` holds the elements at
+    `offsets` (one per dimension) of a tensor of `global_shape`. Save it with
+    `cairn.save(..., rank=r, world_size=n)`; it loads back as part of the whole tensor."""
+
+    __slots__ = ("local", "offsets", "global_shape")
+
+    def __init__(self, local: Any, offsets: Sequence[int], global_shape: Sequence[int]) -> None:
+        self.local = local
+        self.offsets = [int(o) for o in offsets]
+        self.global_shape = [int(d) for d in global_shape]
+
+    def __repr__(self) -> str:
+        return f"Shard(offsets={self.offsets}, global_shape={self.global_shape})"
+
+
 class Leaves:
     """A state flattened for the native layer."""
 
     def __init__(self) -> None:
-        self.tensors: list[tuple[str, str, list[int], Any]] = []
+        self.tensors: list[tuple[str, str, list[int], Any, tuple[list[int], list[int]] | None]] = []
         self.values: list[tuple[str, Any]] = []
         self.structure: str | None = None
         self._keys: set[str] = set()
@@ -59,13 +75,15 @@ def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
         kind = "list" if isinstance(obj, list) else "tuple"
         return {kind: [_flatten(v, path + (str(i),), leaves) for i, v in enumerate(obj)]}
     key = _key(path)
+    if isinstance(obj, Shard):
+        leaves._claim(key)
+        dtype, shape, raw = _raw(key, obj.local)
+        leaves.tensors.append((key, dtype, shape, raw, (obj.offsets, obj.global_shape)))
+        return {"tensor": key}
     if _arrays.is_array(obj):
         leaves._claim(key)
-        try:
-            dtype, shape, raw = _arrays.to_raw(key, obj)
-        except TypeError as e:
-            raise InvalidArgumentError(str(e)) from None
-        leaves.tensors.append((key, dtype, shape, raw))
+        dtype, shape, raw = _raw(key, obj)
+        leaves.tensors.append((key, dtype, shape, raw, None))
         return {"tensor": key}
     if isinstance(obj, _PLAIN):
         leaves._claim(key)
@@ -76,6 +94,13 @@ def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
         "cairn stores arrays, tensors and plain values (int, float, str, bool, None, bytes) "
         "in dicts, lists and tuples, and never pickles"
     )
+
+
+def _raw(key: str, obj: Any):
+    try:
+        return _arrays.to_raw(key, obj)
+    except TypeError as e:
+        raise InvalidArgumentError(str(e)) from None
 
 
 def unflatten(structure: str | None, leaves: dict[str, Any]) -> Any:

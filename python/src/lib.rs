@@ -12,9 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
 use cairn::policy::{Every, KeepBest, Mode, Retention, SavePolicy};
+use cairn::dist::{save_distributed, CallbackExchange, StoreExchange};
+use cairn::format::layout;
 use cairn::{
-    CheckpointInfo, DType, Entry, ErrorKind, LoadOptions, Location, RenameRule, Run, SaveOptions, State, StoreOptions, Tensor,
-    Value,
+    CheckpointInfo, DType, Entry, ErrorKind, LoadOptions, Location, RenameRule, Run, SaveOptions, Slice, State, StoreOptions,
+    Tensor, Value,
 };
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
@@ -72,22 +74,29 @@ impl AsRef<[u8]> for BorrowedBuffer {
 }
 
 /// Builds the Rust state from Python's flattened leaves.
-fn state_from_py(
-    tensors: Vec<(String, String, Vec<u64>, Bound<'_, PyAny>)>,
-    values: Vec<(String, Bound<'_, PyAny>)>,
-    structure: Option<String>,
-) -> PyResult<State> {
+fn tensor_from_py(key: &str, dtype: &str, shape: Vec<u64>, array: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    let dtype = DType::from_name(dtype).map_err(to_py_err)?;
+    let buffer = PyBuffer::<u8>::get(array)
+        .map_err(|e| InvalidArgumentError::new_err(format!("tensor is not a byte buffer key=`{key}`: {e}")))?;
+    if !buffer.is_c_contiguous() {
+        return Err(InvalidArgumentError::new_err(format!("tensor buffer is not contiguous key=`{key}`")));
+    }
+    Tensor::new(dtype, shape, Bytes::from_owner(BorrowedBuffer(buffer)))
+        .map_err(|e| InvalidArgumentError::new_err(format!("{} key=`{key}`", e.message())))
+}
+
+/// A tensor leaf from Python: `(key, dtype, shape, uint8 buffer)`, plus `(offsets,
+/// global_shape)` for a slice of a sharded tensor.
+type TensorLeaf<'py> = (String, String, Vec<u64>, Bound<'py, PyAny>, Option<(Vec<u64>, Vec<u64>)>);
+
+fn state_from_py(tensors: Vec<TensorLeaf<'_>>, values: Vec<(String, Bound<'_, PyAny>)>, structure: Option<String>) -> PyResult<State> {
     let mut state = State::new();
-    for (key, dtype, shape, array) in tensors {
-        let dtype = DType::from_name(&dtype).map_err(to_py_err)?;
-        let buffer = PyBuffer::<u8>::get(&array)
-            .map_err(|e| InvalidArgumentError::new_err(format!("tensor is not a byte buffer key=`{key}`: {e}")))?;
-        if !buffer.is_c_contiguous() {
-            return Err(InvalidArgumentError::new_err(format!("tensor buffer is not contiguous key=`{key}`")));
+    for (key, dtype, shape, array, slice) in tensors {
+        let tensor = tensor_from_py(&key, &dtype, shape, &array)?;
+        match slice {
+            None => state.insert_tensor(key, tensor),
+            Some((offsets, global_shape)) => state.insert_slice(key, Slice { tensor, offsets, global_shape }),
         }
-        let tensor = Tensor::new(dtype, shape, Bytes::from_owner(BorrowedBuffer(buffer)))
-            .map_err(|e| InvalidArgumentError::new_err(format!("{} key=`{key}`", e.message())))?;
-        state.insert_tensor(key, tensor);
     }
     for (key, value) in values {
         let value = value_from_py(&value, &key)?;
@@ -280,18 +289,22 @@ fn load_options(prefix: Option<Vec<String>>, keys: Option<Vec<String>>, rename: 
 
 /// Saves flattened leaves to `uri` (a run when `step` is given, else a checkpoint folder).
 #[pyfunction]
-#[pyo3(signature = (uri, tensors, values, structure=None, step=None, metrics=None, metadata=None, storage_options=None))]
+#[pyo3(signature = (uri, tensors, values, structure=None, step=None, metrics=None, metadata=None, storage_options=None, rank=0, world_size=1, all_gather=None, timeout=600.0))]
 #[allow(clippy::too_many_arguments)]
 fn save<'py>(
     py: Python<'py>,
     uri: &str,
-    tensors: Vec<(String, String, Vec<u64>, Bound<'py, PyAny>)>,
+    tensors: Vec<TensorLeaf<'py>>,
     values: Vec<(String, Bound<'py, PyAny>)>,
     structure: Option<String>,
     step: Option<u64>,
     metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
     metadata: Option<String>,
     storage_options: Option<StoreOptions>,
+    rank: u32,
+    world_size: u32,
+    all_gather: Option<Py<PyAny>>,
+    timeout: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded(|| {
         let state = state_from_py(tensors, values, structure)?;
@@ -300,17 +313,51 @@ fn save<'py>(
         opts.metrics = metrics_from_py(metrics)?;
         opts.metadata = metadata_from_json(metadata)?;
         let storage = storage_options.unwrap_or_default();
+        let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| InvalidArgumentError::new_err(format!("invalid timeout={timeout}")))?;
+        if rank >= world_size {
+            return Err(InvalidArgumentError::new_err(format!("rank {rank} is not below world_size {world_size}")));
+        }
         let info = py
-            .detach(|| cairn::save_at(&Location::with_options(uri, true, &storage)?, &state, &opts))
+            .detach(|| {
+                let location = Location::with_options(uri, true, &storage)?;
+                if world_size == 1 && all_gather.is_none() {
+                    return cairn::save_at(&location, &state, &opts);
+                }
+                let step_value = step.unwrap_or_default();
+                let dest = match step {
+                    Some(s) => location.child(&layout::step_dir(s)),
+                    None => location,
+                };
+                match &all_gather {
+                    Some(f) => {
+                        let mut exchange = CallbackExchange::new(rank, world_size, |payload: Vec<u8>| call_all_gather(f, payload));
+                        save_distributed(&dest, &state, step_value, &opts, &mut exchange)
+                    }
+                    None => {
+                        let mut exchange = StoreExchange::new(&dest, rank, world_size, timeout);
+                        save_distributed(&dest, &state, step_value, &opts, &mut exchange)
+                    }
+                }
+            })
             .map_err(to_py_err)?;
         drop(state);
         info_to_py(py, &info)
     })
 }
 
+/// Calls a Python all-gather: `f(bytes) -> list[bytes]`, one entry per rank.
+fn call_all_gather(f: &Py<PyAny>, payload: Vec<u8>) -> cairn::Result<Vec<Vec<u8>>> {
+    Python::attach(|py| {
+        let got = f.call1(py, (PyBytes::new(py, &payload),))?;
+        got.extract::<Vec<Vec<u8>>>(py)
+    })
+    .map_err(|e| cairn::Error::new(ErrorKind::Unavailable, format!("all_gather callback failed: {e}")))
+}
+
 /// Loads `uri` (a checkpoint folder, or the latest or given `step` of a run).
 #[pyfunction]
-#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None))]
+#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None, slices=None))]
+#[allow(clippy::too_many_arguments)]
 fn load<'py>(
     py: Python<'py>,
     uri: &str,
@@ -319,9 +366,13 @@ fn load<'py>(
     rename: Option<Vec<(String, String)>>,
     step: Option<u64>,
     storage_options: Option<StoreOptions>,
+    slices: Option<BTreeMap<String, (Vec<u64>, Vec<u64>)>>,
 ) -> PyResult<PyLeaves<'py>> {
     guarded(|| {
-        let opts = load_options(prefix, keys, rename)?;
+        let mut opts = load_options(prefix, keys, rename)?;
+        for (key, (offsets, shape)) in slices.unwrap_or_default() {
+            opts = opts.with_slice(key, offsets, shape);
+        }
         let (state, info, local) = py
             .detach(|| {
                 let location = Location::with_options(uri, false, &storage_options.unwrap_or_default())?;
@@ -347,7 +398,7 @@ struct Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies, save_interval=None, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None))]
+    #[pyo3(signature = (uri, policies, save_interval=None, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -363,6 +414,8 @@ impl Manager {
         max_in_flight: usize,
         preemption_signal: Option<i32>,
         storage_options: Option<StoreOptions>,
+        rank: u32,
+        world_size: u32,
     ) -> PyResult<Manager> {
         guarded(|| {
             let rules = policies.into_iter().map(|(interval, until)| Every { interval, until }).collect();
@@ -390,7 +443,8 @@ impl Manager {
                 .with_retention(retention)
                 .with_async_save(async_save)
                 .with_max_in_flight(max_in_flight)
-                .with_preemption_signal(preemption_signal);
+                .with_preemption_signal(preemption_signal)
+                .with_ranks(rank, world_size);
             opts.metric = metric;
             let storage = storage_options.unwrap_or_default();
             let inner = py
@@ -407,7 +461,7 @@ impl Manager {
         &self,
         py: Python<'py>,
         step: u64,
-        tensors: Vec<(String, String, Vec<u64>, Bound<'py, PyAny>)>,
+        tensors: Vec<TensorLeaf<'py>>,
         values: Vec<(String, Bound<'py, PyAny>)>,
         structure: Option<String>,
         force: bool,
@@ -429,7 +483,7 @@ impl Manager {
         &self,
         py: Python<'py>,
         step: u64,
-        tensors: Vec<(String, String, Vec<u64>, Bound<'py, PyAny>)>,
+        tensors: Vec<TensorLeaf<'py>>,
         values: Vec<(String, Bound<'py, PyAny>)>,
         structure: Option<String>,
         temporary: bool,
