@@ -19,6 +19,7 @@
 
 pub mod dist;
 pub mod error;
+pub mod fault;
 pub mod format;
 pub mod geometry;
 pub mod info;

@@ -160,6 +160,22 @@ impl Checkpoint {
 
     /// Loads the selected keys. Checksums are verified unless `opts.verify` is off.
     pub async fn read(&self, opts: &LoadOptions) -> Result<State> {
+        match self.read_selected(opts).await {
+            Err(e) if e.kind() == ErrorKind::Corrupt && !self.still_committed().await => Err(Error::not_found(format!(
+                "checkpoint was deleted while it was being read checkpoint=`{}`",
+                self.location.uri()
+            ))),
+            other => other,
+        }
+    }
+
+    /// Whether the manifest is still there (a reader racing a deletion sees missing data
+    /// files; that checkpoint is gone, not corrupt).
+    async fn still_committed(&self) -> bool {
+        !matches!(self.location.store().head(&self.location.path(MANIFEST_FILE)).await, Err(object_store::Error::NotFound { .. }))
+    }
+
+    async fn read_selected(&self, opts: &LoadOptions) -> Result<State> {
         let selected = self.select(opts)?;
         let regions = self.regions(&selected, opts)?;
         let mut by_file: BTreeMap<&str, Vec<(PieceId, Piece)>> = BTreeMap::new();
