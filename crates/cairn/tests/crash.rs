@@ -86,3 +86,51 @@ fn killed_saves_never_leave_a_broken_visible_checkpoint() {
     assert!(kills >= 100, "too few kills within the time budget: {kills}");
     assert!(next > 10, "the child rarely got to commit: {next}");
 }
+
+const RACE_ENV: &str = "CAIRN_RACE_CHILD_RUN";
+
+/// Runs only as a racing child: saves step 1 once and reports the outcome on stdout.
+#[test]
+fn race_child_saves_step_one() {
+    let Ok(uri) = std::env::var(RACE_ENV) else { return };
+    let seed: u64 = std::env::var("CAIRN_RACE_SEED").unwrap().parse().unwrap();
+    match Run::create(&uri).unwrap().save(&state_for(seed), &opts(1)) {
+        Ok(info) => println!("RESULT committed {}", info.save_id),
+        Err(e) if e.kind() == cairn::ErrorKind::AlreadyExists => println!("RESULT refused {e}"),
+        Err(e) => println!("RESULT error {e}"),
+    }
+}
+
+#[test]
+fn processes_saving_the_same_step_commit_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = dir.path().join("run").to_str().unwrap().to_string();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..6u64)
+        .map(|i| {
+            Command::new(&exe)
+                .args(["race_child_saves_step_one", "--exact", "--test-threads=1", "--nocapture"])
+                .env(RACE_ENV, &uri)
+                .env("CAIRN_RACE_SEED", (100 + i).to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outcomes: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap();
+            out.lines().find_map(|l| l.find("RESULT").map(|i| l[i..].to_string())).unwrap_or_default()
+        })
+        .collect();
+    let winners: Vec<&String> = outcomes.iter().filter(|o| o.starts_with("RESULT committed")).collect();
+    assert_eq!(winners.len(), 1, "{outcomes:#?}");
+    assert!(outcomes.iter().all(|o| o.starts_with("RESULT committed") || o.contains("already committed")), "{outcomes:#?}");
+    let run = Run::open(&uri).unwrap();
+    let ckpt = run.checkpoint(1).unwrap();
+    assert!(winners[0].ends_with(&ckpt.info().save_id));
+    let loaded = ckpt.load(&LoadOptions::default()).unwrap();
+    assert!((100..106).any(|seed| loaded == state_for(seed)), "a mix of two saves was committed");
+}

@@ -45,15 +45,44 @@ pub struct Manifest {
     #[serde(default)]
     pub metadata: serde_json::Value,
     /// Plain (non-tensor) values by key.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub values: BTreeMap<String, Value>,
     /// A frontend's description of how keys nest (opaque to the engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub structure: Option<serde_json::Value>,
     /// Every tensor by key.
+    #[serde(deserialize_with = "unique_keys")]
     pub tensors: BTreeMap<String, TensorRecord>,
     /// Every data file by path relative to the checkpoint folder.
+    #[serde(deserialize_with = "unique_keys")]
     pub files: BTreeMap<String, FileRecord>,
+}
+
+/// Deserializes a JSON object into a map, refusing duplicate keys (which plain serde
+/// would silently resolve to the last one).
+fn unique_keys<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object with unique keys")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((key, value)) = map.next_entry::<String, V>()? {
+                if out.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_map(Unique(std::marker::PhantomData))
 }
 
 /// The writer of a checkpoint.
@@ -318,6 +347,25 @@ mod tests {
         t.shape = vec![u64::MAX, u64::MAX];
         t.pieces[0].shape = vec![u64::MAX, 2];
         assert_eq!(decode_err(&m).kind(), crate::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn duplicate_tensor_names_are_corrupt() {
+        let json = String::from_utf8(sample().encode().unwrap()).unwrap();
+        let tensor = json.split("\"tensors\":{").nth(1).unwrap().split("},\"files\"").next().unwrap();
+        let doubled = json.replace(tensor, &format!("{tensor},{tensor}"));
+        let err = Manifest::decode(doubled.as_bytes(), "m.json").unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.full_message().contains("duplicate key `w`"), "{}", err.full_message());
+    }
+
+    #[test]
+    fn deeply_nested_values_are_corrupt_not_a_stack_overflow() {
+        let json = String::from_utf8(sample().encode().unwrap()).unwrap();
+        let deep = format!("{}\"null\"{}", "{\"list\":[".repeat(100_000), "]}".repeat(100_000));
+        let hostile = json.replace("\"values\":{}", &format!("\"values\":{{\"v\":{deep}}}"));
+        assert_ne!(hostile, json);
+        assert_eq!(Manifest::decode(hostile.as_bytes(), "m.json").unwrap_err().kind(), crate::ErrorKind::Corrupt);
     }
 
     #[test]
