@@ -551,7 +551,7 @@ fn list_checkpoints<'py>(py: Python<'py>, uri: &str, storage_options: Option<Sto
         let infos = py
             .detach(|| {
                 let run = Run::at(Location::with_options(uri, false, &storage_options.unwrap_or_default())?);
-                run.list()?.iter().map(|c| Ok(c.open()?.info())).collect::<cairn::Result<Vec<_>>>()
+                run.infos()
             })
             .map_err(to_py_err)?;
         infos.iter().map(|i| info_to_py(py, i)).collect()

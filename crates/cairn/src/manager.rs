@@ -275,9 +275,8 @@ impl CheckpointManager {
             return Err(Error::invalid(format!("rank {} is not below world_size {}", opts.rank, opts.world_size)));
         }
         let mut known = BTreeMap::new();
-        for c in run.list()? {
-            let info = c.open()?.info();
-            known.insert(c.step, candidate(&info, opts.metric.as_deref()));
+        for info in run.infos()? {
+            known.insert(info.step, candidate(&info, opts.metric.as_deref()));
         }
         let preempted = Arc::new(AtomicBool::new(false));
         if let Some(signal) = opts.preemption_signal {
@@ -467,7 +466,7 @@ impl CheckpointManager {
 
     /// Every committed checkpoint, in step order.
     pub fn list(&self) -> Result<Vec<CheckpointInfo>> {
-        self.shared.run.list()?.iter().map(|c| Ok(c.open()?.info())).collect()
+        self.shared.run.infos()
     }
 
     /// Deletes every checkpoint of the run (after waiting for work in flight).

@@ -96,6 +96,21 @@ impl Run {
         Ok(found)
     }
 
+    /// The summaries of the committed checkpoints, in step order. A checkpoint deleted
+    /// between the listing and the read of its manifest (retention running elsewhere) is
+    /// skipped, not an error.
+    pub fn infos(&self) -> Result<Vec<CheckpointInfo>> {
+        let mut out = Vec::new();
+        for c in self.list()? {
+            match c.open() {
+                Ok(ckpt) => out.push(ckpt.info()),
+                Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     /// The committed checkpoint with the highest step, if any.
     pub fn latest(&self) -> Result<Option<CheckpointRef>> {
         Ok(self.list()?.pop())

@@ -111,3 +111,23 @@ fn saving_where_the_disk_refuses_fails_cleanly_and_keeps_earlier_checkpoints() {
     let (state, info) = cairn::load(&uri, &LoadOptions::default()).unwrap();
     assert_eq!((info.step, state), (1, common::model_state(1, 1, 4)));
 }
+
+#[test]
+fn listing_while_retention_deletes_never_fails() {
+    let run = Run::create("memory://commit/list-race").unwrap();
+    for step in 1..=40 {
+        run.save(&common::model_state(step, 1, 2), &SaveOptions::default().with_step(step)).unwrap();
+    }
+    std::thread::scope(|s| {
+        let deleter = s.spawn(|| {
+            for step in 1..40 {
+                run.delete(step).unwrap();
+            }
+        });
+        while !deleter.is_finished() {
+            let infos = run.infos().unwrap();
+            assert!(infos.windows(2).all(|w| w[0].step < w[1].step));
+        }
+    });
+    assert_eq!(run.infos().unwrap().iter().map(|i| i.step).collect::<Vec<_>>(), vec![40]);
+}

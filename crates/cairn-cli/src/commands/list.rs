@@ -7,8 +7,7 @@ use crate::CommandResult;
 
 pub fn ls(uri: &str, json: bool) -> CommandResult {
     let run = cairn::Run::open(uri)?;
-    let infos: Vec<cairn::CheckpointInfo> =
-        run.list()?.iter().map(|c| c.open().map(|ck| ck.info())).collect::<Result<_, _>>()?;
+    let infos = run.infos()?;
     if json {
         let rows: Vec<serde_json::Value> = infos
             .iter()

@@ -13,8 +13,7 @@ pub fn run(uri: &str, retention: &Retention, grace: Duration, dry_run: bool) -> 
     let run = cairn::Run::open(uri)?;
     let metric = retention.keep_best.as_ref().map(|b| b.metric.as_str());
     let mut candidates = Vec::new();
-    for c in run.list()? {
-        let info = c.open()?.info();
+    for info in run.infos()? {
         candidates.push(Candidate { step: info.step, temporary: info.temporary, metric: metric.and_then(|m| info.metric(m)) });
     }
     let doomed = policy::to_delete(retention, &candidates, &BTreeSet::new());

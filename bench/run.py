@@ -1,0 +1,281 @@
+"""Side-by-side checkpoint benchmark (see bench/run.sh).
+
+Every measurement runs in a fresh process; methods are alternated within each repetition
+and the median is reported. Saves are durable (every tool's files are fsynced inside the
+timing; Cairn fsyncs by itself). Cold loads first evict the files from the page cache
+(posix_fadvise DONTNEED). Reports GB/s, ratios to the raw limits and to the best peer, and
+peak RSS; for Cairn's async manager, the time the training loop is blocked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SAVERS = ["cairn", "cairn_async", "torch_save", "safetensors_np", "safetensors_torch", "dcp", "orbax", "raw_odirect", "raw_buffered"]
+LOADERS = ["cairn", "torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax", "raw_read"]
+PEERS_SAVE = ["torch_save", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
+PEERS_LOAD = ["torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
+
+
+def synthetic_state(size_mb: int) -> dict[str, np.ndarray]:
+    """A transformer layout: embeddings, per-layer attention and MLP weights, norms, plus
+    Adam moments for each, all float32, about `size_mb` MiB in a few hundred tensors."""
+    layers, vocab = 12, 32000
+    target = size_mb << 20
+    # bytes ≈ 3 (param + 2 moments) * 4 * (vocab*h + layers*(12 h^2 + 2 h))
+    h = 64
+    while 12 * (vocab * (h + 64) + layers * 12 * (h + 64) ** 2) <= target:
+        h += 64
+    params = {"embed.weight": (vocab, h)}
+    for i in range(layers):
+        for name in ("q", "k", "v", "o"):
+            params[f"layers.{i}.attn.{name}.weight"] = (h, h)
+        params[f"layers.{i}.mlp.up.weight"] = (4 * h, h)
+        params[f"layers.{i}.mlp.down.weight"] = (h, 4 * h)
+        params[f"layers.{i}.norm1.weight"] = (h,)
+        params[f"layers.{i}.norm2.weight"] = (h,)
+    state = {}
+    for n, (key, shape) in enumerate(params.items()):
+        for group in ("model", "optim.exp_avg", "optim.exp_avg_sq"):
+            state[f"{group}.{key}"] = np.full(shape, n * 0.001 + len(group), dtype=np.float32)
+    return state
+
+
+def nbytes(state) -> int:
+    return sum(a.nbytes for a in state.values())
+
+
+def fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def evict(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def as_torch(state):
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in state.items()}
+
+
+def save(method: str, state, path: str) -> dict:
+    os.makedirs(path, exist_ok=True)
+    blocked = None
+    t0 = time.perf_counter()
+    if method == "cairn":
+        import cairn
+
+        cairn.save(os.path.join(path, "ckpt"), state)
+    elif method == "cairn_async":
+        import cairn
+
+        with cairn.CheckpointManager(os.path.join(path, "run"), policies=[cairn.Every(1)], preemption_signal=None) as mgr:
+            b0 = time.perf_counter()
+            mgr.on_step(1, state)
+            blocked = time.perf_counter() - b0
+    elif method == "torch_save":
+        import torch
+
+        torch.save(as_torch(state), os.path.join(path, "model.pt"))
+        fsync_tree(path)
+    elif method == "safetensors_np":
+        import safetensors.numpy
+
+        safetensors.numpy.save_file(state, os.path.join(path, "model.safetensors"))
+        fsync_tree(path)
+    elif method == "safetensors_torch":
+        import safetensors.torch
+
+        safetensors.torch.save_file(as_torch(state), os.path.join(path, "model.safetensors"))
+        fsync_tree(path)
+    elif method == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(as_torch(state), checkpoint_id=os.path.join(path, "dcp"), no_dist=True)
+        fsync_tree(path)
+    elif method == "orbax":
+        import orbax.checkpoint as ocp
+
+        ocp.PyTreeCheckpointer().save(os.path.join(path, "orbax"), state)
+        fsync_tree(path)
+    elif method in ("raw_odirect", "raw_buffered"):
+        total = nbytes(state)
+        chunk = 64 << 20
+        buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+        buf.write(b"\x01" * chunk)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_DIRECT if method == "raw_odirect" else 0)
+        fd = os.open(os.path.join(path, "raw.bin"), flags, 0o644)
+        written = 0
+        while written < total:
+            written += os.write(fd, buf)
+        os.fsync(fd)
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "blocked_s": blocked}
+
+
+def load(method: str, path: str, cold: bool) -> dict:
+    if cold:
+        evict(path)
+    t0 = time.perf_counter()
+    if method == "cairn":
+        import cairn
+
+        out = cairn.load(os.path.join(path, "ckpt"))
+        sum(float(a.reshape(-1)[-1]) for a in out.values())  # touch every tensor's last page
+    elif method in ("torch_load", "torch_load_mmap"):
+        import torch
+
+        out = torch.load(os.path.join(path, "model.pt"), mmap=method.endswith("mmap"), weights_only=True)
+        sum(float(t.reshape(-1)[-1]) for t in out.values())
+    elif method == "safetensors_np":
+        import safetensors.numpy
+
+        out = safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))
+    elif method == "safetensors_torch":
+        import safetensors.torch
+
+        out = safetensors.torch.load_file(os.path.join(path, "model.safetensors"))
+        sum(float(t.reshape(-1)[-1]) for t in out.values())
+    elif method == "dcp":
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        meta = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata()
+        target = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()}
+        dcp.load(target, checkpoint_id=os.path.join(path, "dcp"), no_dist=True)
+    elif method == "orbax":
+        import orbax.checkpoint as ocp
+
+        out = ocp.PyTreeCheckpointer().restore(os.path.join(path, "orbax"))
+    elif method == "raw_read":
+        with open(os.path.join(path, "raw.bin"), "rb", buffering=0) as f:
+            buf = bytearray(64 << 20)
+            view = memoryview(buf)
+            while f.readinto(view):
+                pass
+    return {"seconds": time.perf_counter() - t0}
+
+
+def worker(args) -> None:
+    state = synthetic_state(args.size_mb) if args.op == "save" else None
+    result = save(args.method, state, args.dir) if args.op == "save" else load(args.method, args.dir, args.cold)
+    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.op == "save":
+        result["bytes"] = nbytes(state)
+        if args.method == "cairn_async":
+            copy0 = time.perf_counter()
+            {k: v.copy() for k, v in state.items()}
+            result["memcpy_s"] = time.perf_counter() - copy0
+    print(json.dumps(result))
+
+
+def run_worker(method, op, directory, size_mb, cold=False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--method", method, "--op", op, "--dir", directory, "--size-mb", str(size_mb)]
+    if cold:
+        cmd.append("--cold")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="scratch directory on the disk to measure")
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--method")
+    ap.add_argument("--op")
+    ap.add_argument("--cold", action="store_true")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    scratch = args.dir or tempfile.mkdtemp(prefix="cairn-bench-", dir=os.getcwd())
+    size = None
+    results: dict[str, dict[str, list]] = {}
+    for rep in range(args.reps):
+        order = SAVERS if rep % 2 == 0 else list(reversed(SAVERS))
+        for method in order:
+            d = os.path.join(scratch, method)
+            shutil.rmtree(d, ignore_errors=True)
+            r = run_worker(method, "save", d, args.size_mb)
+            results.setdefault(method, {}).setdefault("save", []).append(r)
+            size = size or r.get("bytes")
+        for cold in (True, False):
+            for method in (LOADERS if rep % 2 == 0 else list(reversed(LOADERS))):
+                d = os.path.join(scratch, {"raw_read": "raw_buffered"}.get(method, method.replace("torch_load_mmap", "torch_save").replace("torch_load", "torch_save")))
+                r = run_worker(method, "load", d, args.size_mb, cold=cold)
+                results.setdefault(method, {}).setdefault("cold_load" if cold else "warm_load", []).append(r)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    def med(method, op, field="seconds"):
+        vals = [r[field] for r in results.get(method, {}).get(op, []) if r.get(field) is not None]
+        return statistics.median(vals) if vals else None
+
+    gbs = lambda s: size / s / 1e9 if s else None  # noqa: E731
+    table = {}
+    for method in sorted(set(SAVERS) | set(LOADERS)):
+        row = {op: gbs(med(method, op)) for op in ("save", "cold_load", "warm_load")}
+        row["rss_mb"] = max((r.get("rss_mb", 0) for rs in results.get(method, {}).values() for r in rs), default=None)
+        errors = [r["error"] for rs in results.get(method, {}).values() for r in rs if "error" in r]
+        if errors:
+            row["error"] = errors[0]
+        table[method] = row
+    blocked, memcpy = med("cairn_async", "save", "blocked_s"), med("cairn_async", "save", "memcpy_s")
+    best = lambda op, peers: max((table[p][op] for p in peers if table[p].get(op)), default=None)  # noqa: E731
+    summary = {
+        "bytes": size,
+        "save_vs_best_peer": (table["cairn"]["save"] or 0) / (best("save", PEERS_SAVE) or 1),
+        "save_vs_odirect": (table["cairn"]["save"] or 0) / (table["raw_odirect"]["save"] or 1),
+        "cold_load_vs_raw_read": (table["cairn"]["cold_load"] or 0) / (table["raw_read"]["cold_load"] or 1),
+        "cold_load_vs_best_peer": (table["cairn"]["cold_load"] or 0) / (best("cold_load", PEERS_LOAD) or 1),
+        "warm_load_vs_best_peer": (table["cairn"]["warm_load"] or 0) / (best("warm_load", PEERS_LOAD) or 1),
+        "async_blocked_s": blocked,
+        "memcpy_s": memcpy,
+        "blocked_vs_memcpy": blocked / memcpy if blocked and memcpy else None,
+    }
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    print(f"state: {size / 2**30:.2f} GiB, {args.reps} reps, medians; GB/s (higher is better)")
+    print(f"{'method':<20}{'save':>8}{'cold load':>11}{'warm load':>11}{'peak RSS MB':>13}")
+    for method, row in table.items():
+        print(f"{method:<20}{fmt(row['save']):>8}{fmt(row['cold_load']):>11}{fmt(row['warm_load']):>11}{fmt(row['rss_mb']):>13}"
+              + (f"   ({row['error'][:60]})" if "error" in row else ""))
+    print()
+    for k, v in summary.items():
+        if k != "bytes":
+            print(f"{k:<24}{fmt(v)}")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+    with open(out, "w") as f:
+        json.dump({"table": table, "summary": summary, "raw": results}, f, indent=1)
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
