@@ -194,7 +194,8 @@ impl Exchange for StoreExchange {
             self.write(&format!("{dir}/{:05}", self.rank), payload).await?;
             let deadline = Instant::now() + self.timeout;
             let mut got: Vec<Option<Vec<u8>>> = vec![None; self.world_size as usize];
-            for n in 0u32.. {
+            let mut n = 0u32;
+            loop {
                 for (r, slot) in got.iter_mut().enumerate() {
                     if slot.is_none() {
                         *slot = self.read(&format!("{dir}/{r:05}")).await?;
@@ -224,8 +225,8 @@ impl Exchange for StoreExchange {
                     return Err(Error::new(ErrorKind::Unavailable, reason));
                 }
                 tokio::time::sleep(pause(n)).await;
+                n += 1;
             }
-            unreachable!("the polling loop only ends by returning")
         })
     }
 }
