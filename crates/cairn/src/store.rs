@@ -201,7 +201,7 @@ impl Location {
         if !create && !path.is_dir() {
             return Err(Error::not_found(format!("no such directory dir=`{shown}`")));
         }
-        std::fs::create_dir_all(&path).map_err(|e| {
+        create_dirs_durably(&path).map_err(|e| {
             let kind = if e.kind() == std::io::ErrorKind::PermissionDenied {
                 crate::ErrorKind::Permission
             } else {
@@ -253,6 +253,36 @@ impl Location {
     /// The URI (or path) this location was opened from, for messages.
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+}
+
+/// Creates `path` and its missing ancestors, then fsyncs every directory whose entries
+/// changed (each created one and the existing parent of the topmost), so that the run's
+/// folder itself survives a power loss, not only what is written inside it.
+fn create_dirs_durably(path: &std::path::Path) -> std::io::Result<()> {
+    let path = std::path::absolute(path)?;
+    let path = path.as_path();
+    let mut first_existing = path;
+    while !first_existing.exists() {
+        match first_existing.parent() {
+            Some(parent) => first_existing = parent,
+            None => break,
+        }
+    }
+    if first_existing == path {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path)?;
+    let mut dir = path;
+    loop {
+        std::fs::File::open(dir)?.sync_all()?;
+        if dir == first_existing {
+            return Ok(());
+        }
+        dir = match dir.parent() {
+            Some(parent) => parent,
+            None => return Ok(()),
+        };
     }
 }
 
