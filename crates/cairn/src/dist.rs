@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::layout::MANIFEST_FILE;
-use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION};
+use crate::format::manifest::{FileRecord, Piece, TensorRecord};
 use crate::info::CheckpointInfo;
 use crate::load::Checkpoint;
 use crate::runtime::block_on;
@@ -464,21 +464,7 @@ fn commit(dest: &Location, state: &State, step: u64, opts: &SaveOptions, attempt
             tensors.entry(key).or_insert_with(|| TensorRecord { dtype, shape: global, pieces: Vec::new() }).pieces.push(piece);
         }
     }
-    let manifest = Manifest {
-        format: FORMAT_NAME.to_string(),
-        format_version: FORMAT_VERSION,
-        step,
-        created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-        temporary: opts.temporary,
-        save_id: attempt.to_string(),
-        writer: Writer { library: "cairn".into(), version: env!("CARGO_PKG_VERSION").into(), world_size },
-        metrics: opts.metrics.clone(),
-        metadata: opts.metadata.clone(),
-        values: state.values().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        structure: state.structure().cloned(),
-        tensors,
-        files,
-    };
+    let manifest = save::manifest_of(state, step, opts, attempt, world_size, tensors, files);
     // Holes or overlaps in what the ranks hold are the caller's mistake, named by tensor.
     manifest.validate(MANIFEST_FILE).map_err(|e| Error::invalid(format!("{} (ranks' slices do not tile the tensor)", e.message())))?;
     block_on(save::commit_manifest(dest, &manifest, step))

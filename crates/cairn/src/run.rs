@@ -71,16 +71,21 @@ impl Run {
         block_on(self.list_async())
     }
 
-    pub(crate) async fn list_async(&self) -> Result<Vec<CheckpointRef>> {
+    /// Every object under the run, with the number of path parts of the run's prefix.
+    async fn objects(&self) -> Result<(usize, Vec<object_store::ObjectMeta>)> {
         let prefix = self.location.prefix();
-        let depth = prefix.parts().count();
-        let objects: Vec<object_store::ObjectMeta> = self
+        let objects = self
             .location
             .store()
             .list(Some(prefix))
             .try_collect()
             .await
             .map_err(|e| Error::from_store(e, "listing run", &format!("run=`{}`", self.location.uri())))?;
+        Ok((prefix.parts().count(), objects))
+    }
+
+    pub(crate) async fn list_async(&self) -> Result<Vec<CheckpointRef>> {
+        let (depth, objects) = self.objects().await?;
         let mut found: Vec<CheckpointRef> = objects
             .iter()
             .filter_map(|meta| {
@@ -147,15 +152,7 @@ impl Run {
     }
 
     async fn prune_orphans_async(&self, grace: std::time::Duration) -> Result<Vec<String>> {
-        let prefix = self.location.prefix();
-        let depth = prefix.parts().count();
-        let objects: Vec<object_store::ObjectMeta> = self
-            .location
-            .store()
-            .list(Some(prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::from_store(e, "listing run", &format!("run=`{}`", self.location.uri())))?;
+        let (depth, objects) = self.objects().await?;
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let old_enough = |m: &object_store::ObjectMeta| now_ms - m.last_modified.timestamp_millis() >= grace.as_millis() as i64;
         let mut by_step: std::collections::BTreeMap<u64, Vec<(String, &object_store::ObjectMeta)>> = Default::default();

@@ -357,6 +357,20 @@ fn build_manifest(state: &State, step: u64, opts: &SaveOptions, save_id: &str, w
             }
         }
     }
+    manifest_of(state, step, opts, save_id, 1, tensors, files)
+}
+
+/// The manifest of a save: its tensors and files, plus the state's values and structure
+/// and the options' metadata.
+pub(crate) fn manifest_of(
+    state: &State,
+    step: u64,
+    opts: &SaveOptions,
+    save_id: &str,
+    world_size: u32,
+    tensors: BTreeMap<String, TensorRecord>,
+    files: BTreeMap<String, FileRecord>,
+) -> Manifest {
     Manifest {
         format: FORMAT_NAME.to_string(),
         format_version: FORMAT_VERSION,
@@ -364,7 +378,7 @@ fn build_manifest(state: &State, step: u64, opts: &SaveOptions, save_id: &str, w
         created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         temporary: opts.temporary,
         save_id: save_id.to_string(),
-        writer: Writer { library: "cairn".into(), version: env!("CARGO_PKG_VERSION").into(), world_size: 1 },
+        writer: Writer { library: "cairn".into(), version: env!("CARGO_PKG_VERSION").into(), world_size },
         metrics: opts.metrics.clone(),
         metadata: opts.metadata.clone(),
         values: state.values().map(|(k, v)| (k.clone(), v.clone())).collect(),
