@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== formatting"
+cargo fmt --all -- --check
+
 echo "== python environment (.venv: torch, jax, seaweedfs) and package build"
 ./scripts/python-env.sh
 

@@ -10,13 +10,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
-use cairn::policy::{Every, KeepBest, Mode, Retention, SavePolicy};
 use cairn::dist::{save_distributed, CallbackExchange, StoreExchange};
 use cairn::format::layout;
+use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
+use cairn::policy::{Every, KeepBest, Mode, Retention, SavePolicy};
 use cairn::{
-    CheckpointInfo, DType, Entry, ErrorKind, LoadOptions, Location, RenameRule, Run, SaveOptions, Slice, State, StoreOptions,
-    Tensor, Value,
+    CheckpointInfo, DType, Entry, ErrorKind, LoadOptions, Location, RenameRule, Run, SaveOptions, Slice, State,
+    StoreOptions, Tensor, Value,
 };
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
@@ -27,8 +27,18 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString};
 create_exception!(_cairn, CheckpointError, PyException, "Base class of every Cairn error.");
 create_exception!(_cairn, InvalidArgumentError, CheckpointError, "The call passed something unusable.");
 create_exception!(_cairn, CheckpointNotFoundError, CheckpointError, "The run, checkpoint or key does not exist.");
-create_exception!(_cairn, AlreadyExistsError, CheckpointError, "The step is already committed; nothing was overwritten.");
-create_exception!(_cairn, CorruptCheckpointError, CheckpointError, "Stored bytes are damaged (checksum, truncation, impossible header).");
+create_exception!(
+    _cairn,
+    AlreadyExistsError,
+    CheckpointError,
+    "The step is already committed; nothing was overwritten."
+);
+create_exception!(
+    _cairn,
+    CorruptCheckpointError,
+    CheckpointError,
+    "Stored bytes are damaged (checksum, truncation, impossible header)."
+);
 create_exception!(_cairn, IncompatibleError, CheckpointError, "Well-formed data this version of Cairn cannot use.");
 create_exception!(_cairn, PermissionDeniedError, CheckpointError, "The store refused access.");
 create_exception!(_cairn, UnavailableError, CheckpointError, "The store failed or timed out; retrying may succeed.");
@@ -89,7 +99,11 @@ fn tensor_from_py(key: &str, dtype: &str, shape: Vec<u64>, array: &Bound<'_, PyA
 /// global_shape)` for a slice of a sharded tensor.
 type TensorLeaf<'py> = (String, String, Vec<u64>, Bound<'py, PyAny>, Option<(Vec<u64>, Vec<u64>)>);
 
-fn state_from_py(tensors: Vec<TensorLeaf<'_>>, values: Vec<(String, Bound<'_, PyAny>)>, structure: Option<String>) -> PyResult<State> {
+fn state_from_py(
+    tensors: Vec<TensorLeaf<'_>>,
+    values: Vec<(String, Bound<'_, PyAny>)>,
+    structure: Option<String>,
+) -> PyResult<State> {
     let mut state = State::new();
     for (key, dtype, shape, array, slice) in tensors {
         let tensor = tensor_from_py(&key, &dtype, shape, &array)?;
@@ -196,9 +210,16 @@ impl TensorBuffer {
                 std::ptr::null_mut()
             };
             (*view).ndim = 1;
-            (*view).shape = if (flags & pyo3::ffi::PyBUF_ND) == pyo3::ffi::PyBUF_ND { &mut (*view).len } else { std::ptr::null_mut() };
-            (*view).strides =
-                if (flags & pyo3::ffi::PyBUF_STRIDES) == pyo3::ffi::PyBUF_STRIDES { &mut (*view).itemsize } else { std::ptr::null_mut() };
+            (*view).shape = if (flags & pyo3::ffi::PyBUF_ND) == pyo3::ffi::PyBUF_ND {
+                &mut (*view).len
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).strides = if (flags & pyo3::ffi::PyBUF_STRIDES) == pyo3::ffi::PyBUF_STRIDES {
+                &mut (*view).itemsize
+            } else {
+                std::ptr::null_mut()
+            };
             (*view).suboffsets = std::ptr::null_mut();
             (*view).internal = std::ptr::null_mut();
             (*view).obj = slf.into_any().into_ptr();
@@ -260,9 +281,11 @@ fn metrics_from_py(metrics: Option<Vec<(String, Bound<'_, PyAny>)>>) -> PyResult
         let value = if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
             Value::Int(value.extract()?)
         } else {
-            Value::Float(value.extract::<f64>().map_err(|_| {
-                InvalidArgumentError::new_err(format!("metric must be a number metric=`{name}`"))
-            })?)
+            Value::Float(
+                value
+                    .extract::<f64>()
+                    .map_err(|_| InvalidArgumentError::new_err(format!("metric must be a number metric=`{name}`")))?,
+            )
         };
         out.insert(name, value);
     }
@@ -277,10 +300,12 @@ fn metadata_from_json(metadata: Option<String>) -> PyResult<serde_json::Value> {
         .map_err(|e| InvalidArgumentError::new_err(format!("metadata is not json-serializable: {e}")))
 }
 
-fn load_options(prefix: Option<Vec<String>>, keys: Option<Vec<String>>, rename: Option<Vec<(String, String)>>) -> PyResult<LoadOptions> {
-    let mut opts = LoadOptions::default();
-    opts.prefixes = prefix.unwrap_or_default();
-    opts.keys = keys;
+fn load_options(
+    prefix: Option<Vec<String>>,
+    keys: Option<Vec<String>>,
+    rename: Option<Vec<(String, String)>>,
+) -> PyResult<LoadOptions> {
+    let mut opts = LoadOptions { prefixes: prefix.unwrap_or_default(), keys, ..Default::default() };
     for (pattern, replacement) in rename.unwrap_or_default() {
         opts.rename.push(RenameRule::new(&pattern, replacement).map_err(to_py_err)?);
     }
@@ -308,12 +333,15 @@ fn save<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded(|| {
         let state = state_from_py(tensors, values, structure)?;
-        let mut opts = SaveOptions::default();
-        opts.step = step;
-        opts.metrics = metrics_from_py(metrics)?;
-        opts.metadata = metadata_from_json(metadata)?;
+        let opts = SaveOptions {
+            step,
+            metrics: metrics_from_py(metrics)?,
+            metadata: metadata_from_json(metadata)?,
+            ..Default::default()
+        };
         let storage = storage_options.unwrap_or_default();
-        let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| InvalidArgumentError::new_err(format!("invalid timeout={timeout}")))?;
+        let timeout = Duration::try_from_secs_f64(timeout)
+            .map_err(|_| InvalidArgumentError::new_err(format!("invalid timeout={timeout}")))?;
         if rank >= world_size {
             return Err(InvalidArgumentError::new_err(format!("rank {rank} is not below world_size {world_size}")));
         }
@@ -330,7 +358,8 @@ fn save<'py>(
                 };
                 match &all_gather {
                     Some(f) => {
-                        let mut exchange = CallbackExchange::new(rank, world_size, |payload: Vec<u8>| call_all_gather(f, payload));
+                        let mut exchange =
+                            CallbackExchange::new(rank, world_size, |payload: Vec<u8>| call_all_gather(f, payload));
                         save_distributed(&dest, &state, step_value, &opts, &mut exchange)
                     }
                     None => {
@@ -344,6 +373,9 @@ fn save<'py>(
         info_to_py(py, &info)
     })
 }
+
+/// A requested box of a tensor: `(offsets, shape)`.
+type SliceRequest = (Vec<u64>, Vec<u64>);
 
 /// Calls a Python all-gather: `f(bytes) -> list[bytes]`, one entry per rank.
 fn call_all_gather(f: &Py<PyAny>, payload: Vec<u8>) -> cairn::Result<Vec<Vec<u8>>> {
@@ -366,7 +398,7 @@ fn load<'py>(
     rename: Option<Vec<(String, String)>>,
     step: Option<u64>,
     storage_options: Option<StoreOptions>,
-    slices: Option<BTreeMap<String, (Vec<u64>, Vec<u64>)>>,
+    slices: Option<BTreeMap<String, SliceRequest>>,
 ) -> PyResult<PyLeaves<'py>> {
     guarded(|| {
         let mut opts = load_options(prefix, keys, rename)?;
@@ -428,7 +460,11 @@ impl Manager {
             let mode = match mode {
                 "min" => Mode::Min,
                 "max" => Mode::Max,
-                other => return Err(InvalidArgumentError::new_err(format!("mode must be \"min\" or \"max\", got mode=`{other}`"))),
+                other => {
+                    return Err(InvalidArgumentError::new_err(format!(
+                        "mode must be \"min\" or \"max\", got mode=`{other}`"
+                    )))
+                }
             };
             if keep_best.is_some() && metric.is_none() {
                 return Err(InvalidArgumentError::new_err("keep_best needs metric= (the metric to rank by)"));
@@ -470,7 +506,12 @@ impl Manager {
     ) -> PyResult<bool> {
         guarded(|| {
             let state = state_from_py(tensors, values, structure)?;
-            let req = SaveRequest { force, temporary: false, metrics: metrics_from_py(metrics)?, metadata: metadata_from_json(metadata)? };
+            let req = SaveRequest {
+                force,
+                temporary: false,
+                metrics: metrics_from_py(metrics)?,
+                metadata: metadata_from_json(metadata)?,
+            };
             let saved = py.detach(|| self.inner.on_step(step, &state, req)).map_err(to_py_err)?;
             drop(state);
             Ok(saved)
@@ -492,7 +533,12 @@ impl Manager {
     ) -> PyResult<()> {
         guarded(|| {
             let state = state_from_py(tensors, values, structure)?;
-            let req = SaveRequest { force: true, temporary, metrics: metrics_from_py(metrics)?, metadata: metadata_from_json(metadata)? };
+            let req = SaveRequest {
+                force: true,
+                temporary,
+                metrics: metrics_from_py(metrics)?,
+                metadata: metadata_from_json(metadata)?,
+            };
             py.detach(|| self.inner.save(step, &state, req)).map_err(to_py_err)?;
             drop(state);
             Ok(())
@@ -546,7 +592,11 @@ impl Manager {
 /// Lists the committed checkpoints of the run at `uri` as info dicts, in step order.
 #[pyfunction]
 #[pyo3(signature = (uri, storage_options=None))]
-fn list_checkpoints<'py>(py: Python<'py>, uri: &str, storage_options: Option<StoreOptions>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+fn list_checkpoints<'py>(
+    py: Python<'py>,
+    uri: &str,
+    storage_options: Option<StoreOptions>,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
     guarded(|| {
         let infos = py
             .detach(|| {
@@ -576,7 +626,9 @@ fn copy<'py>(
                 let to = Location::with_options(dst, true, &dst_options.unwrap_or_default())?;
                 match cairn::runtime::block_on(cairn::Checkpoint::open_at(from.clone())) {
                     Ok(ckpt) => Ok(vec![cairn::transfer::copy_checkpoint(&ckpt, &to)?]),
-                    Err(e) if e.kind() == ErrorKind::NotFound => cairn::transfer::copy_run(&Run::at(from), &Run::at(to)),
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        cairn::transfer::copy_run(&Run::at(from), &Run::at(to))
+                    }
                     Err(e) => Err(e),
                 }
             })
@@ -603,10 +655,20 @@ fn to_bytes<'py>(py: Python<'py>, uri: &str, storage_options: Option<StoreOption
 /// Unpacks a bundle into the checkpoint folder `uri`, commits and verifies it.
 #[pyfunction]
 #[pyo3(signature = (bundle, uri, storage_options=None))]
-fn from_bytes<'py>(py: Python<'py>, bundle: &[u8], uri: &str, storage_options: Option<StoreOptions>) -> PyResult<Bound<'py, PyDict>> {
+fn from_bytes<'py>(
+    py: Python<'py>,
+    bundle: &[u8],
+    uri: &str,
+    storage_options: Option<StoreOptions>,
+) -> PyResult<Bound<'py, PyDict>> {
     guarded(|| {
         let info = py
-            .detach(|| cairn::transfer::from_bytes(bundle, &Location::with_options(uri, true, &storage_options.unwrap_or_default())?))
+            .detach(|| {
+                cairn::transfer::from_bytes(
+                    bundle,
+                    &Location::with_options(uri, true, &storage_options.unwrap_or_default())?,
+                )
+            })
             .map_err(to_py_err)?;
         info_to_py(py, &info)
     })
@@ -626,9 +688,13 @@ fn register_scheme(prefix: String, resolver: Py<PyAny>) -> PyResult<()> {
     cairn::register_scheme(
         prefix,
         std::sync::Arc::new(move |uri: &str, options: &StoreOptions| {
-            let target: String = Python::attach(|py| resolver.call1(py, (uri,)).and_then(|r| r.extract(py))).map_err(|e| {
-                cairn::Error::new(ErrorKind::Invalid, format!("scheme resolver failed prefix=`{shown}` uri=`{uri}`: {e}"))
-            })?;
+            let target: String =
+                Python::attach(|py| resolver.call1(py, (uri,)).and_then(|r| r.extract(py))).map_err(|e| {
+                    cairn::Error::new(
+                        ErrorKind::Invalid,
+                        format!("scheme resolver failed prefix=`{shown}` uri=`{uri}`: {e}"),
+                    )
+                })?;
             if target.starts_with(shown.as_str()) {
                 return Err(cairn::Error::new(
                     ErrorKind::Invalid,

@@ -165,7 +165,9 @@ fn main() -> ExitCode {
             };
             commands::prune::run(&run, &retention, grace, dry_run)
         }
-        Command::Export { ckpt, out, prefix, dtype } => commands::convert::export(&ckpt, &out, prefix, dtype.as_deref()),
+        Command::Export { ckpt, out, prefix, dtype } => {
+            commands::convert::export(&ckpt, &out, prefix, dtype.as_deref())
+        }
         Command::Import { src, run, step } => commands::convert::import(&src, &run, step),
     };
     match result {

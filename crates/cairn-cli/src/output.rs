@@ -21,7 +21,9 @@ impl From<cairn::Error> for CliError {
             cause = c.source();
         }
         let hint = match err.kind() {
-            cairn::ErrorKind::NotFound => Some("check the path or URI; `cairn ls RUN` lists committed checkpoints".to_string()),
+            cairn::ErrorKind::NotFound => {
+                Some("check the path or URI; `cairn ls RUN` lists committed checkpoints".to_string())
+            }
             cairn::ErrorKind::Corrupt => Some("`cairn verify` lists every damaged tensor and file".to_string()),
             cairn::ErrorKind::Permission => Some("check the credentials and permissions of the store".to_string()),
             cairn::ErrorKind::Unavailable => Some("the store failed or timed out; retrying may succeed".to_string()),
@@ -89,9 +91,5 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 
 /// Metrics as `name=value` pairs.
 pub fn metrics(info: &cairn::CheckpointInfo) -> String {
-    info.metrics
-        .keys()
-        .filter_map(|k| info.metric(k).map(|v| format!("{k}={v}")))
-        .collect::<Vec<_>>()
-        .join(" ")
+    info.metrics.keys().filter_map(|k| info.metric(k).map(|v| format!("{k}={v}"))).collect::<Vec<_>>().join(" ")
 }

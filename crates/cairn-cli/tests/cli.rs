@@ -37,7 +37,8 @@ fn state(scale: f32) -> State {
 fn make_run(dir: &Path) {
     let uri = dir.join("run");
     for (step, temporary) in [(10, false), (20, false), (30, true)] {
-        let opts = SaveOptions::default().with_step(step).with_temporary(temporary).with_metric("loss", step as f64 / 100.0);
+        let opts =
+            SaveOptions::default().with_step(step).with_temporary(temporary).with_metric("loss", step as f64 / 100.0);
         cairn::save(uri.to_str().unwrap(), &state(1.0), &opts).unwrap();
     }
 }
@@ -90,7 +91,8 @@ fn inspect_shows_tensors_shards_and_totals() {
     let out = cairn(dir.path(), &["inspect", "run/step-000000000010"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     snapshot!("inspect", out.stdout);
-    let json: serde_json::Value = serde_json::from_str(&cairn(dir.path(), &["inspect", "run", "--json"]).stdout).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&cairn(dir.path(), &["inspect", "run", "--json"]).stdout).unwrap();
     assert_eq!(json["step"], 30);
     assert_eq!(json["tensors"]["model.w"]["shape"], serde_json::json!([2, 2]));
     assert_eq!(json["totals"]["model"]["tensors"], 2);

@@ -22,8 +22,9 @@ fn checksums(c: &mut Criterion) {
 }
 
 fn shard_header(c: &mut Criterion) {
-    let entries: Vec<ShardEntry> =
-        (0..1000).map(|i| ShardEntry { name: format!("model.layers.{i}.weight"), dtype: DType::F32, shape: vec![1024, 1024] }).collect();
+    let entries: Vec<ShardEntry> = (0..1000)
+        .map(|i| ShardEntry { name: format!("model.layers.{i}.weight"), dtype: DType::F32, shape: vec![1024, 1024] })
+        .collect();
     c.bench_function("shard_header/1000_tensors", |b| b.iter(|| build_header(&entries, HashMap::new()).unwrap()));
 }
 
@@ -37,11 +38,18 @@ fn big_manifest(tensors: usize) -> Manifest {
             TensorRecord {
                 dtype: DType::F32,
                 shape: vec![4, 4],
-                pieces: vec![Piece { file: file.clone(), range: [start, start + 64], offsets: vec![0, 0], shape: vec![4, 4], crc32c: i as u32 }],
+                pieces: vec![Piece {
+                    file: file.clone(),
+                    range: [start, start + 64],
+                    offsets: vec![0, 0],
+                    shape: vec![4, 4],
+                    crc32c: i as u32,
+                }],
             },
         );
     }
-    let files = BTreeMap::from([(file, FileRecord { size: 4096 + tensors as u64 * 64, header_len: 4096, header_crc32c: 0 })]);
+    let files =
+        BTreeMap::from([(file, FileRecord { size: 4096 + tensors as u64 * 64, header_len: 4096, header_crc32c: 0 })]);
     Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
@@ -72,14 +80,21 @@ fn manifest(c: &mut Criterion) {
 fn listing(c: &mut Criterion) {
     let mut group = c.benchmark_group("list_run");
     group.sample_size(10);
-    for count in [10_000u64] {
+    let count = 10_000u64;
+    {
         let store = Arc::new(InMemory::new());
         let loc = Location::from_store(store.clone(), "memory://bench");
         cairn::runtime::block_on(async {
             for step in 0..count {
                 let dir = layout::step_dir(step);
                 store.put(&loc.path(&format!("{dir}/manifest.json")), PutPayload::from_static(b"{}")).await.unwrap();
-                store.put(&loc.path(&format!("{dir}/shards/r00000-00000-of-00001-x.safetensors")), PutPayload::from_static(b"x")).await.unwrap();
+                store
+                    .put(
+                        &loc.path(&format!("{dir}/shards/r00000-00000-of-00001-x.safetensors")),
+                        PutPayload::from_static(b"x"),
+                    )
+                    .await
+                    .unwrap();
             }
             Ok(())
         })

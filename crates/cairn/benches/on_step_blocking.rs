@@ -11,7 +11,10 @@ use cairn::{DType, State, Tensor};
 fn state(mib: usize) -> State {
     let mut state = State::new();
     for i in 0..mib.div_ceil(4) {
-        state.insert_tensor(format!("layers.{i}.w"), Tensor::new(DType::F32, vec![1024, 1024], vec![i as u8; 4 << 20]).unwrap());
+        state.insert_tensor(
+            format!("layers.{i}.w"),
+            Tensor::new(DType::F32, vec![1024, 1024], vec![i as u8; 4 << 20]).unwrap(),
+        );
     }
     state
 }

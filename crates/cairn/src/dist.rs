@@ -67,7 +67,11 @@ impl<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> CallbackExchange<F> {
     fn gather(&mut self, payload: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         let got = (self.all_gather)(payload)?;
         if got.len() != self.world_size as usize {
-            return Err(Error::invalid(format!("all-gather returned {} payloads for world_size={}", got.len(), self.world_size)));
+            return Err(Error::invalid(format!(
+                "all-gather returned {} payloads for world_size={}",
+                got.len(),
+                self.world_size
+            )));
         }
         Ok(got)
     }
@@ -120,17 +124,17 @@ impl StoreExchange {
     }
 
     async fn write(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        self.coord.store().put(&self.coord.path(name), PutPayload::from(data)).await.map(|_| ()).map_err(|e| self.store_err(e))
+        self.coord
+            .store()
+            .put(&self.coord.path(name), PutPayload::from(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.store_err(e))
     }
 
     async fn clear(&self) -> Result<()> {
-        let stale: Vec<object_store::ObjectMeta> = self
-            .coord
-            .store()
-            .list(Some(self.coord.prefix()))
-            .try_collect()
-            .await
-            .map_err(|e| self.store_err(e))?;
+        let stale: Vec<object_store::ObjectMeta> =
+            self.coord.store().list(Some(self.coord.prefix())).try_collect().await.map_err(|e| self.store_err(e))?;
         for meta in stale {
             match self.coord.store().delete(&meta.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -184,7 +188,10 @@ impl Exchange for StoreExchange {
                 }
                 tokio::time::sleep(pause(n)).await;
             }
-            Err(Error::new(ErrorKind::Unavailable, format!("timed out waiting for rank 0 to start the save dir=`{}`", self.coord.uri())))
+            Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("timed out waiting for rank 0 to start the save dir=`{}`", self.coord.uri()),
+            ))
         })
     }
 
@@ -214,7 +221,8 @@ impl Exchange for StoreExchange {
                     }
                 }
                 if Instant::now() > deadline {
-                    let missing: Vec<usize> = got.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(r, _)| r).collect();
+                    let missing: Vec<usize> =
+                        got.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(r, _)| r).collect();
                     let reason = format!(
                         "timed out waiting for ranks {missing:?} round={round} dir=`{}`; nothing was committed",
                         self.coord.uri()
@@ -254,13 +262,16 @@ struct Outcome {
     error: Option<(String, String)>,
 }
 
+/// A distinct box of a tensor: key, offsets, shape.
+type BoxId = (String, Vec<u64>, Vec<u64>);
+
 /// Assigns every distinct box to one rank holding it, largest first, to the holder with
 /// the fewest bytes so far (ties: lowest rank). Pure: every rank computes the same plan
 /// from the same gathered leaves. Fails, naming the key, when ranks disagree on a
 /// tensor's dtype or global shape.
-fn plan_writers(leaves: &[Vec<Leaf>]) -> Result<HashMap<(String, Vec<u64>, Vec<u64>), u32>> {
+fn plan_writers(leaves: &[Vec<Leaf>]) -> Result<HashMap<BoxId, u32>> {
     let mut meta: BTreeMap<&str, (DType, &Vec<u64>, u32)> = BTreeMap::new();
-    let mut holders: BTreeMap<(String, Vec<u64>, Vec<u64>), (u64, Vec<u32>)> = BTreeMap::new();
+    let mut holders: BTreeMap<BoxId, (u64, Vec<u32>)> = BTreeMap::new();
     for (rank, list) in leaves.iter().enumerate() {
         for leaf in list {
             match meta.get(leaf.key.as_str()) {
@@ -280,7 +291,9 @@ fn plan_writers(leaves: &[Vec<Leaf>]) -> Result<HashMap<(String, Vec<u64>, Vec<u
                 }
             }
             let bytes = checked_nbytes(leaf.dtype, &leaf.shape).unwrap_or(u64::MAX);
-            let entry = holders.entry((leaf.key.clone(), leaf.offsets.clone(), leaf.shape.clone())).or_insert((bytes, Vec::new()));
+            let entry = holders
+                .entry((leaf.key.clone(), leaf.offsets.clone(), leaf.shape.clone()))
+                .or_insert((bytes, Vec::new()));
             entry.1.push(rank as u32);
         }
     }
@@ -314,7 +327,11 @@ fn leaves_of(state: &State) -> Result<Vec<Leaf>> {
         }
         let inside = s.offsets.len() == s.global_shape.len()
             && s.tensor.shape().len() == s.global_shape.len()
-            && s.offsets.iter().zip(s.tensor.shape()).zip(&s.global_shape).all(|((&o, &l), &d)| o.checked_add(l).is_some_and(|e| e <= d));
+            && s.offsets
+                .iter()
+                .zip(s.tensor.shape())
+                .zip(&s.global_shape)
+                .all(|((&o, &l), &d)| o.checked_add(l).is_some_and(|e| e <= d));
         if !inside {
             return Err(Error::invalid(format!(
                 "slice offsets {:?} shape {:?} lies outside global shape {:?} key=`{key}`",
@@ -339,7 +356,8 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], rank: usize) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| Error::corrupt(format!("unreadable message from rank {rank}")).with_source(e))
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::corrupt(format!("unreadable message from rank {rank}")).with_source(e))
 }
 
 /// Saves this rank's part of a multi-rank checkpoint into the checkpoint folder `dest`
@@ -359,11 +377,16 @@ pub fn save_distributed(
         match dest.store().head(&manifest_path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(Error::from_store(e, "checking for a committed checkpoint", &format!("dir=`{}`", dest.uri()))),
+            Err(e) => {
+                Err(Error::from_store(e, "checking for a committed checkpoint", &format!("dir=`{}`", dest.uri())))
+            }
         }
     })?;
     if exists {
-        return Err(Error::new(ErrorKind::AlreadyExists, format!("checkpoint already committed step={step} dir=`{}`", dest.uri())));
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!("checkpoint already committed step={step} dir=`{}`", dest.uri()),
+        ));
     }
     let mine = leaves_of(state)?;
     loop {
@@ -399,7 +422,10 @@ fn attempt_save(
         }
         let tensor = match state.slices().get(&leaf.key) {
             Some(s) => s.tensor.clone(),
-            None => state.tensor(&leaf.key).cloned().ok_or_else(|| Error::invalid(format!("missing tensor key=`{}`", leaf.key)))?,
+            None => state
+                .tensor(&leaf.key)
+                .cloned()
+                .ok_or_else(|| Error::invalid(format!("missing tensor key=`{}`", leaf.key)))?,
         };
         share.insert_tensor(leaf.key.clone(), tensor);
         placement.insert(leaf.key.clone(), (leaf.key.clone(), leaf.offsets.clone(), leaf.global_shape.clone()));
@@ -421,11 +447,16 @@ fn attempt_save(
         Err(_) => Written { pieces: Vec::new(), files: BTreeMap::new() },
     };
     // A rank whose writes failed still takes part, so every rank learns the outcome.
-    let failure = written.as_ref().err().map(|e| (format!("{:?}", e.kind()), format!("rank {rank}: {}", e.full_message())));
+    let failure =
+        written.as_ref().err().map(|e| (format!("{:?}", e.kind()), format!("rank {rank}: {}", e.full_message())));
     let Gathered::Ready(all) = exchange.all_gather("written", encode(&(report, failure))?)? else { return Ok(None) };
 
     let verdict = if rank == 0 {
-        Outcome { error: commit(dest, state, step, opts, attempt, &all, exchange.world_size()).err().map(|e| (format!("{:?}", e.kind()), e.full_message())) }
+        Outcome {
+            error: commit(dest, state, step, opts, attempt, &all, exchange.world_size())
+                .err()
+                .map(|e| (format!("{:?}", e.kind()), e.full_message())),
+        }
     } else {
         Outcome { error: None }
     };
@@ -451,7 +482,15 @@ fn kind_from_name(name: &str) -> ErrorKind {
 }
 
 /// Rank 0: merges every rank's report into one manifest and commits it (create-only).
-fn commit(dest: &Location, state: &State, step: u64, opts: &SaveOptions, attempt: &str, reports: &[Vec<u8>], world_size: u32) -> Result<()> {
+fn commit(
+    dest: &Location,
+    state: &State,
+    step: u64,
+    opts: &SaveOptions,
+    attempt: &str,
+    reports: &[Vec<u8>],
+    world_size: u32,
+) -> Result<()> {
     let mut tensors: BTreeMap<String, TensorRecord> = BTreeMap::new();
     let mut files = BTreeMap::new();
     for (r, bytes) in reports.iter().enumerate() {
@@ -461,11 +500,17 @@ fn commit(dest: &Location, state: &State, step: u64, opts: &SaveOptions, attempt
         }
         files.extend(report.files);
         for (key, dtype, global, piece) in report.pieces {
-            tensors.entry(key).or_insert_with(|| TensorRecord { dtype, shape: global, pieces: Vec::new() }).pieces.push(piece);
+            tensors
+                .entry(key)
+                .or_insert_with(|| TensorRecord { dtype, shape: global, pieces: Vec::new() })
+                .pieces
+                .push(piece);
         }
     }
     let manifest = save::manifest_of(state, step, opts, attempt, world_size, tensors, files);
     // Holes or overlaps in what the ranks hold are the caller's mistake, named by tensor.
-    manifest.validate(MANIFEST_FILE).map_err(|e| Error::invalid(format!("{} (ranks' slices do not tile the tensor)", e.message())))?;
+    manifest
+        .validate(MANIFEST_FILE)
+        .map_err(|e| Error::invalid(format!("{} (ranks' slices do not tile the tensor)", e.message())))?;
     block_on(save::commit_manifest(dest, &manifest, step))
 }

@@ -113,9 +113,7 @@ impl Error {
             E::NotFound { .. } => ErrorKind::NotFound,
             E::AlreadyExists { .. } | E::Precondition { .. } => ErrorKind::AlreadyExists,
             E::PermissionDenied { .. } | E::Unauthenticated { .. } => ErrorKind::Permission,
-            E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. } => {
-                ErrorKind::Invalid
-            }
+            E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. } => ErrorKind::Invalid,
             _ => io_kind_in(&err).unwrap_or(ErrorKind::Unavailable),
         };
         Self::new(kind, format!("{doing} failed {what}")).with_source(err)

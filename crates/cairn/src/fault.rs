@@ -13,8 +13,8 @@ use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions,
-    PutPayload, PutResult, Result,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
+    PutOptions, PutPayload, PutResult, Result,
 };
 
 /// What happens at the chosen operation.
@@ -102,10 +102,7 @@ impl Counter {
 }
 
 fn injected(what: &str, location: &Path, why: &str) -> object_store::Error {
-    object_store::Error::Generic {
-        store: "FaultStore",
-        source: format!("{why} during {what} of {location}").into(),
-    }
+    object_store::Error::Generic { store: "FaultStore", source: format!("{why} during {what} of {location}").into() }
 }
 
 impl fmt::Display for FaultStore {

@@ -79,9 +79,8 @@ pub fn open_at(location: Location) -> Result<Checkpoint> {
         return runtime::block_on(Checkpoint::open_at(location));
     }
     let uri = location.uri().to_string();
-    let latest = Run::at(location)
-        .latest()?
-        .ok_or_else(|| Error::not_found(format!("no committed checkpoint uri=`{uri}`")))?;
+    let latest =
+        Run::at(location).latest()?.ok_or_else(|| Error::not_found(format!("no committed checkpoint uri=`{uri}`")))?;
     latest.open()
 }
 

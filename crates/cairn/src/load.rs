@@ -138,7 +138,8 @@ impl Checkpoint {
         if got.meta.size > MAX_MANIFEST_BYTES {
             return Err(Error::corrupt(format!("manifest of {} bytes exceeds the limit file=`{file}`", got.meta.size)));
         }
-        let bytes = got.bytes().await.map_err(|e| Error::from_store(e, "reading manifest", &format!("file=`{file}`")))?;
+        let bytes =
+            got.bytes().await.map_err(|e| Error::from_store(e, "reading manifest", &format!("file=`{file}`")))?;
         let manifest = Manifest::decode(&bytes, &file)?;
         Ok(Checkpoint { location, manifest })
     }
@@ -161,10 +162,9 @@ impl Checkpoint {
     /// Loads the selected keys. Checksums are verified unless `opts.verify` is off.
     pub async fn read(&self, opts: &LoadOptions) -> Result<State> {
         match self.read_selected(opts).await {
-            Err(e) if e.kind() == ErrorKind::Corrupt && !self.still_committed().await => Err(Error::not_found(format!(
-                "checkpoint was deleted while it was being read checkpoint=`{}`",
-                self.location.uri()
-            ))),
+            Err(e) if e.kind() == ErrorKind::Corrupt && !self.still_committed().await => Err(Error::not_found(
+                format!("checkpoint was deleted while it was being read checkpoint=`{}`", self.location.uri()),
+            )),
             other => other,
         }
     }
@@ -172,7 +172,10 @@ impl Checkpoint {
     /// Whether the manifest is still there (a reader racing a deletion sees missing data
     /// files; that checkpoint is gone, not corrupt).
     async fn still_committed(&self) -> bool {
-        !matches!(self.location.store().head(&self.location.path(MANIFEST_FILE)).await, Err(object_store::Error::NotFound { .. }))
+        !matches!(
+            self.location.store().head(&self.location.path(MANIFEST_FILE)).await,
+            Err(object_store::Error::NotFound { .. })
+        )
     }
 
     async fn read_selected(&self, opts: &LoadOptions) -> Result<State> {
@@ -217,11 +220,19 @@ impl Checkpoint {
         let mut out = BTreeMap::new();
         for (key, region) in &opts.slices {
             let Some(record) = self.manifest.tensors.get(key) else {
-                return Err(Error::not_found(format!("sliced tensor not in checkpoint key=`{key}` checkpoint=`{}`", self.location.uri())));
+                return Err(Error::not_found(format!(
+                    "sliced tensor not in checkpoint key=`{key}` checkpoint=`{}`",
+                    self.location.uri()
+                )));
             };
             let inside = region.offsets.len() == record.shape.len()
                 && region.shape.len() == record.shape.len()
-                && region.offsets.iter().zip(&region.shape).zip(&record.shape).all(|((&o, &l), &d)| o.checked_add(l).is_some_and(|e| e <= d));
+                && region
+                    .offsets
+                    .iter()
+                    .zip(&region.shape)
+                    .zip(&record.shape)
+                    .all(|((&o, &l), &d)| o.checked_add(l).is_some_and(|e| e <= d));
             if !inside {
                 return Err(Error::invalid(format!(
                     "requested slice offsets {:?} shape {:?} lies outside global shape {:?} key=`{key}`",
@@ -242,7 +253,11 @@ impl Checkpoint {
             Some(keys) => {
                 let mut out = Vec::with_capacity(keys.len());
                 for key in keys {
-                    let found = self.manifest.tensors.get_key_value(key).map(|(k, _)| k.as_str())
+                    let found = self
+                        .manifest
+                        .tensors
+                        .get_key_value(key)
+                        .map(|(k, _)| k.as_str())
                         .or_else(|| self.manifest.values.get_key_value(key).map(|(k, _)| k.as_str()));
                     match found {
                         Some(k) => out.push(k),
@@ -257,7 +272,9 @@ impl Checkpoint {
                 out
             }
             None if opts.prefixes.is_empty() => all.map(String::as_str).collect(),
-            None => all.filter(|k| opts.prefixes.iter().any(|p| k.starts_with(p.as_str()))).map(String::as_str).collect(),
+            None => {
+                all.filter(|k| opts.prefixes.iter().any(|p| k.starts_with(p.as_str()))).map(String::as_str).collect()
+            }
         };
         chosen.sort_unstable();
         chosen.dedup();
@@ -275,7 +292,12 @@ impl Checkpoint {
         Ok(out)
     }
 
-    async fn read_file(&self, file: &str, pieces: Vec<(PieceId, Piece)>, verify: bool) -> Result<Vec<(PieceId, Bytes)>> {
+    async fn read_file(
+        &self,
+        file: &str,
+        pieces: Vec<(PieceId, Piece)>,
+        verify: bool,
+    ) -> Result<Vec<(PieceId, Bytes)>> {
         let ranges: Vec<std::ops::Range<u64>> = pieces.iter().map(|(_, p)| p.range[0]..p.range[1]).collect();
         let (record, chunks) = self.fetch(file, ranges).await?;
         let shown = format!("{}/{file}", self.location.uri());
@@ -303,7 +325,10 @@ impl Checkpoint {
     /// after checking the file's real size against the manifest.
     async fn fetch(&self, file: &str, ranges: Vec<std::ops::Range<u64>>) -> Result<(FileRecord, Vec<Bytes>)> {
         let record = self.manifest.files.get(file).cloned().ok_or_else(|| {
-            Error::corrupt(format!("piece references unknown data file data_file=`{file}` checkpoint=`{}`", self.location.uri()))
+            Error::corrupt(format!(
+                "piece references unknown data file data_file=`{file}` checkpoint=`{}`",
+                self.location.uri()
+            ))
         })?;
         let shown = format!("{}/{file}", self.location.uri());
         let mut all = Vec::with_capacity(ranges.len() + 1);
@@ -313,9 +338,9 @@ impl Checkpoint {
             Some(dir) => {
                 let path = dir.join(file);
                 let record = record.clone();
-                tokio::task::spawn_blocking(move || map_local(&path, &record, &all, &shown))
-                    .await
-                    .map_err(|e| Error::new(ErrorKind::Unavailable, format!("read task failed file=`{file}`")).with_source(e))??
+                tokio::task::spawn_blocking(move || map_local(&path, &record, &all, &shown)).await.map_err(|e| {
+                    Error::new(ErrorKind::Unavailable, format!("read task failed file=`{file}`")).with_source(e)
+                })??
             }
             None => self.get_remote(file, &record, &all, &shown).await?,
         };
@@ -358,7 +383,13 @@ impl Checkpoint {
         Ok(problems)
     }
 
-    async fn get_remote(&self, file: &str, record: &FileRecord, ranges: &[std::ops::Range<u64>], shown: &str) -> Result<Vec<Bytes>> {
+    async fn get_remote(
+        &self,
+        file: &str,
+        record: &FileRecord,
+        ranges: &[std::ops::Range<u64>],
+        shown: &str,
+    ) -> Result<Vec<Bytes>> {
         let path = self.location.path(file);
         let meta = self.location.store().head(&path).await.map_err(|e| match e {
             object_store::Error::NotFound { .. } => Error::corrupt(format!("data file missing file=`{shown}`")),
@@ -374,13 +405,22 @@ impl Checkpoint {
             .await
             .map_err(|e| Error::from_store(e, "reading shard", &format!("file=`{shown}`")))?
             .into_iter();
-        Ok(ranges.iter().map(|r| if r.is_empty() { Bytes::new() } else { fetched.next().unwrap_or_default() }).collect())
+        Ok(ranges
+            .iter()
+            .map(|r| if r.is_empty() { Bytes::new() } else { fetched.next().unwrap_or_default() })
+            .collect())
     }
 
     /// Builds `region` of the tensor `key` from its read pieces: no copy when a single
     /// piece is exactly the region, else a buffer of the region's size (bounded by the
     /// verified file sizes) filled from every overlapping piece.
-    fn assemble(&self, key: &str, record: &TensorRecord, region: &Region, piece_bytes: &mut HashMap<PieceId, Bytes>) -> Result<Tensor> {
+    fn assemble(
+        &self,
+        key: &str,
+        record: &TensorRecord,
+        region: &Region,
+        piece_bytes: &mut HashMap<PieceId, Bytes>,
+    ) -> Result<Tensor> {
         let shown = || format!("tensor=`{key}` checkpoint=`{}`", self.location.uri());
         let exact = record.pieces.iter().position(|p| p.offsets == region.offsets && p.shape == region.shape);
         if let Some(index) = exact {
@@ -388,11 +428,20 @@ impl Checkpoint {
             return Tensor::new(record.dtype, region.shape.clone(), data)
                 .map_err(|e| Error::corrupt(format!("{} {}", e.message(), shown())));
         }
-        let nbytes = checked_nbytes(record.dtype, &region.shape).ok_or_else(|| Error::corrupt(format!("shape overflows {}", shown())))?;
+        let nbytes = checked_nbytes(record.dtype, &region.shape)
+            .ok_or_else(|| Error::corrupt(format!("shape overflows {}", shown())))?;
         let mut buffer = vec![0u8; nbytes as usize];
         for (index, piece) in record.pieces.iter().enumerate() {
             if let Some(data) = piece_bytes.remove(&(key.to_string(), index)) {
-                geometry::copy_intersection(&mut buffer, &region.offsets, &region.shape, &data, &piece.offsets, &piece.shape, record.dtype.size());
+                geometry::copy_intersection(
+                    &mut buffer,
+                    &region.offsets,
+                    &region.shape,
+                    &data,
+                    &piece.offsets,
+                    &piece.shape,
+                    record.dtype.size(),
+                );
             }
         }
         Tensor::new(record.dtype, region.shape.clone(), buffer)
@@ -408,7 +457,12 @@ fn check_size(actual: u64, expected: u64, shown: &str) -> Result<()> {
 }
 
 /// Maps a local shard read-only and slices out `ranges` without copying.
-fn map_local(path: &std::path::Path, record: &FileRecord, ranges: &[std::ops::Range<u64>], shown: &str) -> Result<Vec<Bytes>> {
+fn map_local(
+    path: &std::path::Path,
+    record: &FileRecord,
+    ranges: &[std::ops::Range<u64>],
+    shown: &str,
+) -> Result<Vec<Bytes>> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| {
         let err = if e.kind() == std::io::ErrorKind::NotFound {
             Error::corrupt(format!("data file missing file=`{shown}`"))
@@ -424,14 +478,16 @@ fn map_local(path: &std::path::Path, record: &FileRecord, ranges: &[std::ops::Ra
     if record.size == 0 {
         return Ok(ranges.iter().map(|_| Bytes::new()).collect());
     }
-    let file = std::fs::File::open(path)
-        .map_err(|e| Error::new(ErrorKind::Unavailable, format!("cannot open data file file=`{shown}`")).with_source(e))?;
+    let file = std::fs::File::open(path).map_err(|e| {
+        Error::new(ErrorKind::Unavailable, format!("cannot open data file file=`{shown}`")).with_source(e)
+    })?;
     // SAFETY: committed checkpoint files are never modified in place (saves write new
     // files, deletes unlink), so the mapping's contents do not change under us. The
     // mapping is private (copy-on-write): a frontend may hand it out writable, and writes
     // land in private pages, never in the file.
-    let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
-        .map_err(|e| Error::new(ErrorKind::Unavailable, format!("cannot map data file file=`{shown}`")).with_source(e))?;
+    let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.map_err(|e| {
+        Error::new(ErrorKind::Unavailable, format!("cannot map data file file=`{shown}`")).with_source(e)
+    })?;
     check_size(map.len() as u64, record.size, shown)?;
     let bytes = Bytes::from_owner(map);
     Ok(ranges.iter().map(|r| bytes.slice(r.start as usize..r.end as usize)).collect())

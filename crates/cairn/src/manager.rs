@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use object_store::{ObjectStoreExt, PutPayload};
 
-use crate::error::{Error, ErrorKind, Result};
 use crate::dist::{self, StoreExchange};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::layout::{self, LATEST_FILE};
 use crate::info::CheckpointInfo;
 use crate::load::LoadOptions;

@@ -275,7 +275,10 @@ mod tests {
     #[test]
     fn preemption_saves_regardless_of_policy() {
         let policy = SavePolicy::steps(vec![Every::new(1000)]).unwrap();
-        assert_eq!(should_save(&policy, &SaveContext { preempted: true, ..ctx(7) }), Decision::Save { temporary: false });
+        assert_eq!(
+            should_save(&policy, &SaveContext { preempted: true, ..ctx(7) }),
+            Decision::Save { temporary: false }
+        );
     }
 
     #[test]
@@ -325,7 +328,10 @@ mod tests {
             keep_best: Some(KeepBest { count: 1, metric: "loss".into(), mode: Mode::Min }),
         };
         assert_eq!(to_delete(&r, &cps, &BTreeSet::new()), vec![100, 300]);
-        let r = Retention { keep_best: Some(KeepBest { count: 2, metric: "acc".into(), mode: Mode::Max }), ..Default::default() };
+        let r = Retention {
+            keep_best: Some(KeepBest { count: 2, metric: "acc".into(), mode: Mode::Max }),
+            ..Default::default()
+        };
         assert_eq!(to_delete(&r, &cps, &BTreeSet::new()), vec![200, 300, 400]);
     }
 
@@ -348,11 +354,7 @@ mod tests {
     }
 
     fn retention() -> impl Strategy<Value = Retention> {
-        (
-            prop::option::of(0usize..5),
-            prop::option::of(0u64..50),
-            prop::option::of((0usize..4, any::<bool>())),
-        )
+        (prop::option::of(0usize..5), prop::option::of(0u64..50), prop::option::of((0usize..4, any::<bool>())))
             .prop_map(|(keep_last, keep_every, best)| Retention {
                 keep_last,
                 keep_every,

@@ -153,8 +153,10 @@ impl Run {
 
     async fn prune_orphans_async(&self, grace: std::time::Duration) -> Result<Vec<String>> {
         let (depth, objects) = self.objects().await?;
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        let old_enough = |m: &object_store::ObjectMeta| now_ms - m.last_modified.timestamp_millis() >= grace.as_millis() as i64;
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let old_enough =
+            |m: &object_store::ObjectMeta| now_ms - m.last_modified.timestamp_millis() >= grace.as_millis() as i64;
         let mut by_step: std::collections::BTreeMap<u64, Vec<(String, &object_store::ObjectMeta)>> = Default::default();
         for meta in &objects {
             let parts: Vec<String> = meta.location.parts().skip(depth).map(|p| p.as_ref().to_string()).collect();
@@ -164,21 +166,28 @@ impl Run {
         }
         let mut removed = Vec::new();
         for (step, files) in by_step {
-            let referenced: Option<std::collections::BTreeSet<String>> = if files.iter().any(|(f, _)| f == MANIFEST_FILE) {
-                let ckpt = Checkpoint::open_at(self.location.child(&layout::step_dir(step))).await?;
-                Some(ckpt.manifest().files.keys().cloned().collect())
-            } else {
-                None
-            };
+            let referenced: Option<std::collections::BTreeSet<String>> =
+                if files.iter().any(|(f, _)| f == MANIFEST_FILE) {
+                    let ckpt = Checkpoint::open_at(self.location.child(&layout::step_dir(step))).await?;
+                    Some(ckpt.manifest().files.keys().cloned().collect())
+                } else {
+                    None
+                };
             let orphans: Vec<&object_store::ObjectMeta> = match &referenced {
-                Some(keep) => files.iter().filter(|(f, m)| f != MANIFEST_FILE && !keep.contains(f) && old_enough(m)).map(|(_, m)| *m).collect(),
+                Some(keep) => files
+                    .iter()
+                    .filter(|(f, m)| f != MANIFEST_FILE && !keep.contains(f) && old_enough(m))
+                    .map(|(_, m)| *m)
+                    .collect(),
                 None if files.iter().all(|(_, m)| old_enough(m)) => files.iter().map(|(_, m)| *m).collect(),
                 None => Vec::new(),
             };
             for meta in orphans {
                 match self.location.store().delete(&meta.location).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => removed.push(meta.location.to_string()),
-                    Err(e) => return Err(Error::from_store(e, "removing orphan", &format!("file=`{}`", meta.location))),
+                    Err(e) => {
+                        return Err(Error::from_store(e, "removing orphan", &format!("file=`{}`", meta.location)))
+                    }
                 }
             }
         }
@@ -211,7 +220,9 @@ pub(crate) async fn delete_checkpoint(dir: &Location) -> Result<()> {
     for meta in objects {
         match dir.store().delete(&meta.location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(Error::from_store(e, "deleting checkpoint data", &format!("file=`{}`", meta.location))),
+            Err(e) => {
+                return Err(Error::from_store(e, "deleting checkpoint data", &format!("file=`{}`", meta.location)))
+            }
         }
     }
     Ok(())

@@ -172,7 +172,9 @@ pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &S
     match dest.store().head(&dest.path(MANIFEST_FILE)).await {
         Ok(_) => return Err(already_committed(step, dest)),
         Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => return Err(Error::from_store(e, "checking for a committed checkpoint", &format!("file=`{manifest_uri}`"))),
+        Err(e) => {
+            return Err(Error::from_store(e, "checking for a committed checkpoint", &format!("file=`{manifest_uri}`")))
+        }
     }
 
     let save_id = uuid::Uuid::new_v4().simple().to_string();
@@ -188,7 +190,13 @@ pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &S
 
 /// Writes the tensors of `state` as this rank's shard files (names carry `rank` and
 /// `attempt`), durably; on failure removes what it wrote.
-pub(crate) async fn write_share(dest: &Location, state: &State, rank: u32, attempt: &str, opts: &SaveOptions) -> Result<Vec<WrittenShard>> {
+pub(crate) async fn write_share(
+    dest: &Location,
+    state: &State,
+    rank: u32,
+    attempt: &str,
+    opts: &SaveOptions,
+) -> Result<Vec<WrittenShard>> {
     let plans = plan_shards(state, opts.shard_bytes, opts.concurrency, rank, attempt);
     match write_shards(dest, state, &plans, opts).await {
         Ok(written) => Ok(written),
@@ -246,7 +254,12 @@ fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {
     Ok(())
 }
 
-async fn write_shards(dest: &Location, state: &State, plans: &[ShardPlan], opts: &SaveOptions) -> Result<Vec<WrittenShard>> {
+async fn write_shards(
+    dest: &Location,
+    state: &State,
+    plans: &[ShardPlan],
+    opts: &SaveOptions,
+) -> Result<Vec<WrittenShard>> {
     futures::stream::iter(plans.iter().map(|plan| write_shard(dest, state, plan, opts)))
         .buffer_unordered(opts.concurrency.max(1))
         .try_collect()
@@ -254,11 +267,8 @@ async fn write_shards(dest: &Location, state: &State, plans: &[ShardPlan], opts:
 }
 
 async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan, opts: &SaveOptions) -> Result<WrittenShard> {
-    let tensors: Vec<(String, Tensor)> = plan
-        .keys
-        .iter()
-        .filter_map(|k| state.tensor(k).map(|t| (k.clone(), t.clone())))
-        .collect();
+    let tensors: Vec<(String, Tensor)> =
+        plan.keys.iter().filter_map(|k| state.tensor(k).map(|t| (k.clone(), t.clone()))).collect();
     let file = plan.file.clone();
     // Checksums and the header are CPU work: keep them off the i/o threads.
     let (header, crcs, tensors) = tokio::task::spawn_blocking(move || {
@@ -270,7 +280,8 @@ async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan, opts: &Sa
                 shape: t.shape().to_vec(),
             })
             .collect();
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "cairn".to_string())]);
+        let metadata =
+            HashMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "cairn".to_string())]);
         let header = shard::build_header(&entries, metadata)?;
         let crcs: Vec<u32> = tensors.iter().map(|(_, t)| crc32c::crc32c(t.data())).collect();
         Ok::<_, Error>((header, crcs, tensors))
@@ -309,7 +320,8 @@ pub(crate) async fn put_file(dest: &Location, file: &str, chunks: Vec<Bytes>, pa
         dest.store().put(&path, payload).await.map_err(|e| Error::from_store(e, "writing", &shown()))?;
         return Ok(());
     };
-    let mut upload = dest.store().put_multipart(&path).await.map_err(|e| Error::from_store(e, "starting upload", &shown()))?;
+    let mut upload =
+        dest.store().put_multipart(&path).await.map_err(|e| Error::from_store(e, "starting upload", &shown()))?;
     let parts: Vec<_> = split_into_parts(chunks, part_bytes).into_iter().map(|part| upload.put_part(part)).collect();
     let sent: Result<Vec<()>, object_store::Error> =
         futures::stream::iter(parts).buffer_unordered(PARTS_IN_FLIGHT).try_collect().await;

@@ -81,7 +81,10 @@ pub fn unregister_scheme(prefix: &str) -> bool {
 
 fn registered_factory(uri: &str) -> Option<SchemeFactory> {
     let map = schemes().lock().ok()?;
-    map.iter().filter(|(prefix, _)| uri.starts_with(prefix.as_str())).max_by_key(|(prefix, _)| prefix.len()).map(|(_, f)| f.clone())
+    map.iter()
+        .filter(|(prefix, _)| uri.starts_with(prefix.as_str()))
+        .max_by_key(|(prefix, _)| prefix.len())
+        .map(|(_, f)| f.clone())
 }
 
 /// Retries for transient failures (5xx, timeouts, connection resets), with backoff.
@@ -156,7 +159,8 @@ impl Location {
     }
 
     fn open_remote(uri: &str, options: &StoreOptions) -> Result<Location> {
-        let url = url::Url::parse(uri).map_err(|e| Error::invalid(format!("invalid uri uri=`{uri}`")).with_source(e))?;
+        let url =
+            url::Url::parse(uri).map_err(|e| Error::invalid(format!("invalid uri uri=`{uri}`")).with_source(e))?;
         let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|e| {
             let scheme = uri.split("://").next().unwrap_or_default();
             Error::invalid(format!("unsupported uri scheme `{scheme}` uri=`{uri}`")).with_source(e)
@@ -170,9 +174,10 @@ impl Location {
                 Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
             }
             ObjectStoreScheme::GoogleCloudStorage => {
-                let builder = configure(GoogleCloudStorageBuilder::from_env().with_url(uri), options, uri, |b, k, v| {
-                    Ok(b.with_config(k.parse().map_err(|_| ())?, v))
-                })?;
+                let builder =
+                    configure(GoogleCloudStorageBuilder::from_env().with_url(uri), options, uri, |b, k, v| {
+                        Ok(b.with_config(k.parse().map_err(|_| ())?, v))
+                    })?;
                 Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
             }
             ObjectStoreScheme::MicrosoftAzure => {
@@ -287,7 +292,12 @@ fn create_dirs_durably(path: &std::path::Path) -> std::io::Result<()> {
 }
 
 /// Applies `options` to a builder with `set`, naming an unknown key in the error.
-fn configure<B>(mut builder: B, options: &StoreOptions, uri: &str, set: impl Fn(B, &str, &str) -> Result<B, ()>) -> Result<B>
+fn configure<B>(
+    mut builder: B,
+    options: &StoreOptions,
+    uri: &str,
+    set: impl Fn(B, &str, &str) -> Result<B, ()>,
+) -> Result<B>
 where
     B: Clone,
 {

@@ -46,7 +46,8 @@ async fn copy_async(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> 
                 continue;
             }
             let data = read_whole(src.location(), file, record.size).await?;
-            let part = (dst.local_dir().is_none() && record.size >= DEFAULT_MULTIPART_BYTES).then_some(DEFAULT_PART_BYTES);
+            let part =
+                (dst.local_dir().is_none() && record.size >= DEFAULT_MULTIPART_BYTES).then_some(DEFAULT_PART_BYTES);
             put_file(dst, file, vec![data], part).await?;
         }
         commit(dst, manifest).await?;
@@ -94,10 +95,7 @@ async fn commit(dst: &Location, manifest: &Manifest) -> Result<()> {
 /// Copies every committed checkpoint of `src` into `dst` (same step folders), each
 /// verified; returns what was copied. Re-running after an interruption resumes.
 pub fn copy_run(src: &Run, dst: &Run) -> Result<Vec<CheckpointInfo>> {
-    src.list()?
-        .iter()
-        .map(|c| copy_checkpoint(&c.open()?, &dst.location().child(&layout::step_dir(c.step))))
-        .collect()
+    src.list()?.iter().map(|c| copy_checkpoint(&c.open()?, &dst.location().child(&layout::step_dir(c.step)))).collect()
 }
 
 /// Packs a checkpoint into one self-contained byte bundle (a tar archive of its folder,
@@ -144,7 +142,9 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
             return Err(Error::corrupt(format!("bundle entry claims {size} bytes entry=`{name}`")));
         }
         let mut data = Vec::with_capacity(size as usize);
-        entry.read_to_end(&mut data).map_err(|e| Error::corrupt(format!("bundle entry is truncated entry=`{name}`")).with_source(e))?;
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| Error::corrupt(format!("bundle entry is truncated entry=`{name}`")).with_source(e))?;
         if name == MANIFEST_FILE {
             if size > MAX_MANIFEST_BYTES {
                 return Err(Error::corrupt("bundle manifest exceeds the size limit"));
@@ -160,7 +160,10 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
     let manifest = Manifest::decode(&manifest_bytes, "bundle:manifest.json")?;
     block_on(async {
         if existing_manifest(dst).await?.is_some() {
-            return Err(Error::new(ErrorKind::AlreadyExists, format!("destination already committed dir=`{}`", dst.uri())));
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("destination already committed dir=`{}`", dst.uri()),
+            ));
         }
         for (name, data) in files {
             if !manifest.files.contains_key(&name) {
@@ -199,6 +202,10 @@ pub fn as_directory(uri: &str, cache_dir: &std::path::Path) -> Result<PathBuf> {
             let _ = std::fs::remove_dir_all(&staging);
             Ok(target)
         }
-        Err(e) => Err(Error::new(ErrorKind::Unavailable, format!("cannot place cached checkpoint dir=`{}`", target.display())).with_source(e)),
+        Err(e) => Err(Error::new(
+            ErrorKind::Unavailable,
+            format!("cannot place cached checkpoint dir=`{}`", target.display()),
+        )
+        .with_source(e)),
     }
 }

@@ -182,17 +182,9 @@ impl Tensor {
     /// `strides` are in bytes, one per dimension, and may be negative; element
     /// `(i0, i1, ...)` is read at `offset + sum(i_k * strides[k])` in `base`. Every element
     /// read is bounds-checked against `base` before anything is copied.
-    pub fn from_strided(
-        dtype: DType,
-        shape: Vec<u64>,
-        strides: &[i64],
-        base: &[u8],
-        offset: usize,
-    ) -> Result<Tensor> {
+    pub fn from_strided(dtype: DType, shape: Vec<u64>, strides: &[i64], base: &[u8], offset: usize) -> Result<Tensor> {
         if strides.len() != shape.len() {
-            return Err(Error::invalid(format!(
-                "strides {strides:?} do not match shape {shape:?}"
-            )));
+            return Err(Error::invalid(format!("strides {strides:?} do not match shape {shape:?}")));
         }
         let nbytes = checked_nbytes(dtype, &shape)
             .ok_or_else(|| Error::invalid(format!("tensor shape overflows shape={shape:?}")))?;
@@ -245,7 +237,9 @@ impl Tensor {
         let data = self.data.as_ref();
         Some(match self.dtype {
             DType::F64 => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default())).collect(),
-            DType::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()) as f64).collect(),
+            DType::F32 => {
+                data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()) as f64).collect()
+            }
             DType::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
             DType::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
             _ => return None,
@@ -258,7 +252,13 @@ impl Tensor {
         if to == self.dtype {
             return Ok(self.clone());
         }
-        let unsupported = || Error::invalid(format!("cannot cast {} to {}: only F64, F32, F16 and BF16 convert", self.dtype.name(), to.name()));
+        let unsupported = || {
+            Error::invalid(format!(
+                "cannot cast {} to {}: only F64, F32, F16 and BF16 convert",
+                self.dtype.name(),
+                to.name()
+            ))
+        };
         let values = self.to_f64s().ok_or_else(unsupported)?;
         let bytes: Vec<u8> = match to {
             DType::F64 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -571,8 +571,7 @@ mod tests {
         // 2x3 u16 matrix stored row-major, read as its 3x2 transpose.
         let src: Vec<u8> = (0u16..6).flat_map(|v| v.to_le_bytes()).collect();
         let t = Tensor::from_strided(DType::U16, vec![3, 2], &[2, 6], &src, 0).unwrap();
-        let got: Vec<u16> =
-            t.data().chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let got: Vec<u16> = t.data().chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         assert_eq!(got, vec![0, 3, 1, 4, 2, 5]);
     }
 
@@ -592,7 +591,9 @@ mod tests {
 
     #[test]
     fn cast_converts_between_float_dtypes() {
-        let t = Tensor::new(DType::F32, vec![2], [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let t =
+            Tensor::new(DType::F32, vec![2], [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+                .unwrap();
         let b = t.cast(DType::BF16).unwrap();
         assert_eq!(b.to_f64s().unwrap(), vec![1.5, -2.0]);
         assert!(Tensor::new(DType::I32, vec![1], vec![0u8; 4]).unwrap().cast(DType::F32).is_err());

@@ -82,7 +82,11 @@ fn killed_saves_never_leave_a_broken_visible_checkpoint() {
     let next = latest.map_or(1, |s| s + 1);
     run.save(&state_for(next), &opts(next)).unwrap();
     assert_eq!(check_run(&run), Some(next));
-    eprintln!("{kills} SIGKILLs in {:.0} s; {} checkpoints committed; every visible one intact", started.elapsed().as_secs_f64(), next);
+    eprintln!(
+        "{kills} SIGKILLs in {:.0} s; {} checkpoints committed; every visible one intact",
+        started.elapsed().as_secs_f64(),
+        next
+    );
     assert!(kills >= 100, "too few kills within the time budget: {kills}");
     assert!(next > 10, "the child rarely got to commit: {next}");
 }
@@ -127,7 +131,10 @@ fn processes_saving_the_same_step_commit_exactly_once() {
         .collect();
     let winners: Vec<&String> = outcomes.iter().filter(|o| o.starts_with("RESULT committed")).collect();
     assert_eq!(winners.len(), 1, "{outcomes:#?}");
-    assert!(outcomes.iter().all(|o| o.starts_with("RESULT committed") || o.contains("already committed")), "{outcomes:#?}");
+    assert!(
+        outcomes.iter().all(|o| o.starts_with("RESULT committed") || o.contains("already committed")),
+        "{outcomes:#?}"
+    );
     let run = Run::open(&uri).unwrap();
     let ckpt = run.checkpoint(1).unwrap();
     assert!(winners[0].ends_with(&ckpt.info().save_id));

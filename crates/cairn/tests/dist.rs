@@ -21,7 +21,15 @@ fn global(shape: &[u64]) -> Tensor {
 /// The box (offsets, shape) of a global tensor from `global`.
 fn cut(tensor: &Tensor, offsets: &[u64], shape: &[u64]) -> Tensor {
     let mut out = vec![0u8; shape.iter().product::<u64>() as usize * 2];
-    cairn::geometry::copy_intersection(&mut out, offsets, shape, tensor.data(), &vec![0; shape.len()], tensor.shape(), 2);
+    cairn::geometry::copy_intersection(
+        &mut out,
+        offsets,
+        shape,
+        tensor.data(),
+        &vec![0; shape.len()],
+        tensor.shape(),
+        2,
+    );
     Tensor::new(DType::U16, shape.to_vec(), out).unwrap()
 }
 
@@ -42,9 +50,15 @@ fn rank_state(r: u64, n: u64) -> State {
         state.insert_value("step", Value::Int(42));
     }
     let (lo, len) = split(8, n, r);
-    state.insert_slice("rows", Slice { tensor: cut(&global(&[8, 6]), &[lo, 0], &[len, 6]), offsets: vec![lo, 0], global_shape: vec![8, 6] });
+    state.insert_slice(
+        "rows",
+        Slice { tensor: cut(&global(&[8, 6]), &[lo, 0], &[len, 6]), offsets: vec![lo, 0], global_shape: vec![8, 6] },
+    );
     let (lo, len) = split(8, n, r);
-    state.insert_slice("cols", Slice { tensor: cut(&global(&[4, 8]), &[0, lo], &[4, len]), offsets: vec![0, lo], global_shape: vec![4, 8] });
+    state.insert_slice(
+        "cols",
+        Slice { tensor: cut(&global(&[4, 8]), &[0, lo], &[4, len]), offsets: vec![0, lo], global_shape: vec![4, 8] },
+    );
     state
 }
 
@@ -69,7 +83,11 @@ fn check_loads_on(run_uri: &str, m: u64) {
     for r in 0..m {
         let (lo, len) = split(8, m, r);
         let (clo, clen) = split(8, m, r);
-        let opts = LoadOptions::default().with_slice("rows", vec![lo, 0], vec![len, 6]).with_slice("cols", vec![0, clo], vec![4, clen]);
+        let opts = LoadOptions::default().with_slice("rows", vec![lo, 0], vec![len, 6]).with_slice(
+            "cols",
+            vec![0, clo],
+            vec![4, clen],
+        );
         let (state, info) = cairn::load(run_uri, &opts).unwrap();
         assert_eq!(state.tensor("rows").unwrap(), &cut(&global(&[8, 6]), &[lo, 0], &[len, 6]), "rank {r} of {m}");
         assert_eq!(state.tensor("cols").unwrap(), &cut(&global(&[4, 8]), &[0, clo], &[4, clen]), "rank {r} of {m}");
@@ -169,7 +187,11 @@ fn a_stale_attempt_from_a_crashed_save_is_superseded() {
     let coord = run.location().child("step-000000000007/.cairn-coord");
     cairn::runtime::block_on(async move {
         use object_store::ObjectStoreExt;
-        coord.store().put(&coord.path("attempt"), object_store::PutPayload::from_static(b"0123456789abcdef")).await.unwrap();
+        coord
+            .store()
+            .put(&coord.path("attempt"), object_store::PutPayload::from_static(b"0123456789abcdef"))
+            .await
+            .unwrap();
         Ok(())
     })
     .unwrap();
@@ -214,7 +236,11 @@ fn holes_in_the_saved_coverage_are_refused_on_every_rank() {
                 s.spawn(move || {
                     // Each rank holds 2 rows of an 8-row tensor: rows 4..8 are missing.
                     let lo = 2 * r as u64;
-                    let slice = Slice { tensor: cut(&global(&[8, 2]), &[lo, 0], &[2, 2]), offsets: vec![lo, 0], global_shape: vec![8, 2] };
+                    let slice = Slice {
+                        tensor: cut(&global(&[8, 2]), &[lo, 0], &[2, 2]),
+                        offsets: vec![lo, 0],
+                        global_shape: vec![8, 2],
+                    };
                     let mut state = State::new();
                     state.insert_slice("w", slice);
                     let mut ex = StoreExchange::new(&dir, r, 2, Duration::from_secs(30));
@@ -242,8 +268,11 @@ fn a_request_outside_the_global_shape_is_refused() {
     assert!(err.to_string().contains("key=`rows`"), "{err}");
 }
 
+/// Every rank's slot of an in-process all-gather.
+type Slots = Arc<Mutex<Vec<Vec<u8>>>>;
+
 /// An in-process all-gather, standing in for the caller's collectives.
-fn collective(n: usize) -> (Arc<Barrier>, Arc<Mutex<Vec<Vec<u8>>>>) {
+fn collective(n: usize) -> (Arc<Barrier>, Slots) {
     (Arc::new(Barrier::new(n)), Arc::new(Mutex::new(vec![Vec::new(); n])))
 }
 

@@ -47,14 +47,10 @@ fn unsafe_sigterm(pid: u32) {
 }
 
 fn options(endpoint: &str) -> StoreOptions {
-    [
-        ("aws_endpoint", endpoint),
-        ("aws_allow_http", "true"),
-        ("aws_region", "us-east-1"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    [("aws_endpoint", endpoint), ("aws_allow_http", "true"), ("aws_region", "us-east-1")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[test]
@@ -64,7 +60,8 @@ fn saves_through_a_faulty_network_commit_or_fail_cleanly() {
     let base = std::env::var("CAIRN_TEST_S3_URI").unwrap();
     let uri = format!("{base}/faults-{}", std::process::id());
     let proxy = Proxy::start(&upstream, seed);
-    let faulty = Run::at(Location::with_options(&uri, true, &options(&format!("http://127.0.0.1:{}", proxy.port))).unwrap());
+    let faulty =
+        Run::at(Location::with_options(&uri, true, &options(&format!("http://127.0.0.1:{}", proxy.port))).unwrap());
     let direct = Run::at(Location::with_options(&uri, false, &options(&upstream)).unwrap());
 
     let mut committed = Vec::new();
@@ -99,13 +96,15 @@ fn saves_through_a_faulty_network_commit_or_fail_cleanly() {
     direct.prune_orphans(Duration::ZERO).unwrap();
     let loc = direct.location().clone();
     let objects: Vec<object_store::ObjectMeta> =
-        cairn::runtime::block_on(async move { Ok(loc.store().list(Some(loc.prefix())).try_collect().await.unwrap()) }).unwrap();
+        cairn::runtime::block_on(async move { Ok(loc.store().list(Some(loc.prefix())).try_collect().await.unwrap()) })
+            .unwrap();
     for meta in objects {
         let path = meta.location.to_string();
         let step = listed.iter().find(|s| path.contains(&format!("step-{s:012}/")));
         let Some(step) = step else { panic!("orphan after prune: {path}") };
         let ckpt = direct.checkpoint(*step).unwrap();
-        let referenced = path.ends_with("/manifest.json") || ckpt.manifest().files.keys().any(|f| path.ends_with(f.as_str()));
+        let referenced =
+            path.ends_with("/manifest.json") || ckpt.manifest().files.keys().any(|f| path.ends_with(f.as_str()));
         assert!(referenced, "orphan after prune: {path}");
     }
 }

@@ -200,12 +200,18 @@ fn ranks_save_together_and_rank_zero_applies_retention() {
     std::thread::scope(|s| {
         for rank in 0..2u32 {
             s.spawn(move || {
-                let opts = options(1).with_ranks(rank, 2).with_retention(Retention { keep_last: Some(2), ..Default::default() });
+                let opts = options(1)
+                    .with_ranks(rank, 2)
+                    .with_retention(Retention { keep_last: Some(2), ..Default::default() });
                 let manager = CheckpointManager::open(uri, opts).unwrap();
                 for step in 1..=4u64 {
                     let mut state = common::model_state(step, 1, 2);
                     let half = vec![(rank as u8 + 1) * step as u8; 4];
-                    let slice = Slice { tensor: Tensor::new(DType::U8, vec![2, 2], half).unwrap(), offsets: vec![2 * rank as u64, 0], global_shape: vec![4, 2] };
+                    let slice = Slice {
+                        tensor: Tensor::new(DType::U8, vec![2, 2], half).unwrap(),
+                        offsets: vec![2 * rank as u64, 0],
+                        global_shape: vec![4, 2],
+                    };
                     state.insert_slice("sharded", slice);
                     manager.on_step(step, &state, SaveRequest::default()).unwrap();
                 }
@@ -222,6 +228,8 @@ fn ranks_save_together_and_rank_zero_applies_retention() {
 #[test]
 fn time_intervals_are_refused_with_several_ranks() {
     let policy = SavePolicy::steps(vec![Every::new(1)]).unwrap().with_time_interval(Duration::from_secs(5));
-    let err = CheckpointManager::open("memory://manager/ranks-time", options(1).with_policy(policy).with_ranks(0, 2)).err().unwrap();
+    let err = CheckpointManager::open("memory://manager/ranks-time", options(1).with_policy(policy).with_ranks(0, 2))
+        .err()
+        .unwrap();
     assert_eq!(err.kind(), ErrorKind::Invalid);
 }

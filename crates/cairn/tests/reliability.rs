@@ -96,7 +96,11 @@ fn a_crash_at_every_io_boundary_of_retention_and_prune_loses_nothing_kept() {
         let leftover = direct(&inner).location().child("step-000000000009");
         cairn::runtime::block_on(async move {
             use object_store::ObjectStoreExt;
-            leftover.store().put(&leftover.path("shards/r00000-00000-of-00001-dead.safetensors"), "x".into()).await.unwrap();
+            leftover
+                .store()
+                .put(&leftover.path("shards/r00000-00000-of-00001-dead.safetensors"), "x".into())
+                .await
+                .unwrap();
             Ok(())
         })
         .unwrap();

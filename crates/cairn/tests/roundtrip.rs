@@ -124,7 +124,8 @@ fn two_part_state() -> State {
 #[test]
 fn load_by_prefix_returns_only_matching_keys() {
     cairn::save("memory://select/prefix", &two_part_state(), &SaveOptions::default().with_step(1)).unwrap();
-    let (loaded, _) = cairn::load("memory://select/prefix", &LoadOptions::default().with_prefix("module.model.")).unwrap();
+    let (loaded, _) =
+        cairn::load("memory://select/prefix", &LoadOptions::default().with_prefix("module.model.")).unwrap();
     let keys: Vec<&String> = loaded.iter().map(|(k, _)| k).collect();
     assert_eq!(keys, vec!["module.model.a", "module.model.b", "module.model.cfg"]);
 }

@@ -33,9 +33,7 @@ impl safetensors::View for View<'_> {
 pub fn export(uri: &str, out: &Path, prefixes: Vec<String>, dtype: Option<&str>) -> CommandResult {
     let target = dtype.map(|d| DType::from_name(&normalize(d))).transpose()?;
     let ckpt = cairn::open(uri)?;
-    let mut opts = LoadOptions::default();
-    opts.prefixes = prefixes;
-    let state = ckpt.load(&opts)?;
+    let state = ckpt.load(&LoadOptions { prefixes, ..Default::default() })?;
     let mut tensors = BTreeMap::new();
     for (key, t) in state.tensors() {
         let t = match target {
@@ -47,15 +45,19 @@ pub fn export(uri: &str, out: &Path, prefixes: Vec<String>, dtype: Option<&str>)
     if tensors.contains_key("__metadata__") {
         return Err(CliError::msg("a tensor named `__metadata__` cannot be exported to safetensors"));
     }
-    let views: Vec<(String, View)> = tensors
-        .iter()
-        .map(|(k, t)| (k.clone(), View(t, t.shape().iter().map(|&d| d as usize).collect())))
-        .collect();
+    let views: Vec<(String, View)> =
+        tensors.iter().map(|(k, t)| (k.clone(), View(t, t.shape().iter().map(|&d| d as usize).collect()))).collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), out)
         .map_err(|e| CliError::msg(format!("cannot write file=`{}`: {e}", out.display())))?;
     let bytes: u64 = tensors.values().map(|t| t.data().len() as u64).sum();
-    println!("exported {} tensors ({}) from step {} to {}", tensors.len(), output::size(bytes), ckpt.info().step, out.display());
+    println!(
+        "exported {} tensors ({}) from step {} to {}",
+        tensors.len(),
+        output::size(bytes),
+        ckpt.info().step,
+        out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -91,10 +93,13 @@ fn source_files(src: &Path) -> Result<Vec<PathBuf>, CliError> {
     }
     let index = src.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| CliError::msg(format!("cannot read file=`{}`: {e}", index.display())))?;
-        let doc: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| CliError::msg(format!("invalid index file=`{}`: {e}", index.display())))?;
-        let map = doc["weight_map"].as_object().ok_or_else(|| CliError::msg(format!("index has no weight_map file=`{}`", index.display())))?;
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| CliError::msg(format!("cannot read file=`{}`: {e}", index.display())))?;
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| CliError::msg(format!("invalid index file=`{}`: {e}", index.display())))?;
+        let map = doc["weight_map"]
+            .as_object()
+            .ok_or_else(|| CliError::msg(format!("index has no weight_map file=`{}`", index.display())))?;
         let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
         names.sort_unstable();
         names.dedup();
@@ -102,7 +107,10 @@ fn source_files(src: &Path) -> Result<Vec<PathBuf>, CliError> {
             .into_iter()
             .map(|name| {
                 if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                    Err(CliError::msg(format!("index names a file outside its folder data_file=`{name}` file=`{}`", index.display())))
+                    Err(CliError::msg(format!(
+                        "index names a file outside its folder data_file=`{name}` file=`{}`",
+                        index.display()
+                    )))
                 } else {
                     Ok(src.join(name))
                 }
@@ -120,16 +128,24 @@ fn read_safetensors(path: &Path, state: &mut State) -> Result<(), CliError> {
     let shown = path.display();
     let file = std::fs::File::open(path).map_err(|e| CliError::msg(format!("cannot open file=`{shown}`: {e}")))?;
     // SAFETY: the file is only read; it is not expected to change while we import it.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CliError::msg(format!("cannot map file=`{shown}`: {e}")))?;
+    let map =
+        unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CliError::msg(format!("cannot map file=`{shown}`: {e}")))?;
     let base = Bytes::from_owner(map);
     let parsed = safetensors::SafeTensors::deserialize(&base)
         .map_err(|e| CliError::msg(format!("not a valid safetensors file file=`{shown}`: {e:?}")))?;
     let mut found = Vec::new();
     for (name, view) in parsed.iter() {
-        let dtype = DType::from_safetensors(view.dtype())
-            .ok_or_else(|| CliError::msg(format!("unsupported dtype {:?} tensor=`{name}` file=`{shown}`", view.dtype())))?;
+        let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
+            CliError::msg(format!("unsupported dtype {:?} tensor=`{name}` file=`{shown}`", view.dtype()))
+        })?;
         let start = view.data().as_ptr() as usize - base.as_ptr() as usize;
-        found.push((name.to_string(), dtype, view.shape().iter().map(|&d| d as u64).collect::<Vec<_>>(), start, view.data().len()));
+        found.push((
+            name.to_string(),
+            dtype,
+            view.shape().iter().map(|&d| d as u64).collect::<Vec<_>>(),
+            start,
+            view.data().len(),
+        ));
     }
     drop(parsed);
     for (name, dtype, shape, start, len) in found {

@@ -20,13 +20,24 @@ pub fn run(src: &str, dst: &str) -> CommandResult {
             let run = cairn::Run::open(src)?;
             let list = run.list()?;
             if list.is_empty() {
-                return Err(cairn::Error::new(cairn::ErrorKind::NotFound, format!("no committed checkpoint uri=`{src}`")).into());
+                return Err(cairn::Error::new(
+                    cairn::ErrorKind::NotFound,
+                    format!("no committed checkpoint uri=`{src}`"),
+                )
+                .into());
             }
             let bar = output::progress(list.len() as u64, "copying");
             for c in list {
                 let info = transfer::copy_checkpoint(&c.open()?, &dst_loc.child(&layout::step_dir(c.step)))?;
                 bar.inc(1);
-                bar.suspend(|| println!("copied step {} -> {} ({}, verified)", info.step, info.uri, output::size(info.tensor_bytes)));
+                bar.suspend(|| {
+                    println!(
+                        "copied step {} -> {} ({}, verified)",
+                        info.step,
+                        info.uri,
+                        output::size(info.tensor_bytes)
+                    )
+                });
             }
             bar.finish_and_clear();
         }

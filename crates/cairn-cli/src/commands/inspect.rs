@@ -25,13 +25,14 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
             .map(|(k, t)| {
                 let files: Vec<&str> = t.pieces.iter().map(|p| p.file.as_str()).collect();
                 let bytes: u64 = t.pieces.iter().map(|p| p.range[1] - p.range[0]).sum();
-                (k.clone(), serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "bytes": bytes, "files": files}))
+                (
+                    k.clone(),
+                    serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "bytes": bytes, "files": files}),
+                )
             })
             .collect();
-        let totals: serde_json::Map<String, serde_json::Value> = totals
-            .iter()
-            .map(|(k, (n, b))| (k.to_string(), serde_json::json!({"tensors": n, "bytes": b})))
-            .collect();
+        let totals: serde_json::Map<String, serde_json::Value> =
+            totals.iter().map(|(k, (n, b))| (k.to_string(), serde_json::json!({"tensors": n, "bytes": b}))).collect();
         let doc = serde_json::json!({
             "uri": info.uri,
             "step": info.step,
@@ -48,7 +49,13 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
     }
     println!("checkpoint {}", info.uri);
     println!("step {}  created {}  temporary {}", info.step, output::time(info.created_unix_ms), info.temporary);
-    println!("{} tensors, {}, {} files, {} values", info.num_tensors, output::size(info.tensor_bytes), manifest.files.len(), manifest.values.len());
+    println!(
+        "{} tensors, {}, {} files, {} values",
+        info.num_tensors,
+        output::size(info.tensor_bytes),
+        manifest.files.len(),
+        manifest.values.len()
+    );
     if !info.metadata.is_null() {
         println!("metadata {}", info.metadata);
     }
@@ -67,7 +74,8 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
         .collect();
     output::table(&["TENSOR", "DTYPE", "SHAPE", "SIZE", "SHARD"], &rows);
     println!();
-    let rows: Vec<Vec<String>> = totals.iter().map(|(k, (n, b))| vec![k.to_string(), n.to_string(), output::size(*b)]).collect();
+    let rows: Vec<Vec<String>> =
+        totals.iter().map(|(k, (n, b))| vec![k.to_string(), n.to_string(), output::size(*b)]).collect();
     output::table(&["KEY", "TENSORS", "SIZE"], &rows);
     Ok(ExitCode::SUCCESS)
 }

@@ -14,7 +14,11 @@ pub fn run(uri: &str, retention: &Retention, grace: Duration, dry_run: bool) -> 
     let metric = retention.keep_best.as_ref().map(|b| b.metric.as_str());
     let mut candidates = Vec::new();
     for info in run.infos()? {
-        candidates.push(Candidate { step: info.step, temporary: info.temporary, metric: metric.and_then(|m| info.metric(m)) });
+        candidates.push(Candidate {
+            step: info.step,
+            temporary: info.temporary,
+            metric: metric.and_then(|m| info.metric(m)),
+        });
     }
     let doomed = policy::to_delete(retention, &candidates, &BTreeSet::new());
     for step in &doomed {
@@ -26,7 +30,11 @@ pub fn run(uri: &str, retention: &Retention, grace: Duration, dry_run: bool) -> 
         }
     }
     if dry_run {
-        println!("kept {} of {} checkpoints (dry run: nothing removed)", candidates.len() - doomed.len(), candidates.len());
+        println!(
+            "kept {} of {} checkpoints (dry run: nothing removed)",
+            candidates.len() - doomed.len(),
+            candidates.len()
+        );
         return Ok(ExitCode::SUCCESS);
     }
     for path in run.prune_orphans(grace)? {

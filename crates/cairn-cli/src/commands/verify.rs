@@ -12,7 +12,11 @@ pub fn run(uri: &str) -> CommandResult {
             let run = cairn::Run::open(uri)?;
             let list = run.list()?;
             if list.is_empty() {
-                return Err(cairn::Error::new(cairn::ErrorKind::NotFound, format!("no committed checkpoint uri=`{uri}`")).into());
+                return Err(cairn::Error::new(
+                    cairn::ErrorKind::NotFound,
+                    format!("no committed checkpoint uri=`{uri}`"),
+                )
+                .into());
             }
             list.iter().map(|c| c.open()).collect()
         }
@@ -24,7 +28,10 @@ pub fn run(uri: &str) -> CommandResult {
         let (label, problems) = match ckpt {
             Ok(ckpt) => {
                 let info = ckpt.info();
-                (format!("{} ({} tensors, {})", info.uri, info.num_tensors, output::size(info.tensor_bytes)), ckpt.verify()?)
+                (
+                    format!("{} ({} tensors, {})", info.uri, info.num_tensors, output::size(info.tensor_bytes)),
+                    ckpt.verify()?,
+                )
             }
             Err(e) if e.kind() == cairn::ErrorKind::Corrupt || e.kind() == cairn::ErrorKind::Incompatible => {
                 ("manifest".to_string(), vec![e])

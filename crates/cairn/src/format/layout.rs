@@ -73,7 +73,16 @@ mod tests {
     #[test]
     fn shard_references_cannot_escape() {
         assert!(is_valid_shard_file(&shard_file(0, 1, 4, "abcd1234")));
-        for bad in ["../x.safetensors", "shards/../../etc/passwd", "/etc/passwd", "shards/", "shards/a/b", "shards/.hidden", "x/shards/a", "shards\\a"] {
+        for bad in [
+            "../x.safetensors",
+            "shards/../../etc/passwd",
+            "/etc/passwd",
+            "shards/",
+            "shards/a/b",
+            "shards/.hidden",
+            "x/shards/a",
+            "shards\\a",
+        ] {
             assert!(!is_valid_shard_file(bad), "{bad}");
         }
     }

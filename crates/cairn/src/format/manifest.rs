@@ -149,13 +149,10 @@ impl Manifest {
     /// Decodes and validates a manifest read from `file` (named in every error).
     pub fn decode(bytes: &[u8], file: &str) -> Result<Manifest> {
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(Error::corrupt(format!(
-                "manifest larger than {MAX_MANIFEST_BYTES} bytes file=`{file}`"
-            )));
+            return Err(Error::corrupt(format!("manifest larger than {MAX_MANIFEST_BYTES} bytes file=`{file}`")));
         }
-        let probe: VersionProbe = serde_json::from_slice(bytes).map_err(|e| {
-            Error::corrupt(format!("manifest is not valid json file=`{file}`")).with_source(e)
-        })?;
+        let probe: VersionProbe = serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(format!("manifest is not valid json file=`{file}`")).with_source(e))?;
         if probe.format.as_ref().and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
             return Err(Error::corrupt(format!("not a cairn manifest file=`{file}`")));
         }
@@ -168,9 +165,8 @@ impl Manifest {
             }
             None => return Err(Error::corrupt(format!("manifest has no format_version file=`{file}`"))),
         }
-        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| {
-            Error::corrupt(format!("manifest does not match format v1 file=`{file}`")).with_source(e)
-        })?;
+        let manifest: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(format!("manifest does not match format v1 file=`{file}`")).with_source(e))?;
         manifest.validate(file)?;
         Ok(manifest)
     }
@@ -194,9 +190,7 @@ impl Manifest {
             validate_tensor(key, record, &self.files)
                 .map_err(|msg| Error::corrupt(format!("{msg} tensor=`{key}` file=`{file}`")))?;
             if self.values.contains_key(key) {
-                return Err(Error::corrupt(format!(
-                    "key is both a tensor and a value key=`{key}` file=`{file}`"
-                )));
+                return Err(Error::corrupt(format!("key is both a tensor and a value key=`{key}` file=`{file}`")));
             }
         }
         Ok(())
@@ -251,10 +245,7 @@ fn validate_tensor(key: &str, record: &TensorRecord, files: &BTreeMap<String, Fi
         return Err(format!("pieces cover {covered} of {total} elements"));
     }
     for (i, a) in record.pieces.iter().enumerate() {
-        if record.pieces[i + 1..]
-            .iter()
-            .any(|b| geometry::boxes_overlap(&a.offsets, &a.shape, &b.offsets, &b.shape))
-        {
+        if record.pieces[i + 1..].iter().any(|b| geometry::boxes_overlap(&a.offsets, &a.shape, &b.offsets, &b.shape)) {
             return Err("overlapping pieces".into());
         }
     }

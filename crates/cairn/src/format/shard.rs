@@ -72,8 +72,8 @@ pub fn build_header(entries: &[ShardEntry], metadata: HashMap<String, String>) -
     }
     let header = Metadata::new(Some(metadata), infos)
         .map_err(|e| Error::invalid(format!("cannot build shard header: {e:?}")))?;
-    let mut json = serde_json::to_vec(&header)
-        .map_err(|e| Error::invalid("cannot encode shard header").with_source(e))?;
+    let mut json =
+        serde_json::to_vec(&header).map_err(|e| Error::invalid("cannot encode shard header").with_source(e))?;
     json.resize(json.len().next_multiple_of(8), b' ');
     let header_len = 8 + json.len() as u64;
     let mut bytes = Vec::with_capacity(header_len as usize);

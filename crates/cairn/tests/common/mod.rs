@@ -44,10 +44,16 @@ pub fn model_state(step: u64, layers: usize, width: usize) -> State {
         for (name, dtype) in [("weight", DType::F32), ("bias", DType::BF16)] {
             let shape = if name == "weight" { vec![width as u64, width as u64] } else { vec![width as u64] };
             let n: usize = shape.iter().product::<u64>() as usize * dtype.size();
-            state.insert_tensor(format!("model.layers.{layer}.{name}"), Tensor::new(dtype, shape, rng.bytes(n)).unwrap());
+            state.insert_tensor(
+                format!("model.layers.{layer}.{name}"),
+                Tensor::new(dtype, shape, rng.bytes(n)).unwrap(),
+            );
         }
     }
-    state.insert_tensor("optim.step_count", Tensor::new(DType::I64, vec![], (step as i64).to_le_bytes().to_vec()).unwrap());
+    state.insert_tensor(
+        "optim.step_count",
+        Tensor::new(DType::I64, vec![], (step as i64).to_le_bytes().to_vec()).unwrap(),
+    );
     state.insert_value("step", Value::Int(step as i64));
     state.insert_value("rng", Value::Bytes(rng.bytes(32)));
     state
