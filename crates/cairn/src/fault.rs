@@ -24,6 +24,8 @@ pub enum Fault {
     Crash,
     /// Only this operation fails (a transient I/O error, a full disk).
     Fail,
+    /// The operation happens, but its acknowledgement is lost: the caller sees an error.
+    LostAck,
     /// A data write lands only in part at its final path, then the writer dies; other
     /// operations crash. A create-only write (the commit) is atomic on every supported
     /// store (one PUT; a staged file and a link on local disk), so tearing it means it
@@ -78,7 +80,8 @@ impl FaultStore {
 }
 
 impl Counter {
-    /// Numbers one operation; `Err` if it must fail, `Ok(true)` if it must be torn.
+    /// Numbers one operation; `Err` if it must fail, `Ok(true)` if it must be torn or its
+    /// acknowledgement lost.
     fn step(&self, what: &str, location: &Path) -> Result<bool> {
         if self.crashed.load(Ordering::SeqCst) {
             return Err(injected(what, location, "after a crash"));
@@ -89,6 +92,7 @@ impl Counter {
         }
         match self.fault {
             Fault::Fail => Err(injected(what, location, "injected failure")),
+            Fault::LostAck => Ok(true),
             Fault::Crash => {
                 self.crashed.store(true, Ordering::SeqCst);
                 Err(injected(what, location, "injected crash"))
@@ -115,6 +119,10 @@ impl fmt::Display for FaultStore {
 impl ObjectStore for FaultStore {
     async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
         if self.step("put", location)? {
+            if self.state.fault == Fault::LostAck {
+                self.inner.put_opts(location, payload, opts).await?;
+                return Err(injected("put", location, "lost acknowledgement"));
+            }
             if !matches!(opts.mode, object_store::PutMode::Create) {
                 let all: Bytes = payload.into();
                 let half = PutPayload::from(all.slice(..all.len() / 2));

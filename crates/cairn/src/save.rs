@@ -181,11 +181,17 @@ pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &S
     let written = write_share(dest, state, 0, &save_id[..12], opts).await?;
     let files: Vec<String> = written.iter().map(|w| w.file.clone()).collect();
     let manifest = build_manifest(state, step, opts, &save_id, written);
-    if let Err(e) = commit_manifest(dest, &manifest, step).await {
-        remove_files(dest, files.iter().map(String::as_str)).await;
-        return Err(e);
+    match commit_manifest(dest, &manifest, step).await {
+        Ok(()) => Ok(CheckpointInfo::from_manifest(&manifest, dest.uri())),
+        // Another writer committed this step: ours never landed, so our files can go.
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            remove_files(dest, files.iter().map(String::as_str)).await;
+            Err(e)
+        }
+        // Unknown outcome (the request may still land): keep the data a manifest may
+        // point at; if nothing was committed, prune removes it as orphans.
+        Err(e) => Err(e),
     }
-    Ok(CheckpointInfo::from_manifest(&manifest, dest.uri()))
 }
 
 /// Writes the tensors of `state` as this rank's shard files (names carry `rank` and
@@ -212,11 +218,22 @@ pub(crate) async fn write_share(
 pub(crate) async fn commit_manifest(dest: &Location, manifest: &Manifest, step: u64) -> Result<()> {
     let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
     let put = PutOptions { mode: PutMode::Create, ..Default::default() };
-    match dest.store().put_opts(&dest.path(MANIFEST_FILE), PutPayload::from(manifest.encode()?), put).await {
-        Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) if committed_by(dest, &manifest.save_id).await => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) => Err(already_committed(step, dest)),
-        Err(other) => Err(Error::from_store(other, "committing manifest", &format!("file=`{manifest_uri}`"))),
+    let failure =
+        match dest.store().put_opts(&dest.path(MANIFEST_FILE), PutPayload::from(manifest.encode()?), put).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+    // Whatever the error, the write may have landed (a lost acknowledgement): look.
+    match (committed_by(dest, &manifest.save_id).await, failure) {
+        (Some(true), _) => Ok(()),
+        (Some(false), object_store::Error::AlreadyExists { .. }) => Err(already_committed(step, dest)),
+        (None, object_store::Error::AlreadyExists { .. }) => Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "commit conflicted but the manifest could not be read back to tell whose it is file=`{manifest_uri}`"
+            ),
+        )),
+        (_, other) => Err(Error::from_store(other, "committing manifest", &format!("file=`{manifest_uri}`"))),
     }
 }
 
@@ -228,11 +245,11 @@ fn already_committed(step: u64, dest: &Location) -> Error {
 }
 
 /// Whether the manifest at `dest` carries `save_id` (our own commit whose
-/// acknowledgement was lost and retried).
-async fn committed_by(dest: &Location, save_id: &str) -> bool {
-    let Ok(got) = dest.store().get(&dest.path(MANIFEST_FILE)).await else { return false };
-    let Ok(bytes) = got.bytes().await else { return false };
-    Manifest::decode(&bytes, MANIFEST_FILE).is_ok_and(|m| m.save_id == save_id)
+/// acknowledgement was lost and retried); `None` when it cannot be read.
+async fn committed_by(dest: &Location, save_id: &str) -> Option<bool> {
+    let got = dest.store().get(&dest.path(MANIFEST_FILE)).await.ok()?;
+    let bytes = got.bytes().await.ok()?;
+    Some(Manifest::decode(&bytes, MANIFEST_FILE).is_ok_and(|m| m.save_id == save_id))
 }
 
 fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {

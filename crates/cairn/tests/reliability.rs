@@ -1,6 +1,6 @@
 //! Crash consistency at every I/O boundary: a save, a retention pass with prune, and a
-//! copy are each run once per operation with a crash, a torn write or a failure injected
-//! there (the fault-injecting store). After each: every visible checkpoint loads
+//! copy are each run once per operation with a crash, a torn write, a failure or a lost
+//! acknowledgement injected there (the fault-injecting store). After each: every visible checkpoint loads
 //! bit-exact, earlier ones are intact, nothing unfinished is visible, and the next
 //! operation succeeds.
 
@@ -14,7 +14,7 @@ use cairn::{transfer, ErrorKind, LoadOptions, Location, Run, SaveOptions};
 use object_store::memory::InMemory;
 use object_store::ObjectStore;
 
-const FAULTS: [Fault; 3] = [Fault::Crash, Fault::Tear, Fault::Fail];
+const FAULTS: [Fault; 4] = [Fault::Crash, Fault::Tear, Fault::Fail, Fault::LostAck];
 
 fn opts(step: u64) -> SaveOptions {
     SaveOptions::default().with_step(step).with_shard_bytes(4 << 10)
