@@ -504,18 +504,8 @@ impl Manager {
         metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
         metadata: Option<String>,
     ) -> PyResult<bool> {
-        guarded(|| {
-            let state = state_from_py(tensors, values, structure)?;
-            let req = SaveRequest {
-                force,
-                temporary: false,
-                metrics: metrics_from_py(metrics)?,
-                metadata: metadata_from_json(metadata)?,
-            };
-            let saved = py.detach(|| self.inner.on_step(step, &state, req)).map_err(to_py_err)?;
-            drop(state);
-            Ok(saved)
-        })
+        let leaves = (tensors, values, structure);
+        self.submit(py, leaves, (force, false), metrics, metadata, |state, req| self.inner.on_step(step, state, req))
     }
 
     #[pyo3(signature = (step, tensors, values, structure=None, temporary=false, metrics=None, metadata=None))]
@@ -531,18 +521,8 @@ impl Manager {
         metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
         metadata: Option<String>,
     ) -> PyResult<()> {
-        guarded(|| {
-            let state = state_from_py(tensors, values, structure)?;
-            let req = SaveRequest {
-                force: true,
-                temporary,
-                metrics: metrics_from_py(metrics)?,
-                metadata: metadata_from_json(metadata)?,
-            };
-            py.detach(|| self.inner.save(step, &state, req)).map_err(to_py_err)?;
-            drop(state);
-            Ok(())
-        })
+        let leaves = (tensors, values, structure);
+        self.submit(py, leaves, (true, temporary), metrics, metadata, |state, req| self.inner.save(step, state, req))
     }
 
     fn wait(&self, py: Python<'_>) -> PyResult<()> {
@@ -586,6 +566,36 @@ impl Manager {
 
     fn uri(&self) -> String {
         self.inner.run().location().uri().to_string()
+    }
+}
+
+/// Flattened leaves as the Python layer passes them: tensors, values, structure.
+type PyState<'py> = (Vec<TensorLeaf<'py>>, Vec<(String, Bound<'py, PyAny>)>, Option<String>);
+
+impl Manager {
+    /// Builds the state and the request (`force`, `temporary`), then runs `act` with the
+    /// GIL released; the borrowed buffers are dropped back under the GIL.
+    fn submit<'py, T: Send>(
+        &self,
+        py: Python<'py>,
+        (tensors, values, structure): PyState<'py>,
+        (force, temporary): (bool, bool),
+        metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
+        metadata: Option<String>,
+        act: impl FnOnce(&State, SaveRequest) -> cairn::Result<T> + Send,
+    ) -> PyResult<T> {
+        guarded(|| {
+            let state = state_from_py(tensors, values, structure)?;
+            let req = SaveRequest {
+                force,
+                temporary,
+                metrics: metrics_from_py(metrics)?,
+                metadata: metadata_from_json(metadata)?,
+            };
+            let out = py.detach(|| act(&state, req)).map_err(to_py_err)?;
+            drop(state);
+            Ok(out)
+        })
     }
 }
 

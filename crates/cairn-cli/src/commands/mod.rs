@@ -12,3 +12,27 @@ pub mod verify;
 pub fn found_problems() -> std::process::ExitCode {
     std::process::ExitCode::from(1)
 }
+
+/// The checkpoints a command argument names: the checkpoint itself when it is a folder with
+/// a manifest (`single`), else every committed checkpoint of the run. Each is opened, or
+/// the error that opening it gave (a damaged manifest is a finding, not a crash).
+pub struct Targets {
+    pub single: bool,
+    pub checkpoints: Vec<cairn::Result<cairn::Checkpoint>>,
+}
+
+/// Resolves `uri` into [`Targets`]; a run without committed checkpoints is an error.
+pub fn targets(uri: &str) -> Result<Targets, crate::output::CliError> {
+    match cairn::Checkpoint::open(uri) {
+        Ok(ckpt) => Ok(Targets { single: true, checkpoints: vec![Ok(ckpt)] }),
+        Err(e) if e.kind() == cairn::ErrorKind::NotFound => {
+            let list = cairn::Run::open(uri)?.list()?;
+            if list.is_empty() {
+                let msg = format!("no committed checkpoint uri=`{uri}`");
+                return Err(cairn::Error::new(cairn::ErrorKind::NotFound, msg).into());
+            }
+            Ok(Targets { single: false, checkpoints: list.iter().map(|c| c.open()).collect() })
+        }
+        Err(e) => Ok(Targets { single: true, checkpoints: vec![Err(e)] }),
+    }
+}

@@ -6,22 +6,7 @@ use crate::output;
 use crate::CommandResult;
 
 pub fn run(uri: &str) -> CommandResult {
-    let checkpoints = match cairn::Checkpoint::open(uri) {
-        Ok(ckpt) => vec![Ok(ckpt)],
-        Err(e) if e.kind() == cairn::ErrorKind::NotFound => {
-            let run = cairn::Run::open(uri)?;
-            let list = run.list()?;
-            if list.is_empty() {
-                return Err(cairn::Error::new(
-                    cairn::ErrorKind::NotFound,
-                    format!("no committed checkpoint uri=`{uri}`"),
-                )
-                .into());
-            }
-            list.iter().map(|c| c.open()).collect()
-        }
-        Err(e) => vec![Err(e)],
-    };
+    let checkpoints = super::targets(uri)?.checkpoints;
     let bar = output::progress(checkpoints.len() as u64, "verifying");
     let mut bad = 0usize;
     for ckpt in checkpoints {
