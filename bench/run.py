@@ -23,8 +23,9 @@ import time
 
 import numpy as np
 
-SAVERS = ["cairn", "cairn_async", "torch_save", "safetensors_np", "safetensors_torch", "dcp", "orbax", "raw_odirect", "raw_buffered"]
-LOADERS = ["cairn", "torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax", "raw_read"]
+SAVERS = ["cairn", "cairn_rust", "cairn_async", "torch_save", "safetensors_np", "safetensors_torch", "dcp", "orbax", "raw_odirect", "raw_buffered"]
+LOADERS = ["cairn", "cairn_rust", "torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax", "raw_read"]
+RUST_BENCH = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")), "release", "examples", "bench_io")
 PEERS_SAVE = ["torch_save", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
 PEERS_LOAD = ["torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
 
@@ -195,9 +196,15 @@ def worker(args) -> None:
 
 
 def run_worker(method, op, directory, size_mb, cold=False) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--method", method, "--op", op, "--dir", directory, "--size-mb", str(size_mb)]
-    if cold:
-        cmd.append("--cold")
+    if method == "cairn_rust":  # the Rust API, through examples/bench_io.rs
+        if cold:
+            evict(directory)
+        os.makedirs(directory, exist_ok=True)
+        cmd = [RUST_BENCH, op, os.path.join(directory, "ckpt")] + ([str(size_mb)] if op == "save" else [])
+    else:
+        cmd = [sys.executable, __file__, "--worker", "--method", method, "--op", op, "--dir", directory, "--size-mb", str(size_mb)]
+        if cold:
+            cmd.append("--cold")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -213,9 +220,14 @@ def main() -> None:
     ap.add_argument("--method")
     ap.add_argument("--op")
     ap.add_argument("--cold", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.only:
+        chosen = set(args.only.split(","))
+        SAVERS[:] = [m for m in SAVERS if m in chosen]
+        LOADERS[:] = [m for m in LOADERS if m in chosen]
 
     scratch = args.dir or tempfile.mkdtemp(prefix="cairn-bench-", dir=os.getcwd())
     size = None
@@ -241,7 +253,7 @@ def main() -> None:
 
     gbs = lambda s: size / s / 1e9 if s else None  # noqa: E731
     table = {}
-    for method in sorted(set(SAVERS) | set(LOADERS)):
+    for method in sorted(set(SAVERS) | set(LOADERS) | {"cairn", "cairn_rust", "raw_odirect", "raw_read"}):
         row = {op: gbs(med(method, op)) for op in ("save", "cold_load", "warm_load")}
         row["rss_mb"] = max((r.get("rss_mb", 0) for rs in results.get(method, {}).values() for r in rs), default=None)
         errors = [r["error"] for rs in results.get(method, {}).values() for r in rs if "error" in r]
@@ -249,10 +261,12 @@ def main() -> None:
             row["error"] = errors[0]
         table[method] = row
     blocked, memcpy = med("cairn_async", "save", "blocked_s"), med("cairn_async", "save", "memcpy_s")
-    best = lambda op, peers: max((table[p][op] for p in peers if table[p].get(op)), default=None)  # noqa: E731
+    best = lambda op, peers: max((table[p][op] for p in peers if table.get(p, {}).get(op)), default=None)  # noqa: E731
     summary = {
         "bytes": size,
         "save_vs_best_peer": (table["cairn"]["save"] or 0) / (best("save", PEERS_SAVE) or 1),
+        "rust_save_vs_odirect": (table["cairn_rust"]["save"] or 0) / (table["raw_odirect"]["save"] or 1),
+        "rust_cold_load_vs_raw_read": (table["cairn_rust"]["cold_load"] or 0) / (table["raw_read"]["cold_load"] or 1),
         "save_vs_odirect": (table["cairn"]["save"] or 0) / (table["raw_odirect"]["save"] or 1),
         "cold_load_vs_raw_read": (table["cairn"]["cold_load"] or 0) / (table["raw_read"]["cold_load"] or 1),
         "cold_load_vs_best_peer": (table["cairn"]["cold_load"] or 0) / (best("cold_load", PEERS_LOAD) or 1),

@@ -120,6 +120,14 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Classifies a local filesystem failure on `what` (e.g. ``file=`x` ``) into a kind.
+    pub(crate) fn from_io(err: std::io::Error, doing: &str, what: &str) -> Self {
+        let kind = io_kind_in(&err).unwrap_or(ErrorKind::Unavailable);
+        Self::new(kind, format!("{doing} failed {what}")).with_source(err)
+    }
+}
+
 /// Finds an `std::io::Error` in a cause chain and classifies it.
 fn io_kind_in(err: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);

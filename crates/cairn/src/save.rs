@@ -18,7 +18,8 @@ use crate::format::layout::{self, MANIFEST_FILE};
 use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION};
 use crate::format::shard::{self, ShardEntry};
 use crate::info::CheckpointInfo;
-use crate::store::Location;
+use crate::local_write;
+use crate::store::{self, Location};
 use crate::tree::{State, Tensor, Value};
 
 /// Default upper bound on the bytes of one shard file.
@@ -204,7 +205,21 @@ pub(crate) async fn write_share(
     opts: &SaveOptions,
 ) -> Result<Vec<WrittenShard>> {
     let plans = plan_shards(state, opts.shard_bytes, opts.concurrency, rank, attempt);
-    match write_shards(dest, state, &plans, opts).await {
+    let written = async {
+        let shards_dir = dest.local_dir().map(|dir| dir.join(layout::SHARDS_DIR));
+        if let Some(dir) = &shards_dir {
+            store::create_dirs_durably(dir)
+                .map_err(|e| Error::from_io(e, "creating shard folder", &format!("dir=`{}`", dir.display())))?;
+        }
+        let written = write_shards(dest, state, &plans, opts).await?;
+        // The new files' names become durable with their folder's fsync.
+        if let Some(dir) = &shards_dir {
+            sync_dir(dir)
+                .map_err(|e| Error::from_io(e, "syncing shard folder", &format!("dir=`{}`", dir.display())))?;
+        }
+        Ok::<_, Error>(written)
+    };
+    match written.await {
         Ok(written) => Ok(written),
         Err(e) => {
             remove_files(dest, plans.iter().map(|p| p.file.as_str())).await;
@@ -287,43 +302,53 @@ async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan, opts: &Sa
     let tensors: Vec<(String, Tensor)> =
         plan.keys.iter().filter_map(|k| state.tensor(k).map(|t| (k.clone(), t.clone()))).collect();
     let file = plan.file.clone();
-    // Checksums and the header are CPU work: keep them off the i/o threads.
-    let (header, crcs, tensors) = tokio::task::spawn_blocking(move || {
-        let entries: Vec<ShardEntry> = tensors
-            .iter()
-            .map(|(k, t)| ShardEntry {
-                name: shard::piece_name(k, &vec![0; t.shape().len()], true),
-                dtype: t.dtype(),
-                shape: t.shape().to_vec(),
-            })
-            .collect();
-        let metadata =
-            HashMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "cairn".to_string())]);
-        let header = shard::build_header(&entries, metadata)?;
-        let crcs: Vec<u32> = tensors.iter().map(|(_, t)| crc32c::crc32c(t.data())).collect();
-        Ok::<_, Error>((header, crcs, tensors))
-    })
-    .await
-    .map_err(|e| Error::new(ErrorKind::Unavailable, format!("checksum task failed file=`{file}`")).with_source(e))??;
-
-    let header_crc32c = crc32c::crc32c(&header.bytes);
+    let shown = format!("file=`{}/{file}`", dest.uri());
+    let entries: Vec<ShardEntry> = tensors
+        .iter()
+        .map(|(k, t)| ShardEntry {
+            name: shard::piece_name(k, &vec![0; t.shape().len()], true),
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+        })
+        .collect();
+    let metadata =
+        HashMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "cairn".to_string())]);
+    let header = shard::build_header(&entries, metadata)?;
     let header_len = header.bytes.len() as u64;
     let mut chunks: Vec<Bytes> = Vec::with_capacity(tensors.len() + 1);
     chunks.push(Bytes::from(header.bytes));
-    let mut pieces = Vec::with_capacity(tensors.len());
-    for (((key, tensor), crc), range) in tensors.into_iter().zip(crcs).zip(header.ranges) {
-        let rank = tensor.shape().len();
-        pieces.push((
-            key,
-            Piece { file: file.clone(), range, offsets: vec![0; rank], shape: tensor.shape().to_vec(), crc32c: crc },
-        ));
-        let (_, _, data) = tensor.into_parts();
-        if !data.is_empty() {
-            chunks.push(data);
+    chunks.extend(tensors.iter().map(|(_, t)| t.data().clone()));
+    // Local files: written here, checksummed in the same pass. Elsewhere: checksums first,
+    // then the upload. Both are CPU or blocking work: keep them off the async threads.
+    let local_path = dest.local_dir().map(|dir| dir.join(&file));
+    let task_chunks = chunks.clone();
+    let task_shown = shown.clone();
+    let crcs = tokio::task::spawn_blocking(move || {
+        let slices: Vec<&[u8]> = task_chunks.iter().map(|c| c.as_ref()).collect();
+        match local_path {
+            Some(path) => {
+                local_write::write_new_file(&path, &slices).map_err(|e| Error::from_io(e, "writing", &task_shown))
+            }
+            None => Ok(slices.iter().map(|c| crc32c::crc32c(c)).collect::<Vec<u32>>()),
         }
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Unavailable, format!("write task failed {shown}")).with_source(e))??;
+    if dest.local_dir().is_none() {
+        let multipart = header.file_size >= opts.multipart_bytes;
+        chunks.retain(|c| !c.is_empty());
+        put_file(dest, &file, chunks, multipart.then_some(opts.part_bytes)).await?;
     }
-    let multipart = dest.local_dir().is_none() && header.file_size >= opts.multipart_bytes;
-    put_file(dest, &file, chunks, multipart.then_some(opts.part_bytes)).await?;
+    let header_crc32c = crcs[0];
+    let pieces = tensors
+        .into_iter()
+        .zip(&crcs[1..])
+        .zip(header.ranges)
+        .map(|(((key, tensor), &crc32c), range)| {
+            let rank = tensor.shape().len();
+            (key, Piece { file: file.clone(), range, offsets: vec![0; rank], shape: tensor.shape().to_vec(), crc32c })
+        })
+        .collect();
     Ok(WrittenShard { file, record: FileRecord { size: header.file_size, header_len, header_crc32c }, pieces })
 }
 
@@ -415,6 +440,11 @@ pub(crate) fn manifest_of(
         tensors,
         files,
     }
+}
+
+/// Flushes the entries of the local folder `dir` to disk.
+fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Best-effort removal of `files` under `dest` (cleanup after a failed save).

@@ -264,7 +264,7 @@ impl Location {
 /// Creates `path` and its missing ancestors, then fsyncs every directory whose entries
 /// changed (each created one and the existing parent of the topmost), so that the run's
 /// folder itself survives a power loss, not only what is written inside it.
-fn create_dirs_durably(path: &std::path::Path) -> std::io::Result<()> {
+pub(crate) fn create_dirs_durably(path: &std::path::Path) -> std::io::Result<()> {
     let path = std::path::absolute(path)?;
     let path = path.as_path();
     let mut first_existing = path;

@@ -1,0 +1,90 @@
+//! The Rust side of the side-by-side benchmark (`bench/run.sh`): one durable save or one
+//! load of the same synthetic transformer state as `bench/run.py`, timed inside this fresh
+//! process, printed as one JSON line.
+//!
+//! ```text
+//! bench_io save <checkpoint dir> <size MiB>
+//! bench_io load <checkpoint dir>
+//! ```
+
+use std::time::Instant;
+
+use cairn::{DType, LoadOptions, SaveOptions, State, Tensor};
+
+/// The layout of `bench/run.py`'s `synthetic_state`: embeddings and 12 layers of
+/// attention, MLP and norm weights, each with two Adam moments, float32, filled with
+/// `n * 0.001 + len(group)` where `n` numbers the parameter.
+fn synthetic_state(size_mb: u64) -> State {
+    let (layers, vocab) = (12u64, 32000u64);
+    let target = size_mb << 20;
+    let mut h = 64u64;
+    while 12 * (vocab * (h + 64) + layers * 12 * (h + 64) * (h + 64)) <= target {
+        h += 64;
+    }
+    let mut params: Vec<(String, Vec<u64>)> = vec![("embed.weight".into(), vec![vocab, h])];
+    for i in 0..layers {
+        for name in ["q", "k", "v", "o"] {
+            params.push((format!("layers.{i}.attn.{name}.weight"), vec![h, h]));
+        }
+        params.push((format!("layers.{i}.mlp.up.weight"), vec![4 * h, h]));
+        params.push((format!("layers.{i}.mlp.down.weight"), vec![h, 4 * h]));
+        params.push((format!("layers.{i}.norm1.weight"), vec![h]));
+        params.push((format!("layers.{i}.norm2.weight"), vec![h]));
+    }
+    let mut state = State::new();
+    for (n, (key, shape)) in params.iter().enumerate() {
+        for group in ["model", "optim.exp_avg", "optim.exp_avg_sq"] {
+            let value = (n as f64 * 0.001 + group.len() as f64) as f32;
+            let count: u64 = shape.iter().product();
+            let data: Vec<u8> = value.to_le_bytes().repeat(count as usize);
+            let tensor = Tensor::new(DType::F32, shape.clone(), data).expect("valid tensor");
+            state.insert_tensor(format!("{group}.{key}"), tensor);
+        }
+    }
+    state
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+    kb.map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() -> cairn::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: bench_io save <dir> <size MiB> | bench_io load <dir>";
+    let (op, dir) = match (args.get(1), args.get(2)) {
+        (Some(op), Some(dir)) => (op.as_str(), dir.as_str()),
+        _ => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    };
+    let line = match op {
+        "save" => {
+            let size_mb: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2048);
+            let state = synthetic_state(size_mb);
+            let start = Instant::now();
+            cairn::save(dir, &state, &SaveOptions::default())?;
+            let seconds = start.elapsed().as_secs_f64();
+            serde_json::json!({"seconds": seconds, "bytes": state.tensor_bytes(), "rss_mb": peak_rss_mb()})
+        }
+        "load" => {
+            let start = Instant::now();
+            let (state, _) = cairn::load(dir, &LoadOptions::default())?;
+            // Touch every tensor's last byte, as the Python loaders do.
+            let touched: u64 = state.tensors().map(|(_, t)| u64::from(t.data().last().copied().unwrap_or(0))).sum();
+            let seconds = start.elapsed().as_secs_f64();
+            serde_json::json!({"seconds": seconds, "touched": touched, "rss_mb": peak_rss_mb()})
+        }
+        _ => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    };
+    println!("{line}");
+    Ok(())
+}
