@@ -66,6 +66,12 @@ def main():
         except cairn.CheckpointError as e:
             print(f"failed {type(e).__name__}: {e}", flush=True)
             sys.exit(3)
+        finally:
+            if coord == "torch":
+                # Without this, gloo's threads can abort the interpreter's exit.
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
     else:
         ref = reference()
         lo, n = split(8, world, rank)

@@ -102,6 +102,20 @@ fn listing(c: &mut Criterion) {
         let run = Run::at(loc);
         group.bench_with_input(BenchmarkId::new("checkpoints", count), &run, |b, run| b.iter(|| run.list().unwrap()));
     }
+    {
+        // The same run on local disk (what `Run::list` costs on a real file system).
+        let dir = tempfile::tempdir().unwrap();
+        for step in 0..count {
+            let shards = dir.path().join(layout::step_dir(step)).join("shards");
+            std::fs::create_dir_all(&shards).unwrap();
+            std::fs::write(shards.parent().unwrap().join("manifest.json"), b"{}").unwrap();
+            std::fs::write(shards.join("r00000-00000-of-00001-x.safetensors"), b"x").unwrap();
+        }
+        let run = Run::at(Location::open(dir.path().to_str().unwrap()).unwrap());
+        group.bench_with_input(BenchmarkId::new("checkpoints_on_local_disk", count), &run, |b, run| {
+            b.iter(|| run.list().unwrap())
+        });
+    }
     group.finish();
 }
 

@@ -23,6 +23,7 @@ use crate::policy::{self, Candidate, Decision, Retention, SaveContext, SavePolic
 use crate::run::Run;
 use crate::runtime::block_on;
 use crate::save::SaveOptions;
+use crate::snapshot::ArenaPool;
 use crate::tree::{State, Value};
 
 /// A source of elapsed time, injectable so time-based policies are testable.
@@ -254,6 +255,8 @@ pub struct CheckpointManager {
     save_template: SaveOptions,
     preempted: Arc<AtomicBool>,
     worker: Option<JoinHandle<()>>,
+    /// Memory for snapshots, reused from one async save to the next.
+    snapshots: ArenaPool,
 }
 
 impl CheckpointManager {
@@ -315,6 +318,7 @@ impl CheckpointManager {
             save_template: opts.save,
             preempted,
             worker: Some(worker),
+            snapshots: ArenaPool::default(),
         };
         manager.enqueue(Job::Retain);
         Ok(manager)
@@ -365,7 +369,7 @@ impl CheckpointManager {
     pub fn save(&self, step: u64, state: &State, req: SaveRequest) -> Result<()> {
         let opts = self.admit(step, req)?;
         if self.async_save {
-            let snapshot = state.to_owned_copy();
+            let snapshot = state.snapshot_in(&self.snapshots);
             self.enqueue(Job::Save { step, state: snapshot, opts });
             return Ok(());
         }

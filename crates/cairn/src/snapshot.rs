@@ -3,8 +3,12 @@
 //!
 //! All buffers go into one arena, backed by huge pages where the kernel allows (a copy
 //! into fresh memory otherwise pays one page fault per 4 KiB), and the copy is split
-//! across threads. Each copy is a view into the arena, which is freed when the last view
-//! is dropped.
+//! across threads. Each copy is a view into the arena. When the last view is dropped
+//! (the save is done), the arena goes back to its [`ArenaPool`], so the next snapshot
+//! copies into memory that is already mapped: after the first save, a snapshot costs a
+//! plain copy into warm memory.
+
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use memmap2::{Advice, MmapMut};
@@ -16,26 +20,61 @@ const PIECE_BYTES: usize = 16 << 20;
 /// Below this total a single thread copies (thread start-up would dominate).
 const PARALLEL_MIN_BYTES: usize = 32 << 20;
 
-/// Copies every buffer of `sources` into memory owned by the returned views, in order.
-pub(crate) fn copy_all(sources: &[&[u8]]) -> Vec<Bytes> {
-    let mut offsets = Vec::with_capacity(sources.len());
-    let mut total = 0usize;
-    for source in sources {
-        offsets.push(total);
-        total += source.len().next_multiple_of(ALIGN);
+type Spare = Mutex<Option<MmapMut>>;
+
+/// Keeps one arena between snapshots of the same owner (a checkpoint manager); the
+/// arena is freed with the pool. Cloning shares the pool.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ArenaPool {
+    spare: Arc<Spare>,
+}
+
+impl ArenaPool {
+    /// Copies every buffer of `sources` into one arena and returns a view of each copy,
+    /// in order. Reuses the pool's spare arena when it fits (at most twice the size).
+    pub(crate) fn copy_all(&self, sources: &[&[u8]]) -> Vec<Bytes> {
+        let mut offsets = Vec::with_capacity(sources.len());
+        let mut total = 0usize;
+        for source in sources {
+            offsets.push(total);
+            total += source.len().next_multiple_of(ALIGN);
+        }
+        if total == 0 {
+            return sources.iter().map(|_| Bytes::new()).collect();
+        }
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let reused = spare.filter(|a| a.len() >= total && a.len() / 2 <= total);
+        let mut arena = match reused.map_or_else(|| MmapMut::map_anon(total), Ok) {
+            Ok(arena) => arena,
+            // No address space for one arena: copy buffer by buffer through the allocator.
+            Err(_) => return sources.iter().map(|s| Bytes::copy_from_slice(s)).collect(),
+        };
+        // A hint only; the copy is correct either way.
+        let _ = arena.advise(Advice::HugePage);
+        fill(&mut arena, sources, total);
+        let arena = Bytes::from_owner(PooledArena { arena: Some(arena), home: Arc::downgrade(&self.spare) });
+        sources.iter().zip(offsets).map(|(source, start)| arena.slice(start..start + source.len())).collect()
     }
-    if total == 0 {
-        return sources.iter().map(|_| Bytes::new()).collect();
+}
+
+/// An arena that returns to its pool (if the pool still exists) when dropped.
+struct PooledArena {
+    arena: Option<MmapMut>,
+    home: Weak<Spare>,
+}
+
+impl AsRef<[u8]> for PooledArena {
+    fn as_ref(&self) -> &[u8] {
+        self.arena.as_deref().unwrap_or_default()
     }
-    let Ok(mut arena) = MmapMut::map_anon(total) else {
-        // No address space for one arena: copy buffer by buffer through the allocator.
-        return sources.iter().map(|s| Bytes::copy_from_slice(s)).collect();
-    };
-    // A hint only; the copy is correct either way.
-    let _ = arena.advise(Advice::HugePage);
-    fill(&mut arena, sources, total);
-    let arena = Bytes::from_owner(arena);
-    sources.iter().zip(offsets).map(|(source, start)| arena.slice(start..start + source.len())).collect()
+}
+
+impl Drop for PooledArena {
+    fn drop(&mut self) {
+        if let (Some(arena), Some(home)) = (self.arena.take(), self.home.upgrade()) {
+            *home.lock().unwrap_or_else(|e| e.into_inner()) = Some(arena);
+        }
+    }
 }
 
 /// Copies `sources` back to back (each at an `ALIGN` boundary) into `arena`, splitting
@@ -89,7 +128,7 @@ mod tests {
         let mut sources: Vec<Vec<u8>> = vec![vec![], vec![7u8; 3], vec![1u8; PIECE_BYTES * 2 + 5]];
         sources.extend((0..20).map(|i| vec![i as u8; PIECE_BYTES / 3 + i]));
         let slices: Vec<&[u8]> = sources.iter().map(Vec::as_slice).collect();
-        let copies = copy_all(&slices);
+        let copies = ArenaPool::default().copy_all(&slices);
         for (source, copy) in sources.iter_mut().zip(&copies) {
             assert_eq!(&copy[..], &source[..]);
             assert_eq!(copy.as_ptr() as usize % ALIGN, 0);
@@ -102,8 +141,23 @@ mod tests {
 
     #[test]
     fn nothing_to_copy_gives_empty_views() {
-        let copies = copy_all(&[&[], &[]]);
+        let pool = ArenaPool::default();
+        let copies = pool.copy_all(&[&[], &[]]);
         assert!(copies.iter().all(Bytes::is_empty));
-        assert!(copy_all(&[]).is_empty());
+        assert!(pool.copy_all(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_released_arena_is_reused_only_once_free() {
+        let pool = ArenaPool::default();
+        let first = pool.copy_all(&[&[1u8; 1000], &[2u8; 10]]);
+        let address = first[0].as_ptr();
+        let second = pool.copy_all(&[&[3u8; 1000]]);
+        assert_ne!(second[0].as_ptr(), address, "an arena in use must not be reused");
+        drop(first);
+        let third = pool.copy_all(&[&[4u8; 900]]);
+        assert_eq!(third[0].as_ptr(), address, "the released arena is reused");
+        assert_eq!(&third[0][..], &[4u8; 900][..]);
+        assert_eq!(&second[0][..], &[3u8; 1000][..]);
     }
 }

@@ -525,6 +525,11 @@ impl State {
     /// an asynchronous save writes from. All bytes are copied at once into one arena, in
     /// parallel, so the caller waits about as long as a plain memory copy.
     pub fn to_owned_copy(&self) -> State {
+        self.snapshot_in(&crate::snapshot::ArenaPool::default())
+    }
+
+    /// [`to_owned_copy`](Self::to_owned_copy) into an arena of `pool` (reused across saves).
+    pub(crate) fn snapshot_in(&self, pool: &crate::snapshot::ArenaPool) -> State {
         let tensors = self
             .entries
             .values()
@@ -534,7 +539,7 @@ impl State {
             })
             .chain(self.slices.values().map(|s| &s.tensor));
         let sources: Vec<&[u8]> = tensors.map(|t| t.data.as_ref()).collect();
-        let mut copies = crate::snapshot::copy_all(&sources).into_iter();
+        let mut copies = pool.copy_all(&sources).into_iter();
         let mut owned =
             |t: &Tensor| Tensor { dtype: t.dtype, shape: t.shape.clone(), data: copies.next().unwrap_or_default() };
         let entries = self
