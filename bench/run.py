@@ -84,6 +84,16 @@ def evict(path: str) -> None:
             os.close(fd)
 
 
+def touch_pages(arrays) -> int:
+    """Reads one byte of every 4 KiB page of every array, so that a lazily mapped load has
+    really brought its data into memory, as a load that copies or verifies it has."""
+    total = 0
+    for a in arrays:
+        flat = np.asarray(a.numpy() if hasattr(a, "numpy") else a).reshape(-1).view(np.uint8)
+        total += int(flat[::4096].sum()) + (int(flat[-1]) if flat.size else 0)
+    return total
+
+
 def as_torch(state):
     import torch
 
@@ -163,21 +173,22 @@ def load(method: str, path: str, cold: bool) -> dict:
         import cairn
 
         out = cairn.load(os.path.join(path, "ckpt"))
-        sum(float(a.reshape(-1)[-1]) for a in out.values())  # touch every tensor's last page
+        touch_pages(out.values())
     elif method in ("torch_load", "torch_load_mmap"):
         import torch
 
         out = torch.load(os.path.join(path, "model.pt"), mmap=method.endswith("mmap"), weights_only=True)
-        sum(float(t.reshape(-1)[-1]) for t in out.values())
+        touch_pages(out.values())
     elif method == "safetensors_np":
         import safetensors.numpy
 
         out = safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))
+        touch_pages(out.values())
     elif method == "safetensors_torch":
         import safetensors.torch
 
         out = safetensors.torch.load_file(os.path.join(path, "model.safetensors"))
-        sum(float(t.reshape(-1)[-1]) for t in out.values())
+        touch_pages(out.values())
     elif method == "dcp":
         import torch
         import torch.distributed.checkpoint as dcp
@@ -185,10 +196,12 @@ def load(method: str, path: str, cold: bool) -> dict:
         meta = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata()
         target = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()}
         dcp.load(target, checkpoint_id=os.path.join(path, "dcp"), no_dist=True)
+        touch_pages(target.values())
     elif method == "orbax":
         import orbax.checkpoint as ocp
 
         out = ocp.PyTreeCheckpointer().restore(os.path.join(path, "orbax"))
+        touch_pages(out.values())
     elif method in ("raw_read", "raw_read_odirect"):
         with open(os.path.join(path, "raw.bin"), "rb", buffering=0) as f:
             buf = bytearray(64 << 20)

@@ -205,6 +205,17 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_device_write_stops_the_copy_and_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("read-only");
+        std::fs::write(&path, b"").unwrap();
+        let file = File::open(&path).unwrap(); // not writable: every write fails
+        let big = pattern(BLOCK_BYTES * BLOCKS_PER_FILE * 3, 9);
+        let err = write_direct(&file, &[big.as_slice()]).unwrap_err();
+        assert_ne!(err.to_string(), "direct writer stopped", "the writer's own error must surface");
+    }
+
+    #[test]
     fn buffered_writes_match_direct_ones() {
         let dir = tempfile::tempdir().unwrap();
         let chunks = [pattern(5, 1), pattern(BLOCK_BYTES + 1, 2)];

@@ -1,5 +1,6 @@
-//! Saving: plan the shards (pure), write them in parallel straight from the state's
-//! buffers, then commit by creating the manifest only if absent.
+//! Saving: plan the shards (pure), write them in parallel (to object stores straight
+//! from the state's buffers; to local disk with direct I/O through a few aligned buffers,
+//! see `local_write`), then commit by creating the manifest only if absent.
 //!
 //! Invariants: no manifest is written before every shard is durable; the manifest is
 //! created with `PutMode::Create`, so a committed checkpoint is never overwritten; shard
@@ -125,21 +126,37 @@ pub struct ShardPlan {
 
 /// Splits the tensors of `state` into shards of at most `shard_bytes` (a bigger tensor
 /// gets its own), and into at least `parallelism` shards when each would still hold
-/// `MIN_SPLIT_SHARD_BYTES`. Pure: the same input gives the same plan.
+/// `MIN_SPLIT_SHARD_BYTES`. The shard count is rounded up to a multiple of `parallelism`
+/// and the shards are of about equal size, so the parallel writers finish together.
+/// Pure: the same input gives the same plan.
 pub fn plan_shards(state: &State, shard_bytes: u64, parallelism: usize, rank: u32, attempt: &str) -> Vec<ShardPlan> {
     let total = state.tensor_bytes();
-    let target = (total / parallelism.max(1) as u64).max(MIN_SPLIT_SHARD_BYTES).min(shard_bytes.max(1));
+    let shard_bytes = shard_bytes.max(1);
+    let needed = total.div_ceil(shard_bytes).max(1);
+    let balanced = needed.next_multiple_of(parallelism.max(1) as u64);
+    let count = if total / balanced >= MIN_SPLIT_SHARD_BYTES {
+        balanced
+    } else {
+        needed.max((total / MIN_SPLIT_SHARD_BYTES).min(balanced)).max(1)
+    };
+    // Each tensor goes to the shard its middle byte falls in when the state is cut into
+    // `count` equal parts; a shard is also closed before it would pass the bound.
     let mut groups: Vec<Vec<(&String, &Tensor)>> = Vec::new();
     let mut current: Vec<(&String, &Tensor)> = Vec::new();
-    let mut current_bytes = 0u64;
+    let (mut current_bytes, mut current_part, mut before) = (0u64, 0u64, 0u64);
     for (key, tensor) in state.tensors() {
         let size = tensor.data().len() as u64;
-        if !current.is_empty() && current_bytes + size > target {
+        let part = ((u128::from(before + size / 2) * u128::from(count)) / u128::from(total.max(1))) as u64;
+        if !current.is_empty() && (part != current_part || current_bytes + size > shard_bytes) {
             groups.push(std::mem::take(&mut current));
             current_bytes = 0;
         }
+        if current.is_empty() {
+            current_part = part;
+        }
         current.push((key, tensor));
         current_bytes += size;
+        before += size;
     }
     if !current.is_empty() {
         groups.push(current);
@@ -339,10 +356,12 @@ async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan, opts: &Sa
         chunks.retain(|c| !c.is_empty());
         put_file(dest, &file, chunks, multipart.then_some(opts.part_bytes)).await?;
     }
-    let header_crc32c = crcs[0];
+    let Some((&header_crc32c, piece_crcs)) = crcs.split_first() else {
+        return Err(Error::new(ErrorKind::Unavailable, format!("no checksum for the shard header {shown}")));
+    };
     let pieces = tensors
         .into_iter()
-        .zip(&crcs[1..])
+        .zip(piece_crcs)
         .zip(header.ranges)
         .map(|(((key, tensor), &crc32c), range)| {
             let rank = tensor.shape().len();
@@ -494,6 +513,22 @@ mod tests {
         assert_eq!(sizes, vec![4, 4, 4]);
         let joined: Vec<u8> = parts.iter().flat_map(|p| p.iter().flat_map(|b| b.to_vec())).collect();
         assert_eq!(joined, [vec![1u8; 7], vec![2u8; 5]].concat());
+    }
+
+    #[test]
+    fn plan_gives_each_parallel_writer_an_equal_share() {
+        // 1,000 tensors of 1 MiB with 512 MiB shards and 2 writers: 2 shards of 500 MiB,
+        // not 512 + 488; with 3 writers, 3 shards.
+        let s = state_of(&[1 << 20; 1000]);
+        let sizes = |plans: &[ShardPlan]| plans.iter().map(|p| p.keys.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(&plan_shards(&s, 512 << 20, 2, 0, "a")), vec![500, 500]);
+        let three = sizes(&plan_shards(&s, 512 << 20, 3, 0, "a"));
+        assert_eq!(three.len(), 3);
+        assert!(three.iter().all(|&n| (333..=334).contains(&n)), "{three:?}");
+        // The bound still holds when it forces more shards than writers.
+        let many = plan_shards(&s, 100 << 20, 4, 0, "a");
+        assert_eq!(many.len(), 12);
+        assert!(many.iter().all(|p| p.keys.len() <= 100));
     }
 
     #[test]
