@@ -326,10 +326,21 @@ class CheckpointManager:
         metrics: dict[str, float] | None = None,
         metadata: Any = None,
     ) -> bool:
-        """Saves `state` if the policies say so (or `force`); returns whether it saved."""
+        """Saves `state` if the policies say so (or `force`); returns whether it saved.
+        On a step that saves nothing, `state` is not looked at (no device copy)."""
+        if not self._native.due(step, force):
+            return False
+        self._native.wait_for_slot()  # before copying the state: one copy in flight at most
         leaves = _tree.flatten(state)
         return self._native.on_step(
-            step, leaves.tensors, leaves.values, leaves.structure, force, _metrics(metrics), _metadata(metadata)
+            step,
+            leaves.tensors,
+            leaves.values,
+            leaves.structure,
+            force,
+            _metrics(metrics),
+            _metadata(metadata),
+            leaves.staging,
         )
 
     def save(
@@ -342,9 +353,17 @@ class CheckpointManager:
         metadata: Any = None,
     ) -> None:
         """Saves `state` as `step` now, whatever the policies."""
+        self._native.wait_for_slot()
         leaves = _tree.flatten(state)
         self._native.save(
-            step, leaves.tensors, leaves.values, leaves.structure, temporary, _metrics(metrics), _metadata(metadata)
+            step,
+            leaves.tensors,
+            leaves.values,
+            leaves.structure,
+            temporary,
+            _metrics(metrics),
+            _metadata(metadata),
+            leaves.staging,
         )
 
     def wait(self) -> None:

@@ -32,6 +32,24 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+# torch dtype name (without `torch.`) -> Cairn dtype name.
+_TORCH_NAMES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
 
 
 def _torch():
@@ -69,6 +87,14 @@ def _torch_to_numpy(t) -> np.ndarray:
         raw, np_dtype = views[t.dtype]
         return t.view(raw).numpy().view(np_dtype)
     return t.numpy()
+
+
+def torch_dtype_name(key: str, dtype: Any) -> str:
+    """The Cairn dtype name of a torch dtype (`torch.bfloat16` -> `"BF16"`)."""
+    name = _TORCH_NAMES.get(str(dtype).removeprefix("torch."))
+    if name is None:
+        raise TypeError(f"unsupported dtype `{dtype}` key=`{key}`")
+    return name
 
 
 def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:

@@ -72,6 +72,7 @@ class Manager:
         rank: int = 0,
         world_size: int = 1,
     ) -> None: ...
+    def due(self, step: int, force: bool = False) -> bool: ...
     def on_step(
         self,
         step: int,
@@ -81,6 +82,7 @@ class Manager:
         force: bool = False,
         metrics: Sequence[tuple[str, float]] | None = None,
         metadata: str | None = None,
+        staging: Any = None,
     ) -> bool: ...
     def save(
         self,
@@ -91,7 +93,9 @@ class Manager:
         temporary: bool = False,
         metrics: Sequence[tuple[str, float]] | None = None,
         metadata: str | None = None,
+        staging: Any = None,
     ) -> None: ...
+    def wait_for_slot(self) -> None: ...
     def wait(self) -> None: ...
     def restore(
         self,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from . import _arrays
+from . import _arrays, _staging
 from ._cairn import InvalidArgumentError
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
@@ -35,13 +35,17 @@ class Shard:
 
 
 class Leaves:
-    """A state flattened for the native layer."""
+    """A state flattened for the native layer. When some tensors were on a device, every
+    tensor was copied into `staging` (see `_staging`) and the tensors are views of it."""
 
     def __init__(self) -> None:
         self.tensors: list[tuple[str, str, list[int], Any, tuple[list[int], list[int]] | None]] = []
         self.values: list[tuple[str, Any]] = []
         self.structure: str | None = None
+        self.staging: Any = None
         self._keys: set[str] = set()
+        # (key, array, slice) of each tensor leaf, converted once the whole state is known.
+        self._arrays: list[tuple[str, Any, tuple[list[int], list[int]] | None]] = []
 
     def _claim(self, key: str) -> None:
         if key in self._keys:
@@ -54,6 +58,12 @@ def flatten(state: Any) -> Leaves:
     leaves = Leaves()
     node = _flatten(state, (), leaves)
     leaves.structure = json.dumps(node, separators=(",", ":"))
+    items = [(key, array) for key, array, _ in leaves._arrays]
+    if _staging.needed(array for _, array in items):
+        leaves.staging, raws = _staging.stage(items)
+    else:
+        raws = [_raw(key, array) for key, array in items]
+    leaves.tensors = [(key, dtype, shape, raw, slice) for (key, _, slice), (dtype, shape, raw) in zip(leaves._arrays, raws)]
     return leaves
 
 
@@ -77,13 +87,11 @@ def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
     key = _key(path)
     if isinstance(obj, Shard):
         leaves._claim(key)
-        dtype, shape, raw = _raw(key, obj.local)
-        leaves.tensors.append((key, dtype, shape, raw, (obj.offsets, obj.global_shape)))
+        leaves._arrays.append((key, obj.local, (obj.offsets, obj.global_shape)))
         return {"tensor": key}
     if _arrays.is_array(obj):
         leaves._claim(key)
-        dtype, shape, raw = _raw(key, obj)
-        leaves.tensors.append((key, dtype, shape, raw, None))
+        leaves._arrays.append((key, obj, None))
         return {"tensor": key}
     if isinstance(obj, _PLAIN):
         leaves._claim(key)

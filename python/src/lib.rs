@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_void, CString};
+use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
@@ -83,30 +84,78 @@ impl AsRef<[u8]> for BorrowedBuffer {
     }
 }
 
-/// Builds the Rust state from Python's flattened leaves.
-fn tensor_from_py(key: &str, dtype: &str, shape: Vec<u64>, array: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-    let dtype = DType::from_name(dtype).map_err(to_py_err)?;
-    let buffer = PyBuffer::<u8>::get(array)
+/// A contiguous byte buffer of a Python object, held without a copy.
+fn byte_buffer(obj: &Bound<'_, PyAny>, key: &str) -> PyResult<PyBuffer<u8>> {
+    let buffer = PyBuffer::<u8>::get(obj)
         .map_err(|e| InvalidArgumentError::new_err(format!("tensor is not a byte buffer key=`{key}`: {e}")))?;
     if !buffer.is_c_contiguous() {
         return Err(InvalidArgumentError::new_err(format!("tensor buffer is not contiguous key=`{key}`")));
     }
-    Tensor::new(dtype, shape, Bytes::from_owner(BorrowedBuffer(buffer)))
-        .map_err(|e| InvalidArgumentError::new_err(format!("{} key=`{key}`", e.message())))
+    Ok(buffer)
+}
+
+/// The one private host buffer that Python staged a state's tensors into (see
+/// `cairn/_staging.py`). The tensors become slices of it, so a save that keeps the state
+/// keeps this single buffer alive rather than one Python object per tensor.
+struct Staging {
+    bytes: Bytes,
+    start: usize,
+}
+
+impl Staging {
+    fn new(obj: &Bound<'_, PyAny>) -> PyResult<Staging> {
+        let buffer = byte_buffer(obj, "<staging>")?;
+        let start = buffer.buf_ptr() as usize;
+        Ok(Staging { bytes: Bytes::from_owner(BorrowedBuffer(buffer)), start })
+    }
+
+    /// The part of the staging buffer that `view` covers; refuses a view outside it.
+    fn slice_of(&self, view: &PyBuffer<u8>, key: &str) -> PyResult<Bytes> {
+        let len = view.len_bytes();
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let offset = (view.buf_ptr() as usize).wrapping_sub(self.start);
+        match offset.checked_add(len) {
+            Some(end) if end <= self.bytes.len() => Ok(self.bytes.slice(offset..end)),
+            _ => Err(InvalidArgumentError::new_err(format!("tensor is not inside the staging buffer key=`{key}`"))),
+        }
+    }
+}
+
+/// Builds one Rust tensor from a Python leaf: borrowing its buffer, or as a slice of the
+/// staging buffer.
+fn tensor_from_py(
+    key: &str,
+    dtype: &str,
+    shape: Vec<u64>,
+    array: &Bound<'_, PyAny>,
+    staging: Option<&Staging>,
+) -> PyResult<Tensor> {
+    let dtype = DType::from_name(dtype).map_err(to_py_err)?;
+    let buffer = byte_buffer(array, key)?;
+    let data = match staging {
+        None => Bytes::from_owner(BorrowedBuffer(buffer)),
+        Some(staging) => staging.slice_of(&buffer, key)?,
+    };
+    Tensor::new(dtype, shape, data).map_err(|e| InvalidArgumentError::new_err(format!("{} key=`{key}`", e.message())))
 }
 
 /// A tensor leaf from Python: `(key, dtype, shape, uint8 buffer)`, plus `(offsets,
 /// global_shape)` for a slice of a sharded tensor.
 type TensorLeaf<'py> = (String, String, Vec<u64>, Bound<'py, PyAny>, Option<(Vec<u64>, Vec<u64>)>);
 
+/// Builds the Rust state from Python's flattened leaves; with `staging`, every tensor must
+/// lie inside that buffer.
 fn state_from_py(
     tensors: Vec<TensorLeaf<'_>>,
     values: Vec<(String, Bound<'_, PyAny>)>,
     structure: Option<String>,
+    staging: Option<&Staging>,
 ) -> PyResult<State> {
     let mut state = State::new();
     for (key, dtype, shape, array, slice) in tensors {
-        let tensor = tensor_from_py(&key, &dtype, shape, &array)?;
+        let tensor = tensor_from_py(&key, &dtype, shape, &array, staging)?;
         match slice {
             None => state.insert_tensor(key, tensor),
             Some((offsets, global_shape)) => state.insert_slice(key, Slice { tensor, offsets, global_shape }),
@@ -332,7 +381,7 @@ fn save<'py>(
     timeout: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded(|| {
-        let state = state_from_py(tensors, values, structure)?;
+        let state = state_from_py(tensors, values, structure, None)?;
         let opts = SaveOptions {
             step,
             metrics: metrics_from_py(metrics)?,
@@ -423,8 +472,23 @@ fn load<'py>(
 /// The manager behind `cairn.CheckpointManager`.
 #[pyclass(module = "cairn._cairn")]
 struct Manager {
-    inner: CheckpointManager,
+    /// Dropped with the GIL released (see `Drop`).
+    inner: ManuallyDrop<CheckpointManager>,
     local: bool,
+}
+
+impl Drop for Manager {
+    /// Dropping the manager waits for its saves in flight, whose staging buffers are
+    /// released under the GIL on the worker thread: it waits with the GIL released.
+    fn drop(&mut self) {
+        // SAFETY: `inner` is taken once, here, and never used again.
+        let mut inner = Some(unsafe { ManuallyDrop::take(&mut self.inner) });
+        Python::try_attach(|py| {
+            let inner = inner.take();
+            py.detach(move || drop(inner));
+        });
+        drop(inner);
+    }
 }
 
 #[pymethods]
@@ -487,11 +551,17 @@ impl Manager {
                 .detach(|| CheckpointManager::with_run(Run::at(Location::with_options(uri, true, &storage)?), opts))
                 .map_err(to_py_err)?;
             let local = inner.run().location().local_dir().is_some();
-            Ok(Manager { inner, local })
+            Ok(Manager { inner: ManuallyDrop::new(inner), local })
         })
     }
 
-    #[pyo3(signature = (step, tensors, values, structure=None, force=false, metrics=None, metadata=None))]
+    /// Whether `on_step` would save `step` now.
+    #[pyo3(signature = (step, force=false))]
+    fn due(&self, step: u64, force: bool) -> bool {
+        self.inner.due(step, force)
+    }
+
+    #[pyo3(signature = (step, tensors, values, structure=None, force=false, metrics=None, metadata=None, staging=None))]
     #[allow(clippy::too_many_arguments)]
     fn on_step<'py>(
         &self,
@@ -503,12 +573,16 @@ impl Manager {
         force: bool,
         metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
         metadata: Option<String>,
+        staging: Option<Bound<'py, PyAny>>,
     ) -> PyResult<bool> {
-        let leaves = (tensors, values, structure);
-        self.submit(py, leaves, (force, false), metrics, metadata, |state, req| self.inner.on_step(step, state, req))
+        let leaves = (tensors, values, structure, staging);
+        self.submit(py, leaves, (force, false), metrics, metadata, |state, req| match state {
+            Handover::Borrowed(state) => self.inner.on_step(step, state, req),
+            Handover::Staged(state) => self.inner.on_step_owned(step, state, req),
+        })
     }
 
-    #[pyo3(signature = (step, tensors, values, structure=None, temporary=false, metrics=None, metadata=None))]
+    #[pyo3(signature = (step, tensors, values, structure=None, temporary=false, metrics=None, metadata=None, staging=None))]
     #[allow(clippy::too_many_arguments)]
     fn save<'py>(
         &self,
@@ -520,9 +594,18 @@ impl Manager {
         temporary: bool,
         metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
         metadata: Option<String>,
+        staging: Option<Bound<'py, PyAny>>,
     ) -> PyResult<()> {
-        let leaves = (tensors, values, structure);
-        self.submit(py, leaves, (true, temporary), metrics, metadata, |state, req| self.inner.save(step, state, req))
+        let leaves = (tensors, values, structure, staging);
+        self.submit(py, leaves, (true, temporary), metrics, metadata, |state, req| match state {
+            Handover::Borrowed(state) => self.inner.save(step, state, req),
+            Handover::Staged(state) => self.inner.save_owned(step, state, req),
+        })
+    }
+
+    /// Blocks until a save slot is free; raises a background error.
+    fn wait_for_slot(&self, py: Python<'_>) -> PyResult<()> {
+        guarded(|| py.detach(|| self.inner.wait_for_slot()).map_err(to_py_err))
     }
 
     fn wait(&self, py: Python<'_>) -> PyResult<()> {
@@ -569,30 +652,45 @@ impl Manager {
     }
 }
 
-/// Flattened leaves as the Python layer passes them: tensors, values, structure.
-type PyState<'py> = (Vec<TensorLeaf<'py>>, Vec<(String, Bound<'py, PyAny>)>, Option<String>);
+/// Flattened leaves as the Python layer passes them: tensors, values, structure, and the
+/// staging buffer the tensors lie in, if Python staged them.
+type PyState<'py> = (Vec<TensorLeaf<'py>>, Vec<(String, Bound<'py, PyAny>)>, Option<String>, Option<Bound<'py, PyAny>>);
+
+/// How a state reaches the manager.
+enum Handover<'a> {
+    /// Over the caller's own buffers: an async save snapshots them before returning.
+    Borrowed(&'a State),
+    /// Over a private staging buffer nobody else writes: the manager keeps it and writes
+    /// from it, no snapshot copy.
+    Staged(State),
+}
 
 impl Manager {
     /// Builds the state and the request (`force`, `temporary`), then runs `act` with the
-    /// GIL released; the borrowed buffers are dropped back under the GIL.
+    /// GIL released; borrowed buffers are dropped back under the GIL.
     fn submit<'py, T: Send>(
         &self,
         py: Python<'py>,
-        (tensors, values, structure): PyState<'py>,
+        (tensors, values, structure, staging): PyState<'py>,
         (force, temporary): (bool, bool),
         metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
         metadata: Option<String>,
-        act: impl FnOnce(&State, SaveRequest) -> cairn::Result<T> + Send,
+        act: impl FnOnce(Handover<'_>, SaveRequest) -> cairn::Result<T> + Send,
     ) -> PyResult<T> {
         guarded(|| {
-            let state = state_from_py(tensors, values, structure)?;
+            let staging = staging.as_ref().map(Staging::new).transpose()?;
+            let state = state_from_py(tensors, values, structure, staging.as_ref())?;
             let req = SaveRequest {
                 force,
                 temporary,
                 metrics: metrics_from_py(metrics)?,
                 metadata: metadata_from_json(metadata)?,
             };
-            let out = py.detach(|| act(&state, req)).map_err(to_py_err)?;
+            if staging.is_some() {
+                drop(staging);
+                return py.detach(|| act(Handover::Staged(state), req)).map_err(to_py_err);
+            }
+            let out = py.detach(|| act(Handover::Borrowed(&state), req)).map_err(to_py_err)?;
             drop(state);
             Ok(out)
         })

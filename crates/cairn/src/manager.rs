@@ -343,23 +343,44 @@ impl CheckpointManager {
     /// preemption signal) and returns whether it saved. Returns once the state is
     /// snapshotted; after a preemption save it also waits until everything is durable.
     pub fn on_step(&self, step: u64, state: &State, req: SaveRequest) -> Result<bool> {
+        self.on_step_with(step, req, |req| self.save(step, state, req))
+    }
+
+    /// Like [`on_step`](Self::on_step), but a save takes ownership of `state` without a
+    /// snapshot copy (see [`save_owned`](Self::save_owned)).
+    pub fn on_step_owned(&self, step: u64, state: State, req: SaveRequest) -> Result<bool> {
+        self.on_step_with(step, req, |req| self.save_owned(step, state, req))
+    }
+
+    /// Whether [`on_step`](Self::on_step) would save `step` now. Changes nothing; lets a
+    /// caller skip gathering a state that costs something to build (tensors on a GPU).
+    pub fn due(&self, step: u64, force: bool) -> bool {
+        self.decide(step, force, self.preempted()) != Decision::Skip
+    }
+
+    fn on_step_with(&self, step: u64, req: SaveRequest, save: impl FnOnce(SaveRequest) -> Result<()>) -> Result<bool> {
         self.take_error()?;
         let preempted = self.preempted();
-        let (last_step, last_save_at) = {
-            let inner = self.shared.lock();
-            (inner.last_step, inner.last_save_at)
-        };
-        let ctx = SaveContext { step, now: self.clock.now(), last_step, last_save_at, force: req.force, preempted };
-        match policy::should_save(&self.policy, &ctx) {
+        match self.decide(step, req.force, preempted) {
             Decision::Skip => Ok(false),
             Decision::Save { temporary } => {
-                self.save(step, state, SaveRequest { temporary, ..req })?;
+                save(SaveRequest { temporary, ..req })?;
                 if preempted {
                     self.wait()?;
                 }
                 Ok(true)
             }
         }
+    }
+
+    /// What the policy says of `step` at this moment.
+    fn decide(&self, step: u64, force: bool, preempted: bool) -> Decision {
+        let (last_step, last_save_at) = {
+            let inner = self.shared.lock();
+            (inner.last_step, inner.last_save_at)
+        };
+        let ctx = SaveContext { step, now: self.clock.now(), last_step, last_save_at, force, preempted };
+        policy::should_save(&self.policy, &ctx)
     }
 
     /// Saves `state` as `step` now, whatever the policy. Fails with
@@ -402,13 +423,7 @@ impl CheckpointManager {
     /// books the save; returns its options.
     fn admit(&self, step: u64, req: SaveRequest) -> Result<SaveOptions> {
         self.take_error()?;
-        let mut inner = self.shared.lock();
-        while inner.saves_in_flight >= self.max_in_flight && inner.error.is_none() {
-            inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
-        }
-        if let Some(err) = inner.error.take() {
-            return Err(err);
-        }
+        let mut inner = self.free_slot()?;
         if inner.known.contains_key(&step) || inner.writing.contains(&step) {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
@@ -425,6 +440,26 @@ impl CheckpointManager {
         opts.metrics = req.metrics;
         opts.metadata = req.metadata;
         Ok(opts)
+    }
+
+    /// Blocks until a save could start without waiting (fewer than `max_in_flight` saves
+    /// in flight), so that a caller can prepare a costly state (copy it off a GPU) without
+    /// ever holding more copies than that. Returns a background error, if one occurred.
+    pub fn wait_for_slot(&self) -> Result<()> {
+        self.free_slot().map(drop)
+    }
+
+    /// Waits until a save slot is free or a background error is pending; returns the
+    /// lock, or takes and returns the error.
+    fn free_slot(&self) -> Result<MutexGuard<'_, Inner>> {
+        let mut inner = self.shared.lock();
+        while inner.saves_in_flight >= self.max_in_flight && inner.error.is_none() {
+            inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+        match inner.error.take() {
+            Some(err) => Err(err),
+            None => Ok(inner),
+        }
     }
 
     /// Blocks until every queued save and deletion is done; returns the first background

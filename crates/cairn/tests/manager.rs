@@ -42,6 +42,27 @@ fn policy_decides_which_steps_are_saved() {
 }
 
 #[test]
+fn due_answers_what_on_step_decides_and_owned_saves_commit_the_same_state() {
+    let manager = CheckpointManager::open("memory://manager/due", options(10)).unwrap();
+    let mut saved = Vec::new();
+    for step in 0..=30 {
+        let due = manager.due(step, false);
+        assert!(manager.due(step, true), "forcing always saves");
+        let state = common::model_state(step, 1, 3);
+        assert_eq!(manager.on_step_owned(step, state, SaveRequest::default()).unwrap(), due, "step {step}");
+        if due {
+            saved.push(step);
+        }
+    }
+    manager.wait_for_slot().unwrap();
+    manager.wait().unwrap();
+    assert_eq!(saved, vec![10, 20, 30]);
+    assert_eq!(steps(&manager), saved);
+    let (state, info) = manager.restore(None, &LoadOptions::default()).unwrap();
+    assert_eq!((info.step, state), (30, common::model_state(30, 1, 3)));
+}
+
+#[test]
 fn keep_last_deletes_older_checkpoints_in_the_background() {
     let opts = options(1).with_retention(Retention { keep_last: Some(3), ..Default::default() });
     let manager = CheckpointManager::open("memory://manager/keep-last", opts).unwrap();
