@@ -82,7 +82,7 @@ class Manager:
         force: bool = False,
         metrics: Sequence[tuple[str, float]] | None = None,
         metadata: str | None = None,
-        staging: Any = None,
+        staging: Sequence[Any] | None = None,
     ) -> bool: ...
     def save(
         self,
@@ -93,7 +93,7 @@ class Manager:
         temporary: bool = False,
         metrics: Sequence[tuple[str, float]] | None = None,
         metadata: str | None = None,
-        staging: Any = None,
+        staging: Sequence[Any] | None = None,
     ) -> None: ...
     def wait_for_slot(self) -> None: ...
     def wait(self) -> None: ...

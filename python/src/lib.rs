@@ -94,36 +94,44 @@ fn byte_buffer(obj: &Bound<'_, PyAny>, key: &str) -> PyResult<PyBuffer<u8>> {
     Ok(buffer)
 }
 
-/// The one private host buffer that Python staged a state's tensors into (see
-/// `cairn/_staging.py`). The tensors become slices of it, so a save that keeps the state
-/// keeps this single buffer alive rather than one Python object per tensor.
+/// The private host buffers that Python staged a state's tensors into (see
+/// `cairn/_staging.py`). The tensors become slices of them, so a save that keeps the state
+/// keeps these few buffers alive rather than one Python object per tensor.
 struct Staging {
-    bytes: Bytes,
-    start: usize,
+    /// Each buffer's start address and bytes.
+    buffers: Vec<(usize, Bytes)>,
 }
 
 impl Staging {
-    fn new(obj: &Bound<'_, PyAny>) -> PyResult<Staging> {
-        let buffer = byte_buffer(obj, "<staging>")?;
-        let start = buffer.buf_ptr() as usize;
-        Ok(Staging { bytes: Bytes::from_owner(BorrowedBuffer(buffer)), start })
+    fn new(objs: &[Bound<'_, PyAny>]) -> PyResult<Staging> {
+        let buffers = objs
+            .iter()
+            .map(|obj| {
+                let buffer = byte_buffer(obj, "<staging>")?;
+                Ok((buffer.buf_ptr() as usize, Bytes::from_owner(BorrowedBuffer(buffer))))
+            })
+            .collect::<PyResult<_>>()?;
+        Ok(Staging { buffers })
     }
 
-    /// The part of the staging buffer that `view` covers; refuses a view outside it.
+    /// The part of a staging buffer that `view` covers; refuses a view outside them.
     fn slice_of(&self, view: &PyBuffer<u8>, key: &str) -> PyResult<Bytes> {
         let len = view.len_bytes();
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let offset = (view.buf_ptr() as usize).wrapping_sub(self.start);
-        match offset.checked_add(len) {
-            Some(end) if end <= self.bytes.len() => Ok(self.bytes.slice(offset..end)),
-            _ => Err(InvalidArgumentError::new_err(format!("tensor is not inside the staging buffer key=`{key}`"))),
+        let at = view.buf_ptr() as usize;
+        for (start, bytes) in &self.buffers {
+            let offset = at.wrapping_sub(*start);
+            if offset.checked_add(len).is_some_and(|end| end <= bytes.len()) {
+                return Ok(bytes.slice(offset..offset + len));
+            }
         }
+        Err(InvalidArgumentError::new_err(format!("tensor is not inside the staging buffers key=`{key}`")))
     }
 }
 
-/// Builds one Rust tensor from a Python leaf: borrowing its buffer, or as a slice of the
+/// Builds one Rust tensor from a Python leaf: borrowing its buffer, or as a slice of a
 /// staging buffer.
 fn tensor_from_py(
     key: &str,
@@ -146,7 +154,7 @@ fn tensor_from_py(
 type TensorLeaf<'py> = (String, String, Vec<u64>, Bound<'py, PyAny>, Option<(Vec<u64>, Vec<u64>)>);
 
 /// Builds the Rust state from Python's flattened leaves; with `staging`, every tensor must
-/// lie inside that buffer.
+/// lie inside one of its buffers.
 fn state_from_py(
     tensors: Vec<TensorLeaf<'_>>,
     values: Vec<(String, Bound<'_, PyAny>)>,
@@ -573,7 +581,7 @@ impl Manager {
         force: bool,
         metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
         metadata: Option<String>,
-        staging: Option<Bound<'py, PyAny>>,
+        staging: Option<Vec<Bound<'py, PyAny>>>,
     ) -> PyResult<bool> {
         let leaves = (tensors, values, structure, staging);
         self.submit(py, leaves, (force, false), metrics, metadata, |state, req| match state {
@@ -594,7 +602,7 @@ impl Manager {
         temporary: bool,
         metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
         metadata: Option<String>,
-        staging: Option<Bound<'py, PyAny>>,
+        staging: Option<Vec<Bound<'py, PyAny>>>,
     ) -> PyResult<()> {
         let leaves = (tensors, values, structure, staging);
         self.submit(py, leaves, (true, temporary), metrics, metadata, |state, req| match state {
@@ -653,15 +661,16 @@ impl Manager {
 }
 
 /// Flattened leaves as the Python layer passes them: tensors, values, structure, and the
-/// staging buffer the tensors lie in, if Python staged them.
-type PyState<'py> = (Vec<TensorLeaf<'py>>, Vec<(String, Bound<'py, PyAny>)>, Option<String>, Option<Bound<'py, PyAny>>);
+/// staging buffers the tensors lie in, if Python staged them.
+type PyState<'py> =
+    (Vec<TensorLeaf<'py>>, Vec<(String, Bound<'py, PyAny>)>, Option<String>, Option<Vec<Bound<'py, PyAny>>>);
 
 /// How a state reaches the manager.
 enum Handover<'a> {
     /// Over the caller's own buffers: an async save snapshots them before returning.
     Borrowed(&'a State),
-    /// Over a private staging buffer nobody else writes: the manager keeps it and writes
-    /// from it, no snapshot copy.
+    /// Over private staging buffers nobody else writes: the manager keeps them and writes
+    /// from them, no snapshot copy.
     Staged(State),
 }
 
@@ -678,7 +687,7 @@ impl Manager {
         act: impl FnOnce(Handover<'_>, SaveRequest) -> cairn::Result<T> + Send,
     ) -> PyResult<T> {
         guarded(|| {
-            let staging = staging.as_ref().map(Staging::new).transpose()?;
+            let staging = staging.as_deref().map(Staging::new).transpose()?;
             let state = state_from_py(tensors, values, structure, staging.as_ref())?;
             let req = SaveRequest {
                 force,

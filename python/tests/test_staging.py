@@ -38,7 +38,7 @@ def test_stage_copies_every_kind_of_leaf_into_one_aligned_buffer():
         ("mask", torch.tensor([True, False, True])),
         ("numpy", np.arange(5, dtype=np.uint32)),
     ]
-    buffer, staged = _staging.stage(items)
+    buffers, staged = _staging.stage(items)
     assert [(name, shape) for name, shape, _ in staged] == [
         ("BF16", [7]),
         ("I64", [4, 3]),
@@ -47,11 +47,28 @@ def test_stage_copies_every_kind_of_leaf_into_one_aligned_buffer():
         ("BOOL", [3]),
         ("U32", [5]),
     ]
-    base = buffer.ctypes.data
     for (key, source), (name, shape, raw) in zip(items, staged):
-        assert raw.size == 0 or (raw.ctypes.data - base) % 64 == 0, key
+        if raw.size:
+            starts = [raw.ctypes.data - b.ctypes.data for b in buffers if 0 <= raw.ctypes.data - b.ctypes.data < b.size]
+            assert len(starts) == 1 and starts[0] % 64 == 0, key
         expected = cairn._arrays.to_raw(key, source)[2]
         assert raw.tobytes() == expected.tobytes(), key
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_packing_places_every_size_once_without_overlap_and_wastes_little(seed):
+    rng = np.random.default_rng(seed)
+    kinds = [rng.integers(1, 1 << 12), rng.integers(1 << 20, 1 << 24), rng.integers(1 << 24, 1 << 28)]
+    sizes = [int(rng.choice(kinds)) for _ in range(int(rng.integers(1, 400)))]
+    places, bins = _staging.pack(sizes)
+    assert all(b & (b - 1) == 0 for b in bins)
+    spans = sorted((b, offset, offset + n) for (b, offset), n in zip(places, sizes))
+    for (b1, _, end1), (b2, start2, _) in zip(spans, spans[1:]):
+        assert b1 != b2 or end1 <= start2
+    assert all(offset % 64 == 0 and end <= bins[b] for b, offset, end in spans)
+    # All bins but the last are more than three quarters full.
+    aligned = sum(-(-n // 64) * 64 for n in sizes)
+    assert sum(bins) <= 4 / 3 * aligned + max(bins)
 
 
 def test_a_tensor_without_data_is_refused_with_its_key(run_dir):
@@ -79,12 +96,12 @@ def test_a_staged_save_writes_the_state_as_it_was_at_the_call(run_dir):
 
 
 def test_a_tensor_outside_the_staging_buffer_is_refused(run_dir):
-    _, staged = _staging.stage([("w", torch.zeros(4))])
+    buffers, staged = _staging.stage([("w", torch.zeros(4))])
     elsewhere = np.zeros(16, np.uint8)
     native = _cairn.Manager(str(run_dir), [(1, None)])
     tensors = [("w", "F32", [4], staged[0][2], None), ("v", "F32", [4], elsewhere, None)]
-    with pytest.raises(cairn.InvalidArgumentError, match="not inside the staging buffer key=`v`"):
-        native.save(1, tensors, [], staging=staged[0][2])
+    with pytest.raises(cairn.InvalidArgumentError, match="not inside the staging buffers key=`v`"):
+        native.save(1, tensors, [], staging=buffers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
