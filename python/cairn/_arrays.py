@@ -8,7 +8,7 @@ reaches Rust as a view of its own memory; only CUDA tensors (copied to host), JA
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -87,6 +87,17 @@ def _torch_to_numpy(t) -> np.ndarray:
         raw, np_dtype = views[t.dtype]
         return t.view(raw).numpy().view(np_dtype)
     return t.numpy()
+
+
+def prefetch(objs: Iterable[Any]) -> None:
+    """Starts the device-to-host copy of every jax array that is not in host memory, so that
+    the copies run together instead of one after another as each is converted."""
+    jax = _jax()
+    if jax is None:
+        return
+    for obj in objs:
+        if isinstance(obj, jax.Array) and any(d.platform != "cpu" for d in obj.devices()):
+            obj.copy_to_host_async()
 
 
 def torch_dtype_name(key: str, dtype: Any) -> str:

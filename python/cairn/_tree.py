@@ -62,6 +62,7 @@ def flatten(state: Any) -> Leaves:
     if _staging.needed(array for _, array in items):
         leaves.staging, raws = _staging.stage(items)
     else:
+        _arrays.prefetch(array for _, array in items)
         raws = [_raw(key, array) for key, array in items]
     leaves.tensors = [(key, dtype, shape, raw, slice) for (key, _, slice), (dtype, shape, raw) in zip(leaves._arrays, raws)]
     return leaves

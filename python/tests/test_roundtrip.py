@@ -149,6 +149,20 @@ def test_torch_model_and_optimizer_state_dicts_round_trip(tmp_path):
     assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
 
 
+def test_jax_arrays_on_an_accelerator_round_trip_through_the_manager(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    if all(d.platform == "cpu" for d in jax.devices()):
+        pytest.skip("needs a jax accelerator")
+    state = {f"w{i}": jnp.full((256, 64), i, dtype=jnp.bfloat16) for i in range(8)}
+    with cairn.CheckpointManager(tmp_path / "run", policies=[cairn.Every(1)]) as mgr:
+        assert mgr.on_step(1, state)
+    loaded, _ = cairn.CheckpointManager(tmp_path / "run").restore(framework="jax")
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype and bool(jnp.all(loaded[key] == value)), key
+
+
 def test_jax_arrays_round_trip(tmp_path):
     import jax.numpy as jnp
 
