@@ -3,7 +3,8 @@
 Every measurement runs in a fresh process; methods are alternated within each repetition
 and the median is reported. Saves are durable (every tool's files are fsynced inside the
 timing; Cairn fsyncs by itself). Cold loads first evict the files from the page cache
-(posix_fadvise DONTNEED). Reports GB/s, ratios to the raw limits and to the best peer, and
+(posix_fadvise DONTNEED) and wait `COLD_SETTLE_S`. Reports GB/s, ratios to the raw limits (medians of the ratios
+within each repetition, the limit measured right beside Cairn) and to the best peer, and
 peak RSS; for Cairn's async manager, the time the training loop is blocked (the first
 save, and later ones that reuse the snapshot memory) against a plain copy of the state
 into fresh and into warm memory.
@@ -25,21 +26,25 @@ import time
 
 import numpy as np
 
-SAVERS = ["cairn", "cairn_rust", "cairn_async", "torch_save", "safetensors_np", "safetensors_torch", "dcp", "orbax", "raw_odirect", "raw_buffered", "raw_memcpy"]
+# The raw limits run right beside Cairn (the disk's speed drifts over minutes on a VM), and
+# Cairn's ratios to them are medians of the ratios within each repetition.
+SAVERS = ["raw_odirect", "cairn", "cairn_rust", "cairn_async", "torch_save", "safetensors_np", "safetensors_torch", "dcp", "orbax", "raw_buffered", "raw_memcpy"]
 # raw_read reads the file raw_buffered wrote; raw_read_odirect the one raw_odirect wrote.
 # On a VM the first read of data written with O_DIRECT can miss a cache of the host that
 # buffered writes fill, so each write path gets its own read limit (Cairn's shards are
 # written with O_DIRECT).
-LOADERS = ["cairn", "cairn_rust", "torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax", "raw_read", "raw_read_odirect"]
+LOADERS = ["raw_read_odirect", "cairn", "cairn_rust", "raw_read", "torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
 RUST_BENCH = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")), "release", "examples", "bench_io")
 SETTLE_S = 1.0
+COLD_SETTLE_S = 5.0
 PEERS_SAVE = ["torch_save", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
 PEERS_LOAD = ["torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
 
 
 def synthetic_state(size_mb: int) -> dict[str, np.ndarray]:
     """A transformer layout: embeddings, per-layer attention and MLP weights, norms, plus
-    Adam moments for each, all float32, about `size_mb` MiB in a few hundred tensors."""
+    Adam moments for each, all float32 (random in [0, 1)), about `size_mb` MiB in a few
+    hundred tensors."""
     layers, vocab = 12, 32000
     target = size_mb << 20
     # bytes ≈ 3 (param + 2 moments) * 4 * (vocab*h + layers*(12 h^2 + 2 h))
@@ -54,10 +59,13 @@ def synthetic_state(size_mb: int) -> dict[str, np.ndarray]:
         params[f"layers.{i}.mlp.down.weight"] = (h, 4 * h)
         params[f"layers.{i}.norm1.weight"] = (h,)
         params[f"layers.{i}.norm2.weight"] = (h,)
+    # Random values, as trained weights and moments look to a compressor: a constant fill
+    # lets compressing savers (orbax writes zstd) store almost nothing.
+    rng = np.random.default_rng(0)
     state = {}
-    for n, (key, shape) in enumerate(params.items()):
+    for key, shape in params.items():
         for group in ("model", "optim.exp_avg", "optim.exp_avg_sq"):
-            state[f"{group}.{key}"] = np.full(shape, n * 0.001 + len(group), dtype=np.float32)
+            state[f"{group}.{key}"] = rng.random(shape, dtype=np.float32)
     return state
 
 
@@ -167,9 +175,7 @@ def save(method: str, state, path: str) -> dict:
     return {"seconds": seconds}
 
 
-def load(method: str, path: str, cold: bool) -> dict:
-    if cold:
-        evict(path)
+def load(method: str, path: str) -> dict:
     t0 = time.perf_counter()
     if method == "cairn":
         import cairn
@@ -215,7 +221,7 @@ def load(method: str, path: str, cold: bool) -> dict:
 
 def worker(args) -> None:
     state = synthetic_state(args.size_mb) if args.op == "save" else None
-    result = save(args.method, state, args.dir) if args.op == "save" else load(args.method, args.dir, args.cold)
+    result = save(args.method, state, args.dir) if args.op == "save" else load(args.method, args.dir)
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.op == "save":
         result["bytes"] = nbytes(state)
@@ -236,15 +242,18 @@ def run_worker(method, op, directory, size_mb, cold=False) -> dict:
     # Let the previous measurement's writes and discards settle, for every method alike.
     os.sync()
     time.sleep(SETTLE_S)
+    if cold:
+        # Evicted, then left alone long enough that the VM hands the freed memory back
+        # to its host: every cold load then pays the same (slow) first touch of page
+        # cache memory. Read at once, a load reuses memory the host still backs, and runs
+        # 2-4x faster or not, depending on what ran before it.
+        evict(directory)
+        time.sleep(COLD_SETTLE_S)
     if method == "cairn_rust":  # the Rust API, through examples/bench_io.rs
-        if cold:
-            evict(directory)
         os.makedirs(directory, exist_ok=True)
         cmd = [RUST_BENCH, op, os.path.join(directory, "ckpt")] + ([str(size_mb)] if op == "save" else [])
     else:
         cmd = [sys.executable, __file__, "--worker", "--method", method, "--op", op, "--dir", directory, "--size-mb", str(size_mb)]
-        if cold:
-            cmd.append("--cold")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -259,7 +268,6 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--method")
     ap.add_argument("--op")
-    ap.add_argument("--cold", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
     args = ap.parse_args()
     if args.worker:
@@ -291,6 +299,13 @@ def main() -> None:
         vals = [r[field] for r in results.get(method, {}).get(op, []) if r.get(field) is not None]
         return statistics.median(vals) if vals else None
 
+    def paired(method, limit, op):
+        """Median over the repetitions of `method`'s speed relative to `limit`, measured
+        moments apart in the same repetition."""
+        runs = zip(results.get(method, {}).get(op, []), results.get(limit, {}).get(op, []))
+        ratios = [lim["seconds"] / mine["seconds"] for mine, lim in runs if mine.get("seconds") and lim.get("seconds")]
+        return statistics.median(ratios) if ratios else None
+
     gbs = lambda s: size / s / 1e9 if s else None  # noqa: E731
     table = {}
     for method in sorted(set(SAVERS) | set(LOADERS) | {"cairn", "cairn_rust", "raw_odirect", "raw_read", "raw_read_odirect"}):
@@ -306,11 +321,11 @@ def main() -> None:
     summary = {
         "bytes": size,
         "save_vs_best_peer": (table["cairn"]["save"] or 0) / (best("save", PEERS_SAVE) or 1),
-        "rust_save_vs_odirect": (table["cairn_rust"]["save"] or 0) / (table["raw_odirect"]["save"] or 1),
-        "rust_cold_load_vs_raw_read": (table["cairn_rust"]["cold_load"] or 0) / (table["raw_read_odirect"]["cold_load"] or 1),
-        "save_vs_odirect": (table["cairn"]["save"] or 0) / (table["raw_odirect"]["save"] or 1),
-        "cold_load_vs_raw_read": (table["cairn"]["cold_load"] or 0) / (table["raw_read_odirect"]["cold_load"] or 1),
-        "cold_load_vs_raw_read_of_buffered_file": (table["cairn"]["cold_load"] or 0) / (table["raw_read"]["cold_load"] or 1),
+        "save_vs_odirect": paired("cairn", "raw_odirect", "save"),
+        "rust_save_vs_odirect": paired("cairn_rust", "raw_odirect", "save"),
+        "cold_load_vs_raw_read": paired("cairn", "raw_read_odirect", "cold_load"),
+        "rust_cold_load_vs_raw_read": paired("cairn_rust", "raw_read_odirect", "cold_load"),
+        "cold_load_vs_raw_read_of_buffered_file": paired("cairn", "raw_read", "cold_load"),
         "cold_load_vs_best_peer": (table["cairn"]["cold_load"] or 0) / (best("cold_load", PEERS_LOAD) or 1),
         "warm_load_vs_best_peer": (table["cairn"]["warm_load"] or 0) / (best("warm_load", PEERS_LOAD) or 1),
         # Memory a save adds beyond the state (Rust: nothing else lives in the process).

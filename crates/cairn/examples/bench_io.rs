@@ -12,8 +12,7 @@ use std::time::Instant;
 use cairn::{DType, LoadOptions, SaveOptions, State, Tensor};
 
 /// The layout of `bench/run.py`'s `synthetic_state`: embeddings and 12 layers of
-/// attention, MLP and norm weights, each with two Adam moments, float32, filled with
-/// `n * 0.001 + len(group)` where `n` numbers the parameter.
+/// attention, MLP and norm weights, each with two Adam moments, float32, random in [0, 1).
 fn synthetic_state(size_mb: u64) -> State {
     let (layers, vocab) = (12u64, 32000u64);
     let target = size_mb << 20;
@@ -31,12 +30,21 @@ fn synthetic_state(size_mb: u64) -> State {
         params.push((format!("layers.{i}.norm1.weight"), vec![h]));
         params.push((format!("layers.{i}.norm2.weight"), vec![h]));
     }
+    // Random values in [0, 1) (splitmix64), as in bench/run.py: incompressible like trained
+    // weights.
+    let mut seed = 0u64;
+    let mut next = move || {
+        seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+    };
     let mut state = State::new();
-    for (n, (key, shape)) in params.iter().enumerate() {
+    for (key, shape) in &params {
         for group in ["model", "optim.exp_avg", "optim.exp_avg_sq"] {
-            let value = (n as f64 * 0.001 + group.len() as f64) as f32;
             let count: u64 = shape.iter().product();
-            let data: Vec<u8> = value.to_le_bytes().repeat(count as usize);
+            let data: Vec<u8> = (0..count).flat_map(|_| next().to_le_bytes()).collect();
             let tensor = Tensor::new(DType::F32, shape.clone(), data).expect("valid tensor");
             state.insert_tensor(format!("{group}.{key}"), tensor);
         }
