@@ -13,6 +13,8 @@ from typing import Any, Iterable
 import ml_dtypes
 import numpy as np
 
+from ._cairn import InvalidArgumentError
+
 # Cairn dtype name -> numpy dtype.
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -104,7 +106,7 @@ def torch_dtype_name(key: str, dtype: Any) -> str:
     """The Cairn dtype name of a torch dtype (`torch.bfloat16` -> `"BF16"`)."""
     name = _TORCH_NAMES.get(str(dtype).removeprefix("torch."))
     if name is None:
-        raise TypeError(f"unsupported dtype `{dtype}` key=`{key}`")
+        raise InvalidArgumentError(f"unsupported dtype `{dtype}` key=`{key}`")
     return name
 
 
@@ -121,7 +123,7 @@ def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:
         dtype = arr.dtype
     name = _NAMES.get(dtype)
     if name is None:
-        raise TypeError(f"unsupported dtype `{dtype}` key=`{key}`")
+        raise InvalidArgumentError(f"unsupported dtype `{dtype}` key=`{key}`")
     shape = list(arr.shape)  # before ascontiguousarray, which turns 0-d into 1-d
     arr = np.ascontiguousarray(arr)
     return name, shape, arr.reshape(-1).view(np.uint8)

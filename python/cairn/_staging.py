@@ -98,15 +98,12 @@ def _power_of_two(n: int) -> int:
 def _source(torch: Any, key: str, obj: Any) -> tuple[str, str, list[int], int, Any]:
     """`(key, dtype name, shape, byte size, source)`: a torch tensor, or the raw bytes of
     any other array."""
-    try:
-        if isinstance(obj, torch.Tensor):
-            tensor = obj.detach()
-            name = _arrays.torch_dtype_name(key, tensor.dtype)
-            return key, name, list(tensor.shape), tensor.numel() * tensor.element_size(), tensor
-        name, shape, raw = _arrays.to_raw(key, obj)
-        return key, name, shape, raw.nbytes, raw
-    except TypeError as e:
-        raise InvalidArgumentError(str(e)) from None
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach()
+        name = _arrays.torch_dtype_name(key, tensor.dtype)
+        return key, name, list(tensor.shape), tensor.numel() * tensor.element_size(), tensor
+    name, shape, raw = _arrays.to_raw(key, obj)
+    return key, name, shape, raw.nbytes, raw
 
 
 def _allocate(torch: Any, nbytes: int, *, pinned: bool) -> Any:

@@ -63,7 +63,7 @@ def flatten(state: Any) -> Leaves:
         leaves.staging, raws = _staging.stage(items)
     else:
         _arrays.prefetch(array for _, array in items)
-        raws = [_raw(key, array) for key, array in items]
+        raws = [_arrays.to_raw(key, array) for key, array in items]
     leaves.tensors = [(key, dtype, shape, raw, slice) for (key, _, slice), (dtype, shape, raw) in zip(leaves._arrays, raws)]
     return leaves
 
@@ -103,13 +103,6 @@ def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
         "cairn stores arrays, tensors and plain values (int, float, str, bool, None, bytes) "
         "in dicts, lists and tuples, and never pickles"
     )
-
-
-def _raw(key: str, obj: Any):
-    try:
-        return _arrays.to_raw(key, obj)
-    except TypeError as e:
-        raise InvalidArgumentError(str(e)) from None
 
 
 def unflatten(structure: str | None, leaves: dict[str, Any]) -> Any:
