@@ -125,3 +125,11 @@ def test_cuda_state_round_trips_through_the_manager_and_save(run_dir):
     cairn.save(run_dir / "direct", state)
     again = cairn.load(run_dir / "direct", framework="torch")
     assert torch.equal(again["model"]["0.weight"], model[0].weight.cpu())
+
+
+def test_an_unsupported_dtype_is_refused_with_its_key_on_both_paths(run_dir):
+    with pytest.raises(cairn.InvalidArgumentError, match="unsupported dtype .* key=`opt.c`"):
+        cairn.save(run_dir / "ckpt", {"opt": {"c": np.zeros(2, np.complex64)}})
+    with pytest.raises(cairn.InvalidArgumentError, match="unsupported dtype .* key=`c`"):
+        _staging.stage([("w", torch.zeros(2)), ("c", torch.zeros(2, dtype=torch.complex64))])
+    assert not (run_dir / "ckpt").exists()
