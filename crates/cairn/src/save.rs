@@ -309,13 +309,21 @@ async fn write_shards(
     plans: &[ShardPlan],
     opts: &SaveOptions,
 ) -> Result<Vec<WrittenShard>> {
-    futures::stream::iter(plans.iter().map(|plan| write_shard(dest, state, plan, opts)))
-        .buffer_unordered(opts.concurrency.max(1))
+    let files_at_once = opts.concurrency.max(1).min(plans.len());
+    futures::stream::iter(plans.iter().map(|plan| write_shard(dest, state, plan, files_at_once, opts)))
+        .buffer_unordered(files_at_once.max(1))
         .try_collect()
         .await
 }
 
-async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan, opts: &SaveOptions) -> Result<WrittenShard> {
+/// Writes one shard file while `files_at_once - 1` others are being written.
+async fn write_shard(
+    dest: &Location,
+    state: &State,
+    plan: &ShardPlan,
+    files_at_once: usize,
+    opts: &SaveOptions,
+) -> Result<WrittenShard> {
     let tensors: Vec<(String, Tensor)> =
         plan.keys.iter().filter_map(|k| state.tensor(k).map(|t| (k.clone(), t.clone()))).collect();
     let file = plan.file.clone();
@@ -343,9 +351,8 @@ async fn write_shard(dest: &Location, state: &State, plan: &ShardPlan, opts: &Sa
     let crcs = tokio::task::spawn_blocking(move || {
         let slices: Vec<&[u8]> = task_chunks.iter().map(|c| c.as_ref()).collect();
         match local_path {
-            Some(path) => {
-                local_write::write_new_file(&path, &slices).map_err(|e| Error::from_io(e, "writing", &task_shown))
-            }
+            Some(path) => local_write::write_new_file(&path, &slices, files_at_once)
+                .map_err(|e| Error::from_io(e, "writing", &task_shown)),
             None => Ok(slices.iter().map(|c| crc32c::crc32c(c)).collect::<Vec<u32>>()),
         }
     })
