@@ -3,7 +3,8 @@
 Every measurement runs in a fresh process; methods are alternated within each repetition
 and the median is reported. Saves are durable (every tool's files are fsynced inside the
 timing; Cairn fsyncs by itself). Cold loads first evict the files from the page cache
-(posix_fadvise DONTNEED) and wait `COLD_SETTLE_S`. Libraries are imported before the clock
+(posix_fadvise DONTNEED) and wait `COLD_SETTLE_S`; warm loads first read the files into the
+page cache. Libraries are imported before the clock
 starts. Reports GB/s, ratios to the raw limits (medians of the ratios
 within each repetition, the limit measured right beside Cairn) and to the best peer, and
 peak RSS; for Cairn's async manager, the time the training loop is blocked (the first
@@ -92,6 +93,18 @@ def evict(path: str) -> None:
             fd = os.open(os.path.join(root, f), os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
+
+
+def warm(path: str) -> None:
+    """Reads every file under `path` once, so that a warm load finds it all in the page
+    cache (the files of all the tools together outgrow the cache, so without this what
+    is still cached depends on what ran before)."""
+    buf = bytearray(64 << 20)
+    for root, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
 
 
 def touch_pages(arrays) -> int:
@@ -268,6 +281,8 @@ def run_worker(method, op, directory, size_mb, cold=False) -> dict:
         # 2-4x faster or not, depending on what ran before it.
         evict(directory)
         time.sleep(COLD_SETTLE_S)
+    elif op == "load":
+        warm(directory)
     if method == "cairn_rust":  # the Rust API, through examples/bench_io.rs
         os.makedirs(directory, exist_ok=True)
         cmd = [RUST_BENCH, op, os.path.join(directory, "ckpt")] + ([str(size_mb)] if op == "save" else [])
