@@ -2,11 +2,11 @@
 
 Every measurement runs in a fresh process; methods are alternated within each repetition
 and the median is reported. Saves are durable (every tool's files are fsynced inside the
-timing; Cairn fsyncs by itself). Cold loads first evict the files from the page cache
-(posix_fadvise DONTNEED) and wait `COLD_SETTLE_S`; warm loads first read the files into the
-page cache. Libraries are imported before the clock
-starts. Reports GB/s, ratios to the raw limits (medians of the ratios
-within each repetition, the limit measured right beside Cairn) and to the best peer, and
+timing; Cairn fsyncs by itself). Libraries are imported before the clock starts. Cold
+loads first evict the files from the page cache (posix_fadvise DONTNEED) and wait
+`COLD_SETTLE_S`; warm loads first read the files into the page cache. Reports GB/s, ratios
+to the raw limits (medians of the ratios within each repetition, the limit measured right
+beside Cairn) and to the best peer, and
 peak RSS; for Cairn's async manager, the time the training loop is blocked (the first
 save, and later ones that reuse the snapshot memory) against a plain copy of the state
 into fresh and into warm memory.
