@@ -17,7 +17,7 @@ fn checksums(c: &mut Criterion) {
     let data = vec![7u8; 64 << 20];
     let mut group = c.benchmark_group("crc32c");
     group.throughput(Throughput::Bytes(data.len() as u64));
-    group.bench_function("64MiB", |b| b.iter(|| crc32c::crc32c(std::hint::black_box(&data))));
+    group.bench_function("64MiB", |b| b.iter(|| cairn::format::checksum::crc32c(std::hint::black_box(&data))));
     group.finish();
 }
 

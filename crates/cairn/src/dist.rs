@@ -20,6 +20,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::checksum;
 use crate::format::layout::MANIFEST_FILE;
 use crate::format::manifest::{FileRecord, Piece, TensorRecord};
 use crate::info::CheckpointInfo;
@@ -90,7 +91,7 @@ impl<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> Exchange for CallbackExchange<F>
         // Every rank derives the same id from every rank's nonce.
         let joined: Vec<u8> = all.concat();
         let (a, b) = joined.split_at(joined.len() / 2);
-        Ok(format!("{:08x}{:08x}", crc32c::crc32c(a), crc32c::crc32c(b)))
+        Ok(format!("{:08x}{:08x}", checksum::crc32c(a), checksum::crc32c(b)))
     }
     fn all_gather(&mut self, _round: &str, payload: Vec<u8>) -> Result<Gathered> {
         self.gather(payload).map(Gathered::Ready)

@@ -13,6 +13,7 @@ use object_store::ObjectStoreExt;
 use regex::Regex;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::checksum;
 use crate::format::layout::MANIFEST_FILE;
 use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, MAX_MANIFEST_BYTES};
 use crate::geometry;
@@ -305,12 +306,12 @@ impl Checkpoint {
         tokio::task::spawn_blocking(move || {
             let mut chunks = chunks.into_iter();
             let header = chunks.next().unwrap_or_default();
-            if verify && crc32c::crc32c(&header) != header_crc {
+            if verify && checksum::crc32c(&header) != header_crc {
                 return Err(Error::corrupt(format!("checksum mismatch in shard header file=`{shown}`")));
             }
             let mut out = Vec::with_capacity(pieces.len());
             for ((id, piece), data) in pieces.into_iter().zip(chunks) {
-                if verify && crc32c::crc32c(&data) != piece.crc32c {
+                if verify && checksum::crc32c(&data) != piece.crc32c {
                     return Err(Error::corrupt(format!("checksum mismatch tensor=`{}` file=`{shown}`", id.0)));
                 }
                 out.push((id, data));
@@ -371,11 +372,11 @@ impl Checkpoint {
                 Err(e) => return Err(e),
             };
             let mut chunks = chunks.into_iter();
-            if crc32c::crc32c(&chunks.next().unwrap_or_default()) != record.header_crc32c {
+            if checksum::crc32c(&chunks.next().unwrap_or_default()) != record.header_crc32c {
                 problems.push(Error::corrupt(format!("checksum mismatch in shard header file=`{shown}`")));
             }
             for ((key, piece), data) in pieces.into_iter().zip(chunks) {
-                if crc32c::crc32c(&data) != piece.crc32c {
+                if checksum::crc32c(&data) != piece.crc32c {
                     problems.push(Error::corrupt(format!("checksum mismatch tensor=`{key}` file=`{shown}`")));
                 }
             }

@@ -28,6 +28,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::format::checksum::{self, Crc32c};
+
 /// Alignment of direct I/O offsets, lengths and buffers (the largest common logical
 /// block size).
 const ALIGN: usize = 4096;
@@ -81,7 +83,7 @@ fn write_buffered(file: &File, chunks: &[&[u8]]) -> io::Result<Vec<u32>> {
     let mut offset = 0u64;
     let mut crcs = Vec::with_capacity(chunks.len());
     for chunk in chunks {
-        crcs.push(crc32c::crc32c(chunk));
+        crcs.push(checksum::crc32c(chunk));
         file.write_all_at(chunk, offset)?;
         offset += chunk.len() as u64;
     }
@@ -212,12 +214,12 @@ fn fill_block(
         }
         let source = &chunks[chunk][(from - start) as usize..(to - start) as usize];
         let target = &mut block[(from - offset) as usize..(to - offset) as usize];
-        let mut crc = 0u32;
+        let mut crc = Crc32c::new();
         for (source, target) in source.chunks(CHECKSUM_STEP).zip(target.chunks_mut(CHECKSUM_STEP)) {
             target.copy_from_slice(source);
-            crc = crc32c::crc32c_append(crc, target);
+            crc.update(target);
         }
-        pieces.push(Piece { chunk, offset: from, len: source.len(), crc });
+        pieces.push(Piece { chunk, offset: from, len: source.len(), crc: crc.value() });
     }
     (end - offset) as usize
 }
@@ -231,7 +233,7 @@ fn chunk_checksums(chunk_count: usize, mut pieces: Vec<Piece>) -> Vec<u32> {
         let crc = &mut crcs[piece.chunk];
         *crc = Some(match *crc {
             None => piece.crc,
-            Some(before) => crc32c::crc32c_combine(before, piece.crc, piece.len),
+            Some(before) => checksum::combine(before, piece.crc, piece.len as u64),
         });
     }
     crcs.into_iter().map(|crc| crc.unwrap_or(0)).collect()
@@ -255,7 +257,7 @@ mod tests {
             let path = dir.path().join(format!("f{i}"));
             let crcs = write_new_file(&path, &slices, 2).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), chunks.concat(), "size {size}");
-            let expected: Vec<u32> = chunks.iter().map(|c| crc32c::crc32c(c)).collect();
+            let expected: Vec<u32> = chunks.iter().map(|c| checksum::crc32c(c)).collect();
             assert_eq!(crcs, expected, "size {size}");
         }
     }
@@ -269,7 +271,7 @@ mod tests {
             let path = dir.path().join(format!("w{files_at_once}"));
             let crcs = write_new_file(&path, &slices, files_at_once).unwrap();
             assert!(std::fs::read(&path).unwrap() == chunks.concat(), "{files_at_once} files at once");
-            assert_eq!(crcs, chunks.iter().map(|c| crc32c::crc32c(c)).collect::<Vec<_>>());
+            assert_eq!(crcs, chunks.iter().map(|c| checksum::crc32c(c)).collect::<Vec<_>>());
         }
     }
 
@@ -297,7 +299,7 @@ mod tests {
                 file[offset as usize..offset as usize + len].copy_from_slice(&block[..len]);
             }
             proptest::prop_assert_eq!(file, chunks.concat());
-            let expected: Vec<u32> = chunks.iter().map(|c| crc32c::crc32c(c)).collect();
+            let expected: Vec<u32> = chunks.iter().map(|c| checksum::crc32c(c)).collect();
             proptest::prop_assert_eq!(chunk_checksums(chunks.len(), pieces), expected);
         }
     }

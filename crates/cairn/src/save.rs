@@ -15,6 +15,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::checksum;
 use crate::format::layout::{self, MANIFEST_FILE};
 use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION};
 use crate::format::shard::{self, ShardEntry};
@@ -353,7 +354,7 @@ async fn write_shard(
         match local_path {
             Some(path) => local_write::write_new_file(&path, &slices, files_at_once)
                 .map_err(|e| Error::from_io(e, "writing", &task_shown)),
-            None => Ok(slices.iter().map(|c| crc32c::crc32c(c)).collect::<Vec<u32>>()),
+            None => Ok(slices.iter().map(|c| checksum::crc32c(c)).collect::<Vec<u32>>()),
         }
     })
     .await
