@@ -7,10 +7,9 @@ loads first read the files once (so that the VM's host holds every tool's files 
 own cache alike), evict them from the page cache (posix_fadvise DONTNEED) and wait
 `COLD_SETTLE_S`; warm loads first read the files into the page cache. Reports GB/s, ratios
 to the raw limits (medians of the ratios within each repetition, the limit measured right
-beside Cairn) and to the best peer, and
-peak RSS; for Cairn's async manager, the time the training loop is blocked (the first
-save, and later ones that reuse the snapshot memory) against a plain copy of the state
-into fresh and into warm memory.
+beside Cairn) and to the best peer, and peak RSS; for Cairn's async manager, the time the
+training loop is blocked (the first save, and later ones that reuse the snapshot memory)
+against a plain copy of the state into fresh and into warm memory.
 """
 
 from __future__ import annotations
@@ -97,9 +96,10 @@ def evict(path: str) -> None:
 
 
 def warm(path: str) -> None:
-    """Reads every file under `path` once, so that a warm load finds it all in the page
-    cache (the files of all the tools together outgrow the cache, so without this what
-    is still cached depends on what ran before)."""
+    """Reads every file under `path` once: a warm load then finds it all in the page cache
+    (the files of all the tools together outgrow it, so without this what is still
+    cached depends on what ran before), and a cold load, evicted after this, finds it in
+    the VM host's cache like every other tool's."""
     buf = bytearray(64 << 20)
     for root, _, files in os.walk(path):
         for f in files:
