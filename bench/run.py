@@ -2,10 +2,12 @@
 
 Every measurement runs in a fresh process; methods are alternated within each repetition
 and the median is reported. Saves are durable (every tool's files are fsynced inside the
-timing; Cairn fsyncs by itself). Libraries are imported before the clock starts. Cold
-loads first read the files once (so that the VM's host holds every tool's files in its
-own cache alike), evict them from the page cache (posix_fadvise DONTNEED) and wait
-`COLD_SETTLE_S`; warm loads first read the files into the page cache. Reports GB/s, ratios
+timing; Cairn fsyncs by itself). Libraries are imported (and a save's state built)
+before the clock starts; right before it starts, each process touches and frees
+`BACKED_MEMORY_BYTES` (`back_memory`; examples/bench_io.rs does the same). Cold loads
+first read the files once (so that the VM's host holds every tool's files in its own
+cache alike), then evict them from the page cache (posix_fadvise DONTNEED); warm loads
+first read the files into the page cache. Reports GB/s, ratios
 to the raw limits (medians of the ratios within each repetition, the limit measured right
 beside Cairn) and to the best peer, and peak RSS; for Cairn's async manager, the time the
 training loop is blocked (the first save, and later ones that reuse the snapshot memory)
@@ -19,7 +21,6 @@ import importlib
 import json
 import mmap
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -37,16 +38,13 @@ SAVERS = ["raw_odirect", "cairn", "cairn_rust", "cairn_async", "torch_save", "sa
 # buffered writes fill, so each write path gets its own read limit (Cairn's shards are
 # written with O_DIRECT).
 LOADERS = ["raw_read_odirect", "cairn", "cairn_rust", "raw_read", "torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
-# The directory each loader reads (by default its saver's). No two loaders read the same
-# files: a file read again moments after another loader read it comes back faster from the
-# VM host's cache (torch.load(mmap) right after torch.load of the same file: 2.04 s median
-# of 4, against 2.74 s when it came first), so torch_load_mmap reads a second torch.save.
-LOAD_DIR = {"raw_read": "raw_buffered", "raw_read_odirect": "raw_odirect", "torch_load": "torch_save", "torch_load_mmap": "torch_save_mmap"}
-# Saves that are not measured, made right after the measured one of the same method.
-EXTRA_SAVES = {"torch_save": "torch_save_mmap"}
+# The directory each loader reads (by default its saver's).
+LOAD_DIR = {"raw_read": "raw_buffered", "raw_read_odirect": "raw_odirect", "torch_load": "torch_save", "torch_load_mmap": "torch_save"}
 RUST_BENCH = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")), "release", "examples", "bench_io")
 SETTLE_S = 1.0
-COLD_SETTLE_S = 5.0
+# Memory each measurement touches and frees just before its clock starts: the page cache
+# of the checkpoint and a copy of it, which the copying loaders and savers make.
+BACKED_MEMORY_BYTES = 4 << 30
 PEERS_SAVE = ["torch_save", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
 PEERS_LOAD = ["torch_load", "torch_load_mmap", "safetensors_np", "safetensors_torch", "dcp", "orbax"]
 
@@ -113,6 +111,31 @@ def warm(path: str) -> None:
             with open(os.path.join(root, f), "rb", buffering=0) as fh:
                 while fh.readinto(buf):
                     pass
+
+
+def back_memory() -> None:
+    """Touches and frees `BACKED_MEMORY_BYTES`, so that what the measurement then allocates
+    (page cache, buffers, tensors) is memory this VM's host has backed. The VM hands memory
+    freed in the guest back to its host within seconds, a little at a time, and touching it
+    again costs about 1 s per GB: a cold Rust load took 0.88 s right after a load had freed
+    its pages, 2.46 s five seconds later (median of 4); 6 GiB took 4-11 s to touch.
+    How much was still backed followed what ran before (torch.load(mmap) cold: 2.04 s right
+    after torch.load, 2.74 s otherwise), so every figure depended on the order of the
+    methods. A machine that keeps its memory (bare metal, a VM without free page
+    reporting) pays none of it. The peak RSS is then reset to the current RSS."""
+    buf = np.ones(BACKED_MEMORY_BYTES, dtype=np.uint8)
+    del buf
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory since `back_memory` (VmHWM), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def touch_pages(arrays) -> int:
@@ -261,8 +284,9 @@ def worker(args) -> None:
     for module in IMPORTS.get(args.method, []):
         importlib.import_module(module)
     state = synthetic_state(args.size_mb) if args.op == "save" else None
+    back_memory()
     result = save(args.method, state, args.dir) if args.op == "save" else load(args.method, args.dir)
-    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["rss_mb"] = peak_rss_mb()
     if args.op == "save":
         result["bytes"] = nbytes(state)
         result["largest_bytes"] = max(a.nbytes for a in state.values())
@@ -286,12 +310,9 @@ def run_worker(method, op, directory, size_mb, cold=False) -> dict:
         # The VM's host caches its disk: a file it still holds reads 5-10x faster than
         # one it has dropped (2 GB here: 3.96 s the first time, 0.42 s the next), and
         # which files it holds depends on what was written and read before. Read once,
-        # every tool's files are in the host's cache alike; evicted from this VM's page
-        # cache, then left alone long enough that the VM hands the freed memory back to
-        # its host, every cold load pays the same first touch of page cache memory.
+        # every tool's files are in the host's cache alike, then evicted from this VM's.
         warm(directory)
         evict(directory)
-        time.sleep(COLD_SETTLE_S)
     elif op == "load":
         warm(directory)
     if method == "cairn_rust":  # the Rust API, through examples/bench_io.rs
@@ -333,10 +354,6 @@ def main() -> None:
             r = run_worker(method, "save", d, args.size_mb)
             results.setdefault(method, {}).setdefault("save", []).append(r)
             size = size or r.get("bytes")
-            if method in EXTRA_SAVES:
-                extra = os.path.join(scratch, EXTRA_SAVES[method])
-                shutil.rmtree(extra, ignore_errors=True)
-                run_worker(method, "save", extra, args.size_mb)
         for cold in (True, False):
             for method in (LOADERS if rep % 2 == 0 else list(reversed(LOADERS))):
                 d = os.path.join(scratch, LOAD_DIR.get(method, method))
