@@ -84,7 +84,7 @@ def _prefixes(prefix: str | Sequence[str] | None) -> list[str] | None:
     return [prefix] if isinstance(prefix, str) else list(prefix)
 
 
-def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool, writable: bool = True) -> Any:
+def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool) -> Any:
     leaves, structure, _info = native
     out: dict[str, Any] = {}
     for leaf in leaves:
