@@ -236,8 +236,10 @@ fn value_to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny
     })
 }
 
-/// Read-back tensor memory exported through the buffer protocol (no copy). Writable only
-/// when the memory is a private mapping of a local file (writes never reach the file).
+/// Read-back tensor memory exported through the buffer protocol (no copy). Writable when
+/// the memory is a private mapping of a local file (writes never reach the file) or when
+/// this buffer is its only owner (a tensor read from a remote store); otherwise shared
+/// with other tensors and read-only.
 #[pyclass(frozen, module = "cairn._cairn")]
 struct TensorBuffer {
     data: Bytes,
@@ -297,17 +299,20 @@ impl TensorBuffer {
 type PyLeaves<'py> = (Vec<Bound<'py, PyAny>>, Option<String>, Bound<'py, PyDict>);
 
 /// Converts a loaded state for Python: a list of leaves `(key, "tensor", dtype, shape,
-/// buffer)` or `(key, "value", object)`, the structure JSON, and the info dict.
-fn state_to_py<'py>(py: Python<'py>, state: State, info: &CheckpointInfo, writable: bool) -> PyResult<PyLeaves<'py>> {
+/// buffer)` or `(key, "value", object)`, the structure JSON, and the info dict. `mapped`:
+/// whether tensors are private mappings of local files, which may be handed out writable.
+fn state_to_py<'py>(py: Python<'py>, state: State, info: &CheckpointInfo, mapped: bool) -> PyResult<PyLeaves<'py>> {
     let structure = state.structure().map(|s| s.to_string());
     let mut leaves = Vec::with_capacity(state.len());
-    for (key, entry) in state.iter() {
+    for (key, entry) in state.into_entries() {
         let leaf = match entry {
             Entry::Tensor(t) => {
-                let buffer = Bound::new(py, TensorBuffer { data: t.data().clone(), writable })?;
-                (key.as_str(), "tensor", t.dtype().name(), t.shape().to_vec(), buffer).into_pyobject(py)?.into_any()
+                let (dtype, shape, data) = t.into_parts();
+                let writable = mapped || data.is_unique();
+                let buffer = Bound::new(py, TensorBuffer { data, writable })?;
+                (key.as_str(), "tensor", dtype.name(), shape, buffer).into_pyobject(py)?.into_any()
             }
-            Entry::Value(v) => (key.as_str(), "value", value_to_py(py, v)?).into_pyobject(py)?.into_any(),
+            Entry::Value(v) => (key.as_str(), "value", value_to_py(py, &v)?).into_pyobject(py)?.into_any(),
         };
         leaves.push(leaf);
     }

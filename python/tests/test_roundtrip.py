@@ -104,7 +104,8 @@ def test_memory_store_round_trip():
     cairn.save("memory://pytest/run", state, step=3)
     loaded = cairn.load("memory://pytest/run")
     assert_bit_exact(loaded["w"], state["w"])
-    assert loaded["w"].flags.writeable
+    # Writable and not a copy: the tensor owns the buffer it was read into.
+    assert loaded["w"].flags.writeable and not loaded["w"].flags.owndata
 
 
 

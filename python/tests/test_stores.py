@@ -34,6 +34,18 @@ def test_manager_on_s3_saves_restores_and_retains(s3_run):
     assert info.step == 8 and restored["model"]["w"].tolist() == state(8)["model"]["w"].tolist()
 
 
+def test_arrays_loaded_from_s3_are_writable_views_not_copies(s3_run):
+    rng = np.random.default_rng(0)
+    saved = {f"w{i}": rng.random(300_000, dtype=np.float32) for i in range(6)}  # several requests
+    cairn.save(s3_run, saved, step=1)
+    loaded = cairn.load(s3_run)
+    for key, arr in loaded.items():
+        assert np.array_equal(arr, saved[key])
+        assert arr.flags.writeable and not arr.flags.owndata, key
+    loaded["w0"][0] = 5.0
+    assert cairn.load(s3_run)["w0"][0] == saved["w0"][0]
+
+
 def test_explicit_storage_options_override_the_environment(s3_run, monkeypatch):
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     options = {

@@ -27,6 +27,7 @@ pub mod load;
 mod local_write;
 pub mod manager;
 pub mod policy;
+mod ranged_read;
 pub mod run;
 pub mod runtime;
 pub mod save;

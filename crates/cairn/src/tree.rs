@@ -479,6 +479,12 @@ impl State {
         self.entries.iter()
     }
 
+    /// Consumes the state, yielding its leaves in key order: a tensor's bytes come out
+    /// with no other handle on them left in the state.
+    pub fn into_entries(self) -> impl Iterator<Item = (String, Entry)> {
+        self.entries.into_iter()
+    }
+
     /// Tensors in key order.
     pub fn tensors(&self) -> impl Iterator<Item = (&String, &Tensor)> {
         self.entries.iter().filter_map(|(k, e)| match e {
