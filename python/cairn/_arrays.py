@@ -177,7 +177,9 @@ def to_framework(arr: np.ndarray, framework: str) -> Any:
             return torch.from_numpy(arr.view(raw)).view(torch_dtype)
         return torch.from_numpy(arr)
     if framework == "jax":
-        import jax.numpy as jnp
+        import jax
 
-        return jnp.asarray(arr)
+        # On a CPU device, device_put uses a 64-byte-aligned array in place (Cairn's shards
+        # align large tensors so); jnp.asarray would always copy.
+        return jax.device_put(arr)
     raise ValueError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')

@@ -164,6 +164,19 @@ def test_jax_arrays_on_an_accelerator_round_trip_through_the_manager(tmp_path):
         assert loaded[key].dtype == value.dtype and bool(jnp.all(loaded[key] == value)), key
 
 
+def test_large_tensors_load_64_byte_aligned_and_jax_uses_them_in_place(tmp_path):
+    import jax
+
+    from cairn import _arrays
+
+    state = {"bias": np.ones(3, np.float16), "w": np.ones((64, 48), np.float32), "v": np.ones(1000, np.float64)}
+    cairn.save(tmp_path / "ckpt", state)
+    loaded = cairn.load(tmp_path / "ckpt")
+    assert loaded["w"].ctypes.data % 64 == 0 and loaded["v"].ctypes.data % 64 == 0
+    if jax.devices()[0].platform == "cpu":
+        assert _arrays.to_framework(loaded["w"], "jax").unsafe_buffer_pointer() == loaded["w"].ctypes.data
+
+
 def test_jax_arrays_round_trip(tmp_path):
     import jax.numpy as jnp
 

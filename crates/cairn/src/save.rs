@@ -7,6 +7,7 @@
 //! names carry a per-attempt id, so two attempts never write the same file; a failed save
 //! removes the shards it wrote (a killed one leaves orphans that no reader sees).
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,7 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
 use crate::format::layout::{self, MANIFEST_FILE};
 use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION};
-use crate::format::shard::{self, ShardEntry};
+use crate::format::shard::{self, ShardEntry, DATA_ALIGN};
 use crate::info::CheckpointInfo;
 use crate::local_write;
 use crate::store::{self, Location};
@@ -121,7 +122,9 @@ impl SaveOptions {
 pub struct ShardPlan {
     /// Path relative to the checkpoint folder.
     pub file: String,
-    /// Keys of the tensors in the shard, largest element size first (alignment).
+    /// Keys of the tensors in the shard, in layout order: those whose size is a multiple
+    /// of [`DATA_ALIGN`] first (each then starts [`DATA_ALIGN`]-aligned), then the others
+    /// by decreasing element size (each aligned to its element size).
     pub keys: Vec<String>,
 }
 
@@ -167,7 +170,7 @@ pub fn plan_shards(state: &State, shard_bytes: u64, parallelism: usize, rank: u3
         .into_iter()
         .enumerate()
         .map(|(index, mut group)| {
-            group.sort_by(|(ka, a), (kb, b)| b.dtype().size().cmp(&a.dtype().size()).then(ka.cmp(kb)));
+            group.sort_by_key(|&(key, t)| (t.data().len() % DATA_ALIGN != 0, Reverse(t.dtype().size()), key));
             ShardPlan {
                 file: layout::shard_file(rank, index, count, attempt),
                 keys: group.into_iter().map(|(k, _)| k.clone()).collect(),
@@ -509,8 +512,12 @@ mod tests {
         let mut s = State::new();
         s.insert_tensor("a", Tensor::new(DType::U8, vec![1], vec![0u8]).unwrap());
         s.insert_tensor("b", Tensor::new(DType::F64, vec![1], vec![0u8; 8]).unwrap());
+        s.insert_tensor("c", Tensor::new(DType::U8, vec![64], vec![0u8; 64]).unwrap());
+        s.insert_tensor("d", Tensor::new(DType::F32, vec![32], vec![0u8; 128]).unwrap());
         let plans = plan_shards(&s, u64::MAX, 1, 0, "a");
-        assert_eq!(plans[0].keys, vec!["b", "a"]);
+        // Sizes that are multiples of 64 first (d at 0, c at 128: 64-aligned), then by
+        // element size (b at 192, a at 200).
+        assert_eq!(plans[0].keys, vec!["d", "c", "b", "a"]);
     }
 
     #[test]

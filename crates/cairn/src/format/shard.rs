@@ -11,6 +11,9 @@ use crate::tree::DType;
 
 /// Safetensors' reserved header key, which a tensor may not use as its name in a shard.
 const RESERVED_NAME: &str = "__metadata__";
+/// Alignment of a shard's data section: the header is padded so the data starts at a
+/// multiple of it (64 bytes: what XLA needs to use host memory in place, and a cache line).
+pub const DATA_ALIGN: usize = 64;
 
 /// One piece to place in a shard.
 #[derive(Debug, Clone)]
@@ -26,7 +29,8 @@ pub struct ShardEntry {
 /// A built header: the bytes to write first, and each entry's absolute byte range.
 #[derive(Debug, Clone)]
 pub struct ShardHeader {
-    /// 8-byte little-endian length, then the JSON header padded with spaces to 8 bytes.
+    /// 8-byte little-endian length, then the JSON header padded with spaces so the data
+    /// starts at a multiple of [`DATA_ALIGN`] (a multiple of 8, as safetensors requires).
     pub bytes: Vec<u8>,
     /// Absolute `[start, end)` of each entry's data in the file, in entry order.
     pub ranges: Vec<[u64; 2]>,
@@ -74,7 +78,7 @@ pub fn build_header(entries: &[ShardEntry], metadata: HashMap<String, String>) -
         .map_err(|e| Error::invalid(format!("cannot build shard header: {e:?}")))?;
     let mut json =
         serde_json::to_vec(&header).map_err(|e| Error::invalid("cannot encode shard header").with_source(e))?;
-    json.resize(json.len().next_multiple_of(8), b' ');
+    json.resize((8 + json.len()).next_multiple_of(DATA_ALIGN) - 8, b' ');
     let header_len = 8 + json.len() as u64;
     let mut bytes = Vec::with_capacity(header_len as usize);
     bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
@@ -108,7 +112,7 @@ mod tests {
         let parsed = safetensors::SafeTensors::deserialize(&file).unwrap();
         assert_eq!(parsed.tensor("a").unwrap().data().len(), 16);
         assert_eq!(parsed.tensor("__metadata__@").unwrap().shape(), &[3]);
-        assert_eq!(header.ranges[0][0] % 8, 0);
+        assert_eq!(header.ranges[0][0] % DATA_ALIGN as u64, 0);
         assert_eq!(header.ranges.len(), 3);
     }
 
