@@ -170,16 +170,17 @@ def load(
     (a checkpoint saved by N ranks loads on M ranks)."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
-    native = _cairn.load(
-        _uri(path),
-        _prefixes(prefix),
-        None if keys is None else list(keys),
-        _rename(rename),
-        step,
-        storage_options,
-        None if slices is None else {k: ([int(o) for o in off], [int(d) for d in shp]) for k, (off, shp) in slices.items()},
-    )
-    return _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
+    with _tree.gc_paused():
+        native = _cairn.load(
+            _uri(path),
+            _prefixes(prefix),
+            None if keys is None else list(keys),
+            _rename(rename),
+            step,
+            storage_options,
+            None if slices is None else {k: ([int(o) for o in off], [int(d) for d in shp]) for k, (off, shp) in slices.items()},
+        )
+        return _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
 
 
 def torch_all_gather(group: Any = None) -> Callable[[bytes], list[bytes]]:
@@ -382,8 +383,9 @@ class CheckpointManager:
     ) -> tuple[Any, CheckpointInfo]:
         """Loads the latest committed checkpoint (or `step`): `(state, info)`.
         Raises `CheckpointNotFoundError` when there is none."""
-        native = self._native.restore(step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename))
-        state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
+        with _tree.gc_paused():
+            native = self._native.restore(step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename))
+            state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
         return state, CheckpointInfo._from_native(native[2])
 
     def latest_step(self) -> int | None:

@@ -9,8 +9,10 @@ come back exactly. Anything else is refused with an error naming its key: no pic
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from . import _arrays, _staging
 from ._cairn import InvalidArgumentError
@@ -53,8 +55,28 @@ class Leaves:
         self._keys.add(key)
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector while a state is converted: conversion
+    makes a few objects per tensor (none of them cyclic), and every 700 of them the
+    collector ran, over all of them again: 40% of saving 100,000 small tensors."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def flatten(state: Any) -> Leaves:
     """Flattens `state` (a mapping, list/tuple, or a single leaf) into `Leaves`."""
+    with gc_paused():
+        return _flatten_all(state)
+
+
+def _flatten_all(state: Any) -> Leaves:
     leaves = Leaves()
     node = _flatten(state, (), leaves)
     leaves.structure = json.dumps(node, separators=(",", ":"))

@@ -99,6 +99,29 @@ def test_dtype_cast_on_load(tmp_path):
     assert loaded["i"].dtype == np.int64
 
 
+def test_garbage_collector_is_paused_only_while_converting(tmp_path):
+    import gc
+
+    from cairn import _tree
+
+    seen = []
+    real = _tree._flatten_all
+    _tree._flatten_all = lambda state: seen.append(gc.isenabled()) or real(state)
+    try:
+        cairn.save(tmp_path / "a", {"w": np.ones(3)})
+        assert seen == [False] and gc.isenabled()
+        gc.disable()
+        cairn.save(tmp_path / "b", {"w": np.ones(3)})
+        cairn.load(tmp_path / "b")
+        assert not gc.isenabled()  # a caller's own pause is kept
+    finally:
+        _tree._flatten_all = real
+        gc.enable()
+    with pytest.raises(cairn.CheckpointNotFoundError):
+        cairn.load(tmp_path / "missing")
+    assert gc.isenabled()  # restored after an error too
+
+
 def test_memory_store_round_trip():
     state = {"w": np.arange(10, dtype=np.float16)}
     cairn.save("memory://pytest/run", state, step=3)
