@@ -22,8 +22,14 @@ use crate::ranged_read;
 use crate::store::Location;
 use crate::tree::{checked_nbytes, Entry, State, Tensor};
 
-/// Identifies a piece: its tensor's key and its index among the tensor's pieces.
-type PieceId = (String, usize);
+/// One piece to read: where its bytes lie, their checksum, and the slot (its number among
+/// the pieces of one load) its bytes go to.
+#[derive(Debug, Clone, Copy)]
+struct PieceRead {
+    slot: usize,
+    range: [u64; 2],
+    crc32c: u32,
+}
 
 /// A key renaming rule applied on load: every match of `pattern` becomes `replacement`
 /// (`$1` etc. refer to groups), e.g. `^module\.` → `` strips DDP's prefix.
@@ -183,29 +189,42 @@ impl Checkpoint {
     async fn read_selected(&self, opts: &LoadOptions) -> Result<State> {
         let selected = self.select(opts)?;
         let regions = self.regions(&selected, opts)?;
-        let mut by_file: BTreeMap<&str, Vec<(PieceId, Piece)>> = BTreeMap::new();
+        // Every piece to read gets a slot; `owners[slot]` is its tensor's key and its index
+        // among the tensor's pieces, and the slots of one tensor are consecutive.
+        let mut owners: Vec<(&str, usize)> = Vec::new();
+        let mut slots_of: Vec<std::ops::Range<usize>> = Vec::with_capacity(selected.len());
+        let mut by_file: BTreeMap<&str, Vec<PieceRead>> = BTreeMap::new();
         for (key, _) in &selected {
-            let Some(record) = self.manifest.tensors.get(*key) else { continue };
-            for (index, piece) in record.pieces.iter().enumerate() {
-                let wanted = regions.get(*key).is_none_or(|r| {
-                    geometry::intersection(&r.offsets, &r.shape, &piece.offsets, &piece.shape).is_some()
-                });
-                if wanted {
-                    by_file.entry(piece.file.as_str()).or_default().push(((key.to_string(), index), piece.clone()));
+            let first = owners.len();
+            if let Some(record) = self.manifest.tensors.get(*key) {
+                for (index, piece) in record.pieces.iter().enumerate() {
+                    let wanted = regions.get(*key).is_none_or(|r| {
+                        geometry::intersection(&r.offsets, &r.shape, &piece.offsets, &piece.shape).is_some()
+                    });
+                    if wanted {
+                        let read = PieceRead { slot: owners.len(), range: piece.range, crc32c: piece.crc32c };
+                        by_file.entry(piece.file.as_str()).or_default().push(read);
+                        owners.push((key, index));
+                    }
                 }
             }
+            slots_of.push(first..owners.len());
         }
-        let jobs = by_file.into_iter().map(|(file, pieces)| self.read_file(file, pieces, opts.verify));
-        let read: Vec<Vec<(PieceId, Bytes)>> =
+        let jobs = by_file.into_iter().map(|(file, pieces)| self.read_file(file, pieces, opts.verify, &owners));
+        let read: Vec<Vec<(usize, Bytes)>> =
             futures::stream::iter(jobs).buffer_unordered(opts.concurrency.max(1)).try_collect().await?;
-        let mut piece_bytes: HashMap<PieceId, Bytes> = read.into_iter().flatten().collect();
+        let mut slots: Vec<Bytes> = vec![Bytes::new(); owners.len()];
+        for (slot, bytes) in read.into_iter().flatten() {
+            slots[slot] = bytes;
+        }
 
         let mut state = State::new();
-        for (key, new_key) in selected {
+        for ((key, new_key), range) in selected.into_iter().zip(slots_of) {
             let entry = if let Some(record) = self.manifest.tensors.get(key) {
                 let whole = Region { offsets: vec![0; record.shape.len()], shape: record.shape.clone() };
                 let region = regions.get(key).copied().unwrap_or(&whole);
-                Entry::Tensor(self.assemble(key, record, region, &mut piece_bytes)?)
+                let pieces = range.map(|slot| (owners[slot].1, std::mem::take(&mut slots[slot])));
+                Entry::Tensor(self.assemble(key, record, region, pieces)?)
             } else if let Some(value) = self.manifest.values.get(key) {
                 Entry::Value(value.clone())
             } else {
@@ -294,33 +313,43 @@ impl Checkpoint {
         Ok(out)
     }
 
+    /// Reads `pieces` of `file` and verifies their checksums (and the header's): each
+    /// piece's bytes under its slot. `owners` names the slots in errors.
     async fn read_file(
         &self,
         file: &str,
-        pieces: Vec<(PieceId, Piece)>,
+        pieces: Vec<PieceRead>,
         verify: bool,
-    ) -> Result<Vec<(PieceId, Bytes)>> {
-        let ranges: Vec<std::ops::Range<u64>> = pieces.iter().map(|(_, p)| p.range[0]..p.range[1]).collect();
+        owners: &[(&str, usize)],
+    ) -> Result<Vec<(usize, Bytes)>> {
+        let ranges: Vec<std::ops::Range<u64>> = pieces.iter().map(|p| p.range[0]..p.range[1]).collect();
         let (record, chunks) = self.fetch(file, ranges).await?;
         let shown = format!("{}/{file}", self.location.uri());
         let header_crc = record.header_crc32c;
-        tokio::task::spawn_blocking(move || {
+        // Err(None): the header's checksum failed; Err(Some(slot)): that piece's.
+        let checked = tokio::task::spawn_blocking(move || {
             let mut chunks = chunks.into_iter();
             let header = chunks.next().unwrap_or_default();
             if verify && checksum::crc32c(&header) != header_crc {
-                return Err(Error::corrupt(format!("checksum mismatch in shard header file=`{shown}`")));
+                return Err(None);
             }
             let mut out = Vec::with_capacity(pieces.len());
-            for ((id, piece), data) in pieces.into_iter().zip(chunks) {
+            for (piece, data) in pieces.into_iter().zip(chunks) {
                 if verify && checksum::crc32c(&data) != piece.crc32c {
-                    return Err(Error::corrupt(format!("checksum mismatch tensor=`{}` file=`{shown}`", id.0)));
+                    return Err(Some(piece.slot));
                 }
-                out.push((id, data));
+                out.push((piece.slot, data));
             }
             Ok(out)
         })
         .await
-        .map_err(|e| Error::new(ErrorKind::Unavailable, format!("checksum task failed file=`{file}`")).with_source(e))?
+        .map_err(|e| {
+            Error::new(ErrorKind::Unavailable, format!("checksum task failed file=`{file}`")).with_source(e)
+        })?;
+        checked.map_err(|failed| match failed {
+            None => Error::corrupt(format!("checksum mismatch in shard header file=`{shown}`")),
+            Some(slot) => Error::corrupt(format!("checksum mismatch tensor=`{}` file=`{shown}`", owners[slot].0)),
+        })
     }
 
     /// Fetches the header region of `file` followed by `ranges` (no copy when local),
@@ -420,38 +449,38 @@ impl Checkpoint {
             .collect())
     }
 
-    /// Builds `region` of the tensor `key` from its read pieces: no copy when a single
-    /// piece is exactly the region, else a buffer of the region's size (bounded by the
-    /// verified file sizes) filled from every overlapping piece.
+    /// Builds `region` of the tensor `key` from its read pieces (`(index among the
+    /// tensor's pieces, bytes)`): no copy when a single piece is exactly the region, else
+    /// a buffer of the region's size (bounded by the verified file sizes) filled from every
+    /// overlapping piece.
     fn assemble(
         &self,
         key: &str,
         record: &TensorRecord,
         region: &Region,
-        piece_bytes: &mut HashMap<PieceId, Bytes>,
+        mut pieces: impl Iterator<Item = (usize, Bytes)>,
     ) -> Result<Tensor> {
         let shown = || format!("tensor=`{key}` checkpoint=`{}`", self.location.uri());
         let exact = record.pieces.iter().position(|p| p.offsets == region.offsets && p.shape == region.shape);
         if let Some(index) = exact {
-            let data = piece_bytes.remove(&(key.to_string(), index)).unwrap_or_default();
+            let data = pieces.find(|(i, _)| *i == index).map(|(_, data)| data).unwrap_or_default();
             return Tensor::new(record.dtype, region.shape.clone(), data)
                 .map_err(|e| Error::corrupt(format!("{} {}", e.message(), shown())));
         }
         let nbytes = checked_nbytes(record.dtype, &region.shape)
             .ok_or_else(|| Error::corrupt(format!("shape overflows {}", shown())))?;
         let mut buffer = vec![0u8; nbytes as usize];
-        for (index, piece) in record.pieces.iter().enumerate() {
-            if let Some(data) = piece_bytes.remove(&(key.to_string(), index)) {
-                geometry::copy_intersection(
-                    &mut buffer,
-                    &region.offsets,
-                    &region.shape,
-                    &data,
-                    &piece.offsets,
-                    &piece.shape,
-                    record.dtype.size(),
-                );
-            }
+        for (index, data) in pieces {
+            let piece = &record.pieces[index];
+            geometry::copy_intersection(
+                &mut buffer,
+                &region.offsets,
+                &region.shape,
+                &data,
+                &piece.offsets,
+                &piece.shape,
+                record.dtype.size(),
+            );
         }
         Tensor::new(record.dtype, region.shape.clone(), buffer)
     }
