@@ -112,6 +112,11 @@ def torch_dtype_name(key: str, dtype: Any) -> str:
 
 def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:
     """(dtype name, shape, 1-D uint8 view of the C-contiguous little-endian data)."""
+    if type(obj) is np.ndarray and obj.flags.c_contiguous:
+        # The common case, without the conversions below (a state can hold 100,000s).
+        name = _NAMES.get(obj.dtype)
+        if name is not None and (obj.dtype.byteorder != ">" and (obj.dtype.byteorder != "=" or sys.byteorder == "little")):
+            return name, list(obj.shape), obj.reshape(-1).view(np.uint8)
     torch = _torch()
     if torch is not None and isinstance(obj, torch.Tensor):
         arr = _torch_to_numpy(obj)
