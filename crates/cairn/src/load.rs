@@ -424,10 +424,7 @@ impl Checkpoint {
         shown: &str,
     ) -> Result<Vec<Bytes>> {
         let path = self.location.path(file);
-        let meta = self.location.store().head(&path).await.map_err(|e| match e {
-            object_store::Error::NotFound { .. } => Error::corrupt(format!("data file missing file=`{shown}`")),
-            other => Error::from_store(other, "reading shard", &format!("file=`{shown}`")),
-        })?;
+        let meta = self.location.store().head(&path).await.map_err(|e| ranged_read::shard_read_error(e, shown))?;
         check_size(meta.size, record.size, shown)?;
         let store = self.location.store();
         if ranged_read::disjoint(ranges) {
@@ -438,11 +435,8 @@ impl Checkpoint {
         // once per coalesced span and sliced, so memory stays within the file's size.
         // Stores reject empty ranges: fetch the others and put empty buffers back in place.
         let wanted: Vec<std::ops::Range<u64>> = ranges.iter().filter(|r| !r.is_empty()).cloned().collect();
-        let mut fetched = store
-            .get_ranges(&path, &wanted)
-            .await
-            .map_err(|e| Error::from_store(e, "reading shard", &format!("file=`{shown}`")))?
-            .into_iter();
+        let mut fetched =
+            store.get_ranges(&path, &wanted).await.map_err(|e| ranged_read::shard_read_error(e, shown))?.into_iter();
         Ok(ranges
             .iter()
             .map(|r| if r.is_empty() { Bytes::new() } else { fetched.next().unwrap_or_default() })

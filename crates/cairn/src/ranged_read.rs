@@ -97,10 +97,7 @@ fn plan<'a>(ranges: &[Range<u64>], buffers: &'a mut [Vec<u8>], request_bytes: us
 /// Runs one request, copying its body into its targets as it arrives.
 async fn fetch(store: &dyn ObjectStore, path: &Path, request: Request<'_>, shown: &str) -> Result<()> {
     let options = GetOptions { range: Some(GetRange::Bounded(request.range.clone())), ..Default::default() };
-    let read_error = |e: object_store::Error| match e {
-        object_store::Error::NotFound { .. } => Error::corrupt(format!("data file missing file=`{shown}`")),
-        other => Error::from_store(other, "reading shard", &format!("file=`{shown}`")),
-    };
+    let read_error = |e| shard_read_error(e, shown);
     let mut body = store.get_opts(path, options).await.map_err(read_error)?.into_stream();
     let mut scatter = Scatter::new(request.range.start, request.targets);
     while let Some(chunk) = body.try_next().await.map_err(read_error)? {
@@ -115,6 +112,15 @@ async fn fetch(store: &dyn ObjectStore, path: &Path, request: Request<'_>, shown
         )));
     }
     Ok(())
+}
+
+/// A store's failure to read the data file `shown`: a missing file is corruption (the
+/// manifest names it), anything else is classified by [`Error::from_store`].
+pub(crate) fn shard_read_error(err: object_store::Error, shown: &str) -> Error {
+    match err {
+        object_store::Error::NotFound { .. } => Error::corrupt(format!("data file missing file=`{shown}`")),
+        other => Error::from_store(other, "reading shard", &format!("file=`{shown}`")),
+    }
 }
 
 fn too_long(range: &Range<u64>, shown: &str) -> Error {
