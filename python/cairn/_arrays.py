@@ -115,7 +115,7 @@ def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:
     if type(obj) is np.ndarray and obj.flags.c_contiguous:
         # The common case, without the conversions below (a state can hold 100,000s).
         name = _NAMES.get(obj.dtype)
-        if name is not None and (obj.dtype.byteorder != ">" and (obj.dtype.byteorder != "=" or sys.byteorder == "little")):
+        if name is not None and obj.dtype.isnative and sys.byteorder == "little":
             return name, list(obj.shape), obj.reshape(-1).view(np.uint8)
     torch = _torch()
     if torch is not None and isinstance(obj, torch.Tensor):
