@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::local_store::Refused;
+
 /// What went wrong, in terms a caller can act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
@@ -116,6 +118,9 @@ impl Error {
             E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. } => ErrorKind::Invalid,
             _ => io_kind_in(&err).unwrap_or(ErrorKind::Unavailable),
         };
+        if let Some(refused) = refused_in(&err) {
+            return Self::corrupt(format!("{refused} {what}"));
+        }
         Self::new(kind, format!("{doing} failed {what}")).with_source(err)
     }
 }
@@ -123,9 +128,26 @@ impl Error {
 impl Error {
     /// Classifies a local filesystem failure on `what` (e.g. ``file=`x` ``) into a kind.
     pub(crate) fn from_io(err: std::io::Error, doing: &str, what: &str) -> Self {
+        if let Some(refused) = refused_in(&err) {
+            return Self::corrupt(format!("{refused} {what}"));
+        }
         let kind = io_kind_in(&err).unwrap_or(ErrorKind::Unavailable);
         Self::new(kind, format!("{doing} failed {what}")).with_source(err)
     }
+}
+
+/// The path the local store refused (a symlink or special file inside a run), if that is
+/// what failed: such a run holds what Cairn never writes, so the failure is corrupt.
+fn refused_in<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refused> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(c) = cause {
+        let inner = c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        if let Some(refused) = c.downcast_ref::<Refused>().or_else(|| inner.and_then(|e| e.downcast_ref())) {
+            return Some(refused);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Finds an `std::io::Error` in a cause chain and classifies it.

@@ -24,6 +24,7 @@ pub mod format;
 pub mod geometry;
 pub mod info;
 pub mod load;
+mod local_store;
 mod local_write;
 pub mod manager;
 pub mod policy;

@@ -18,6 +18,7 @@ use crate::format::layout::MANIFEST_FILE;
 use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, MAX_MANIFEST_BYTES};
 use crate::geometry;
 use crate::info::CheckpointInfo;
+use crate::local_store::Root;
 use crate::ranged_read;
 use crate::store::Location;
 use crate::tree::{checked_nbytes, Entry, State, Tensor};
@@ -365,11 +366,13 @@ impl Checkpoint {
         let mut all = Vec::with_capacity(ranges.len() + 1);
         all.push(0..record.header_len);
         all.extend(ranges);
-        let chunks = match self.location.local_dir() {
-            Some(dir) => {
-                let path = dir.join(file);
+        let chunks = match self.location.local_root() {
+            Some(root) => {
+                let root = root.clone();
+                let path = self.location.path(file);
                 let record = record.clone();
-                tokio::task::spawn_blocking(move || map_local(&path, &record, &all, &shown)).await.map_err(|e| {
+                let task = tokio::task::spawn_blocking(move || map_local(&root, &path, &record, &all, &shown));
+                task.await.map_err(|e| {
                     Error::new(ErrorKind::Unavailable, format!("read task failed file=`{file}`")).with_source(e)
                 })??
             }
@@ -488,31 +491,27 @@ fn check_size(actual: u64, expected: u64, shown: &str) -> Result<()> {
     Ok(())
 }
 
-/// Maps a local shard read-only and slices out `ranges` without copying.
+/// Maps a local shard read-only and slices out `ranges` without copying. The file is
+/// opened inside the run without following symlinks (see `local_store`).
 fn map_local(
-    path: &std::path::Path,
+    root: &Root,
+    path: &object_store::path::Path,
     record: &FileRecord,
     ranges: &[std::ops::Range<u64>],
     shown: &str,
 ) -> Result<Vec<Bytes>> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| {
-        let err = if e.kind() == std::io::ErrorKind::NotFound {
-            Error::corrupt(format!("data file missing file=`{shown}`"))
+    let file = root.open_regular(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::corrupt(format!("data file missing file=`{shown}`")).with_source(e)
         } else {
-            Error::new(ErrorKind::Unavailable, format!("cannot read data file file=`{shown}`"))
-        };
-        err.with_source(e)
+            Error::from_io(e, "opening data file", &format!("file=`{shown}`"))
+        }
     })?;
-    if !meta.file_type().is_file() {
-        return Err(Error::corrupt(format!("data file is not a regular file file=`{shown}`")));
-    }
+    let meta = file.metadata().map_err(|e| Error::from_io(e, "reading data file", &format!("file=`{shown}`")))?;
     check_size(meta.len(), record.size, shown)?;
     if record.size == 0 {
         return Ok(ranges.iter().map(|_| Bytes::new()).collect());
     }
-    let file = std::fs::File::open(path).map_err(|e| {
-        Error::new(ErrorKind::Unavailable, format!("cannot open data file file=`{shown}`")).with_source(e)
-    })?;
     // SAFETY: committed checkpoint files are never modified in place (saves write new
     // files, deletes unlink), so the mapping's contents do not change under us. The
     // mapping is private (copy-on-write): a frontend may hand it out writable, and writes

@@ -228,7 +228,9 @@ pub(crate) async fn write_share(
     let plans = plan_shards(state, opts.shard_bytes, opts.concurrency, rank, attempt);
     let written = async {
         let shards_dir = dest.local_dir().map(|dir| dir.join(layout::SHARDS_DIR));
-        if let Some(dir) = &shards_dir {
+        if let (Some(dir), Some(root)) = (&shards_dir, dest.local_root()) {
+            root.check_folder(&dest.path(layout::SHARDS_DIR))
+                .map_err(|e| Error::from_io(e, "creating shard folder", &format!("dir=`{}`", dir.display())))?;
             store::create_dirs_durably(dir)
                 .map_err(|e| Error::from_io(e, "creating shard folder", &format!("dir=`{}`", dir.display())))?;
         }

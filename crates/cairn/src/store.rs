@@ -21,20 +21,22 @@ use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::http::HttpBuilder;
-use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreScheme, RetryConfig};
 
 use crate::error::{Error, Result};
+use crate::local_store::{LocalStore, Root};
 
 /// A resolved location: a store, a prefix inside it, and for local disks the directory
-/// on the filesystem (used to map files instead of copying them).
+/// on the filesystem (used to map files instead of copying them) and the folder the
+/// store is confined to.
 #[derive(Clone)]
 pub struct Location {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     local_dir: Option<PathBuf>,
+    local_root: Option<Arc<Root>>,
     uri: String,
 }
 
@@ -127,7 +129,7 @@ impl Location {
     /// A location over a store the caller built (a wrapper, a store of its own), at the
     /// store's root; `uri` names it in messages.
     pub fn from_store(store: Arc<dyn ObjectStore>, uri: impl Into<String>) -> Location {
-        Location { store, prefix: Path::default(), local_dir: None, uri: uri.into() }
+        Location { store, prefix: Path::default(), local_dir: None, local_root: None, uri: uri.into() }
     }
 
     fn resolve(uri: &str, create: bool, options: &StoreOptions) -> Result<Location> {
@@ -146,7 +148,13 @@ impl Location {
                 .or_insert_with(|| Arc::new(InMemory::new()))
                 .clone();
             let prefix = parse_prefix(prefix, uri)?;
-            return Ok(Location { store, prefix, local_dir: None, uri: uri.trim_end_matches('/').to_string() });
+            return Ok(Location {
+                store,
+                prefix,
+                local_dir: None,
+                local_root: None,
+                uri: uri.trim_end_matches('/').to_string(),
+            });
         }
         let path = if let Some(rest) = uri.strip_prefix("file://") {
             PathBuf::from(rest)
@@ -198,7 +206,7 @@ impl Location {
                 return Err(Error::invalid(format!("unsupported uri scheme `{scheme}` uri=`{uri}`")));
             }
         };
-        Ok(Location { store, prefix, local_dir: None, uri: uri.trim_end_matches('/').to_string() })
+        Ok(Location { store, prefix, local_dir: None, local_root: None, uri: uri.trim_end_matches('/').to_string() })
     }
 
     fn open_local(path: PathBuf, create: bool) -> Result<Location> {
@@ -216,11 +224,10 @@ impl Location {
         })?;
         let dir = std::fs::canonicalize(&path)
             .map_err(|e| Error::not_found(format!("cannot resolve directory dir=`{shown}`")).with_source(e))?;
-        let store = LocalFileSystem::new_with_prefix(&dir)
-            .map_err(|e| Error::from_store(e, "opening local store", &format!("dir=`{shown}`")))?
-            .with_fsync(true)
-            .with_automatic_cleanup(true);
-        Ok(Location { store: Arc::new(store), prefix: Path::default(), local_dir: Some(dir), uri: shown })
+        let store = LocalStore::new(dir.clone())
+            .map_err(|e| Error::from_store(e, "opening local store", &format!("dir=`{shown}`")))?;
+        let local_root = Some(store.root().clone());
+        Ok(Location { store: Arc::new(store), prefix: Path::default(), local_dir: Some(dir), local_root, uri: shown })
     }
 
     /// The location `name` below this one (`name` is one or more `/`-separated segments
@@ -231,6 +238,7 @@ impl Location {
             store: self.store.clone(),
             prefix,
             local_dir: self.local_dir.as_ref().map(|d| d.join(name)),
+            local_root: self.local_root.clone(),
             uri: format!("{}/{}", self.uri, name),
         }
     }
@@ -253,6 +261,12 @@ impl Location {
     /// The local directory, when the store is the local filesystem.
     pub fn local_dir(&self) -> Option<&std::path::Path> {
         self.local_dir.as_deref()
+    }
+
+    /// The folder a local store is confined to (reads and checks that go around
+    /// `object_store`, e.g. memory maps, go through it).
+    pub(crate) fn local_root(&self) -> Option<&Arc<Root>> {
+        self.local_root.as_ref()
     }
 
     /// The URI (or path) this location was opened from, for messages.
