@@ -41,9 +41,9 @@ impl CliError {
 
     /// Prints it to stderr.
     pub fn print(&self) {
-        eprintln!("error: {}", self.message);
+        eprintln!("error: {}", clean(&self.message));
         for cause in &self.causes {
-            eprintln!("  caused by: {cause}");
+            eprintln!("  caused by: {}", clean(cause));
         }
         if let Some(hint) = &self.hint {
             eprintln!("  hint: {hint}");
@@ -71,25 +71,45 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Prints rows as a left-aligned table with a header.
+/// `text` with control characters (terminal escape sequences among them) escaped, so
+/// that names from a checkpoint print as data, never as commands to the terminal.
+pub fn clean(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+        .collect::<String>()
+        .into()
+}
+
+/// Prints rows as a left-aligned table with a header; cells are [`clean`]ed and padded
+/// by hand (cells may be longer than `format!` widths allow).
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<std::borrow::Cow<'_, str>>> =
+        rows.iter().map(|row| row.iter().map(|cell| clean(cell)).collect()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
+        let mut out = String::new();
+        for (c, w) in cells.iter().zip(&widths) {
+            out.push_str(c);
+            out.extend(std::iter::repeat_n(' ', w.saturating_sub(c.chars().count()) + 2));
+        }
+        println!("{}", out.trim_end());
     };
     line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
+    for row in &rows {
+        line(row.iter().map(|c| c.as_ref()).collect());
     }
 }
 
 /// Metrics as `name=value` pairs.
 pub fn metrics(info: &cairn::CheckpointInfo) -> String {
-    info.metrics.keys().filter_map(|k| info.metric(k).map(|v| format!("{k}={v}"))).collect::<Vec<_>>().join(" ")
+    let pairs = info.metrics.keys().filter_map(|k| info.metric(k).map(|v| format!("{}={v}", clean(k))));
+    pairs.collect::<Vec<_>>().join(" ")
 }

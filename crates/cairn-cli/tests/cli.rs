@@ -219,3 +219,71 @@ fn import_refuses_an_index_pointing_outside_its_folder() {
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("error: index names a file outside its folder"), "{}", out.stderr);
 }
+
+#[test]
+fn inspect_prints_a_70000_character_key_and_a_tensor_of_2000_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let long_key = "k".repeat(70_000);
+    let mut s = State::new();
+    s.insert_tensor(long_key.as_str(), Tensor::new(DType::U8, vec![2], vec![1, 2]).unwrap());
+    s.insert_tensor("w", Tensor::new(DType::U8, vec![2000], vec![3u8; 2000]).unwrap());
+    let ckpt = dir.path().join("ckpt");
+    cairn::save(ckpt.to_str().unwrap(), &s, &SaveOptions::default()).unwrap();
+    // Split `w` into 2,000 one-element pieces, each in a file of its own name.
+    let path = ckpt.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let piece = m["tensors"]["w"]["pieces"][0].clone();
+    let file = piece["file"].as_str().unwrap().to_string();
+    let record = m["files"][&file].clone();
+    let start = piece["range"][0].as_u64().unwrap();
+    let mut pieces = Vec::new();
+    for i in 0..2000u64 {
+        let name = format!("shards/copy-{i:05}.safetensors");
+        std::fs::copy(ckpt.join(&file), ckpt.join(&name)).unwrap();
+        m["files"][&name] = record.clone();
+        let mut p = piece.clone();
+        p["file"] = name.into();
+        p["range"] = serde_json::json!([start + i, start + i + 1]);
+        p["offsets"] = serde_json::json!([i]);
+        p["shape"] = serde_json::json!([1]);
+        p["crc32c"] = cairn::format::checksum::crc32c(&[3]).into();
+        pieces.push(p);
+    }
+    m["tensors"]["w"]["pieces"] = pieces.into();
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let out = cairn(dir.path(), &["inspect", "ckpt"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains(&long_key));
+    assert!(out.stdout.contains("(2000 files)"), "{}", out.stdout);
+    assert_eq!(cairn(dir.path(), &["verify", "ckpt"]).code, 0);
+}
+
+#[test]
+fn names_from_a_checkpoint_cannot_send_escape_sequences_to_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = State::new();
+    s.insert_tensor("evil\x1b]0;owned\x07\x1b[2J", Tensor::new(DType::U8, vec![1], vec![1]).unwrap());
+    let opts = SaveOptions::default().with_step(1).with_metric("loss\x1b[31m", 0.5);
+    cairn::save(dir.path().join("run").to_str().unwrap(), &s, &opts).unwrap();
+    for args in [&["ls", "run"][..], &["inspect", "run"], &["verify", "run"]] {
+        let out = cairn(dir.path(), args);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+        assert!(!out.stdout.contains('\x1b') && !out.stderr.contains('\x1b'), "{args:?}: {:?}", out.stdout);
+    }
+    assert!(cairn(dir.path(), &["inspect", "run"]).stdout.contains("evil\\u{1b}]0;owned"));
+}
+
+#[test]
+fn ls_and_prune_skip_a_damaged_manifest_and_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    std::fs::write(dir.path().join("run/step-000000000010/manifest.json"), b"{").unwrap();
+    let out = cairn(dir.path(), &["ls", "run"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stdout.contains("20") && out.stdout.contains("30"), "{}", out.stdout);
+    assert!(out.stderr.contains("step-000000000010"), "{}", out.stderr);
+    let out = cairn(dir.path(), &["prune", "run", "--keep-last", "1"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("kept a damaged checkpoint"), "{}", out.stderr);
+    assert!(dir.path().join("run/step-000000000010/manifest.json").exists());
+}

@@ -42,7 +42,7 @@ fn main() -> Result<(), cairn::Error> {
     println!("state: {} tensors, {size:.0} MiB", state.tensors().count());
 
     let run = Run::create(&run_dir)?;
-    let step = run.latest()?.map_or(1000, |c| c.step + 1000);
+    let step = run.latest()?.map_or(1000, |c| c.info().step + 1000);
     let started = Instant::now();
     let info = run.save(&state, &SaveOptions::default().with_step(step))?;
     let save_s = started.elapsed().as_secs_f64();

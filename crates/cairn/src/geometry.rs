@@ -11,6 +11,43 @@ pub fn boxes_overlap(a_off: &[u64], a_shape: &[u64], b_off: &[u64], b_shape: &[u
         .all(|((&ao, &al), (&bo, &bl))| ao < bo + bl && bo < ao + al)
 }
 
+/// Whether any two of `boxes` (each `(offsets, shape)`, all of one rank) overlap, in
+/// O(B log B + C) time where C is the number of pairs whose extents meet along the
+/// dimension with the most distinct offsets (1 per box for row, column and most grid
+/// layouts). `Err(())` when C would exceed `max_comparisons`: the caller treats such a
+/// layout as too entangled to check.
+#[allow(clippy::result_unit_err)]
+pub fn any_overlap(boxes: &[(&[u64], &[u64])], max_comparisons: u64) -> Result<bool, ()> {
+    let rank = boxes.first().map_or(0, |(off, _)| off.len());
+    if rank == 0 {
+        return Ok(boxes.len() > 1);
+    }
+    let distinct = |d: usize| {
+        let mut starts: Vec<u64> = boxes.iter().map(|(off, _)| off[d]).collect();
+        starts.sort_unstable();
+        starts.dedup();
+        starts.len()
+    };
+    let dim = (0..rank).max_by_key(|&d| distinct(d)).unwrap_or(0);
+    let mut order: Vec<usize> = (0..boxes.len()).collect();
+    order.sort_unstable_by_key(|&i| boxes[i].0[dim]);
+    let mut active: Vec<usize> = Vec::new();
+    let mut budget = max_comparisons;
+    for i in order {
+        let (off, shape) = boxes[i];
+        if shape.contains(&0) {
+            continue;
+        }
+        active.retain(|&j| boxes[j].0[dim].saturating_add(boxes[j].1[dim]) > off[dim]);
+        budget = budget.checked_sub(active.len() as u64).ok_or(())?;
+        if active.iter().any(|&j| boxes_overlap(off, shape, boxes[j].0, boxes[j].1)) {
+            return Ok(true);
+        }
+        active.push(i);
+    }
+    Ok(false)
+}
+
 /// The intersection of two boxes as (offsets, shape), or `None` if empty. A 0-d box
 /// (rank 0) intersects a 0-d box.
 pub fn intersection(a_off: &[u64], a_shape: &[u64], b_off: &[u64], b_shape: &[u64]) -> Option<(Vec<u64>, Vec<u64>)> {
@@ -80,6 +117,34 @@ pub fn copy_intersection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pairwise_overlap(boxes: &[(&[u64], &[u64])]) -> bool {
+        (0..boxes.len()).any(|i| {
+            (i + 1..boxes.len()).any(|j| {
+                !boxes[i].1.contains(&0)
+                    && !boxes[j].1.contains(&0)
+                    && boxes_overlap(boxes[i].0, boxes[i].1, boxes[j].0, boxes[j].1)
+            })
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sweep_agrees_with_every_pair(raw in proptest::collection::vec((0u64..6, 0u64..4, 0u64..6, 0u64..4), 0..12)) {
+            let boxes: Vec<([u64; 2], [u64; 2])> = raw.iter().map(|&(a, b, c, d)| ([a, c], [b, d])).collect();
+            let views: Vec<(&[u64], &[u64])> = boxes.iter().map(|(o, s)| (&o[..], &s[..])).collect();
+            proptest::prop_assert_eq!(any_overlap(&views, u64::MAX), Ok(pairwise_overlap(&views)));
+        }
+    }
+
+    #[test]
+    fn a_hundred_thousand_columns_are_checked_without_comparing_every_pair() {
+        let boxes: Vec<([u64; 2], [u64; 2])> = (0..100_000).map(|i| ([0, i], [8, 1])).collect();
+        let views: Vec<(&[u64], &[u64])> = boxes.iter().map(|(o, s)| (&o[..], &s[..])).collect();
+        assert_eq!(any_overlap(&views, 1_000_000), Ok(false));
+        let stacked: Vec<(&[u64], &[u64])> = views.iter().map(|(_, s)| (&[0u64, 0][..], *s)).collect();
+        assert_eq!(any_overlap(&stacked, 1_000_000), Ok(true));
+    }
     use proptest::prelude::*;
 
     #[test]

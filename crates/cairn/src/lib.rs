@@ -40,7 +40,7 @@ pub mod tree;
 pub use error::{Error, ErrorKind, Result};
 pub use info::CheckpointInfo;
 pub use load::{Checkpoint, LoadOptions, Region, RenameRule};
-pub use run::{CheckpointRef, Run};
+pub use run::{CheckpointRef, Run, Survey};
 pub use save::SaveOptions;
 pub use store::{register_scheme, unregister_scheme, Location, SchemeFactory, StoreOptions};
 pub use tree::{DType, Entry, Slice, State, Tensor, Value};
@@ -83,9 +83,7 @@ pub fn open_at(location: Location) -> Result<Checkpoint> {
         return runtime::block_on(Checkpoint::open_at(location));
     }
     let uri = location.uri().to_string();
-    let latest =
-        Run::at(location).latest()?.ok_or_else(|| Error::not_found(format!("no committed checkpoint uri=`{uri}`")))?;
-    latest.open()
+    Run::at(location).latest()?.ok_or_else(|| Error::not_found(format!("no committed checkpoint uri=`{uri}`")))
 }
 
 /// Loads `uri` (a checkpoint folder, or a run's latest checkpoint) with `opts`.

@@ -14,7 +14,7 @@ use regex::Regex;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
-use crate::format::layout::MANIFEST_FILE;
+use crate::format::layout::{self, MANIFEST_FILE};
 use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, MAX_MANIFEST_BYTES};
 use crate::geometry;
 use crate::info::CheckpointInfo;
@@ -134,7 +134,9 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens the checkpoint folder at `location`; [`ErrorKind::NotFound`] if it has no
-    /// manifest (never committed).
+    /// manifest (never committed), [`ErrorKind::Corrupt`] if the manifest is damaged or
+    /// names another step than its `step-N` folder (a checkpoint copied in by hand: it
+    /// would mislead resumption and retention).
     pub async fn open_at(location: Location) -> Result<Checkpoint> {
         let path = location.path(MANIFEST_FILE);
         let file = format!("{}/{MANIFEST_FILE}", location.uri());
@@ -150,6 +152,13 @@ impl Checkpoint {
         let bytes =
             got.bytes().await.map_err(|e| Error::from_store(e, "reading manifest", &format!("file=`{file}`")))?;
         let manifest = Manifest::decode(&bytes, &file)?;
+        let folder = location.uri().trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+        if let Some(step) = layout::parse_step_dir(folder).filter(|&step| step != manifest.step) {
+            return Err(Error::corrupt(format!(
+                "manifest says step {} but its folder is step {step} (copied from another run?) file=`{file}`",
+                manifest.step
+            )));
+        }
         Ok(Checkpoint { location, manifest })
     }
 

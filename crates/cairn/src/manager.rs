@@ -500,7 +500,7 @@ impl CheckpointManager {
 
     /// The highest committed step, if any (read from the store, not from a hint).
     pub fn latest_step(&self) -> Result<Option<u64>> {
-        Ok(self.shared.run.latest()?.map(|c| c.step))
+        Ok(self.shared.run.latest()?.map(|c| c.manifest().step))
     }
 
     /// Every committed checkpoint, in step order.
@@ -622,7 +622,7 @@ fn write_latest_hint(shared: &Shared, info: &CheckpointInfo) -> Result<()> {
     }
     let run = &shared.run;
     let loc = run.location();
-    if run.latest()?.is_some_and(|c| c.step > info.step) {
+    if run.latest()?.is_some_and(|c| c.manifest().step > info.step) {
         return Ok(());
     }
     let body = PutPayload::from(format!("{}\n", info.uri).into_bytes());

@@ -30,6 +30,21 @@ impl CheckpointRef {
     }
 }
 
+/// What [`Run::survey`] found.
+#[derive(Debug, Default)]
+pub struct Survey {
+    /// Summaries of the readable committed checkpoints, in step order.
+    pub checkpoints: Vec<CheckpointInfo>,
+    /// One error (naming the manifest) per committed checkpoint that cannot be read.
+    pub damaged: Vec<Error>,
+}
+
+/// Whether `err` says a checkpoint itself is unusable (damaged, or written by a newer
+/// Cairn), as opposed to the store failing.
+fn is_damaged(err: &Error) -> bool {
+    matches!(err.kind(), crate::ErrorKind::Corrupt | crate::ErrorKind::Incompatible)
+}
+
 /// The checkpoints of one training run.
 ///
 /// ```
@@ -38,7 +53,7 @@ impl CheckpointRef {
 /// let mut state = State::new();
 /// state.insert_tensor("w", Tensor::new(DType::U8, vec![2], vec![1, 2]).unwrap());
 /// run.save(&state, &SaveOptions::default().with_step(10)).unwrap();
-/// assert_eq!(run.latest().unwrap().unwrap().step, 10);
+/// assert_eq!(run.latest().unwrap().unwrap().info().step, 10);
 /// ```
 #[derive(Debug, Clone)]
 pub struct Run {
@@ -101,24 +116,42 @@ impl Run {
         Ok(found)
     }
 
-    /// The summaries of the committed checkpoints, in step order. A checkpoint deleted
-    /// between the listing and the read of its manifest (retention running elsewhere) is
-    /// skipped, not an error.
-    pub fn infos(&self) -> Result<Vec<CheckpointInfo>> {
-        let mut out = Vec::new();
+    /// The summaries of the committed checkpoints that can be read, in step order, and
+    /// an error for each whose manifest is damaged or of an unknown version: those are
+    /// reported, never deleted by retention, and never block the others. A checkpoint
+    /// deleted between the listing and the read of its manifest (retention running
+    /// elsewhere) is skipped.
+    pub fn survey(&self) -> Result<Survey> {
+        let mut survey = Survey::default();
         for c in self.list()? {
             match c.open() {
-                Ok(ckpt) => out.push(ckpt.info()),
+                Ok(ckpt) => survey.checkpoints.push(ckpt.info()),
                 Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
+                Err(e) if is_damaged(&e) => survey.damaged.push(e),
                 Err(e) => return Err(e),
             }
         }
-        Ok(out)
+        Ok(survey)
     }
 
-    /// The committed checkpoint with the highest step, if any.
-    pub fn latest(&self) -> Result<Option<CheckpointRef>> {
-        Ok(self.list()?.pop())
+    /// The summaries of the readable committed checkpoints, in step order (see
+    /// [`Run::survey`] for those skipped).
+    pub fn infos(&self) -> Result<Vec<CheckpointInfo>> {
+        Ok(self.survey()?.checkpoints)
+    }
+
+    /// The readable committed checkpoint with the highest step, if any: newer ones whose
+    /// manifest is damaged are passed over, so a run resumes from its newest healthy
+    /// checkpoint.
+    pub fn latest(&self) -> Result<Option<Checkpoint>> {
+        for c in self.list()?.iter().rev() {
+            match c.open() {
+                Ok(ckpt) => return Ok(Some(ckpt)),
+                Err(e) if e.kind() == crate::ErrorKind::NotFound || is_damaged(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
     }
 
     /// Opens the committed checkpoint of `step`; [`crate::ErrorKind::NotFound`] if none.
@@ -168,8 +201,12 @@ impl Run {
         for (step, files) in by_step {
             let referenced: Option<std::collections::BTreeSet<String>> =
                 if files.iter().any(|(f, _)| f == MANIFEST_FILE) {
-                    let ckpt = Checkpoint::open_at(self.location.child(&layout::step_dir(step))).await?;
-                    Some(ckpt.manifest().files.keys().cloned().collect())
+                    match Checkpoint::open_at(self.location.child(&layout::step_dir(step))).await {
+                        Ok(ckpt) => Some(ckpt.manifest().files.keys().cloned().collect()),
+                        // A damaged checkpoint is the user's to inspect: leave all of it.
+                        Err(e) if is_damaged(&e) || e.kind() == crate::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e),
+                    }
                 } else {
                     None
                 };
@@ -196,10 +233,9 @@ impl Run {
 
     /// Loads the latest committed checkpoint; [`crate::ErrorKind::NotFound`] if none.
     pub fn load_latest(&self, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
-        let latest = self
+        let ckpt = self
             .latest()?
             .ok_or_else(|| Error::not_found(format!("no committed checkpoint run=`{}`", self.location.uri())))?;
-        let ckpt = latest.open()?;
         Ok((ckpt.load(opts)?, ckpt.info()))
     }
 }

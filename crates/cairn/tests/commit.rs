@@ -20,7 +20,7 @@ fn list_is_in_step_order_and_latest_is_highest_step() {
     }
     let steps: Vec<u64> = run.list().unwrap().iter().map(|c| c.step).collect();
     assert_eq!(steps, vec![5, 30, 200, 1000]);
-    assert_eq!(run.latest().unwrap().unwrap().step, 1000);
+    assert_eq!(run.latest().unwrap().unwrap().info().step, 1000);
 }
 
 #[test]

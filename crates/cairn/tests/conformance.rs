@@ -69,7 +69,7 @@ macro_rules! conformance {
                 assert!(run.latest().unwrap().is_none());
                 run.save(&common::model_state(9, 1, 4), &opts(9)).unwrap();
                 run.save(&common::model_state(4, 1, 4), &opts(4)).unwrap();
-                assert_eq!(run.latest().unwrap().unwrap().step, 9);
+                assert_eq!(run.latest().unwrap().unwrap().info().step, 9);
             }
 
             #[test]

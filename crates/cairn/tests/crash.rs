@@ -28,7 +28,7 @@ fn opts(step: u64) -> SaveOptions {
 fn crash_child_saves_until_killed() {
     let Ok(uri) = std::env::var(CHILD_ENV) else { return };
     let run = Run::create(&uri).unwrap();
-    let mut step = run.latest().unwrap().map_or(1, |c| c.step + 1);
+    let mut step = run.latest().unwrap().map_or(1, |c| c.info().step + 1);
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         run.save(&state_for(step), &opts(step)).unwrap();

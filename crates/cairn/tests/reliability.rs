@@ -164,7 +164,7 @@ fn a_reader_racing_a_writer_that_commits_and_prunes_never_sees_half_a_checkpoint
         let mut loads = 0;
         while !writer.is_finished() {
             let Some(latest) = run.latest().unwrap() else { continue };
-            match latest.open().and_then(|c| c.load(&LoadOptions::default()).map(|st| (c.info().step, st))) {
+            match latest.load(&LoadOptions::default()).map(|st| (latest.info().step, st)) {
                 Ok((step, loaded)) => {
                     assert_eq!(loaded, state(step), "half a checkpoint seen at step {step}");
                     loads += 1;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use cairn::{Entry, LoadOptions};
 
+use crate::output;
 use crate::CommandResult;
 
 pub fn run(a: &str, b: &str) -> CommandResult {
@@ -13,11 +14,11 @@ pub fn run(a: &str, b: &str) -> CommandResult {
     let mut differ = false;
     let mut identical = 0usize;
     for (key, _) in left.iter().filter(|(k, _)| right.get(k).is_none()) {
-        println!("only in A: {key}");
+        println!("only in A: {}", output::clean(key));
         differ = true;
     }
     for (key, _) in right.iter().filter(|(k, _)| left.get(k).is_none()) {
-        println!("only in B: {key}");
+        println!("only in B: {}", output::clean(key));
         differ = true;
     }
     for (key, l) in left.iter() {
@@ -25,7 +26,7 @@ pub fn run(a: &str, b: &str) -> CommandResult {
         match describe(l, r) {
             None => identical += 1,
             Some(change) => {
-                println!("changed: {key}: {change}");
+                println!("changed: {}: {change}", output::clean(key));
                 differ = true;
             }
         }

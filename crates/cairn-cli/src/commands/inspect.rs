@@ -6,6 +6,17 @@ use std::process::ExitCode;
 use crate::output::{self, CliError};
 use crate::CommandResult;
 
+/// The shard files a tensor's pieces lie in: each name once, at most three, then a count.
+fn shard_names(tensor: &cairn::format::manifest::TensorRecord) -> String {
+    let mut names: Vec<&str> = tensor.pieces.iter().map(|p| p.file.rsplit('/').next().unwrap_or(&p.file)).collect();
+    names.sort_unstable();
+    names.dedup();
+    match names.len() {
+        0..=3 => names.join(","),
+        n => format!("{},... ({n} files)", names[..2].join(",")),
+    }
+}
+
 pub fn run(uri: &str, json: bool) -> CommandResult {
     let ckpt = cairn::open(uri)?;
     let manifest = ckpt.manifest();
@@ -47,7 +58,7 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
         println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| CliError::msg(e.to_string()))?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("checkpoint {}", info.uri);
+    println!("checkpoint {}", output::clean(&info.uri));
     println!("step {}  created {}  temporary {}", info.step, output::time(info.created_unix_ms), info.temporary);
     println!(
         "{} tensors, {}, {} files, {} values",
@@ -57,7 +68,7 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
         manifest.values.len()
     );
     if !info.metadata.is_null() {
-        println!("metadata {}", info.metadata);
+        println!("metadata {}", output::clean(&info.metadata.to_string()));
     }
     if !info.metrics.is_empty() {
         println!("metrics {}", output::metrics(&info));
@@ -68,8 +79,7 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
         .iter()
         .map(|(k, t)| {
             let bytes: u64 = t.pieces.iter().map(|p| p.range[1] - p.range[0]).sum();
-            let files: Vec<&str> = t.pieces.iter().map(|p| p.file.rsplit('/').next().unwrap_or(&p.file)).collect();
-            vec![k.clone(), t.dtype.name().to_string(), format!("{:?}", t.shape), output::size(bytes), files.join(",")]
+            vec![k.clone(), t.dtype.name().to_string(), format!("{:?}", t.shape), output::size(bytes), shard_names(t)]
         })
         .collect();
     output::table(&["TENSOR", "DTYPE", "SHAPE", "SIZE", "SHARD"], &rows);

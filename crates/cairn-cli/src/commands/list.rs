@@ -7,7 +7,11 @@ use crate::CommandResult;
 
 pub fn ls(uri: &str, json: bool) -> CommandResult {
     let run = cairn::Run::open(uri)?;
-    let infos = run.infos()?;
+    let survey = run.survey()?;
+    for damaged in &survey.damaged {
+        eprintln!("warning: skipped a damaged checkpoint: {}", output::clean(damaged.message()));
+    }
+    let infos = survey.checkpoints;
     if json {
         let rows: Vec<serde_json::Value> = infos
             .iter()
@@ -26,7 +30,7 @@ pub fn ls(uri: &str, json: bool) -> CommandResult {
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows).map_err(|e| CliError::msg(e.to_string()))?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(if survey.damaged.is_empty() { ExitCode::SUCCESS } else { super::found_problems() });
     }
     let rows: Vec<Vec<String>> = infos
         .iter()
@@ -41,13 +45,13 @@ pub fn ls(uri: &str, json: bool) -> CommandResult {
         })
         .collect();
     output::table(&["STEP", "CREATED", "SIZE", "TEMPORARY", "METRICS"], &rows);
-    Ok(ExitCode::SUCCESS)
+    Ok(if survey.damaged.is_empty() { ExitCode::SUCCESS } else { super::found_problems() })
 }
 
 pub fn latest(uri: &str) -> CommandResult {
     match cairn::Run::open(uri)?.latest()? {
         Some(c) => {
-            println!("{}", c.location.uri());
+            println!("{}", c.location().uri());
             Ok(ExitCode::SUCCESS)
         }
         None => {

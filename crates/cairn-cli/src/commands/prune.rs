@@ -13,7 +13,11 @@ pub fn run(uri: &str, retention: &Retention, grace: Duration, dry_run: bool) -> 
     let run = cairn::Run::open(uri)?;
     let metric = retention.keep_best.as_ref().map(|b| b.metric.as_str());
     let mut candidates = Vec::new();
-    for info in run.infos()? {
+    let survey = run.survey()?;
+    for damaged in &survey.damaged {
+        eprintln!("warning: kept a damaged checkpoint: {}", crate::output::clean(damaged.message()));
+    }
+    for info in survey.checkpoints {
         candidates.push(Candidate {
             step: info.step,
             temporary: info.temporary,

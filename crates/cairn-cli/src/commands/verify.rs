@@ -31,7 +31,7 @@ pub fn run(uri: &str) -> CommandResult {
             bar.suspend(|| {
                 println!("CORRUPT  {label}");
                 for p in &problems {
-                    println!("  {}", p.message());
+                    println!("  {}", output::clean(p.message()));
                 }
             });
         }
