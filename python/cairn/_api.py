@@ -85,7 +85,7 @@ def _prefixes(prefix: str | Sequence[str] | None) -> list[str] | None:
 
 
 def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool) -> Any:
-    leaves, structure, _info = native
+    leaves, structure, info = native
     out: dict[str, Any] = {}
     for leaf in leaves:
         if leaf[1] == "tensor":
@@ -99,7 +99,7 @@ def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool) -> Any:
         else:
             key, _, value = leaf
             out[key] = value
-    return dict(out) if renamed else _tree.unflatten(structure, out)
+    return dict(out) if renamed else _tree.unflatten(structure, out, info.get("uri", ""))
 
 
 def save(

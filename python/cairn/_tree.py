@@ -15,7 +15,7 @@ import json
 from typing import Any, Iterator, Sequence
 
 from . import _arrays, _staging
-from ._cairn import InvalidArgumentError
+from ._cairn import CorruptCheckpointError, InvalidArgumentError
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
@@ -127,17 +127,23 @@ def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
     )
 
 
-def unflatten(structure: str | None, leaves: dict[str, Any]) -> Any:
+def unflatten(structure: str | None, leaves: dict[str, Any], checkpoint: str = "") -> Any:
     """Rebuilds the nested state from `leaves` (key -> loaded leaf). Leaves absent from
     `leaves` (not selected) are dropped with their empty containers; without a structure
-    (a checkpoint written by another frontend) the flat dict is returned."""
+    (a checkpoint written by another frontend) the flat dict is returned. A structure
+    that is not what `flatten` writes raises CorruptCheckpointError naming `checkpoint`."""
     if structure is None:
         return dict(leaves)
-    node = json.loads(structure)
-    built = _unflatten(node, leaves)
-    if built is not _MISSING:
-        return built
-    return {"dict": {}, "list": [], "tuple": ()}.get(next(iter(node)), None)
+    try:
+        node = json.loads(structure)
+        built = _unflatten(node, leaves)
+        if built is not _MISSING:
+            return built
+        return {"dict": {}, "list": [], "tuple": ()}.get(next(iter(node)), None)
+    except (TypeError, AttributeError, StopIteration, KeyError, IndexError, ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(
+            f"the manifest's structure is malformed ({type(e).__name__}) checkpoint=`{checkpoint}`"
+        ) from None
 
 
 _MISSING = object()

@@ -173,10 +173,6 @@ fn state_from_py(
         let value = value_from_py(&value, &key)?;
         state.insert_value(key, value);
     }
-    let structure = structure
-        .map(|s| serde_json::from_str(&s))
-        .transpose()
-        .map_err(|e| InvalidArgumentError::new_err(format!("invalid structure description: {e}")))?;
     state.set_structure(structure);
     Ok(state)
 }

@@ -18,7 +18,9 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
 use crate::format::layout::{self, MANIFEST_FILE};
-use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION};
+use crate::format::manifest::{
+    FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION, MAX_METADATA_BYTES,
+};
 use crate::format::shard::{self, ShardEntry, DATA_ALIGN};
 use crate::info::CheckpointInfo;
 use crate::local_write;
@@ -306,6 +308,19 @@ fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {
             return Err(Error::invalid(format!("metric must be a number metric=`{name}`")));
         }
     }
+    if let Some(structure) = state.structure() {
+        serde_json::from_str::<serde::de::IgnoredAny>(structure)
+            .map_err(|e| Error::invalid("the state's structure is not json").with_source(e))?;
+    }
+    let sizes = [("metadata", serde_json::to_vec(&opts.metadata)), ("metrics", serde_json::to_vec(&opts.metrics))];
+    for (field, encoded) in sizes {
+        let len = encoded.map_err(|e| Error::invalid(format!("cannot encode {field}")).with_source(e))?.len();
+        if len > MAX_METADATA_BYTES {
+            return Err(Error::invalid(format!(
+                "{field} is {len} bytes of json, more than the {MAX_METADATA_BYTES} a checkpoint holds"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -468,7 +483,7 @@ pub(crate) fn manifest_of(
         metrics: opts.metrics.clone(),
         metadata: opts.metadata.clone(),
         values: state.values().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        structure: state.structure().cloned(),
+        structure: state.structure().map(str::to_string),
         tensors,
         files,
     }

@@ -414,7 +414,7 @@ pub struct Slice {
 pub struct State {
     entries: BTreeMap<String, Entry>,
     slices: BTreeMap<String, Slice>,
-    structure: Option<serde_json::Value>,
+    structure: Option<String>,
 }
 
 impl State {
@@ -518,12 +518,12 @@ impl State {
     }
 
     /// The frontend's nesting description, if any.
-    pub fn structure(&self) -> Option<&serde_json::Value> {
-        self.structure.as_ref()
+    pub fn structure(&self) -> Option<&str> {
+        self.structure.as_deref()
     }
 
     /// Sets the frontend's nesting description.
-    pub fn set_structure(&mut self, structure: Option<serde_json::Value>) {
+    pub fn set_structure(&mut self, structure: Option<String>) {
         self.structure = structure;
     }
 

@@ -106,7 +106,7 @@ fn every_kind_of_plain_value_round_trips() {
     state.insert_value("none", Value::Null);
     state.insert_value("big", Value::Int(i64::MIN));
     state.insert_value("list", Value::List(vec![Value::Bool(true), Value::Bytes(vec![0, 255])]));
-    state.set_structure(Some(serde_json::json!({"kind": "dict"})));
+    state.set_structure(Some(r#"{"kind":"dict"}"#.to_string()));
     cairn::save("memory://values/run", &state, &SaveOptions::default().with_step(1)).unwrap();
     let (loaded, _) = cairn::load("memory://values/run", &LoadOptions::default()).unwrap();
     assert_eq!(loaded, state);

@@ -42,24 +42,87 @@ pub struct Manifest {
     pub save_id: String,
     /// Who wrote it.
     pub writer: Writer,
-    /// Numeric metrics (e.g. `loss`) for keep-best retention.
-    #[serde(default)]
+    /// Numeric metrics (e.g. `loss`) for keep-best retention; at most
+    /// [`MAX_METADATA_BYTES`] of JSON.
+    #[serde(default, deserialize_with = "bounded_metrics")]
     pub metrics: BTreeMap<String, Value>,
-    /// Free-form user metadata (config, notes).
-    #[serde(default)]
+    /// Free-form user metadata (config, notes); at most [`MAX_METADATA_BYTES`] of JSON.
+    #[serde(default, deserialize_with = "bounded_metadata")]
     pub metadata: serde_json::Value,
-    /// Plain (non-tensor) values by key.
-    #[serde(default, deserialize_with = "unique_keys")]
+    /// Plain (non-tensor) values by key; at most [`MAX_VALUE_MAPS`] maps among them.
+    #[serde(default, deserialize_with = "bounded_values")]
     pub values: BTreeMap<String, Value>,
-    /// A frontend's description of how keys nest (opaque to the engine).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub structure: Option<serde_json::Value>,
+    /// A frontend's description of how keys nest, as JSON text (opaque to the engine,
+    /// kept as text so that it costs its size in memory).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "raw_json")]
+    pub structure: Option<String>,
     /// Every tensor by key.
     #[serde(deserialize_with = "unique_keys")]
     pub tensors: BTreeMap<String, TensorRecord>,
     /// Every data file by path relative to the checkpoint folder.
     #[serde(deserialize_with = "unique_keys")]
     pub files: BTreeMap<String, FileRecord>,
+}
+
+/// Largest `metadata` and `metrics` accepted, each as JSON text (refused on save and on
+/// load before parsing): free-form JSON costs up to ~150x its text once parsed.
+pub const MAX_METADATA_BYTES: usize = 1 << 20;
+/// Most maps accepted among the plain values (each costs ~600 bytes parsed, from a few
+/// bytes of text).
+pub const MAX_VALUE_MAPS: usize = 100_000;
+/// The structure may hold this many bytes per key byte, plus [`STRUCTURE_BYTES_PER_KEY`]
+/// per key and [`STRUCTURE_SLACK_BYTES`]: what the Python frontend writes fits easily.
+pub const STRUCTURE_BYTES_PER_KEY_BYTE: usize = 4;
+/// See [`STRUCTURE_BYTES_PER_KEY_BYTE`].
+pub const STRUCTURE_BYTES_PER_KEY: usize = 64;
+/// See [`STRUCTURE_BYTES_PER_KEY_BYTE`].
+pub const STRUCTURE_SLACK_BYTES: usize = 1 << 20;
+
+/// The raw JSON text of a field, refused past `limit` bytes before it is parsed.
+fn raw_within<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+    limit: usize,
+    field: &str,
+) -> Result<Box<serde_json::value::RawValue>, D::Error> {
+    let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+    if raw.get().len() > limit {
+        return Err(serde::de::Error::custom(format!("{field} larger than {limit} bytes")));
+    }
+    Ok(raw)
+}
+
+fn bounded_metadata<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<serde_json::Value, D::Error> {
+    let raw = raw_within(deserializer, MAX_METADATA_BYTES, "metadata")?;
+    serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)
+}
+
+fn bounded_metrics<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, Value>, D::Error> {
+    let raw = raw_within(deserializer, MAX_METADATA_BYTES, "metrics")?;
+    unique_keys(&mut serde_json::Deserializer::from_str(raw.get())).map_err(serde::de::Error::custom)
+}
+
+fn bounded_values<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, Value>, D::Error> {
+    let raw = raw_within(deserializer, MAX_MANIFEST_BYTES as usize, "values")?;
+    // An upper bound of the maps among the values: every one is tagged `"map"`.
+    if raw.get().matches("\"map\"").count() > MAX_VALUE_MAPS {
+        return Err(serde::de::Error::custom(format!("values hold more than {MAX_VALUE_MAPS} maps")));
+    }
+    unique_keys(&mut serde_json::Deserializer::from_str(raw.get())).map_err(serde::de::Error::custom)
+}
+
+/// A JSON document kept as its text: written inline, read back as the exact text.
+mod raw_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::value::RawValue;
+
+    pub fn serialize<S: Serializer>(text: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+        let raw = text.as_ref().map(|t| RawValue::from_string(t.clone())).transpose();
+        raw.map_err(serde::ser::Error::custom)?.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<Box<RawValue>>::deserialize(deserializer)?.map(|raw| raw.get().to_string()))
+    }
 }
 
 /// Deserializes a JSON object into a map, refusing duplicate keys (which plain serde
@@ -167,7 +230,12 @@ impl Manifest {
                     "unsupported format version {other} (this cairn reads {FORMAT_VERSION}) file=`{file}`"
                 )))
             }
-            None => return Err(Error::corrupt(format!("manifest has no format_version file=`{file}`"))),
+            None => {
+                return Err(Error::corrupt(match &probe.format_version {
+                    Some(other) => format!("format_version must be an integer, not {other} file=`{file}`"),
+                    None => format!("manifest has no format_version file=`{file}`"),
+                }))
+            }
         }
         let manifest: Manifest = serde_json::from_slice(bytes)
             .map_err(|e| Error::corrupt(format!("manifest does not match format v1 file=`{file}`")).with_source(e))?;
@@ -175,8 +243,23 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Checks every internal reference: file names, byte ranges, shapes, offsets, keys.
+    /// Checks every internal reference: file names, byte ranges, shapes, offsets, keys,
+    /// and the size limits of the free-form fields.
     pub fn validate(&self, file: &str) -> Result<()> {
+        if let Some(structure) = &self.structure {
+            let keys = self.tensors.keys().chain(self.values.keys());
+            let (count, bytes) = keys.fold((0usize, 0usize), |(n, b), k| (n + 1, b.saturating_add(k.len())));
+            let limit = STRUCTURE_BYTES_PER_KEY_BYTE
+                .saturating_mul(bytes)
+                .saturating_add(STRUCTURE_BYTES_PER_KEY.saturating_mul(count))
+                .saturating_add(STRUCTURE_SLACK_BYTES);
+            if structure.len() > limit {
+                return Err(Error::corrupt(format!(
+                    "structure of {} bytes exceeds {limit} bytes for {count} keys file=`{file}`",
+                    structure.len()
+                )));
+            }
+        }
         for (name, record) in &self.files {
             if !layout::is_valid_shard_file(name) {
                 return Err(Error::corrupt(format!(
@@ -362,6 +445,53 @@ mod tests {
         let hostile = json.replace("\"values\":{}", &format!("\"values\":{{\"v\":{deep}}}"));
         assert_ne!(hostile, json);
         assert_eq!(Manifest::decode(hostile.as_bytes(), "m.json").unwrap_err().kind(), crate::ErrorKind::Corrupt);
+    }
+
+    fn decode_text_err(json: &str) -> Error {
+        Manifest::decode(json.as_bytes(), "m.json").unwrap_err()
+    }
+
+    #[test]
+    fn metadata_past_its_limit_is_refused_before_it_is_parsed() {
+        let json = String::from_utf8(sample().encode().unwrap()).unwrap();
+        let bomb = format!("[{}{{}}]", "{},".repeat(MAX_METADATA_BYTES / 3));
+        let err = decode_text_err(&json.replace("\"metadata\":null", &format!("\"metadata\":{bomb}")));
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.full_message().contains("metadata larger than"), "{}", err.full_message());
+    }
+
+    #[test]
+    fn duplicate_metric_names_are_corrupt() {
+        let json = String::from_utf8(sample().encode().unwrap()).unwrap();
+        let doubled = json.replace("\"metrics\":{}", "\"metrics\":{\"loss\":{\"float\":1.0},\"loss\":{\"float\":2.0}}");
+        assert_ne!(doubled, json);
+        assert!(decode_text_err(&doubled).full_message().contains("duplicate key `loss`"));
+    }
+
+    #[test]
+    fn values_holding_too_many_maps_are_refused() {
+        let json = String::from_utf8(sample().encode().unwrap()).unwrap();
+        let maps = "{\"map\":{}},".repeat(MAX_VALUE_MAPS + 1);
+        let bomb =
+            json.replace("\"values\":{}", &format!("\"values\":{{\"v\":{{\"list\":[{maps}{{\"null\":null}}]}}}}"));
+        assert_ne!(bomb, json);
+        assert!(decode_text_err(&bomb).full_message().contains("maps"));
+    }
+
+    #[test]
+    fn a_structure_out_of_proportion_to_the_keys_is_corrupt() {
+        let mut m = sample();
+        m.structure = Some(format!("[{}0]", "0,".repeat(STRUCTURE_SLACK_BYTES)));
+        assert!(decode_err(&m).to_string().contains("structure of"));
+        m.structure = Some(r#"{"dict":[["w",{"tensor":"w"}]]}"#.into());
+        assert_eq!(Manifest::decode(&m.encode().unwrap(), "m.json").unwrap(), m);
+    }
+
+    #[test]
+    fn a_format_version_written_as_text_is_named_not_reported_missing() {
+        let json = String::from_utf8(sample().encode().unwrap()).unwrap();
+        let text = json.replace("\"format_version\":1", "\"format_version\":\"1\"");
+        assert!(decode_text_err(&text).to_string().contains("must be an integer, not \"1\""));
     }
 
     #[test]
