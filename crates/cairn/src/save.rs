@@ -253,27 +253,44 @@ pub(crate) async fn write_share(
     }
 }
 
-/// The commit: creates `manifest.json` only if absent. A manifest already there with
-/// this save's id is our own commit whose acknowledgement was lost (not a conflict).
+/// Create-only commit attempts when the store fails and the manifest is provably absent
+/// (a connection reset mid-PUT): another create-only attempt cannot overwrite anyone's.
+const COMMIT_ATTEMPTS: u32 = 3;
+
+/// The commit: creates `manifest.json` only if absent. After any failure the manifest is
+/// read back: one carrying this save's id is our own commit whose acknowledgement was
+/// lost (not a conflict); none at all means the write did not land, and it is tried
+/// again (up to [`COMMIT_ATTEMPTS`] times).
 pub(crate) async fn commit_manifest(dest: &Location, manifest: &Manifest, step: u64) -> Result<()> {
     let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
-    let put = PutOptions { mode: PutMode::Create, ..Default::default() };
-    let failure =
-        match dest.store().put_opts(&dest.path(MANIFEST_FILE), PutPayload::from(manifest.encode()?), put).await {
+    let payload = PutPayload::from(manifest.encode()?);
+    let mut attempt = 1;
+    loop {
+        let put = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let failure = match dest.store().put_opts(&dest.path(MANIFEST_FILE), payload.clone(), put).await {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
-    // Whatever the error, the write may have landed (a lost acknowledgement): look.
-    match (committed_by(dest, &manifest.save_id).await, failure) {
-        (Some(true), _) => Ok(()),
-        (Some(false), object_store::Error::AlreadyExists { .. }) => Err(already_committed(step, dest)),
-        (None, object_store::Error::AlreadyExists { .. }) => Err(Error::new(
-            ErrorKind::Unavailable,
-            format!(
-                "commit conflicted but the manifest could not be read back to tell whose it is file=`{manifest_uri}`"
-            ),
-        )),
-        (_, other) => Err(Error::from_store(other, "committing manifest", &format!("file=`{manifest_uri}`"))),
+        // Whatever the error, the write may have landed (a lost acknowledgement): look.
+        match (manifest_owner(dest, &manifest.save_id).await, failure) {
+            (Owner::Us, _) => return Ok(()),
+            (Owner::Other, object_store::Error::AlreadyExists { .. }) => return Err(already_committed(step, dest)),
+            (Owner::Unknown, object_store::Error::AlreadyExists { .. }) => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "commit conflicted but the manifest could not be read back to tell whose it is file=`{manifest_uri}`"
+                    ),
+                ))
+            }
+            (Owner::Nobody, _) if attempt < COMMIT_ATTEMPTS => {
+                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                attempt += 1;
+            }
+            (_, other) => {
+                return Err(Error::from_store(other, "committing manifest", &format!("file=`{manifest_uri}`")))
+            }
+        }
     }
 }
 
@@ -284,12 +301,29 @@ fn already_committed(step: u64, dest: &Location) -> Error {
     )
 }
 
-/// Whether the manifest at `dest` carries `save_id` (our own commit whose
-/// acknowledgement was lost and retried); `None` when it cannot be read.
-async fn committed_by(dest: &Location, save_id: &str) -> Option<bool> {
-    let got = dest.store().get(&dest.path(MANIFEST_FILE)).await.ok()?;
-    let bytes = got.bytes().await.ok()?;
-    Some(Manifest::decode(&bytes, MANIFEST_FILE).is_ok_and(|m| m.save_id == save_id))
+/// Who wrote the manifest of a checkpoint folder, as far as a read can tell.
+enum Owner {
+    /// It carries the given save id.
+    Us,
+    /// It carries another (or cannot be decoded).
+    Other,
+    /// There is none.
+    Nobody,
+    /// It could not be read.
+    Unknown,
+}
+
+async fn manifest_owner(dest: &Location, save_id: &str) -> Owner {
+    let got = match dest.store().get(&dest.path(MANIFEST_FILE)).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Owner::Nobody,
+        Err(_) => return Owner::Unknown,
+    };
+    match got.bytes().await {
+        Ok(bytes) if Manifest::decode(&bytes, MANIFEST_FILE).is_ok_and(|m| m.save_id == save_id) => Owner::Us,
+        Ok(_) => Owner::Other,
+        Err(_) => Owner::Unknown,
+    }
 }
 
 fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {

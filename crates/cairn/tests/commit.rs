@@ -131,3 +131,24 @@ fn listing_while_retention_deletes_never_fails() {
     });
     assert_eq!(run.infos().unwrap().iter().map(|i| i.step).collect::<Vec<_>>(), vec![40]);
 }
+
+#[test]
+fn a_commit_that_failed_without_landing_is_tried_again() {
+    use cairn::fault::{Fault, FaultStore};
+    let inner: std::sync::Arc<dyn object_store::ObjectStore> =
+        std::sync::Arc::new(object_store::memory::InMemory::new());
+    let mut state = cairn::State::new();
+    state.insert_tensor("w", cairn::Tensor::new(cairn::DType::U8, vec![3], vec![1, 2, 3]).unwrap());
+    let opts = cairn::SaveOptions::default().with_step(5);
+    let counter = std::sync::Arc::new(FaultStore::counting(inner.clone()));
+    cairn::Run::at(cairn::Location::from_store(counter.clone(), "count://run")).save(&state, &opts).unwrap();
+    // The last operation of a save is the create-only PUT of its manifest: fail it once
+    // (a connection reset) in a fresh store; the save reads back, finds nothing, retries.
+    let fresh: std::sync::Arc<dyn object_store::ObjectStore> =
+        std::sync::Arc::new(object_store::memory::InMemory::new());
+    let faulty = std::sync::Arc::new(FaultStore::new(fresh.clone(), counter.ops() - 1, Fault::Fail));
+    let info = cairn::Run::at(cairn::Location::from_store(faulty, "fault://run")).save(&state, &opts).unwrap();
+    assert_eq!(info.step, 5);
+    let run = cairn::Run::at(cairn::Location::from_store(fresh, "memory://run"));
+    assert_eq!(run.checkpoint(5).unwrap().load(&cairn::LoadOptions::default()).unwrap(), state);
+}
