@@ -100,8 +100,7 @@ impl Root {
             return Err(io::Error::new(io::ErrorKind::NotFound, "the root is not a file"));
         };
         let chain = self.open_dirs(dirs, location)?;
-        let parent = chain.last().unwrap_or(&chain[0]);
-        let fd = openat(parent, name, libc::O_RDONLY | libc::O_NONBLOCK, location)?;
+        let fd = openat(&chain[chain.len() - 1], name, libc::O_RDONLY | libc::O_NONBLOCK, location)?;
         let file = File::from(fd);
         let meta = file.metadata()?;
         if meta.is_dir() {

@@ -19,13 +19,14 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
 use crate::format::layout::{self, MANIFEST_FILE};
 use crate::format::manifest::{
-    FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION, MAX_METADATA_BYTES,
+    check_structure_size, count_value_maps, FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME,
+    FORMAT_VERSION, MAX_METADATA_BYTES, MAX_VALUE_MAPS,
 };
 use crate::format::shard::{self, ShardEntry, DATA_ALIGN};
 use crate::info::CheckpointInfo;
 use crate::local_write;
 use crate::store::{self, Location};
-use crate::tree::{State, Tensor, Value};
+use crate::tree::{Entry, State, Tensor, Value};
 
 /// Default upper bound on the bytes of one shard file.
 pub const DEFAULT_SHARD_BYTES: u64 = 512 << 20;
@@ -345,6 +346,14 @@ fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {
     if let Some(structure) = state.structure() {
         serde_json::from_str::<serde::de::IgnoredAny>(structure)
             .map_err(|e| Error::invalid("the state's structure is not json").with_source(e))?;
+        check_structure_size(structure, state.iter().map(|(key, _)| key)).map_err(Error::invalid)?;
+    }
+    let values = state.iter().filter_map(|(_, entry)| match entry {
+        Entry::Value(value) => Some(value),
+        _ => None,
+    });
+    if count_value_maps(values) > MAX_VALUE_MAPS {
+        return Err(Error::invalid(format!("the state's values hold more than {MAX_VALUE_MAPS} maps")));
     }
     let sizes = [("metadata", serde_json::to_vec(&opts.metadata)), ("metrics", serde_json::to_vec(&opts.metrics))];
     for (field, encoded) in sizes {

@@ -152,3 +152,28 @@ fn a_commit_that_failed_without_landing_is_tried_again() {
     let run = cairn::Run::at(cairn::Location::from_store(fresh, "memory://run"));
     assert_eq!(run.checkpoint(5).unwrap().load(&cairn::LoadOptions::default()).unwrap(), state);
 }
+
+#[test]
+fn saving_refuses_what_loading_would_refuse_and_commits_nothing() {
+    let uri = "memory://commit/refuse-what-load-refuses";
+    let mut state = cairn::State::new();
+    state.insert_tensor("w", cairn::Tensor::new(cairn::DType::U8, vec![1], vec![1]).unwrap());
+    let big_structure = format!("[{}0]", "0,".repeat(cairn::format::manifest::STRUCTURE_SLACK_BYTES));
+    let mut outsized = state.clone();
+    outsized.set_structure(Some(big_structure));
+    let mut many_maps = state.clone();
+    let maps = (0..=cairn::format::manifest::MAX_VALUE_MAPS).map(|_| cairn::Value::Map(Default::default())).collect();
+    many_maps.insert_value("v", cairn::Value::List(maps));
+    let big_metadata = serde_json::json!(vec!["x"; cairn::format::manifest::MAX_METADATA_BYTES]);
+    let cases = [
+        (outsized, cairn::SaveOptions::default(), "structure of"),
+        (many_maps, cairn::SaveOptions::default(), "maps"),
+        (state, cairn::SaveOptions::default().with_metadata(big_metadata), "metadata is"),
+    ];
+    for (state, opts, needle) in cases {
+        let err = cairn::save(uri, &state, &opts.with_step(1)).unwrap_err();
+        assert_eq!(err.kind(), cairn::ErrorKind::Invalid, "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+        assert!(cairn::Run::open(uri).unwrap().list().unwrap().is_empty());
+    }
+}

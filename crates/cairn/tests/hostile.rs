@@ -50,7 +50,7 @@ impl Canary {
 
     /// Panics if anything in the tree was read, listed, changed, added or deleted.
     fn assert_untouched(&self) {
-        let now: Vec<PathBuf> = walk_preserving_atime(&self.root);
+        let now: Vec<PathBuf> = walk(&self.root);
         let before: Vec<PathBuf> = self.seen.keys().cloned().collect();
         assert_eq!(now, before, "files outside the run were added or deleted");
         for (path, (content, atime, mtime)) in &self.seen {
@@ -64,24 +64,9 @@ impl Canary {
     }
 }
 
-/// Every file and folder under `root` (itself included), sorted.
+/// Every file and folder under `root` (itself included), sorted, with the access times
+/// of the folders put back after listing them.
 fn walk(root: &Path) -> Vec<PathBuf> {
-    let mut out = vec![root.to_path_buf()];
-    let mut i = 0;
-    while i < out.len() {
-        if std::fs::symlink_metadata(&out[i]).unwrap().is_dir() {
-            let children: Vec<PathBuf> = std::fs::read_dir(&out[i]).unwrap().map(|e| e.unwrap().path()).collect();
-            out.extend(children);
-        }
-        i += 1;
-    }
-    out.sort();
-    out
-}
-
-/// Every file and folder under `root`, sorted, with the access times of the folders put
-/// back after listing them.
-fn walk_preserving_atime(root: &Path) -> Vec<PathBuf> {
     let mut before = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {

@@ -78,6 +78,38 @@ pub const STRUCTURE_BYTES_PER_KEY: usize = 64;
 /// See [`STRUCTURE_BYTES_PER_KEY_BYTE`].
 pub const STRUCTURE_SLACK_BYTES: usize = 1 << 20;
 
+/// Whether a structure of `structure.len()` bytes fits the keys it describes (see
+/// [`STRUCTURE_BYTES_PER_KEY_BYTE`]); checked on save and on load alike.
+pub fn check_structure_size<'k>(structure: &str, keys: impl Iterator<Item = &'k String>) -> Result<(), String> {
+    let (count, bytes) = keys.fold((0usize, 0usize), |(n, b), k| (n + 1, b.saturating_add(k.len())));
+    let limit = STRUCTURE_BYTES_PER_KEY_BYTE
+        .saturating_mul(bytes)
+        .saturating_add(STRUCTURE_BYTES_PER_KEY.saturating_mul(count))
+        .saturating_add(STRUCTURE_SLACK_BYTES);
+    if structure.len() > limit {
+        return Err(format!("structure of {} bytes exceeds {limit} bytes for {count} keys", structure.len()));
+    }
+    Ok(())
+}
+
+/// The number of maps in `values`, nested ones included (at most [`MAX_VALUE_MAPS`]
+/// are accepted).
+pub fn count_value_maps<'v>(values: impl Iterator<Item = &'v Value>) -> usize {
+    let mut pending: Vec<&Value> = values.collect();
+    let mut maps = 0;
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::Map(m) => {
+                maps += 1;
+                pending.extend(m.values());
+            }
+            Value::List(l) => pending.extend(l),
+            _ => {}
+        }
+    }
+    maps
+}
+
 /// The raw JSON text of a field, refused past `limit` bytes before it is parsed.
 fn raw_within<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
@@ -247,18 +279,8 @@ impl Manifest {
     /// and the size limits of the free-form fields.
     pub fn validate(&self, file: &str) -> Result<()> {
         if let Some(structure) = &self.structure {
-            let keys = self.tensors.keys().chain(self.values.keys());
-            let (count, bytes) = keys.fold((0usize, 0usize), |(n, b), k| (n + 1, b.saturating_add(k.len())));
-            let limit = STRUCTURE_BYTES_PER_KEY_BYTE
-                .saturating_mul(bytes)
-                .saturating_add(STRUCTURE_BYTES_PER_KEY.saturating_mul(count))
-                .saturating_add(STRUCTURE_SLACK_BYTES);
-            if structure.len() > limit {
-                return Err(Error::corrupt(format!(
-                    "structure of {} bytes exceeds {limit} bytes for {count} keys file=`{file}`",
-                    structure.len()
-                )));
-            }
+            check_structure_size(structure, self.tensors.keys().chain(self.values.keys()))
+                .map_err(|msg| Error::corrupt(format!("{msg} file=`{file}`")))?;
         }
         for (name, record) in &self.files {
             if !layout::is_valid_shard_file(name) {
