@@ -35,6 +35,7 @@ from ._errors import (
     IncompatibleError,
     InvalidArgumentError,
     PermissionDeniedError,
+    StorageFullError,
     UnavailableError,
 )
 from ._state_dict import LoadReport, Mismatch, StateDictMismatchError, load_state_dict
@@ -54,6 +55,7 @@ __all__ = [
     "PermissionDeniedError",
     "Shard",
     "StateDictMismatchError",
+    "StorageFullError",
     "UnavailableError",
     "__version__",
     "as_directory",

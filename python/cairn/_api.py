@@ -388,6 +388,13 @@ class CheckpointManager:
             state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
         return state, CheckpointInfo._from_native(native[2])
 
+    def cleanup_errors(self) -> list[_cairn.CheckpointError]:
+        """The problems of the cleanup after committed saves (retention's deletions, the
+        `LATEST` hint) since the last call. They never fail a save: those checkpoints are
+        committed; each step was retried with backoff and retention tries again after the
+        next save."""
+        return self._native.take_cleanup_errors()
+
     def latest_step(self) -> int | None:
         """The highest committed step, or None."""
         return self._native.latest_step()

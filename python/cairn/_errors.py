@@ -10,6 +10,7 @@ from ._cairn import (
     IncompatibleError,
     InvalidArgumentError,
     PermissionDeniedError,
+    StorageFullError,
     UnavailableError,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "IncompatibleError",
     "InvalidArgumentError",
     "PermissionDeniedError",
+    "StorageFullError",
     "UnavailableError",
 ]

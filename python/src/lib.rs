@@ -42,6 +42,7 @@ create_exception!(
 );
 create_exception!(_cairn, IncompatibleError, CheckpointError, "Well-formed data this version of Cairn cannot use.");
 create_exception!(_cairn, PermissionDeniedError, CheckpointError, "The store refused access.");
+create_exception!(_cairn, StorageFullError, CheckpointError, "The store is out of space; free some and save again.");
 create_exception!(_cairn, UnavailableError, CheckpointError, "The store failed or timed out; retrying may succeed.");
 
 fn to_py_err(err: cairn::Error) -> PyErr {
@@ -53,6 +54,7 @@ fn to_py_err(err: cairn::Error) -> PyErr {
         ErrorKind::Corrupt => CorruptCheckpointError::new_err(message),
         ErrorKind::Incompatible => IncompatibleError::new_err(message),
         ErrorKind::Permission => PermissionDeniedError::new_err(message),
+        ErrorKind::StorageFull => StorageFullError::new_err(message),
         ErrorKind::Unavailable => UnavailableError::new_err(message),
     }
 }
@@ -641,6 +643,16 @@ impl Manager {
         guarded(|| py.detach(|| self.inner.latest_step()).map_err(to_py_err))
     }
 
+    /// The cleanup problems since the last call, as exception objects (never raised:
+    /// the checkpoints were committed).
+    fn take_cleanup_errors<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyAny>> {
+        self.inner
+            .take_cleanup_errors()
+            .into_iter()
+            .map(|e| to_py_err(e).into_value(py).into_bound(py).into_any())
+            .collect()
+    }
+
     fn list<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         guarded(|| {
             let infos = py.detach(|| self.inner.list()).map_err(to_py_err)?;
@@ -852,6 +864,7 @@ fn _cairn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CorruptCheckpointError", py.get_type::<CorruptCheckpointError>())?;
     m.add("IncompatibleError", py.get_type::<IncompatibleError>())?;
     m.add("PermissionDeniedError", py.get_type::<PermissionDeniedError>())?;
+    m.add("StorageFullError", py.get_type::<StorageFullError>())?;
     m.add("UnavailableError", py.get_type::<UnavailableError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

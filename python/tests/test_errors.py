@@ -2,6 +2,9 @@
 
 import json
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -75,3 +78,30 @@ def test_errors_share_one_base_class():
     for cls in (cairn.InvalidArgumentError, cairn.CorruptCheckpointError, cairn.AlreadyExistsError,
                 cairn.CheckpointNotFoundError, cairn.IncompatibleError, cairn.StateDictMismatchError):
         assert issubclass(cls, cairn.CheckpointError)
+
+
+def test_a_commit_the_disk_refuses_leaves_no_shards_and_says_storage_full(tmp_path):
+    # A real filesystem refusal at the commit: the file-size limit lets the tiny shard
+    # through and stops the (large) manifest, as a full disk would.
+    script = textwrap.dedent(
+        """
+        import json, resource, signal, sys
+        import numpy as np
+        import cairn
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+        try:
+            cairn.save(sys.argv[1], {"w": np.ones(4, np.float32)}, step=1, metadata={"notes": "x" * 900_000})
+        except cairn.CheckpointError as e:
+            print(json.dumps([type(e).__name__, str(e)]))
+        """
+    )
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kind, message = json.loads(out.stdout.strip().splitlines()[-1])
+    assert kind == "StorageFullError", message
+    assert "step-000000000001" in message and message.count("File too large") == 1, message
+    leftovers = [p for p in run.rglob("*") if p.is_file()]
+    assert leftovers == [], leftovers
+    assert cairn.list_checkpoints(str(run)) == []

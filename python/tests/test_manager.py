@@ -118,3 +118,22 @@ def test_sigterm_saves_at_the_next_step_and_flushes(run_dir):
     assert "stopped at 7 saved True" in out.stdout
     restored = cairn.load(run_dir)
     assert restored["w"].tolist() == [7, 7, 7]
+
+
+def test_cleanup_problems_are_reported_apart_and_never_fail_a_save(tmp_path):
+    run = tmp_path / "run"
+    with cairn.CheckpointManager(str(run), keep_last=1, async_save=False) as mgr:
+        mgr.on_step(1, {"w": np.ones(3, np.float32)}, force=True)
+        # Retention will fail to delete step 1, every time: its manifest became a folder
+        # (tests run as root, so permission bits would not stop a deletion).
+        manifest = run / "step-000000000001" / "manifest.json"
+        manifest.unlink()
+        manifest.mkdir()
+        (manifest / "x").write_bytes(b"x")
+        mgr.on_step(2, {"w": np.ones(3, np.float32)}, force=True)
+        mgr.wait()  # step 2 was saved: nothing raised
+        problems = mgr.cleanup_errors()
+        assert problems and all(isinstance(p, cairn.CheckpointError) for p in problems), problems
+        assert "step-000000000001" in str(problems[0])
+        assert mgr.cleanup_errors() == []
+        assert [i.step for i in mgr.list()] == [2]

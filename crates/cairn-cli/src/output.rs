@@ -26,6 +26,9 @@ impl From<cairn::Error> for CliError {
             }
             cairn::ErrorKind::Corrupt => Some("`cairn verify` lists every damaged tensor and file".to_string()),
             cairn::ErrorKind::Permission => Some("check the credentials and permissions of the store".to_string()),
+            cairn::ErrorKind::StorageFull => {
+                Some("free space on the store (`cairn prune` removes old checkpoints), then save again".to_string())
+            }
             cairn::ErrorKind::Unavailable => Some("the store failed or timed out; retrying may succeed".to_string()),
             _ => None,
         };

@@ -478,6 +478,7 @@ fn kind_from_name(name: &str) -> ErrorKind {
         "Corrupt" => ErrorKind::Corrupt,
         "Incompatible" => ErrorKind::Incompatible,
         "Permission" => ErrorKind::Permission,
+        "StorageFull" => ErrorKind::StorageFull,
         _ => ErrorKind::Unavailable,
     }
 }

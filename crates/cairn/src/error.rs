@@ -18,8 +18,10 @@ pub enum ErrorKind {
     Corrupt,
     /// The data is well-formed but this version of Cairn cannot use it.
     Incompatible,
-    /// The store refused access.
+    /// The store refused access (permissions, a read-only filesystem).
     Permission,
+    /// The store is out of space: free some (e.g. `cairn prune`) and save again.
+    StorageFull,
     /// The store failed or timed out; retrying later may succeed.
     Unavailable,
 }
@@ -33,6 +35,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Incompatible => "incompatible",
             ErrorKind::Permission => "permission denied",
+            ErrorKind::StorageFull => "storage full",
             ErrorKind::Unavailable => "unavailable",
         };
         f.write_str(name)
@@ -80,13 +83,18 @@ impl Error {
         &self.message
     }
 
-    /// The message followed by every cause, joined by `: `.
+    /// The message followed by every cause not already said, joined by `: `.
     pub fn full_message(&self) -> String {
         let mut out = self.message.clone();
         let mut cause = std::error::Error::source(self);
         while let Some(c) = cause {
-            out.push_str(": ");
-            out.push_str(&c.to_string());
+            // Wrapping errors often repeat their cause's text (`... : No space left on
+            // device (os error 28)`): say each once.
+            let text = c.to_string();
+            if !out.contains(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
             cause = c.source();
         }
         out
@@ -156,7 +164,10 @@ fn io_kind_in(err: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
     while let Some(c) = cause {
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
             return Some(match io.kind() {
-                std::io::ErrorKind::PermissionDenied => ErrorKind::Permission,
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => ErrorKind::Permission,
+                std::io::ErrorKind::StorageFull
+                | std::io::ErrorKind::QuotaExceeded
+                | std::io::ErrorKind::FileTooLarge => ErrorKind::StorageFull,
                 std::io::ErrorKind::NotFound => ErrorKind::NotFound,
                 std::io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
                 _ => ErrorKind::Unavailable,

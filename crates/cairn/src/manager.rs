@@ -191,6 +191,9 @@ struct Inner {
     /// What retention knows of each committed checkpoint.
     known: BTreeMap<u64, Candidate>,
     error: Option<Error>,
+    /// Problems of the cleanup after committed saves, newest last (see
+    /// [`CheckpointManager::take_cleanup_errors`]).
+    cleanup_errors: VecDeque<Error>,
     last_step: Option<u64>,
     last_save_at: Duration,
     shutdown: bool,
@@ -226,6 +229,45 @@ impl Shared {
     /// Whether this process deletes checkpoints and writes the hint (rank 0 only).
     fn leads(&self) -> bool {
         self.rank == 0
+    }
+
+    /// What follows a committed save: retention learns of it and the `LATEST` hint names
+    /// it. A failure here is a cleanup problem, never the save's.
+    fn committed(&self, info: &CheckpointInfo) {
+        self.lock().known.insert(info.step, candidate(info, self.metric.as_deref()));
+        if let Err(err) = retried(|| write_latest_hint(self, info)) {
+            self.cleanup_failed(err);
+        }
+    }
+
+    /// Records a cleanup problem (the checkpoints themselves are committed); the oldest
+    /// are dropped past [`MAX_CLEANUP_ERRORS`].
+    fn cleanup_failed(&self, err: Error) {
+        let mut inner = self.lock();
+        if inner.cleanup_errors.len() == MAX_CLEANUP_ERRORS {
+            inner.cleanup_errors.pop_front();
+        }
+        inner.cleanup_errors.push_back(err);
+    }
+}
+
+/// Cleanup problems kept for [`CheckpointManager::take_cleanup_errors`].
+const MAX_CLEANUP_ERRORS: usize = 16;
+/// Attempts of one cleanup step (a deletion, the hint) that the store failed.
+const CLEANUP_ATTEMPTS: u32 = 3;
+
+/// Runs an idempotent cleanup step, again (with backoff) while the store reports a
+/// failure that retrying may fix.
+fn retried<T>(mut op: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut attempt = 1;
+    loop {
+        match op() {
+            Err(e) if e.kind() == ErrorKind::Unavailable && attempt < CLEANUP_ATTEMPTS => {
+                std::thread::sleep(Duration::from_millis(100 << attempt));
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -399,10 +441,8 @@ impl CheckpointManager {
         inner.writing.remove(&step);
         inner.saves_in_flight -= 1;
         self.shared.changed.notify_all();
-        let info = result?;
-        inner.known.insert(step, candidate(&info, self.shared.metric.as_deref()));
         drop(inner);
-        write_latest_hint(&self.shared, &info)?;
+        self.shared.committed(&result?);
         self.enqueue(Job::Retain);
         Ok(())
     }
@@ -473,6 +513,14 @@ impl CheckpointManager {
             Some(err) => Err(err),
             None => Ok(()),
         }
+    }
+
+    /// The problems of the cleanup that follows committed saves (retention's deletions,
+    /// the `LATEST` hint) since the last call, oldest first. They never fail a save: the
+    /// checkpoints were committed, each failed step was retried with backoff, and
+    /// retention tries deletions again after the next save.
+    pub fn take_cleanup_errors(&self) -> Vec<Error> {
+        self.shared.lock().cleanup_errors.drain(..).collect()
     }
 
     /// Loads the checkpoint of `step`, or the latest committed one (highest step) when
@@ -567,26 +615,23 @@ fn work(shared: &Shared) {
                 inner = shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let result = match job {
+        let saved = match job {
             Job::Save { step, state, opts } => {
                 let result = shared.save(&state, &opts);
                 drop(state);
                 let mut inner = shared.lock();
                 inner.writing.remove(&step);
                 inner.saves_in_flight -= 1;
-                match result {
-                    Ok(info) => {
-                        inner.known.insert(step, candidate(&info, shared.metric.as_deref()));
-                        drop(inner);
-                        write_latest_hint(shared, &info).and_then(|()| apply_retention(shared))
-                    }
-                    Err(e) => Err(e),
-                }
+                drop(inner);
+                result.map(|info| shared.committed(&info))
             }
-            Job::Retain => apply_retention(shared),
+            Job::Retain => Ok(()),
         };
+        if saved.is_ok() {
+            apply_retention(shared);
+        }
         let mut inner = shared.lock();
-        if let Err(err) = result {
+        if let Err(err) = saved {
             inner.error.get_or_insert(err);
         }
         inner.busy -= 1;
@@ -594,9 +639,11 @@ fn work(shared: &Shared) {
     }
 }
 
-fn apply_retention(shared: &Shared) -> Result<()> {
+/// Deletes what retention no longer keeps; a deletion the store keeps failing is a
+/// cleanup problem, tried again the next time retention runs.
+fn apply_retention(shared: &Shared) {
     if !shared.leads() {
-        return Ok(());
+        return;
     }
     let (doomed, known_latest) = {
         let inner = shared.lock();
@@ -608,10 +655,13 @@ fn apply_retention(shared: &Shared) -> Result<()> {
         if Some(step) == known_latest || shared.lock().reading.contains_key(&step) {
             continue;
         }
-        shared.run.delete(step)?;
-        shared.lock().known.remove(&step);
+        match retried(|| shared.run.delete(step)) {
+            Ok(()) => {
+                shared.lock().known.remove(&step);
+            }
+            Err(err) => shared.cleanup_failed(err),
+        }
     }
-    Ok(())
 }
 
 /// Writes `LATEST` (the URI of the newest checkpoint), like mmengine's `last_checkpoint`.

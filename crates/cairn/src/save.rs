@@ -213,6 +213,12 @@ pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &S
             remove_files(dest, files.iter().map(String::as_str)).await;
             Err(e)
         }
+        // On local disk a failed write is over when it returns (a full disk, say): with
+        // no manifest there, none will come, and our files can go.
+        Err(e) if dest.local_root().is_some() && !manifest_exists(dest).await => {
+            remove_files(dest, files.iter().map(String::as_str)).await;
+            Err(e)
+        }
         // Unknown outcome (the request may still land): keep the data a manifest may
         // point at; if nothing was committed, prune removes it as orphans.
         Err(e) => Err(e),
@@ -300,6 +306,11 @@ fn already_committed(step: u64, dest: &Location) -> Error {
         ErrorKind::AlreadyExists,
         format!("checkpoint already committed; nothing was overwritten step={step} dir=`{}`", dest.uri()),
     )
+}
+
+/// Whether `dest` holds a manifest (or might: a failed look counts as yes).
+async fn manifest_exists(dest: &Location) -> bool {
+    !matches!(dest.store().head(&dest.path(MANIFEST_FILE)).await, Err(object_store::Error::NotFound { .. }))
 }
 
 /// Who wrote the manifest of a checkpoint folder, as far as a read can tell.

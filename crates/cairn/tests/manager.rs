@@ -254,3 +254,61 @@ fn time_intervals_are_refused_with_several_ranks() {
         .unwrap();
     assert_eq!(err.kind(), ErrorKind::Invalid);
 }
+
+/// Saves steps 1..=3 (keep_last 1, synchronous) through `store`; returns what each
+/// `on_step` answered.
+/// `None` when the manager could not even open the run.
+fn save_three(store: Arc<dyn object_store::ObjectStore>) -> Option<(CheckpointManager, Vec<cairn::Result<bool>>)> {
+    let opts = options(1).with_async_save(false).with_retention(Retention { keep_last: Some(1), ..Default::default() });
+    let manager = CheckpointManager::with_run(Run::at(Location::from_store(store, "fault://run")), opts).ok()?;
+    let results = (1..=3).map(|step| manager.on_step(step, &common::model_state(step, 1, 2), SaveRequest::default()));
+    let results = results.collect();
+    Some((manager, results))
+}
+
+#[test]
+fn a_failed_cleanup_after_a_commit_is_reported_apart_from_the_save() {
+    use cairn::fault::{Fault, FaultStore};
+    let counter = Arc::new(FaultStore::counting(Arc::new(InMemory::new())));
+    let (manager, _) = save_three(counter.clone()).unwrap();
+    manager.wait().unwrap();
+    drop(manager);
+    let ops = counter.ops();
+    let (mut cleanup_only, mut retried_away) = (0, 0);
+    for at in 0..ops {
+        for fault in [Fault::Crash, Fault::Fail] {
+            let inner = Arc::new(InMemory::new());
+            let Some((manager, results)) = save_three(Arc::new(FaultStore::new(inner.clone(), at, fault))) else {
+                continue;
+            };
+            let waited = manager.wait();
+            let cleanup = manager.take_cleanup_errors();
+            drop(manager);
+            let visible: Vec<u64> =
+                Run::at(Location::from_store(inner, "memory://run")).list().unwrap().iter().map(|c| c.step).collect();
+            for (step, result) in (1..=3).zip(&results) {
+                // What was reported saved is committed (or deleted later by retention).
+                if matches!(result, Ok(true)) && !visible.contains(&step) {
+                    assert!(visible.iter().any(|&v| v > step), "op {at} {fault:?}: step {step} lost: {visible:?}");
+                }
+            }
+            for (step, result) in (1..=3).zip(&results) {
+                // What was reported failed is not visible: cleanup never fails a save.
+                if let Err(e) = result {
+                    assert!(!visible.contains(&step), "op {at} {fault:?}: step {step} failed ({e}) yet visible");
+                }
+            }
+            let all_saved = results.iter().all(|r| matches!(r, Ok(true))) && waited.is_ok();
+            if all_saved && !cleanup.is_empty() {
+                cleanup_only += 1;
+                assert!(visible.contains(&3), "op {at} {fault:?}: {visible:?}");
+            }
+            if all_saved && cleanup.is_empty() && fault == Fault::Fail {
+                retried_away += 1;
+            }
+        }
+    }
+    assert!(cleanup_only > 0, "no case where only the cleanup failed ({ops} operations)");
+    assert!(retried_away > 0, "no transient failure was retried away");
+    eprintln!("cleanup: {ops} operations x 2 faults; {cleanup_only} cleanup-only failures reported apart");
+}
