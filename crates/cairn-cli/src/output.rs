@@ -74,16 +74,9 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// `text` with control characters (terminal escape sequences among them) escaped, so
-/// that names from a checkpoint print as data, never as commands to the terminal.
+/// `text` safe to print (see [`cairn::error::escape_control`]).
 pub fn clean(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return text.into();
-    }
-    text.chars()
-        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
-        .collect::<String>()
-        .into()
+    cairn::error::escape_control(text)
 }
 
 /// Prints rows as a left-aligned table with a header; cells are [`clean`]ed and padded

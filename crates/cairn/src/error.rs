@@ -158,6 +158,49 @@ fn refused_in<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refu
     None
 }
 
+/// `text` with control characters (terminal escape sequences among them) escaped, so
+/// that names and bytes from a stored file print as data, never as commands to a
+/// terminal.
+///
+/// ```
+/// assert_eq!(cairn::error::escape_control("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+/// ```
+pub fn escape_control(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
+/// A cause whose text came from untrusted bytes, kept printable: control characters
+/// escaped and at most [`Untrusted::MAX_CHARS`] characters.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Untrusted(String);
+
+impl Untrusted {
+    /// Longest text kept.
+    const MAX_CHARS: usize = 160;
+
+    /// The printable form of `err`'s text.
+    pub(crate) fn of(err: &dyn std::error::Error) -> Untrusted {
+        let text = err.to_string();
+        let mut kept: String = escape_control(&text).chars().take(Self::MAX_CHARS).collect();
+        if kept.len() < text.len() && text.chars().count() > Self::MAX_CHARS {
+            kept.push('…');
+        }
+        Untrusted(kept)
+    }
+}
+
 /// Finds an `std::io::Error` in a cause chain and classifies it.
 fn io_kind_in(err: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{escape_control, Error, ErrorKind, Result, Untrusted};
 use crate::format::layout::{self, MANIFEST_FILE};
 use crate::format::manifest::{Manifest, MAX_MANIFEST_BYTES};
 use crate::info::CheckpointInfo;
@@ -122,6 +122,9 @@ fn append(archive: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> Resul
         .map_err(|e| Error::invalid(format!("cannot add to bundle entry=`{name}`")).with_source(e))
 }
 
+/// Longest entry name shown in an error (longer ones are never valid shard names).
+const MAX_SHOWN_NAME: usize = 256;
+
 /// Unpacks a bundle made by [`to_bytes`] into the checkpoint folder `dst`, commits it and
 /// verifies it. The bundle is untrusted: only `manifest.json` and valid shard names are
 /// accepted, and every byte is checked against the manifest.
@@ -129,22 +132,26 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
     let mut manifest_bytes = None;
     let mut files: Vec<(String, Bytes)> = Vec::new();
     let mut archive = tar::Archive::new(bundle);
-    let entries = archive.entries().map_err(|e| Error::corrupt("bundle is not a cairn bundle").with_source(e))?;
+    let entries =
+        archive.entries().map_err(|e| Error::corrupt("bundle is not a cairn bundle").with_source(Untrusted::of(&e)))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| Error::corrupt("bundle is damaged").with_source(e))?;
+        let mut entry = entry.map_err(|e| Error::corrupt("bundle is damaged").with_source(Untrusted::of(&e)))?;
         let name = entry
             .path()
-            .map_err(|e| Error::corrupt("bundle entry has an invalid name").with_source(e))?
+            .map_err(|e| Error::corrupt("bundle entry has an invalid name").with_source(Untrusted::of(&e)))?
             .to_string_lossy()
-            .into_owned();
+            .chars()
+            .take(MAX_SHOWN_NAME)
+            .collect::<String>();
+        let name = escape_control(&name).into_owned();
         let size = entry.size();
         if size > bundle.len() as u64 {
             return Err(Error::corrupt(format!("bundle entry claims {size} bytes entry=`{name}`")));
         }
         let mut data = Vec::with_capacity(size as usize);
-        entry
-            .read_to_end(&mut data)
-            .map_err(|e| Error::corrupt(format!("bundle entry is truncated entry=`{name}`")).with_source(e))?;
+        entry.read_to_end(&mut data).map_err(|e| {
+            Error::corrupt(format!("bundle entry is truncated entry=`{name}`")).with_source(Untrusted::of(&e))
+        })?;
         if name == MANIFEST_FILE {
             if size > MAX_MANIFEST_BYTES {
                 return Err(Error::corrupt("bundle manifest exceeds the size limit"));

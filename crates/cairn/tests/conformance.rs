@@ -295,3 +295,21 @@ fn hostile_bundle_entries_are_refused() {
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
     assert!(err.to_string().contains("entry=`shards/../../escape`"), "{err}");
 }
+
+#[test]
+fn random_bytes_as_a_bundle_give_a_printable_error() {
+    let mut rng = common::Rng::new(common::seed("random_bytes_as_a_bundle_give_a_printable_error"));
+    for _ in 0..200 {
+        let mut bytes = rng.bytes(2048);
+        // Half of the cases look like a tar header with a checksum field of binary.
+        if rng.below(2) == 0 {
+            bytes[257..263].copy_from_slice(b"ustar\0");
+        }
+        let dst = cairn::Location::create(&format!("memory://conformance/{}", unique("random-bundle"))).unwrap();
+        let err = transfer::from_bytes(&bytes, &dst).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        let message = err.full_message();
+        assert!(!message.chars().any(char::is_control), "binary echoed: {message:?}");
+        assert!(message.chars().count() < 600, "{message:?}");
+    }
+}
