@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import signal as _signal
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -205,9 +206,49 @@ def torch_all_gather(group: Any = None) -> Callable[[bytes], list[bytes]]:
     return gather
 
 
+class DamagedCheckpointWarning(UserWarning):
+    """A committed checkpoint of a run could not be read (damaged manifest, newer format)
+    and was skipped; the message names it. It is never deleted by retention."""
+
+
 def list_checkpoints(path: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> list[CheckpointInfo]:
-    """The committed checkpoints of the run at `path`, in step order."""
-    return [CheckpointInfo._from_native(d) for d in _cairn.list_checkpoints(_uri(path), storage_options)]
+    """The readable committed checkpoints of the run at `path`, in step order. Each
+    damaged one is skipped with a `DamagedCheckpointWarning` naming it."""
+    infos, damaged = _cairn.list_checkpoints(_uri(path), storage_options)
+    for message in damaged:
+        warnings.warn(f"skipped a damaged checkpoint: {message}", DamagedCheckpointWarning, stacklevel=2)
+    return [CheckpointInfo._from_native(d) for d in infos]
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What `prune` did (or, on a dry run, would do)."""
+
+    deleted: list[int]
+    kept: int
+    damaged: list[str]
+    removed: list[str]
+
+
+def prune(
+    path: str | os.PathLike,
+    *,
+    keep_last: int | None = None,
+    keep_every: int | None = None,
+    keep_best: int | None = None,
+    metric: str | None = None,
+    mode: str = "min",
+    grace: float | _dt.timedelta = 3600.0,
+    dry_run: bool = False,
+    storage_options: dict[str, str] | None = None,
+) -> PruneReport:
+    """Applies retention to the run at `path` (never the latest checkpoint, never a
+    damaged one), then removes what unfinished saves left behind once older than `grace`
+    (seconds or a timedelta), like `cairn prune`."""
+    deleted, kept, damaged, removed = _cairn.prune(
+        _uri(path), keep_last, keep_every, keep_best, metric, mode, _seconds(grace), dry_run, storage_options
+    )
+    return PruneReport(deleted, kept, damaged, removed)
 
 
 def copy(
@@ -271,7 +312,9 @@ class CheckpointManager:
     on exit. After SIGTERM (`preemption_signal`) the next `on_step` saves and flushes, and
     `preempted` becomes true: stop the loop then. In a multi-process job give every
     process its `rank` and the `world_size`: they save each checkpoint together
-    (coordinated through the store) and rank 0 applies retention."""
+    (coordinated through the store) and rank 0 applies retention. On opening, rank 0
+    removes in the background what unfinished saves left once older than `orphan_grace`
+    (seconds; None: never); cleanup problems never fail a save (`cleanup_errors()`)."""
 
     def __init__(
         self,
@@ -290,6 +333,7 @@ class CheckpointManager:
         storage_options: dict[str, str] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        orphan_grace: float | _dt.timedelta | None = 3600.0,
     ) -> None:
         self._native = _cairn.Manager(
             _uri(run),
@@ -306,6 +350,7 @@ class CheckpointManager:
             storage_options,
             rank,
             world_size,
+            _seconds(orphan_grace),
         )
 
     @property

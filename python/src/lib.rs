@@ -14,7 +14,7 @@ use bytes::Bytes;
 use cairn::dist::{save_distributed, CallbackExchange, StoreExchange};
 use cairn::format::layout;
 use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
-use cairn::policy::{Every, KeepBest, Mode, Retention, SavePolicy};
+use cairn::policy::{Every, Retention, SavePolicy};
 use cairn::{
     CheckpointInfo, DType, Entry, ErrorKind, LoadOptions, Location, RenameRule, Run, SaveOptions, Slice, State,
     StoreOptions, Tensor, Value,
@@ -505,7 +505,7 @@ impl Drop for Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies, save_interval=None, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1))]
+    #[pyo3(signature = (uri, policies, save_interval=None, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0)))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -523,6 +523,7 @@ impl Manager {
         storage_options: Option<StoreOptions>,
         rank: u32,
         world_size: u32,
+        orphan_grace: Option<f64>,
     ) -> PyResult<Manager> {
         guarded(|| {
             let rules = policies.into_iter().map(|(interval, until)| Every { interval, until }).collect();
@@ -532,30 +533,23 @@ impl Manager {
                     .map_err(|_| InvalidArgumentError::new_err(format!("invalid save_interval={seconds}")))?;
                 policy = policy.with_time_interval(interval);
             }
-            let mode = match mode {
-                "min" => Mode::Min,
-                "max" => Mode::Max,
-                other => {
-                    return Err(InvalidArgumentError::new_err(format!(
-                        "mode must be \"min\" or \"max\", got mode=`{other}`"
-                    )))
-                }
-            };
-            if keep_best.is_some() && metric.is_none() {
-                return Err(InvalidArgumentError::new_err("keep_best needs metric= (the metric to rank by)"));
-            }
-            let retention = Retention {
-                keep_last,
-                keep_every,
-                keep_best: keep_best.zip(metric.clone()).map(|(count, metric)| KeepBest { count, metric, mode }),
-            };
+            let mode = mode.parse().map_err(to_py_err)?;
+            let retention =
+                Retention::from_flags(keep_last, keep_every, keep_best, metric.clone(), mode).map_err(to_py_err)?;
+            let orphan_grace = orphan_grace
+                .map(|s| {
+                    Duration::try_from_secs_f64(s)
+                        .map_err(|_| InvalidArgumentError::new_err(format!("invalid orphan_grace={s}")))
+                })
+                .transpose()?;
             let mut opts = ManagerOptions::default()
                 .with_policy(policy)
                 .with_retention(retention)
                 .with_async_save(async_save)
                 .with_max_in_flight(max_in_flight)
                 .with_preemption_signal(preemption_signal)
-                .with_ranks(rank, world_size);
+                .with_ranks(rank, world_size)
+                .with_orphan_grace(orphan_grace);
             opts.metric = metric;
             let storage = storage_options.unwrap_or_default();
             let inner = py
@@ -719,22 +713,62 @@ impl Manager {
     }
 }
 
-/// Lists the committed checkpoints of the run at `uri` as info dicts, in step order.
+/// Lists the readable committed checkpoints of the run at `uri` as info dicts, in step
+/// order, with the message of each damaged one skipped.
 #[pyfunction]
 #[pyo3(signature = (uri, storage_options=None))]
 fn list_checkpoints<'py>(
     py: Python<'py>,
     uri: &str,
     storage_options: Option<StoreOptions>,
-) -> PyResult<Vec<Bound<'py, PyDict>>> {
+) -> PyResult<(Vec<Bound<'py, PyDict>>, Vec<String>)> {
     guarded(|| {
-        let infos = py
+        let survey = py
             .detach(|| {
                 let run = Run::at(Location::with_options(uri, false, &storage_options.unwrap_or_default())?);
-                run.infos()
+                run.survey()
             })
             .map_err(to_py_err)?;
-        infos.iter().map(|i| info_to_py(py, i)).collect()
+        let infos = survey.checkpoints.iter().map(|i| info_to_py(py, i)).collect::<PyResult<_>>()?;
+        Ok((infos, survey.damaged.iter().map(|e| e.full_message()).collect()))
+    })
+}
+
+/// A prune report as Python receives it: deleted steps, kept count, damaged messages,
+/// removed paths.
+type PruneTuple = (Vec<u64>, usize, Vec<String>, Vec<String>);
+
+/// Applies retention to the run at `uri` and removes leftovers of unfinished saves older
+/// than `grace` seconds: `(deleted steps, kept count, damaged messages, removed paths)`.
+#[pyfunction]
+#[pyo3(signature = (uri, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", grace=3600.0, dry_run=false, storage_options=None))]
+#[allow(clippy::too_many_arguments)]
+fn prune(
+    py: Python<'_>,
+    uri: &str,
+    keep_last: Option<usize>,
+    keep_every: Option<u64>,
+    keep_best: Option<usize>,
+    metric: Option<String>,
+    mode: &str,
+    grace: f64,
+    dry_run: bool,
+    storage_options: Option<StoreOptions>,
+) -> PyResult<PruneTuple> {
+    guarded(|| {
+        let grace = Duration::try_from_secs_f64(grace)
+            .map_err(|_| InvalidArgumentError::new_err(format!("invalid grace={grace}")))?;
+        let retention =
+            Retention::from_flags(keep_last, keep_every, keep_best, metric, mode.parse().map_err(to_py_err)?)
+                .map_err(to_py_err)?;
+        let report = py
+            .detach(|| {
+                let run = Run::at(Location::with_options(uri, false, &storage_options.unwrap_or_default())?);
+                run.prune(&retention, grace, dry_run)
+            })
+            .map_err(to_py_err)?;
+        let damaged = report.damaged.iter().map(|e| e.full_message()).collect();
+        Ok((report.deleted, report.kept, damaged, report.removed))
     })
 }
 
@@ -849,6 +883,7 @@ fn _cairn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(save, m)?)?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(list_checkpoints, m)?)?;
+    m.add_function(wrap_pyfunction!(prune, m)?)?;
     m.add_function(wrap_pyfunction!(copy, m)?)?;
     m.add_function(wrap_pyfunction!(to_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(from_bytes, m)?)?;

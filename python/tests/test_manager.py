@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -137,3 +138,58 @@ def test_cleanup_problems_are_reported_apart_and_never_fail_a_save(tmp_path):
         assert "step-000000000001" in str(problems[0])
         assert mgr.cleanup_errors() == []
         assert [i.step for i in mgr.list()] == [2]
+
+
+def _two_hours_old(path):
+    then = time.time() - 7200
+    os.utime(path, (then, then))
+
+
+def test_prune_applies_retention_and_removes_old_leftovers(tmp_path):
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        cairn.save(str(run), {"w": np.full(2, step, np.float32)}, step=step)
+    leftover = run / "step-000000000009" / "shards" / "r00000-00000-of-00001-dead.safetensors"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"x")
+    empty = run / "step-000000000007"
+    empty.mkdir()
+    for path in (leftover, leftover.parent, leftover.parent.parent, empty):
+        _two_hours_old(path)
+    dry = cairn.prune(str(run), keep_last=1, dry_run=True)
+    assert (dry.deleted, dry.kept, dry.removed) == ([1, 2], 1, [])
+    assert [i.step for i in cairn.list_checkpoints(str(run))] == [1, 2, 3]
+    report = cairn.prune(str(run), keep_last=1, grace=datetime.timedelta(hours=1))
+    assert report.deleted == [1, 2] and report.kept == 1
+    assert not leftover.exists() and not empty.exists(), report.removed
+    assert [i.step for i in cairn.list_checkpoints(str(run))] == [3]
+    with pytest.raises(cairn.InvalidArgumentError, match="metric"):
+        cairn.prune(str(run), keep_best=1)
+
+
+def test_a_damaged_checkpoint_is_listed_with_a_warning_and_kept_by_prune(tmp_path):
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        cairn.save(str(run), {"w": np.ones(2, np.float32)}, step=step)
+    (run / "step-000000000001" / "manifest.json").write_text("{")
+    with pytest.warns(cairn.DamagedCheckpointWarning, match="step-000000000001"):
+        assert [i.step for i in cairn.list_checkpoints(str(run))] == [2, 3]
+    report = cairn.prune(str(run), keep_last=1)
+    assert report.deleted == [2] and len(report.damaged) == 1
+    assert (run / "step-000000000001" / "manifest.json").exists()
+
+
+def test_a_manager_removes_old_leftovers_of_killed_saves_when_it_opens(tmp_path):
+    run = tmp_path / "run"
+    cairn.save(str(run), {"w": np.ones(2, np.float32)}, step=1)
+    old = run / "step-000000000005"
+    old.mkdir()
+    young = run / "step-000000000006"
+    young.mkdir()
+    _two_hours_old(old)
+    with cairn.CheckpointManager(str(run)) as mgr:
+        mgr.wait()
+    assert not old.exists() and young.exists()
+    with cairn.CheckpointManager(str(run), orphan_grace=0) as mgr:
+        mgr.wait()
+    assert not young.exists()

@@ -151,19 +151,13 @@ fn main() -> ExitCode {
         Command::Diff { a, b } => commands::diff::run(&a, &b),
         Command::Cp { src, dst } => commands::copy::run(&src, &dst),
         Command::Prune { run, keep_last, keep_every, keep_best, metric, mode, grace, dry_run } => {
-            let retention = cairn::policy::Retention {
-                keep_last,
-                keep_every,
-                keep_best: keep_best.zip(metric).map(|(count, metric)| cairn::policy::KeepBest {
-                    count,
-                    metric,
-                    mode: match mode {
-                        Mode::Min => cairn::policy::Mode::Min,
-                        Mode::Max => cairn::policy::Mode::Max,
-                    },
-                }),
+            let mode = match mode {
+                Mode::Min => cairn::policy::Mode::Min,
+                Mode::Max => cairn::policy::Mode::Max,
             };
-            commands::prune::run(&run, &retention, grace, dry_run)
+            cairn::policy::Retention::from_flags(keep_last, keep_every, keep_best, metric, mode)
+                .map_err(output::CliError::from)
+                .and_then(|retention| commands::prune::run(&run, &retention, grace, dry_run))
         }
         Command::Export { ckpt, out, prefix, dtype } => {
             commands::convert::export(&ckpt, &out, prefix, dtype.as_deref())

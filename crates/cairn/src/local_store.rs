@@ -136,6 +136,22 @@ impl Root {
         Ok(chain)
     }
 
+    /// Removes the folder `folder` if it holds nothing but (nested) empty folders and was
+    /// last changed at least `min_age` ago; returns whether it did. Nothing is followed:
+    /// each folder is opened inside its parent with `O_NOFOLLOW` and removed from it.
+    pub(crate) fn remove_empty_folder(&self, folder: &Path, min_age: std::time::Duration) -> io::Result<bool> {
+        let parts = components(folder);
+        let Some((name, dirs)) = parts.split_last() else { return Ok(false) };
+        let chain = self.open_dirs(dirs, folder)?;
+        let parent = &chain[chain.len() - 1];
+        let target = openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY, folder)?;
+        let changed = File::from(target).metadata()?.modified()?;
+        if changed.elapsed().unwrap_or_default() < min_age {
+            return Ok(false);
+        }
+        remove_if_empty(parent, name, folder, 0)
+    }
+
     fn get_blocking(&self, location: &Path, options: &GetOptions) -> Result<GetResult> {
         let file = self.open_regular(location).map_err(|e| store_error(e, location))?;
         let meta = object_meta(&file.metadata().map_err(|e| store_error(e, location))?, location.clone());
@@ -255,6 +271,28 @@ impl Root {
     }
 }
 
+/// Removes the folder `name` inside `parent` if it holds only empty folders (removed
+/// first); whether it did. Never follows a symlink; stops below [`MAX_LIST_DEPTH`].
+fn remove_if_empty(parent: &OwnedFd, name: &str, location: &Path, depth: usize) -> io::Result<bool> {
+    if depth > MAX_LIST_DEPTH {
+        return Ok(false);
+    }
+    let dir = openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY, location)?;
+    // The open folder's entries, read through its descriptor (not its path).
+    let entries = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+    for entry in entries {
+        let entry = entry?;
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let Some(child) = entry.file_name().to_str().map(str::to_string) else { return Ok(false) };
+        if !is_dir || !remove_if_empty(&dir, &child, location, depth + 1)? {
+            return Ok(false);
+        }
+    }
+    let cname = c_name(name)?;
+    // SAFETY: `parent` is an open folder and `cname` a NUL-terminated name.
+    Ok(unsafe { libc::unlinkat(parent.as_raw_fd(), cname.as_ptr(), libc::AT_REMOVEDIR) } == 0)
+}
+
 /// Opens `name` inside the folder `dir` with `flags`, never following a symlink.
 fn openat(dir: &OwnedFd, name: &str, flags: libc::c_int, location: &Path) -> io::Result<OwnedFd> {
     let cname = c_name(name)?;
@@ -298,7 +336,11 @@ fn child_path(parent: &Path, name: &std::ffi::OsStr) -> Option<Path> {
     if alone.parts().count() != 1 || alone.as_ref() != name {
         return None;
     }
-    Some(parent.clone().join(name))
+    // Parsed, not joined: `join` would percent-encode a `#` and name another file.
+    match parent.as_ref() {
+        "" => Some(alone),
+        dir => Path::parse(format!("{dir}/{name}")).ok(),
+    }
 }
 
 fn object_meta(meta: &std::fs::Metadata, location: Path) -> ObjectMeta {
@@ -391,5 +433,35 @@ impl ObjectStore for LocalStore {
         self.check(from)?;
         self.check(to)?;
         self.inner.rename_opts(from, to, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+
+    #[test]
+    fn names_that_paths_would_encode_are_listed_and_deleted_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(root.join("step")).unwrap();
+        for name in ["manifest.json#7", "LATEST#3"] {
+            std::fs::write(root.join("step").join(name), b"x").unwrap();
+        }
+        let store = LocalStore::new(root.clone()).unwrap();
+        crate::runtime::block_on(async {
+            let listed: Vec<ObjectMeta> = store.list(None).try_collect().await.unwrap();
+            let mut names: Vec<String> = listed.iter().map(|m| m.location.as_ref().to_string()).collect();
+            names.sort();
+            assert_eq!(names, ["step/LATEST#3", "step/manifest.json#7"]);
+            for meta in listed {
+                store.delete(&meta.location).await.unwrap();
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert!(!root.join("step").exists(), "emptied folder removed");
     }
 }

@@ -93,7 +93,14 @@ pub struct ManagerOptions {
     pub world_size: u32,
     /// How long a multi-rank save waits for the other ranks.
     pub coordination_timeout: Duration,
+    /// On open, the leading rank removes in the background what unfinished saves left in
+    /// the run once it is older than this (`None`: never; see [`Run::prune_orphans`]).
+    pub orphan_grace: Option<Duration>,
 }
+
+/// Leftovers of unfinished saves younger than this are left alone when a manager opens:
+/// another process may still be writing them.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(3600);
 
 impl Default for ManagerOptions {
     fn default() -> Self {
@@ -109,6 +116,7 @@ impl Default for ManagerOptions {
             rank: 0,
             world_size: 1,
             coordination_timeout: Duration::from_secs(600),
+            orphan_grace: Some(DEFAULT_ORPHAN_GRACE),
         }
     }
 }
@@ -154,6 +162,13 @@ impl ManagerOptions {
         self
     }
 
+    /// Sets (or, with `None`, turns off) the age past which leftovers of unfinished saves
+    /// are removed when the manager opens.
+    pub fn with_orphan_grace(mut self, grace: Option<Duration>) -> Self {
+        self.orphan_grace = grace;
+        self
+    }
+
     /// Sets (or disables) the preemption signal.
     pub fn with_preemption_signal(mut self, signal: Option<i32>) -> Self {
         self.preemption_signal = signal;
@@ -175,8 +190,14 @@ pub struct SaveRequest {
 }
 
 enum Job {
-    Save { step: u64, state: State, opts: SaveOptions },
+    Save {
+        step: u64,
+        state: State,
+        opts: SaveOptions,
+    },
     Retain,
+    /// Remove leftovers of unfinished saves older than this.
+    Prune(Duration),
 }
 
 #[derive(Default)]
@@ -234,7 +255,7 @@ impl Shared {
     /// What follows a committed save: retention learns of it and the `LATEST` hint names
     /// it. A failure here is a cleanup problem, never the save's.
     fn committed(&self, info: &CheckpointInfo) {
-        self.lock().known.insert(info.step, candidate(info, self.metric.as_deref()));
+        self.lock().known.insert(info.step, Candidate::from_info(info, self.metric.as_deref()));
         if let Err(err) = retried(|| write_latest_hint(self, info)) {
             self.cleanup_failed(err);
         }
@@ -321,7 +342,7 @@ impl CheckpointManager {
         }
         let mut known = BTreeMap::new();
         for info in run.infos()? {
-            known.insert(info.step, candidate(&info, opts.metric.as_deref()));
+            known.insert(info.step, Candidate::from_info(&info, opts.metric.as_deref()));
         }
         let preempted = Arc::new(AtomicBool::new(false));
         if let Some(signal) = opts.preemption_signal {
@@ -363,6 +384,9 @@ impl CheckpointManager {
             snapshots: ArenaPool::default(),
         };
         manager.enqueue(Job::Retain);
+        if let Some(grace) = opts.orphan_grace.filter(|_| manager.shared.leads()) {
+            manager.enqueue(Job::Prune(grace));
+        }
         Ok(manager)
     }
 
@@ -597,10 +621,6 @@ impl Drop for CheckpointManager {
     }
 }
 
-fn candidate(info: &CheckpointInfo, metric: Option<&str>) -> Candidate {
-    Candidate { step: info.step, temporary: info.temporary, metric: metric.and_then(|m| info.metric(m)) }
-}
-
 fn work(shared: &Shared) {
     loop {
         let job = {
@@ -626,6 +646,12 @@ fn work(shared: &Shared) {
                 result.map(|info| shared.committed(&info))
             }
             Job::Retain => Ok(()),
+            Job::Prune(grace) => {
+                if let Err(err) = retried(|| shared.run.prune_orphans(grace)) {
+                    shared.cleanup_failed(err);
+                }
+                Ok(())
+            }
         };
         if saved.is_ok() {
             apply_retention(shared);

@@ -148,6 +148,19 @@ pub enum Mode {
     Max,
 }
 
+impl std::str::FromStr for Mode {
+    type Err = Error;
+
+    /// `"min"` or `"max"`.
+    fn from_str(text: &str) -> Result<Mode> {
+        match text {
+            "min" => Ok(Mode::Min),
+            "max" => Ok(Mode::Max),
+            other => Err(Error::invalid(format!("mode must be \"min\" or \"max\" mode=`{other}`"))),
+        }
+    }
+}
+
 /// Keep the best `count` checkpoints by `metric`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeepBest {
@@ -172,6 +185,37 @@ pub struct Retention {
     pub keep_best: Option<KeepBest>,
 }
 
+impl Retention {
+    /// The retention of the flat options faces offer (`keep_last`, `keep_every`,
+    /// `keep_best` ranked by `metric` in `mode`); keep-best without a metric is invalid.
+    ///
+    /// ```
+    /// use cairn::policy::{Mode, Retention};
+    /// let r = Retention::from_flags(Some(3), None, Some(2), Some("loss".into()), Mode::Min).unwrap();
+    /// assert_eq!(r.keep_best.unwrap().count, 2);
+    /// assert!(Retention::from_flags(None, None, Some(2), None, Mode::Min).is_err());
+    /// ```
+    pub fn from_flags(
+        keep_last: Option<usize>,
+        keep_every: Option<u64>,
+        keep_best: Option<usize>,
+        metric: Option<String>,
+        mode: Mode,
+    ) -> Result<Retention> {
+        let keep_best = match (keep_best, metric) {
+            (Some(count), Some(metric)) => Some(KeepBest { count, metric, mode }),
+            (Some(_), None) => return Err(Error::invalid("keep_best needs a metric to rank by")),
+            (None, _) => None,
+        };
+        Ok(Retention { keep_last, keep_every, keep_best })
+    }
+
+    /// The metric keep-best ranks by, if any.
+    pub fn metric(&self) -> Option<&str> {
+        self.keep_best.as_ref().map(|b| b.metric.as_str())
+    }
+}
+
 /// A committed checkpoint as retention sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
@@ -181,6 +225,13 @@ pub struct Candidate {
     pub temporary: bool,
     /// The keep-best metric, when recorded and numeric.
     pub metric: Option<f64>,
+}
+
+impl Candidate {
+    /// How retention sees the checkpoint `info`, ranked by `metric` if given.
+    pub fn from_info(info: &crate::info::CheckpointInfo, metric: Option<&str>) -> Candidate {
+        Candidate { step: info.step, temporary: info.temporary, metric: metric.and_then(|m| info.metric(m)) }
+    }
 }
 
 /// Steps to delete among `checkpoints`. Never the latest committed step, never a step in

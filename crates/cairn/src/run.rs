@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::format::layout::{self, MANIFEST_FILE};
 use crate::info::CheckpointInfo;
 use crate::load::{Checkpoint, LoadOptions};
+use crate::policy::{self, Candidate, Retention};
 use crate::runtime::block_on;
 use crate::save::{save_checkpoint, SaveOptions};
 use crate::store::Location;
@@ -28,6 +29,19 @@ impl CheckpointRef {
     pub fn open(&self) -> Result<Checkpoint> {
         block_on(Checkpoint::open_at(self.location.clone()))
     }
+}
+
+/// What [`Run::prune`] did, or on a dry run would do.
+#[derive(Debug, Default)]
+pub struct PruneReport {
+    /// Steps retention deleted (would delete, on a dry run).
+    pub deleted: Vec<u64>,
+    /// Readable committed checkpoints kept.
+    pub kept: usize,
+    /// One error per damaged checkpoint, kept whole.
+    pub damaged: Vec<Error>,
+    /// Leftovers of unfinished saves removed (none on a dry run).
+    pub removed: Vec<String>,
 }
 
 /// What [`Run::survey`] found.
@@ -175,11 +189,38 @@ impl Run {
         block_on(delete_checkpoint(&dir))
     }
 
-    /// Removes what failed or killed saves left behind: folders without a manifest and
-    /// files a committed checkpoint does not reference, once all of a folder's leftovers
-    /// are older than `grace` (so a save in progress is never touched). Returns the
-    /// removed paths. Incomplete multipart uploads are aborted by the saves themselves;
-    /// on S3, a lifecycle rule (AbortIncompleteMultipartUpload) covers killed writers.
+    /// Applies `retention` to the readable committed checkpoints (never the latest,
+    /// never a damaged one), then removes the leftovers of unfinished saves older than
+    /// `grace` (see [`Run::prune_orphans`]). A dry run deletes nothing and reports what
+    /// retention would delete.
+    pub fn prune(&self, retention: &Retention, grace: std::time::Duration, dry_run: bool) -> Result<PruneReport> {
+        let survey = self.survey()?;
+        let candidates: Vec<Candidate> =
+            survey.checkpoints.iter().map(|info| Candidate::from_info(info, retention.metric())).collect();
+        let deleted = policy::to_delete(retention, &candidates, &Default::default());
+        let mut report = PruneReport {
+            kept: candidates.len() - deleted.len(),
+            deleted,
+            damaged: survey.damaged,
+            removed: Vec::new(),
+        };
+        if dry_run {
+            return Ok(report);
+        }
+        for &step in &report.deleted {
+            self.delete(step)?;
+        }
+        report.removed = self.prune_orphans(grace)?;
+        Ok(report)
+    }
+
+    /// Removes what failed or killed saves left behind, once it is older than `grace` (so
+    /// a save in progress is never touched): folders without a manifest, files a
+    /// committed checkpoint does not reference (staged manifests among them), staged
+    /// `LATEST` hints, and, on local disk, empty step folders. A damaged checkpoint is
+    /// left whole. Returns the removed paths. Incomplete multipart uploads are aborted by
+    /// the saves themselves; on S3, a lifecycle rule (AbortIncompleteMultipartUpload)
+    /// covers killed writers.
     pub fn prune_orphans(&self, grace: std::time::Duration) -> Result<Vec<String>> {
         block_on(self.prune_orphans_async(grace))
     }
@@ -191,17 +232,23 @@ impl Run {
         let old_enough =
             |m: &object_store::ObjectMeta| now_ms - m.last_modified.timestamp_millis() >= grace.as_millis() as i64;
         let mut by_step: std::collections::BTreeMap<u64, Vec<(String, &object_store::ObjectMeta)>> = Default::default();
+        let mut orphans: Vec<&object_store::ObjectMeta> = Vec::new();
         for meta in &objects {
             let parts: Vec<String> = meta.location.parts().skip(depth).map(|p| p.as_ref().to_string()).collect();
-            if let Some(step) = parts.first().and_then(|d| layout::parse_step_dir(d)) {
-                by_step.entry(step).or_default().push((parts[1..].join("/"), meta));
+            match parts.as_slice() {
+                [name] if layout::is_staged_hint(name) && old_enough(meta) => orphans.push(meta),
+                [dir, rest @ ..] if !rest.is_empty() => {
+                    if let Some(step) = layout::parse_step_dir(dir) {
+                        by_step.entry(step).or_default().push((rest.join("/"), meta));
+                    }
+                }
+                _ => {}
             }
         }
-        let mut removed = Vec::new();
-        for (step, files) in by_step {
+        for (step, files) in &by_step {
             let referenced: Option<std::collections::BTreeSet<String>> =
                 if files.iter().any(|(f, _)| f == MANIFEST_FILE) {
-                    match Checkpoint::open_at(self.location.child(&layout::step_dir(step))).await {
+                    match Checkpoint::open_at(self.location.child(&layout::step_dir(*step))).await {
                         Ok(ckpt) => Some(ckpt.manifest().files.keys().cloned().collect()),
                         // A damaged checkpoint is the user's to inspect: leave all of it.
                         Err(e) if is_damaged(&e) || e.kind() == crate::ErrorKind::NotFound => continue,
@@ -210,22 +257,57 @@ impl Run {
                 } else {
                     None
                 };
-            let orphans: Vec<&object_store::ObjectMeta> = match &referenced {
-                Some(keep) => files
-                    .iter()
-                    .filter(|(f, m)| f != MANIFEST_FILE && !keep.contains(f) && old_enough(m))
-                    .map(|(_, m)| *m)
-                    .collect(),
-                None if files.iter().all(|(_, m)| old_enough(m)) => files.iter().map(|(_, m)| *m).collect(),
-                None => Vec::new(),
-            };
-            for meta in orphans {
-                match self.location.store().delete(&meta.location).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => removed.push(meta.location.to_string()),
-                    Err(e) => {
-                        return Err(Error::from_store(e, "removing orphan", &format!("file=`{}`", meta.location)))
-                    }
-                }
+            match &referenced {
+                Some(keep) => orphans.extend(
+                    files
+                        .iter()
+                        .filter(|(f, m)| f != MANIFEST_FILE && !keep.contains(f) && old_enough(m))
+                        .map(|(_, m)| *m),
+                ),
+                None if files.iter().all(|(_, m)| old_enough(m)) => orphans.extend(files.iter().map(|(_, m)| *m)),
+                None => {}
+            }
+        }
+        let mut removed = Vec::new();
+        for meta in orphans {
+            match self.location.store().delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => removed.push(meta.location.to_string()),
+                Err(e) => return Err(Error::from_store(e, "removing orphan", &format!("file=`{}`", meta.location))),
+            }
+        }
+        if let Some(root) = self.location.local_root() {
+            removed.extend(self.remove_empty_step_folders(root, &by_step, grace).await?);
+        }
+        Ok(removed)
+    }
+
+    /// Removes the step folders that hold no file at all (a save killed before its
+    /// first write), once older than `grace`.
+    async fn remove_empty_step_folders(
+        &self,
+        root: &std::sync::Arc<crate::local_store::Root>,
+        with_files: &std::collections::BTreeMap<u64, Vec<(String, &object_store::ObjectMeta)>>,
+        grace: std::time::Duration,
+    ) -> Result<Vec<String>> {
+        let listed = self
+            .location
+            .store()
+            .list_with_delimiter(Some(self.location.prefix()))
+            .await
+            .map_err(|e| Error::from_store(e, "listing run", &format!("run=`{}`", self.location.uri())))?;
+        let mut removed = Vec::new();
+        for folder in listed.common_prefixes {
+            let Some(step) = folder.filename().and_then(layout::parse_step_dir) else { continue };
+            // A folder holding files was handled above (its files went, and with the
+            // last of them the folder); one with files younger than `grace` stays.
+            if with_files.contains_key(&step) {
+                continue;
+            }
+            let gone = root
+                .remove_empty_folder(&folder, grace)
+                .map_err(|e| Error::from_io(e, "removing empty folder", &format!("dir=`{folder}`")))?;
+            if gone {
+                removed.push(folder.to_string());
             }
         }
         Ok(removed)

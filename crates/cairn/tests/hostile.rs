@@ -389,3 +389,66 @@ fn a_tensor_of_a_hundred_thousand_pieces_opens_in_bounded_time() {
     let err = within_seconds(move || cairn::open(&uri).map(|_| ()).unwrap_err());
     assert_eq!(err.kind(), ErrorKind::Corrupt);
 }
+
+/// Sets the modification time of `path` (file or folder) `age` in the past.
+fn age(path: &Path, age: Duration) {
+    let then = SystemTime::now() - age;
+    let times = std::fs::FileTimes::new().set_modified(then).set_accessed(then);
+    std::fs::File::open(path).unwrap().set_times(times).unwrap();
+}
+
+/// Leftovers of killed saves and prunes of every kind, all two hours old.
+fn leave_leftovers(run: &Path) -> Vec<PathBuf> {
+    let two_hours = Duration::from_secs(7200);
+    let leftovers = vec![
+        run.join(step_dir(5)),
+        run.join(step_dir(6)).join("shards"),
+        run.join("LATEST#3"),
+        run.join(step_dir(2)).join("manifest.json#7"),
+        run.join(step_dir(9)).join("shards").join("r00000-00000-of-00001-dead.safetensors"),
+    ];
+    std::fs::create_dir_all(&leftovers[0]).unwrap();
+    std::fs::create_dir_all(&leftovers[1]).unwrap();
+    for file in &leftovers[2..] {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, b"x").unwrap();
+        age(file, two_hours);
+    }
+    for dir in [&leftovers[1], &run.join(step_dir(6)), &leftovers[0], &run.join(step_dir(9)).join("shards")] {
+        age(dir, two_hours);
+    }
+    age(&run.join(step_dir(9)), two_hours);
+    leftovers
+}
+
+#[test]
+fn prune_removes_empty_step_folders_and_staged_files_once_old_enough() {
+    let c = case(|_| {});
+    let leftovers = leave_leftovers(&c.run);
+    let run = Run::open(c.run.to_str().unwrap()).unwrap();
+    assert!(run.prune_orphans(Duration::from_secs(3 * 3600)).unwrap().is_empty(), "younger than the grace");
+    let removed = run.prune_orphans(Duration::from_secs(3600)).unwrap();
+    assert!(!removed.is_empty());
+    for path in &leftovers {
+        assert!(!path.exists(), "left behind: {}", path.display());
+    }
+    for step in [5, 6, 9] {
+        assert!(!c.run.join(step_dir(step)).exists(), "step folder {step} left behind");
+    }
+    assert_eq!(steps(&run), [1, 2]);
+    assert_eq!(run.load_latest(&LoadOptions::default()).unwrap().1.step, 2);
+    c.canary.assert_untouched();
+}
+
+#[test]
+fn a_manager_clears_old_leftovers_when_it_opens() {
+    let c = case(|_| {});
+    let leftovers = leave_leftovers(&c.run);
+    let manager = manager(&c.run, 5);
+    manager.wait().unwrap();
+    assert!(manager.take_cleanup_errors().is_empty());
+    for path in &leftovers {
+        assert!(!path.exists(), "left behind: {}", path.display());
+    }
+    assert_eq!(manager.latest_step().unwrap(), Some(2));
+}

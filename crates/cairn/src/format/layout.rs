@@ -39,6 +39,14 @@ pub fn shard_file(rank: u32, index: usize, count: usize, attempt: &str) -> Strin
     format!("{SHARDS_DIR}/r{rank:05}-{index:05}-of-{count:05}-{attempt}.safetensors")
 }
 
+/// Whether `name` is a `LATEST` hint being written (`LATEST#<digits>`, the local
+/// store's staging name) that a killed writer may have left.
+pub fn is_staged_hint(name: &str) -> bool {
+    name.strip_prefix(LATEST_FILE)
+        .and_then(|rest| rest.strip_prefix('#'))
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Whether `file` is an acceptable shard reference in a manifest: `shards/<name>` where
 /// `<name>` is 1..=200 characters of `[A-Za-z0-9._-]`, not starting with a dot.
 pub fn is_valid_shard_file(file: &str) -> bool {
