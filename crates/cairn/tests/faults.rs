@@ -21,10 +21,12 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(upstream: &str, seed: u64) -> Proxy {
+    /// A proxy with the default fault rates, or those `rates` set (`--p503`, `--preset`...).
+    fn start(upstream: &str, seed: u64, rates: &[&str]) -> Proxy {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/support/fault_proxy.py");
         let mut child = Command::new("python3")
             .args([script, "--upstream", upstream, "--seed", &seed.to_string(), "--stall", "1.5"])
+            .args(rates)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start fault proxy");
@@ -59,7 +61,7 @@ fn saves_through_a_faulty_network_commit_or_fail_cleanly() {
     let upstream = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL (run under scripts/with-seaweedfs.sh)");
     let base = std::env::var("CAIRN_TEST_S3_URI").unwrap();
     let uri = format!("{base}/faults-{}", std::process::id());
-    let proxy = Proxy::start(&upstream, seed);
+    let proxy = Proxy::start(&upstream, seed, &[]);
     let faulty =
         Run::at(Location::with_options(&uri, true, &options(&format!("http://127.0.0.1:{}", proxy.port))).unwrap());
     let direct = Run::at(Location::with_options(&uri, false, &options(&upstream)).unwrap());
@@ -106,5 +108,56 @@ fn saves_through_a_faulty_network_commit_or_fail_cleanly() {
         let referenced =
             path.ends_with("/manifest.json") || ckpt.manifest().files.keys().any(|f| path.ends_with(f.as_str()));
         assert!(referenced, "orphan after prune: {path}");
+    }
+}
+
+#[test]
+fn managed_saves_through_a_faulty_network_never_report_a_committed_save_as_failed() {
+    use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
+    use cairn::policy::{Every, Retention, SavePolicy};
+    const STEPS: u64 = 30;
+    let seed = common::seed("managed_saves_through_a_faulty_network_never_report_a_committed_save_as_failed");
+    let upstream = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL (run under scripts/with-seaweedfs.sh)");
+    let base = std::env::var("CAIRN_TEST_S3_URI").unwrap();
+    let uri = format!("{base}/managed-faults-{}", std::process::id());
+    // Rates well above the other test's: faults must reach the cleanup after commits.
+    let proxy =
+        Proxy::start(&upstream, seed, &["--p503", "0.3", "--preset", "0.15", "--plost", "0.1", "--pstall", "0"]);
+    let faulty = Location::with_options(&uri, true, &options(&format!("http://127.0.0.1:{}", proxy.port))).unwrap();
+    let direct = Run::at(Location::with_options(&uri, false, &options(&upstream)).unwrap());
+    // Retention deletes after nearly every save: cleanup faults happen constantly.
+    let opts = ManagerOptions::default()
+        .with_policy(SavePolicy::steps(vec![Every::new(1)]).unwrap())
+        .with_retention(Retention { keep_last: Some(2), ..Default::default() })
+        .with_async_save(false)
+        .with_preemption_signal(None);
+    // Opening lists the run: through the faulty network that may fail too.
+    let manager = (0..20)
+        .find_map(|_| CheckpointManager::with_run(Run::at(faulty.clone()), opts.clone()).ok())
+        .expect("the manager opens within 20 tries");
+    let (mut saved, mut failed, mut cleanup) = (Vec::new(), Vec::new(), 0);
+    for step in 1..=STEPS {
+        match manager.on_step(step, &common::model_state(step, 1, 4), SaveRequest::default()) {
+            Ok(true) => saved.push(step),
+            Ok(false) => panic!("step {step} was due"),
+            Err(e) => {
+                assert!(e.to_string().contains(&format!("step-{step:012}")), "unclear save failure: {e}");
+                failed.push(step);
+            }
+        }
+        cleanup += manager.take_cleanup_errors().len();
+    }
+    let _ = manager.wait();
+    drop(manager);
+    drop(proxy);
+    eprintln!("{} saved, {} failed, {cleanup} cleanup problems reported apart", saved.len(), failed.len());
+    let listed: Vec<u64> = direct.list().unwrap().iter().map(|c| c.step).collect();
+    for step in &failed {
+        assert!(!listed.contains(step), "step {step} was reported failed but is committed");
+    }
+    assert!(saved.iter().rev().take(1).all(|s| listed.contains(s)), "the newest save is not committed: {listed:?}");
+    for step in &listed {
+        let ckpt = direct.checkpoint(*step).unwrap();
+        assert_eq!(ckpt.load(&LoadOptions::default()).unwrap(), common::model_state(*step, 1, 4), "step {step}");
     }
 }
