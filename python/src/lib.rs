@@ -45,6 +45,11 @@ create_exception!(_cairn, PermissionDeniedError, CheckpointError, "The store ref
 create_exception!(_cairn, StorageFullError, CheckpointError, "The store is out of space; free some and save again.");
 create_exception!(_cairn, UnavailableError, CheckpointError, "The store failed or timed out; retrying may succeed.");
 
+/// A duration given in seconds as the argument `name`; negative or non-finite is invalid.
+fn seconds(name: &str, value: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| InvalidArgumentError::new_err(format!("invalid {name}={value}")))
+}
+
 fn to_py_err(err: cairn::Error) -> PyErr {
     let message = err.full_message();
     match err.kind() {
@@ -400,8 +405,7 @@ fn save<'py>(
             ..Default::default()
         };
         let storage = storage_options.unwrap_or_default();
-        let timeout = Duration::try_from_secs_f64(timeout)
-            .map_err(|_| InvalidArgumentError::new_err(format!("invalid timeout={timeout}")))?;
+        let timeout = seconds("timeout", timeout)?;
         if rank >= world_size {
             return Err(InvalidArgumentError::new_err(format!("rank {rank} is not below world_size {world_size}")));
         }
@@ -529,19 +533,12 @@ impl Manager {
             let rules = policies.into_iter().map(|(interval, until)| Every { interval, until }).collect();
             let mut policy = SavePolicy::steps(rules).map_err(to_py_err)?;
             if let Some(seconds) = save_interval {
-                let interval = Duration::try_from_secs_f64(seconds)
-                    .map_err(|_| InvalidArgumentError::new_err(format!("invalid save_interval={seconds}")))?;
-                policy = policy.with_time_interval(interval);
+                policy = policy.with_time_interval(self::seconds("save_interval", seconds)?);
             }
             let mode = mode.parse().map_err(to_py_err)?;
             let retention =
                 Retention::from_flags(keep_last, keep_every, keep_best, metric.clone(), mode).map_err(to_py_err)?;
-            let orphan_grace = orphan_grace
-                .map(|s| {
-                    Duration::try_from_secs_f64(s)
-                        .map_err(|_| InvalidArgumentError::new_err(format!("invalid orphan_grace={s}")))
-                })
-                .transpose()?;
+            let orphan_grace = orphan_grace.map(|s| seconds("orphan_grace", s)).transpose()?;
             let mut opts = ManagerOptions::default()
                 .with_policy(policy)
                 .with_retention(retention)
@@ -756,8 +753,7 @@ fn prune(
     storage_options: Option<StoreOptions>,
 ) -> PyResult<PruneTuple> {
     guarded(|| {
-        let grace = Duration::try_from_secs_f64(grace)
-            .map_err(|_| InvalidArgumentError::new_err(format!("invalid grace={grace}")))?;
+        let grace = seconds("grace", grace)?;
         let retention =
             Retention::from_flags(keep_last, keep_every, keep_best, metric, mode.parse().map_err(to_py_err)?)
                 .map_err(to_py_err)?;

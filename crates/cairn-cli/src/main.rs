@@ -9,7 +9,7 @@ mod output;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use output::CliError;
 
@@ -31,15 +31,6 @@ Examples:
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// Direction of a metric.
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Mode {
-    /// Lower is better.
-    Min,
-    /// Higher is better.
-    Max,
 }
 
 #[derive(Subcommand)]
@@ -101,8 +92,8 @@ enum Command {
         #[arg(long)]
         metric: Option<String>,
         /// Whether lower or higher --metric is better.
-        #[arg(long, value_enum, default_value = "min")]
-        mode: Mode,
+        #[arg(long, default_value = "min", value_parser = ["min", "max"])]
+        mode: String,
         /// Leftovers of unfinished saves younger than this are kept (a save may be running).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
@@ -150,15 +141,11 @@ fn main() -> ExitCode {
         Command::Verify { target } => commands::verify::run(&target),
         Command::Diff { a, b } => commands::diff::run(&a, &b),
         Command::Cp { src, dst } => commands::copy::run(&src, &dst),
-        Command::Prune { run, keep_last, keep_every, keep_best, metric, mode, grace, dry_run } => {
-            let mode = match mode {
-                Mode::Min => cairn::policy::Mode::Min,
-                Mode::Max => cairn::policy::Mode::Max,
-            };
-            cairn::policy::Retention::from_flags(keep_last, keep_every, keep_best, metric, mode)
-                .map_err(output::CliError::from)
-                .and_then(|retention| commands::prune::run(&run, &retention, grace, dry_run))
-        }
+        Command::Prune { run, keep_last, keep_every, keep_best, metric, mode, grace, dry_run } => mode
+            .parse()
+            .and_then(|mode| cairn::policy::Retention::from_flags(keep_last, keep_every, keep_best, metric, mode))
+            .map_err(output::CliError::from)
+            .and_then(|retention| commands::prune::run(&run, &retention, grace, dry_run)),
         Command::Export { ckpt, out, prefix, dtype } => {
             commands::convert::export(&ckpt, &out, prefix, dtype.as_deref())
         }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
-use crate::format::layout::MANIFEST_FILE;
+use crate::format::layout::{self, MANIFEST_FILE};
 use crate::format::manifest::{FileRecord, Piece, TensorRecord};
 use crate::info::CheckpointInfo;
 use crate::load::Checkpoint;
@@ -113,7 +113,7 @@ pub struct StoreExchange {
 impl StoreExchange {
     /// An exchange for `rank` of `world_size` saving into the checkpoint folder `dir`.
     pub fn new(dir: &Location, rank: u32, world_size: u32, timeout: Duration) -> StoreExchange {
-        StoreExchange { coord: dir.child(COORD_DIR), rank, world_size, attempt: String::new(), timeout }
+        StoreExchange { coord: dir.child(layout::COORD_DIR), rank, world_size, attempt: String::new(), timeout }
     }
 
     async fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
@@ -149,8 +149,6 @@ impl StoreExchange {
         Error::from_store(e, "coordinating ranks", &format!("dir=`{}`", self.coord.uri()))
     }
 }
-
-const COORD_DIR: &str = ".cairn-coord";
 
 fn pause(attempt: u32) -> Duration {
     Duration::from_millis((5u64 << attempt.min(6)).min(200))

@@ -138,6 +138,15 @@ mod tests {
     }
 
     #[test]
+    fn a_layout_past_the_comparison_budget_is_refused_not_checked_slowly() {
+        // A 50 x 50 grid: sweeping either dimension meets the 50 boxes of a row.
+        let boxes: Vec<([u64; 2], [u64; 2])> = (0..2500).map(|i| ([i / 50, i % 50], [1, 1])).collect();
+        let views: Vec<(&[u64], &[u64])> = boxes.iter().map(|(o, s)| (&o[..], &s[..])).collect();
+        assert_eq!(any_overlap(&views, 10 * 2500), Err(()));
+        assert_eq!(any_overlap(&views, 50 * 2500), Ok(false));
+    }
+
+    #[test]
     fn a_hundred_thousand_columns_are_checked_without_comparing_every_pair() {
         let boxes: Vec<([u64; 2], [u64; 2])> = (0..100_000).map(|i| ([0, i], [8, 1])).collect();
         let views: Vec<(&[u64], &[u64])> = boxes.iter().map(|(o, s)| (&o[..], &s[..])).collect();

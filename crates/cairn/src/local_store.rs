@@ -100,7 +100,14 @@ impl Root {
             return Err(io::Error::new(io::ErrorKind::NotFound, "the root is not a file"));
         };
         let chain = self.open_dirs(dirs, location)?;
-        let fd = openat(&chain[chain.len() - 1], name, libc::O_RDONLY | libc::O_NONBLOCK, location)?;
+        let parent = &chain[chain.len() - 1];
+        // Look before opening: opening a device or FIFO can have effects of its own.
+        if let Some(mode) = stat_at(parent, name)? {
+            if mode != libc::S_IFREG && mode != libc::S_IFDIR && mode != libc::S_IFLNK {
+                return Err(io::Error::other(Refused::NotRegular(location.to_string())));
+            }
+        }
+        let fd = openat(parent, name, libc::O_RDONLY | libc::O_NONBLOCK, location)?;
         let file = File::from(fd);
         let meta = file.metadata()?;
         if meta.is_dir() {
@@ -149,7 +156,7 @@ impl Root {
         if changed.elapsed().unwrap_or_default() < min_age {
             return Ok(false);
         }
-        remove_if_empty(parent, name, folder, 0)
+        remove_if_empty(parent, name, &self.0.join(folder.as_ref()), folder, 0)
     }
 
     fn get_blocking(&self, location: &Path, options: &GetOptions) -> Result<GetResult> {
@@ -212,26 +219,19 @@ impl Root {
         Ok(())
     }
 
-    /// Every regular file below `prefix`, without following symlinks.
+    /// Every regular file below `prefix`, without following symlinks. An entry that
+    /// vanishes while it is listed is skipped; any other failure to read one is an error
+    /// (a silently missing manifest would make a committed checkpoint look unfinished).
     fn list_blocking(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
         let mut out = Vec::new();
-        let Some(start) = self.real_dir(prefix) else { return Ok(out) };
+        let Some(start) = self.real_dir(prefix).map_err(|e| store_error(e, prefix))? else { return Ok(out) };
         let mut pending = vec![(start, prefix.clone(), 0usize)];
         while let Some((dir, location, depth)) = pending.pop() {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if depth == 0 => return Err(store_error(e, &location)),
-                Err(_) => continue,
-            };
-            for entry in entries.flatten() {
-                let Some(child) = child_path(&location, &entry.file_name()) else { continue };
-                let Ok(kind) = entry.file_type() else { continue };
-                if kind.is_dir() && depth < MAX_LIST_DEPTH {
-                    pending.push((entry.path(), child, depth + 1));
-                } else if kind.is_file() {
-                    if let Ok(meta) = entry.metadata() {
-                        out.push(object_meta(&meta, child));
-                    }
+            for listed in read_folder(&dir, &location).map_err(|e| store_error(e, &location))? {
+                match listed {
+                    Listed::Folder(path, child) if depth < MAX_LIST_DEPTH => pending.push((path, child, depth + 1)),
+                    Listed::Folder(..) => {}
+                    Listed::File(meta) => out.push(meta),
                 }
             }
         }
@@ -242,49 +242,90 @@ impl Root {
     fn list_one_level(&self, prefix: &Path) -> Result<ListResult> {
         let mut result =
             ListResult { common_prefixes: Vec::new(), objects: Vec::new(), extensions: Default::default() };
-        let Some(dir) = self.real_dir(prefix) else { return Ok(result) };
-        for entry in std::fs::read_dir(&dir).map_err(|e| store_error(e, prefix))?.flatten() {
-            let Some(child) = child_path(prefix, &entry.file_name()) else { continue };
-            match entry.file_type() {
-                Ok(kind) if kind.is_dir() => result.common_prefixes.push(child),
-                Ok(kind) if kind.is_file() => {
-                    if let Ok(meta) = entry.metadata() {
-                        result.objects.push(object_meta(&meta, child));
-                    }
-                }
-                _ => {}
+        let Some(dir) = self.real_dir(prefix).map_err(|e| store_error(e, prefix))? else { return Ok(result) };
+        for listed in read_folder(&dir, prefix).map_err(|e| store_error(e, prefix))? {
+            match listed {
+                Listed::Folder(_, child) => result.common_prefixes.push(child),
+                Listed::File(meta) => result.objects.push(meta),
             }
         }
         Ok(result)
     }
 
-    /// The filesystem folder of `prefix` if every component is a real folder (no symlink).
-    fn real_dir(&self, prefix: &Path) -> Option<PathBuf> {
-        let mut dir = self.0.clone();
-        for part in prefix.parts() {
-            dir.push(part.as_ref());
-            if !std::fs::symlink_metadata(&dir).ok()?.is_dir() {
-                return None;
+    /// The filesystem folder of `prefix` if every component is a real folder (opened
+    /// without following symlinks); `None` if one is missing or is not a folder.
+    fn real_dir(&self, prefix: &Path) -> io::Result<Option<PathBuf>> {
+        match self.open_dirs(&components(prefix), prefix) {
+            Ok(_) => Ok(Some(self.0.join(prefix.as_ref()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound || refused(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// An entry of a listed folder that the store shows.
+enum Listed {
+    /// A real folder (not a symlink): its filesystem path and store path.
+    Folder(PathBuf, Path),
+    /// A regular file.
+    File(ObjectMeta),
+}
+
+/// The folders and regular files directly in `dir` (store path `location`): symlinks,
+/// special files and names that are not valid store paths are not the store's and are
+/// skipped, as are entries removed while listing.
+fn read_folder(dir: &std::path::Path, location: &Path) -> io::Result<Vec<Listed>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let Some(child) = child_path(location, &entry.file_name()) else { continue };
+        let kind = match entry.file_type() {
+            Ok(kind) => kind,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if kind.is_dir() {
+            out.push(Listed::Folder(entry.path(), child));
+        } else if kind.is_file() {
+            match entry.metadata() {
+                Ok(meta) => out.push(Listed::File(object_meta(&meta, child))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
-        Some(dir)
     }
+    Ok(out)
+}
+
+/// Whether `err` is the local store refusing a path (a symlink or special file).
+fn refused(err: &io::Error) -> bool {
+    err.get_ref().is_some_and(|e| e.is::<Refused>())
 }
 
 /// Removes the folder `name` inside `parent` if it holds only empty folders (removed
 /// first); whether it did. Never follows a symlink; stops below [`MAX_LIST_DEPTH`].
-fn remove_if_empty(parent: &OwnedFd, name: &str, location: &Path, depth: usize) -> io::Result<bool> {
+fn remove_if_empty(
+    parent: &OwnedFd,
+    name: &str,
+    folder_path: &std::path::Path,
+    location: &Path,
+    depth: usize,
+) -> io::Result<bool> {
     if depth > MAX_LIST_DEPTH {
         return Ok(false);
     }
     let dir = openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY, location)?;
-    // The open folder's entries, read through its descriptor (not its path).
-    let entries = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
-    for entry in entries {
+    // What the folder holds is read by path; what is removed is removed through the open
+    // folders (`unlinkat`), which only ever removes an empty folder inside the run.
+    for entry in std::fs::read_dir(folder_path)? {
         let entry = entry?;
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         let Some(child) = entry.file_name().to_str().map(str::to_string) else { return Ok(false) };
-        if !is_dir || !remove_if_empty(&dir, &child, location, depth + 1)? {
+        if !is_dir || !remove_if_empty(&dir, &child, &entry.path(), location, depth + 1)? {
             return Ok(false);
         }
     }
@@ -307,16 +348,29 @@ fn openat(dir: &OwnedFd, name: &str, flags: libc::c_int, location: &Path) -> io:
     if err.kind() == io::ErrorKind::NotFound {
         return Err(err);
     }
-    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: as above; `stat` is written by the call when it succeeds.
-    let is_link = unsafe { libc::fstatat(dir.as_raw_fd(), cname.as_ptr(), stat.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) }
-        == 0
-        // SAFETY: fstatat succeeded, so `stat` is initialised.
-        && (unsafe { stat.assume_init() }.st_mode & libc::S_IFMT) == libc::S_IFLNK;
-    if is_link {
-        return Err(io::Error::other(Refused::Symlink(location.to_string())));
+    match stat_at(dir, name)? {
+        Some(libc::S_IFLNK) => Err(io::Error::other(Refused::Symlink(location.to_string()))),
+        // A file or special file where a folder belongs: not a layout Cairn writes.
+        Some(mode) if flags & libc::O_DIRECTORY != 0 && mode != libc::S_IFDIR => {
+            Err(io::Error::other(Refused::NotRegular(location.to_string())))
+        }
+        _ => Err(err),
     }
-    Err(err)
+}
+
+/// The file type bits (`S_IFREG`, `S_IFDIR`, `S_IFLNK`, ...) of `name` inside `dir`,
+/// without following a symlink; `None` if there is no such entry.
+fn stat_at(dir: &OwnedFd, name: &str) -> io::Result<Option<libc::mode_t>> {
+    let cname = c_name(name)?;
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `dir` is an open folder, `cname` a NUL-terminated name, and `stat` is
+    // written by the call when it succeeds.
+    if unsafe { libc::fstatat(dir.as_raw_fd(), cname.as_ptr(), stat.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::NotFound { Ok(None) } else { Err(err) };
+    }
+    // SAFETY: fstatat succeeded, so `stat` is initialised.
+    Ok(Some(unsafe { stat.assume_init() }.st_mode & libc::S_IFMT))
 }
 
 /// The names along `location`, root first.

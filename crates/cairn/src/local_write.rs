@@ -54,7 +54,7 @@ const DIRECT_FLAG: i32 = 0;
 pub(crate) fn write_new_file(path: &Path, chunks: &[&[u8]], files_at_once: usize) -> io::Result<Vec<u32>> {
     if DIRECT_FLAG != 0 {
         let writers = (WRITES_IN_FLIGHT / files_at_once.max(1)).max(1);
-        match OpenOptions::new().write(true).create_new(true).custom_flags(DIRECT_FLAG).open(path) {
+        match OpenOptions::new().write(true).create_new(true).custom_flags(DIRECT_FLAG | libc::O_NOFOLLOW).open(path) {
             Ok(file) => match write_direct(&file, chunks, writers) {
                 Ok(crcs) => {
                     file.sync_all()?;
@@ -67,7 +67,8 @@ pub(crate) fn write_new_file(path: &Path, chunks: &[&[u8]], files_at_once: usize
             // The refusing open may still have created the file: rewrite it below.
             Err(_) => {}
         }
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        let file =
+            OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
         return write_buffered(&file, chunks);
     }
     write_buffered(&OpenOptions::new().write(true).create_new(true).open(path)?, chunks)

@@ -698,7 +698,7 @@ fn write_latest_hint(shared: &Shared, info: &CheckpointInfo) -> Result<()> {
     }
     let run = &shared.run;
     let loc = run.location();
-    if run.latest()?.is_some_and(|c| c.manifest().step > info.step) {
+    if run.list()?.last().is_some_and(|c| c.step > info.step) {
         return Ok(());
     }
     let body = PutPayload::from(format!("{}\n", info.uri).into_bytes());

@@ -59,6 +59,12 @@ fn is_damaged(err: &Error) -> bool {
     matches!(err.kind(), crate::ErrorKind::Corrupt | crate::ErrorKind::Incompatible)
 }
 
+/// Whether `err` says a checkpoint is damaged or was deleted meanwhile: either way it is
+/// passed over, never an error of the whole run.
+fn is_gone_or_damaged(err: &Error) -> bool {
+    err.kind() == crate::ErrorKind::NotFound || is_damaged(err)
+}
+
 /// The checkpoints of one training run.
 ///
 /// ```
@@ -161,7 +167,7 @@ impl Run {
         for c in self.list()?.iter().rev() {
             match c.open() {
                 Ok(ckpt) => return Ok(Some(ckpt)),
-                Err(e) if e.kind() == crate::ErrorKind::NotFound || is_damaged(&e) => {}
+                Err(e) if is_gone_or_damaged(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -251,20 +257,25 @@ impl Run {
                     match Checkpoint::open_at(self.location.child(&layout::step_dir(*step))).await {
                         Ok(ckpt) => Some(ckpt.manifest().files.keys().cloned().collect()),
                         // A damaged checkpoint is the user's to inspect: leave all of it.
-                        Err(e) if is_damaged(&e) || e.kind() == crate::ErrorKind::NotFound => continue,
+                        Err(e) if is_gone_or_damaged(&e) => continue,
                         Err(e) => return Err(e),
                     }
                 } else {
                     None
                 };
+            // Only what Cairn writes is ever removed: a user's own file in a step folder stays.
+            let leftovers = files.iter().filter(|(f, _)| layout::is_written_by_cairn(f));
             match &referenced {
-                Some(keep) => orphans.extend(
-                    files
-                        .iter()
-                        .filter(|(f, m)| f != MANIFEST_FILE && !keep.contains(f) && old_enough(m))
-                        .map(|(_, m)| *m),
-                ),
-                None if files.iter().all(|(_, m)| old_enough(m)) => orphans.extend(files.iter().map(|(_, m)| *m)),
+                Some(keep) => {
+                    orphans.extend(leftovers.filter(|(f, m)| !keep.contains(f) && old_enough(m)).map(|(_, m)| *m))
+                }
+                // A save still writing keeps making new files: all must be old. And the
+                // folder must still have no manifest (one may have landed since listing).
+                None if files.iter().all(|(_, m)| old_enough(m))
+                    && !self.has_manifest(&self.location.child(&layout::step_dir(*step))).await? =>
+                {
+                    orphans.extend(leftovers.map(|(_, m)| *m))
+                }
                 None => {}
             }
         }
@@ -279,6 +290,15 @@ impl Run {
             removed.extend(self.remove_empty_step_folders(root, &by_step, grace).await?);
         }
         Ok(removed)
+    }
+
+    /// Whether the checkpoint folder `dir` holds a manifest now.
+    async fn has_manifest(&self, dir: &Location) -> Result<bool> {
+        match dir.store().head(&dir.path(MANIFEST_FILE)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Error::from_store(e, "checking for a manifest", &format!("dir=`{}`", dir.uri()))),
+        }
     }
 
     /// Removes the step folders that hold no file at all (a save killed before its
@@ -322,7 +342,8 @@ impl Run {
     }
 }
 
-/// Deletes the checkpoint folder `dir`: manifest first, then every other object in it.
+/// Deletes the checkpoint folder `dir`: manifest first, then every other file Cairn
+/// writes there (a user's own file in the folder stays, and with it the folder).
 pub(crate) async fn delete_checkpoint(dir: &Location) -> Result<()> {
     let shown = |what: &str| format!("{what}=`{}`", dir.uri());
     match dir.store().delete(&dir.path(MANIFEST_FILE)).await {
@@ -335,7 +356,12 @@ pub(crate) async fn delete_checkpoint(dir: &Location) -> Result<()> {
         .try_collect()
         .await
         .map_err(|e| Error::from_store(e, "listing checkpoint", &shown("checkpoint")))?;
-    for meta in objects {
+    let depth = dir.prefix().parts().count();
+    let ours = objects.into_iter().filter(|meta| {
+        let parts: Vec<_> = meta.location.parts().skip(depth).map(|p| p.as_ref().to_string()).collect();
+        layout::is_written_by_cairn(&parts.join("/"))
+    });
+    for meta in ours {
         match dir.store().delete(&meta.location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => {

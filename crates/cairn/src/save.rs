@@ -290,6 +290,12 @@ pub(crate) async fn commit_manifest(dest: &Location, manifest: &Manifest, step: 
                     ),
                 ))
             }
+            // The name is taken by something that is not a manifest (a folder, say).
+            (Owner::Nobody, object_store::Error::AlreadyExists { .. }) => {
+                return Err(Error::corrupt(format!(
+                    "something that is not a manifest is in the way of the commit file=`{manifest_uri}`"
+                )))
+            }
             (Owner::Nobody, _) if attempt < COMMIT_ATTEMPTS => {
                 tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
                 attempt += 1;

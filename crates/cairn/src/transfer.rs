@@ -193,7 +193,14 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
 /// renames it into place; the first rename wins and the others use it.
 pub fn as_directory(uri: &str, cache_dir: &std::path::Path) -> Result<PathBuf> {
     let ckpt = crate::open(uri)?;
-    if let Some(dir) = ckpt.location().local_dir() {
+    if let (Some(dir), Some(root)) = (ckpt.location().local_dir(), ckpt.location().local_root()) {
+        // The caller reads this folder with its own tools, which follow symlinks: hand it
+        // out only if every data file is a regular file inside it.
+        for file in ckpt.manifest().files.keys() {
+            let shown = format!("file=`{}/{file}`", ckpt.location().uri());
+            root.open_regular(&ckpt.location().path(file))
+                .map_err(|e| Error::from_io(e, "checking data file", &shown))?;
+        }
         return Ok(dir.to_path_buf());
     }
     let target = cache_dir.join(&ckpt.manifest().save_id);

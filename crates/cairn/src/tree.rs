@@ -320,7 +320,42 @@ pub enum Value {
     /// Ordered list.
     List(Vec<Value>),
     /// Map with string keys, kept in key order.
+    #[serde(deserialize_with = "map_budget::deserialize")]
     Map(BTreeMap<String, Value>),
+}
+
+/// While a budget is set on a thread, every [`Value::Map`] deserialized there spends one
+/// unit of it, before the map is built: a hostile manifest cannot turn a few bytes each
+/// into many small maps (~600 bytes apiece).
+pub(crate) mod map_budget {
+    use std::cell::Cell;
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+
+    use super::Value;
+
+    thread_local! {
+        static LEFT: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// Runs `f` with at most `maps` maps deserialized on this thread.
+    pub(crate) fn with<T>(maps: usize, f: impl FnOnce() -> T) -> T {
+        let previous = LEFT.replace(Some(maps));
+        let out = f();
+        LEFT.set(previous);
+        out
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, Value>, D::Error> {
+        if let Some(left) = LEFT.get() {
+            let left = left.checked_sub(1).ok_or_else(|| serde::de::Error::custom("too many maps among the values"))?;
+            LEFT.set(Some(left));
+        }
+        BTreeMap::deserialize(deserializer)
+    }
 }
 
 impl PartialEq for Value {

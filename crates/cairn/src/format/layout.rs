@@ -39,6 +39,21 @@ pub fn shard_file(rank: u32, index: usize, count: usize, attempt: &str) -> Strin
     format!("{SHARDS_DIR}/r{rank:05}-{index:05}-of-{count:05}-{attempt}.safetensors")
 }
 
+/// Folder of a checkpoint where ranks of a multi-rank save exchange their messages.
+pub const COORD_DIR: &str = ".cairn-coord";
+
+/// Whether `file` (relative to a checkpoint folder) is something Cairn writes there: a
+/// file in `shards/` or in the ranks' coordination folder, or a manifest being written
+/// (`manifest.json#<digits>`). Pruning removes nothing else.
+pub fn is_written_by_cairn(file: &str) -> bool {
+    let staged_manifest = file
+        .strip_prefix(MANIFEST_FILE)
+        .and_then(|rest| rest.strip_prefix('#'))
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()));
+    staged_manifest
+        || [SHARDS_DIR, COORD_DIR].iter().any(|dir| file.strip_prefix(dir).is_some_and(|r| r.starts_with('/')))
+}
+
 /// Whether `name` is a `LATEST` hint being written (`LATEST#<digits>`, the local
 /// store's staging name) that a killed writer may have left.
 pub fn is_staged_hint(name: &str) -> bool {

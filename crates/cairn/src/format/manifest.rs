@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::format::layout;
 use crate::geometry;
-use crate::tree::{checked_nbytes, checked_numel, DType, Value};
+use crate::tree::{checked_nbytes, checked_numel, map_budget, DType, Value};
 
 /// The value of the manifest's `format` field.
 pub const FORMAT_NAME: &str = "cairn";
@@ -50,7 +50,7 @@ pub struct Manifest {
     #[serde(default, deserialize_with = "bounded_metadata")]
     pub metadata: serde_json::Value,
     /// Plain (non-tensor) values by key; at most [`MAX_VALUE_MAPS`] maps among them.
-    #[serde(default, deserialize_with = "bounded_values")]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub values: BTreeMap<String, Value>,
     /// A frontend's description of how keys nest, as JSON text (opaque to the engine,
     /// kept as text so that it costs its size in memory).
@@ -75,8 +75,9 @@ pub const MAX_VALUE_MAPS: usize = 100_000;
 pub const STRUCTURE_BYTES_PER_KEY_BYTE: usize = 4;
 /// See [`STRUCTURE_BYTES_PER_KEY_BYTE`].
 pub const STRUCTURE_BYTES_PER_KEY: usize = 64;
-/// See [`STRUCTURE_BYTES_PER_KEY_BYTE`].
-pub const STRUCTURE_SLACK_BYTES: usize = 1 << 20;
+/// See [`STRUCTURE_BYTES_PER_KEY_BYTE`]; room for containers that hold no key (a state
+/// of a million empty dicts fits).
+pub const STRUCTURE_SLACK_BYTES: usize = 16 << 20;
 
 /// Whether a structure of `structure.len()` bytes fits the keys it describes (see
 /// [`STRUCTURE_BYTES_PER_KEY_BYTE`]); checked on save and on load alike.
@@ -130,15 +131,6 @@ fn bounded_metadata<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result
 
 fn bounded_metrics<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, Value>, D::Error> {
     let raw = raw_within(deserializer, MAX_METADATA_BYTES, "metrics")?;
-    unique_keys(&mut serde_json::Deserializer::from_str(raw.get())).map_err(serde::de::Error::custom)
-}
-
-fn bounded_values<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, Value>, D::Error> {
-    let raw = raw_within(deserializer, MAX_MANIFEST_BYTES as usize, "values")?;
-    // An upper bound of the maps among the values: every one is tagged `"map"`.
-    if raw.get().matches("\"map\"").count() > MAX_VALUE_MAPS {
-        return Err(serde::de::Error::custom(format!("values hold more than {MAX_VALUE_MAPS} maps")));
-    }
     unique_keys(&mut serde_json::Deserializer::from_str(raw.get())).map_err(serde::de::Error::custom)
 }
 
@@ -269,7 +261,7 @@ impl Manifest {
                 }))
             }
         }
-        let manifest: Manifest = serde_json::from_slice(bytes)
+        let manifest: Manifest = map_budget::with(MAX_VALUE_MAPS, || serde_json::from_slice(bytes))
             .map_err(|e| Error::corrupt(format!("manifest does not match format v1 file=`{file}`")).with_source(e))?;
         manifest.validate(file)?;
         Ok(manifest)
@@ -493,11 +485,16 @@ mod tests {
     #[test]
     fn values_holding_too_many_maps_are_refused() {
         let json = String::from_utf8(sample().encode().unwrap()).unwrap();
-        let maps = "{\"map\":{}},".repeat(MAX_VALUE_MAPS + 1);
-        let bomb =
-            json.replace("\"values\":{}", &format!("\"values\":{{\"v\":{{\"list\":[{maps}{{\"null\":null}}]}}}}"));
-        assert_ne!(bomb, json);
-        assert!(decode_text_err(&bomb).full_message().contains("maps"));
+        let with_maps = |n: usize, tag: &str| {
+            // Maps however their tag is spelled, and strings that merely say "map".
+            let maps = format!("{{\"{tag}\":{{}}}},{{\"str\":\"map\"}},").repeat(n);
+            json.replace("\"values\":{}", &format!("\"values\":{{\"v\":{{\"list\":[{maps}{{\"null\":null}}]}}}}"))
+        };
+        assert!(Manifest::decode(with_maps(MAX_VALUE_MAPS, "map").as_bytes(), "m.json").is_ok());
+        for tag in ["map", "\\u006dap"] {
+            let err = decode_text_err(&with_maps(MAX_VALUE_MAPS + 1, tag));
+            assert!(err.full_message().contains("too many maps"), "{}", err.full_message());
+        }
     }
 
     #[test]
