@@ -7,6 +7,7 @@ import json
 import os
 import signal as _signal
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -352,6 +353,8 @@ class CheckpointManager:
             world_size,
             _seconds(orphan_grace),
         )
+        # Closes at interpreter exit (or when collected) without keeping `self` alive.
+        self._closer = weakref.finalize(self, self._native.close)
 
     @property
     def run(self) -> str:
@@ -456,4 +459,13 @@ class CheckpointManager:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.wait()
+        self.close()
+
+    def close(self) -> None:
+        """Waits for every save and deletion (raising a background error) and stops
+        handling the preemption signal: SIGTERM then does what it did before the manager
+        opened. Called by the `with` block's end, and at interpreter exit."""
+        if self._closer.alive:
+            self._closer()
+        else:
+            self._native.wait()

@@ -614,6 +614,11 @@ impl Manager {
         guarded(|| py.detach(|| self.inner.wait()).map_err(to_py_err))
     }
 
+    /// Waits, then stops handling the preemption signal.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        guarded(|| py.detach(|| self.inner.close()).map_err(to_py_err))
+    }
+
     #[pyo3(signature = (step=None, prefix=None, keys=None, rename=None))]
     fn restore<'py>(
         &self,

@@ -193,3 +193,40 @@ def test_a_manager_removes_old_leftovers_of_killed_saves_when_it_opens(tmp_path)
     with cairn.CheckpointManager(str(run), orphan_grace=0) as mgr:
         mgr.wait()
     assert not young.exists()
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+
+
+def test_sigterm_ends_the_process_again_once_the_manager_is_closed(run_dir):
+    out = _run_python(
+        f"""
+        import os, signal, time, numpy as np, cairn
+        with cairn.CheckpointManager({str(run_dir)!r}) as mgr:
+            mgr.on_step(1, {{"w": np.ones(2)}}, force=True)
+        print("closed", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        print("still alive")
+        """
+    )
+    assert "closed" in out.stdout and "still alive" not in out.stdout, out
+    assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr)
+
+
+def test_a_second_sigterm_while_the_first_is_pending_ends_the_process_as_killed(run_dir):
+    out = _run_python(
+        f"""
+        import os, signal, time, cairn
+        mgr = cairn.CheckpointManager({str(run_dir)!r})
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        assert mgr.preempted
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        print("still alive")
+        """
+    )
+    assert "still alive" not in out.stdout, out
+    assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr)

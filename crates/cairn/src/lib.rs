@@ -28,6 +28,7 @@ mod local_store;
 mod local_write;
 pub mod manager;
 pub mod policy;
+mod preemption;
 mod ranged_read;
 pub mod run;
 pub mod runtime;

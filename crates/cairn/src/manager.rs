@@ -20,6 +20,7 @@ use crate::format::layout::{self, LATEST_FILE};
 use crate::info::CheckpointInfo;
 use crate::load::LoadOptions;
 use crate::policy::{self, Candidate, Decision, Retention, SaveContext, SavePolicy};
+use crate::preemption::Preemption;
 use crate::run::Run;
 use crate::runtime::block_on;
 use crate::save::SaveOptions;
@@ -317,6 +318,8 @@ pub struct CheckpointManager {
     clock: Arc<dyn Clock>,
     save_template: SaveOptions,
     preempted: Arc<AtomicBool>,
+    /// The hold on the preemption signal, released on close.
+    preemption: Mutex<Option<Preemption>>,
     worker: Option<JoinHandle<()>>,
     /// Memory for snapshots, reused from one async save to the next.
     snapshots: ArenaPool,
@@ -345,12 +348,8 @@ impl CheckpointManager {
             known.insert(info.step, Candidate::from_info(&info, opts.metric.as_deref()));
         }
         let preempted = Arc::new(AtomicBool::new(false));
-        if let Some(signal) = opts.preemption_signal {
-            // The first signal asks for a save; a second one while it is pending exits.
-            signal_hook::flag::register_conditional_shutdown(signal, 1, preempted.clone())
-                .and_then(|_| signal_hook::flag::register(signal, preempted.clone()))
-                .map_err(|e| Error::invalid(format!("cannot handle signal {signal}")).with_source(e))?;
-        }
+        let preemption =
+            opts.preemption_signal.map(|signal| Preemption::install(signal, preempted.clone())).transpose()?;
         let inner = Inner {
             last_step: known.keys().next_back().copied(),
             last_save_at: opts.clock.now(),
@@ -380,6 +379,7 @@ impl CheckpointManager {
             clock: opts.clock,
             save_template: opts.save,
             preempted,
+            preemption: Mutex::new(preemption),
             worker: Some(worker),
             snapshots: ArenaPool::default(),
         };
@@ -539,6 +539,18 @@ impl CheckpointManager {
         }
     }
 
+    /// Waits for everything in flight (returning its error, as [`wait`](Self::wait)) and
+    /// stops handling the preemption signal: after closing, the signal does what it did
+    /// before the manager opened (SIGTERM ends the process again). Saving after closing
+    /// still works, without preemption handling.
+    pub fn close(&self) -> Result<()> {
+        let waited = self.wait();
+        if let Some(mut preemption) = self.preemption.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            preemption.release();
+        }
+        waited
+    }
+
     /// The problems of the cleanup that follows committed saves (retention's deletions,
     /// the `LATEST` hint) since the last call, oldest first. They never fail a save: the
     /// checkpoints were committed, each failed step was retried with backoff, and
@@ -610,9 +622,10 @@ impl CheckpointManager {
 }
 
 impl Drop for CheckpointManager {
-    /// Flushes: waits for saves and deletions in flight, then stops the worker.
+    /// Flushes: waits for saves and deletions in flight, releases the preemption signal,
+    /// then stops the worker.
     fn drop(&mut self) {
-        let _ = self.wait();
+        let _ = self.close();
         self.shared.lock().shutdown = true;
         self.shared.changed.notify_all();
         if let Some(worker) = self.worker.take() {
