@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import signal as _signal
 import warnings
@@ -67,9 +68,25 @@ def _metadata(metadata: Any) -> str | None:
     if metadata is None:
         return None
     try:
-        return json.dumps(metadata, allow_nan=True)
+        return json.dumps(metadata, allow_nan=False)
     except TypeError as e:
         raise _cairn.InvalidArgumentError(f"metadata is not json-serializable: {e}") from None
+    except ValueError:
+        raise _cairn.InvalidArgumentError(
+            f"metadata holds a NaN or infinite number, which JSON cannot store key=`{_non_finite(metadata, '')}`"
+        ) from None
+
+
+def _non_finite(obj: Any, path: str) -> str | None:
+    """The key path of the first NaN or infinite float in `obj`, if any."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path or "_"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _rename(rename: Any) -> list[tuple[str, str]] | None:
@@ -376,6 +393,7 @@ class CheckpointManager:
         metadata: Any = None,
     ) -> bool:
         """Saves `state` if the policies say so (or `force`); returns whether it saved.
+        A step already committed is never saved again, forced or not: this returns False.
         On a step that saves nothing, `state` is not looked at (no device copy)."""
         if not self._native.due(step, force):
             return False

@@ -94,7 +94,14 @@ def _key(path: tuple[str, ...]) -> str:
     return ".".join(path) if path else "_"
 
 
+# Deepest nesting of dicts, lists and tuples saved: loading rebuilds it recursively, so
+# saving refuses what loading could not rebuild (and commits nothing).
+MAX_NESTING = 100
+
+
 def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
+    if len(path) > MAX_NESTING and isinstance(obj, (dict, list, tuple)):
+        raise InvalidArgumentError(f"state nested deeper than {MAX_NESTING} levels key=`{_key(path)}`")
     if isinstance(obj, dict):
         items = []
         for k, v in obj.items():

@@ -105,3 +105,29 @@ def test_a_commit_the_disk_refuses_leaves_no_shards_and_says_storage_full(tmp_pa
     leftovers = [p for p in run.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
     assert cairn.list_checkpoints(str(run)) == []
+
+
+def test_non_finite_metadata_is_refused_at_save_naming_its_key(tmp_path):
+    with pytest.raises(cairn.InvalidArgumentError, match="key=`eval.scores.1`"):
+        cairn.save(str(tmp_path / "run"), {"w": np.ones(2)}, step=1, metadata={"eval": {"scores": [1.0, float("nan")]}})
+    assert not (tmp_path / "run").exists() or cairn.list_checkpoints(str(tmp_path / "run")) == []
+    cairn.save(str(tmp_path / "ok"), {"w": np.ones(2)}, step=1, metadata={"lr": 1e-3})
+
+
+def test_nesting_is_refused_at_save_exactly_where_load_could_not_rebuild_it(tmp_path):
+    def nested(depth):
+        state = {"w": np.ones(2)}
+        for _ in range(depth):
+            state = {"k": state}
+        return state
+
+    deepest = nested(cairn._tree.MAX_NESTING)
+    cairn.save(str(tmp_path / "ok"), deepest, step=1)
+    loaded = cairn.load(str(tmp_path / "ok"))
+    for _ in range(cairn._tree.MAX_NESTING):
+        loaded = loaded["k"]
+    assert loaded["w"].tolist() == [1, 1]
+    with pytest.raises(cairn.InvalidArgumentError, match="nested deeper") as err:
+        cairn.save(str(tmp_path / "deep"), nested(cairn._tree.MAX_NESTING + 1), step=1)
+    assert "key=`k.k." in str(err.value)
+    assert not (tmp_path / "deep").exists() or cairn.list_checkpoints(str(tmp_path / "deep")) == []

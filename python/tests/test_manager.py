@@ -230,3 +230,11 @@ def test_a_second_sigterm_while_the_first_is_pending_ends_the_process_as_killed(
     )
     assert "still alive" not in out.stdout, out
     assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr)
+
+
+def test_forcing_an_already_committed_step_returns_false(run_dir):
+    with cairn.CheckpointManager(str(run_dir), policies=[cairn.Every(10)]) as mgr:
+        assert mgr.on_step(10, {"w": np.ones(2)})
+        mgr.wait()
+        assert mgr.on_step(10, {"w": np.zeros(2)}, force=True) is False
+    assert cairn.load(str(run_dir))["w"].tolist() == [1, 1]

@@ -287,3 +287,13 @@ fn ls_and_prune_skip_a_damaged_manifest_and_say_so() {
     assert!(out.stderr.contains("kept a damaged checkpoint"), "{}", out.stderr);
     assert!(dir.path().join("run/step-000000000010/manifest.json").exists());
 }
+
+#[test]
+fn export_writes_a_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    assert_eq!(cairn(dir.path(), &["export", "run", "model.safetensors"]).code, 0);
+    let mode = std::fs::metadata(dir.path().join("model.safetensors")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644);
+}

@@ -408,6 +408,8 @@ impl CheckpointManager {
     /// Called every step: saves if the policy says so (or `req.force`, or after a
     /// preemption signal) and returns whether it saved. Returns once the state is
     /// snapshotted; after a preemption save it also waits until everything is durable.
+    /// A step already committed (or being written) is never saved again, forced or not:
+    /// `on_step` returns `false` (use [`save`](Self::save) to be told with an error).
     pub fn on_step(&self, step: u64, state: &State, req: SaveRequest) -> Result<bool> {
         self.on_step_with(step, req, |req| self.save(step, state, req))
     }
@@ -443,6 +445,10 @@ impl CheckpointManager {
     fn decide(&self, step: u64, force: bool, preempted: bool) -> Decision {
         let (last_step, last_save_at) = {
             let inner = self.shared.lock();
+            // Already committed or being written: nothing new to save, even when forced.
+            if inner.known.contains_key(&step) || inner.writing.contains(&step) {
+                return Decision::Skip;
+            }
             (inner.last_step, inner.last_save_at)
         };
         let ctx = SaveContext { step, now: self.clock.now(), last_step, last_save_at, force, preempted };

@@ -177,16 +177,6 @@ fn time_interval_saves_temporaries_that_newer_checkpoints_replace() {
 }
 
 #[test]
-fn forced_save_of_a_committed_step_is_refused() {
-    let manager = CheckpointManager::open("memory://manager/force", options(5)).unwrap();
-    let state = common::model_state(1, 1, 2);
-    manager.on_step(5, &state, SaveRequest::default()).unwrap();
-    let err = manager.on_step(5, &state, SaveRequest { force: true, ..Default::default() }).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
-    assert!(manager.on_step(6, &state, SaveRequest { force: true, ..Default::default() }).unwrap());
-}
-
-#[test]
 fn latest_hint_names_the_newest_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let uri = dir.path().join("run");
@@ -311,4 +301,20 @@ fn a_failed_cleanup_after_a_commit_is_reported_apart_from_the_save() {
     }
     assert!(cleanup_only > 0, "no case where only the cleanup failed ({ops} operations)");
     eprintln!("cleanup: {ops} operations x 2 faults; {cleanup_only} cleanup-only failures reported apart");
+}
+
+#[test]
+fn forcing_a_step_that_is_already_committed_saves_nothing_and_says_so() {
+    let manager = CheckpointManager::open("memory://manager/force-committed", options(10)).unwrap();
+    let state = common::model_state(10, 1, 2);
+    assert!(manager.on_step(10, &state, SaveRequest::default()).unwrap());
+    manager.wait().unwrap();
+    let forced = SaveRequest { force: true, ..Default::default() };
+    assert!(!manager.due(10, true));
+    assert!(!manager.on_step(10, &state, forced.clone()).unwrap(), "nothing new was saved");
+    let err = manager.save(10, &state, forced).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    assert!(manager.on_step(11, &state, SaveRequest { force: true, ..Default::default() }).unwrap());
+    manager.wait().unwrap();
+    assert_eq!(steps(&manager), [10, 11]);
 }

@@ -50,6 +50,10 @@ pub fn export(uri: &str, out: &Path, prefixes: Vec<String>, dtype: Option<&str>)
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), out)
         .map_err(|e| CliError::msg(format!("cannot write file=`{}`: {e}", out.display())))?;
+    // safetensors writes through a private temporary file (mode 0600): an exported model
+    // is for others to read, like any file the user writes.
+    std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(|e| CliError::msg(format!("cannot set the mode of file=`{}`: {e}", out.display())))?;
     let bytes: u64 = tensors.values().map(|t| t.data().len() as u64).sum();
     println!(
         "exported {} tensors ({}) from step {} to {}",
