@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== formatting"
+echo "== formatting and lints (clippy, missing docs: warnings are errors)"
 cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== python environment (.venv: torch, jax, seaweedfs) and package build"
 ./scripts/python-env.sh

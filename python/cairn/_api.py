@@ -109,7 +109,7 @@ def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool) -> Any:
     for leaf in leaves:
         if leaf[1] == "tensor":
             key, _, name, shape, buffer = leaf
-            arr = _arrays.from_buffer(name, shape, buffer, copy=False)
+            arr = _arrays.from_buffer(name, shape, buffer)
             if not arr.flags.writeable:
                 arr = arr.copy()
             if dtype is not None:

@@ -134,11 +134,10 @@ def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:
     return name, shape, arr.reshape(-1).view(np.uint8)
 
 
-def from_buffer(dtype: str, shape: list[int], buffer: Any, *, copy: bool) -> np.ndarray:
-    """A numpy array over a loaded tensor buffer (a copy when `copy`)."""
+def from_buffer(dtype: str, shape: list[int], buffer: Any) -> np.ndarray:
+    """A numpy array over a loaded tensor buffer (no copy)."""
     raw = np.frombuffer(buffer, dtype=np.uint8)
-    arr = raw.view(NUMPY_DTYPES[dtype]).reshape(shape)
-    return arr.copy() if copy else arr
+    return raw.view(NUMPY_DTYPES[dtype]).reshape(shape)
 
 
 def cast(arr: np.ndarray, dtype: Any) -> np.ndarray:

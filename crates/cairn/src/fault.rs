@@ -69,11 +69,6 @@ impl FaultStore {
         self.state.ops.load(Ordering::SeqCst)
     }
 
-    /// Whether the injected fault has fired.
-    pub fn fired(&self) -> bool {
-        self.state.crashed.load(Ordering::SeqCst) || self.ops() > self.state.at.unwrap_or(u64::MAX)
-    }
-
     fn step(&self, what: &str, location: &Path) -> Result<bool> {
         self.state.step(what, location)
     }

@@ -17,6 +17,8 @@
 //! assert_eq!(loaded, state);
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod dist;
 pub mod error;
 pub mod fault;
