@@ -371,21 +371,8 @@ pub fn save_distributed(
     opts: &SaveOptions,
     exchange: &mut dyn Exchange,
 ) -> Result<CheckpointInfo> {
-    let manifest_path = dest.path(MANIFEST_FILE);
-    let exists = block_on(async {
-        match dest.store().head(&manifest_path).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => {
-                Err(Error::from_store(e, "checking for a committed checkpoint", &format!("dir=`{}`", dest.uri())))
-            }
-        }
-    })?;
-    if exists {
-        return Err(Error::new(
-            ErrorKind::AlreadyExists,
-            format!("checkpoint already committed step={step} dir=`{}`", dest.uri()),
-        ));
+    if block_on(crate::commit::is_committed(dest))? {
+        return Err(crate::commit::already_committed(step, dest));
     }
     let mine = leaves_of(state)?;
     loop {
@@ -512,5 +499,5 @@ fn commit(
     manifest
         .validate(MANIFEST_FILE)
         .map_err(|e| Error::invalid(format!("{} (ranks' slices do not tile the tensor)", e.message())))?;
-    block_on(save::commit_manifest(dest, &manifest, step))
+    block_on(crate::commit::create_manifest(dest, &manifest, step))
 }

@@ -19,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+mod commit;
 pub mod dist;
 pub mod error;
 pub mod fault;

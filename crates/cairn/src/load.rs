@@ -190,10 +190,7 @@ impl Checkpoint {
     /// Whether the manifest is still there (a reader racing a deletion sees missing data
     /// files; that checkpoint is gone, not corrupt).
     async fn still_committed(&self) -> bool {
-        !matches!(
-            self.location.store().head(&self.location.path(MANIFEST_FILE)).await,
-            Err(object_store::Error::NotFound { .. })
-        )
+        crate::commit::is_committed(&self.location).await.unwrap_or(true)
     }
 
     async fn read_selected(&self, opts: &LoadOptions) -> Result<State> {

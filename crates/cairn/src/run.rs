@@ -5,6 +5,7 @@
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 
+use crate::commit;
 use crate::error::{Error, Result};
 use crate::format::layout::{self, MANIFEST_FILE};
 use crate::info::CheckpointInfo;
@@ -192,7 +193,7 @@ impl Run {
     /// data. Deleting a step that does not exist is not an error.
     pub fn delete(&self, step: u64) -> Result<()> {
         let dir = self.location.child(&layout::step_dir(step));
-        block_on(delete_checkpoint(&dir))
+        block_on(commit::delete_checkpoint(&dir))
     }
 
     /// Applies `retention` to the readable committed checkpoints (never the latest,
@@ -272,7 +273,7 @@ impl Run {
                 // A save still writing keeps making new files: all must be old. And the
                 // folder must still have no manifest (one may have landed since listing).
                 None if files.iter().all(|(_, m)| old_enough(m))
-                    && !self.has_manifest(&self.location.child(&layout::step_dir(*step))).await? =>
+                    && !commit::is_committed(&self.location.child(&layout::step_dir(*step))).await? =>
                 {
                     orphans.extend(leftovers.map(|(_, m)| *m))
                 }
@@ -290,15 +291,6 @@ impl Run {
             removed.extend(self.remove_empty_step_folders(root, &by_step, grace).await?);
         }
         Ok(removed)
-    }
-
-    /// Whether the checkpoint folder `dir` holds a manifest now.
-    async fn has_manifest(&self, dir: &Location) -> Result<bool> {
-        match dir.store().head(&dir.path(MANIFEST_FILE)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(Error::from_store(e, "checking for a manifest", &format!("dir=`{}`", dir.uri()))),
-        }
     }
 
     /// Removes the step folders that hold no file at all (a save killed before its
@@ -340,36 +332,6 @@ impl Run {
             .ok_or_else(|| Error::not_found(format!("no committed checkpoint run=`{}`", self.location.uri())))?;
         Ok((ckpt.load(opts)?, ckpt.info()))
     }
-}
-
-/// Deletes the checkpoint folder `dir`: manifest first, then every other file Cairn
-/// writes there (a user's own file in the folder stays, and with it the folder).
-pub(crate) async fn delete_checkpoint(dir: &Location) -> Result<()> {
-    let shown = |what: &str| format!("{what}=`{}`", dir.uri());
-    match dir.store().delete(&dir.path(MANIFEST_FILE)).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => return Err(Error::from_store(e, "deleting manifest", &shown("checkpoint"))),
-    }
-    let objects: Vec<object_store::ObjectMeta> = dir
-        .store()
-        .list(Some(dir.prefix()))
-        .try_collect()
-        .await
-        .map_err(|e| Error::from_store(e, "listing checkpoint", &shown("checkpoint")))?;
-    let depth = dir.prefix().parts().count();
-    let ours = objects.into_iter().filter(|meta| {
-        let parts: Vec<_> = meta.location.parts().skip(depth).map(|p| p.as_ref().to_string()).collect();
-        layout::is_written_by_cairn(&parts.join("/"))
-    });
-    for meta in ours {
-        match dir.store().delete(&meta.location).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => {
-                return Err(Error::from_store(e, "deleting checkpoint data", &format!("file=`{}`", meta.location)))
-            }
-        }
-    }
-    Ok(())
 }
 
 impl Checkpoint {

@@ -13,11 +13,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 
+use crate::commit;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
-use crate::format::layout::{self, MANIFEST_FILE};
+use crate::format::layout;
 use crate::format::manifest::{
     check_structure_size, count_value_maps, FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME,
     FORMAT_VERSION, MAX_METADATA_BYTES, MAX_VALUE_MAPS,
@@ -193,20 +194,15 @@ pub(crate) struct WrittenShard {
 /// for the guarantees. Fails with [`ErrorKind::AlreadyExists`] if `dest` is committed.
 pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &SaveOptions) -> Result<CheckpointInfo> {
     validate_state(state, opts)?;
-    let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
-    match dest.store().head(&dest.path(MANIFEST_FILE)).await {
-        Ok(_) => return Err(already_committed(step, dest)),
-        Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => {
-            return Err(Error::from_store(e, "checking for a committed checkpoint", &format!("file=`{manifest_uri}`")))
-        }
+    if commit::is_committed(dest).await? {
+        return Err(commit::already_committed(step, dest));
     }
 
     let save_id = uuid::Uuid::new_v4().simple().to_string();
     let written = write_share(dest, state, 0, &save_id[..12], opts).await?;
     let files: Vec<String> = written.iter().map(|w| w.file.clone()).collect();
     let manifest = build_manifest(state, step, opts, &save_id, written);
-    match commit_manifest(dest, &manifest, step).await {
+    match commit::create_manifest(dest, &manifest, step).await {
         Ok(()) => Ok(CheckpointInfo::from_manifest(&manifest, dest.uri())),
         // Another writer committed this step: ours never landed, so our files can go.
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
@@ -215,7 +211,7 @@ pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &S
         }
         // On local disk a failed write is over when it returns (a full disk, say): with
         // no manifest there, none will come, and our files can go.
-        Err(e) if dest.local_root().is_some() && !manifest_exists(dest).await => {
+        Err(e) if dest.local_root().is_some() && !commit::is_committed(dest).await.unwrap_or(true) => {
             remove_files(dest, files.iter().map(String::as_str)).await;
             Err(e)
         }
@@ -257,90 +253,6 @@ pub(crate) async fn write_share(
             remove_files(dest, plans.iter().map(|p| p.file.as_str())).await;
             Err(e)
         }
-    }
-}
-
-/// Create-only commit attempts when the store fails and the manifest is provably absent
-/// (a connection reset mid-PUT): another create-only attempt cannot overwrite anyone's.
-const COMMIT_ATTEMPTS: u32 = 3;
-
-/// The commit: creates `manifest.json` only if absent. After any failure the manifest is
-/// read back: one carrying this save's id is our own commit whose acknowledgement was
-/// lost (not a conflict); none at all means the write did not land, and it is tried
-/// again (up to [`COMMIT_ATTEMPTS`] times).
-pub(crate) async fn commit_manifest(dest: &Location, manifest: &Manifest, step: u64) -> Result<()> {
-    let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
-    let payload = PutPayload::from(manifest.encode()?);
-    let mut attempt = 1;
-    loop {
-        let put = PutOptions { mode: PutMode::Create, ..Default::default() };
-        let failure = match dest.store().put_opts(&dest.path(MANIFEST_FILE), payload.clone(), put).await {
-            Ok(_) => return Ok(()),
-            Err(e) => e,
-        };
-        // Whatever the error, the write may have landed (a lost acknowledgement): look.
-        match (manifest_owner(dest, &manifest.save_id).await, failure) {
-            (Owner::Us, _) => return Ok(()),
-            (Owner::Other, object_store::Error::AlreadyExists { .. }) => return Err(already_committed(step, dest)),
-            (Owner::Unknown, object_store::Error::AlreadyExists { .. }) => {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "commit conflicted but the manifest could not be read back to tell whose it is file=`{manifest_uri}`"
-                    ),
-                ))
-            }
-            // The name is taken by something that is not a manifest (a folder, say).
-            (Owner::Nobody, object_store::Error::AlreadyExists { .. }) => {
-                return Err(Error::corrupt(format!(
-                    "something that is not a manifest is in the way of the commit file=`{manifest_uri}`"
-                )))
-            }
-            (Owner::Nobody, _) if attempt < COMMIT_ATTEMPTS => {
-                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
-                attempt += 1;
-            }
-            (_, other) => {
-                return Err(Error::from_store(other, "committing manifest", &format!("file=`{manifest_uri}`")))
-            }
-        }
-    }
-}
-
-fn already_committed(step: u64, dest: &Location) -> Error {
-    Error::new(
-        ErrorKind::AlreadyExists,
-        format!("checkpoint already committed; nothing was overwritten step={step} dir=`{}`", dest.uri()),
-    )
-}
-
-/// Whether `dest` holds a manifest (or might: a failed look counts as yes).
-async fn manifest_exists(dest: &Location) -> bool {
-    !matches!(dest.store().head(&dest.path(MANIFEST_FILE)).await, Err(object_store::Error::NotFound { .. }))
-}
-
-/// Who wrote the manifest of a checkpoint folder, as far as a read can tell.
-enum Owner {
-    /// It carries the given save id.
-    Us,
-    /// It carries another (or cannot be decoded).
-    Other,
-    /// There is none.
-    Nobody,
-    /// It could not be read.
-    Unknown,
-}
-
-async fn manifest_owner(dest: &Location, save_id: &str) -> Owner {
-    let got = match dest.store().get(&dest.path(MANIFEST_FILE)).await {
-        Ok(got) => got,
-        Err(object_store::Error::NotFound { .. }) => return Owner::Nobody,
-        Err(_) => return Owner::Unknown,
-    };
-    match got.bytes().await {
-        Ok(bytes) if Manifest::decode(&bytes, MANIFEST_FILE).is_ok_and(|m| m.save_id == save_id) => Owner::Us,
-        Ok(_) => Owner::Other,
-        Err(_) => Owner::Unknown,
     }
 }
 

@@ -9,8 +9,9 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::ObjectStoreExt;
 
+use crate::commit::{self, Owner};
 use crate::error::{escape_control, Error, ErrorKind, Result, Untrusted};
 use crate::format::layout::{self, MANIFEST_FILE};
 use crate::format::manifest::{Manifest, MAX_MANIFEST_BYTES};
@@ -32,14 +33,23 @@ pub fn copy_checkpoint(src: &Checkpoint, dst: &Location) -> Result<CheckpointInf
 
 async fn copy_async(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> {
     let manifest = src.manifest();
-    if let Some(existing) = existing_manifest(dst).await? {
-        if existing.save_id != manifest.save_id {
+    let copied_before = match commit::manifest_owner(dst, &manifest.save_id).await {
+        Owner::Us => true,
+        Owner::Nobody => false,
+        Owner::Other => {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
                 format!("destination holds another checkpoint dir=`{}`", dst.uri()),
-            ));
+            ))
         }
-    } else {
+        Owner::Unknown => {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("cannot read the destination's manifest to tell whose it is dir=`{}`", dst.uri()),
+            ))
+        }
+    };
+    if !copied_before {
         for (file, record) in &manifest.files {
             let present = dst.store().head(&dst.path(file)).await.is_ok_and(|m| m.size == record.size);
             if present {
@@ -50,7 +60,7 @@ async fn copy_async(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> 
                 (dst.local_dir().is_none() && record.size >= DEFAULT_MULTIPART_BYTES).then_some(DEFAULT_PART_BYTES);
             put_file(dst, file, vec![data], part).await?;
         }
-        commit(dst, manifest).await?;
+        commit::create_manifest(dst, manifest, manifest.step).await?;
     }
     let copied = Checkpoint::open_at(dst.clone()).await?;
     let problems = copied.scan().await?;
@@ -60,14 +70,6 @@ async fn copy_async(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> 
     Ok(copied.info())
 }
 
-async fn existing_manifest(dst: &Location) -> Result<Option<Manifest>> {
-    match Checkpoint::open_at(dst.clone()).await {
-        Ok(c) => Ok(Some(c.manifest().clone())),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 async fn read_whole(loc: &Location, file: &str, size: u64) -> Result<Bytes> {
     let shown = format!("file=`{}/{file}`", loc.uri());
     let got = loc.store().get(&loc.path(file)).await.map_err(|e| Error::from_store(e, "reading", &shown))?;
@@ -75,21 +77,6 @@ async fn read_whole(loc: &Location, file: &str, size: u64) -> Result<Bytes> {
         return Err(Error::corrupt(format!("data file has {} bytes, manifest says {size} {shown}", got.meta.size)));
     }
     got.bytes().await.map_err(|e| Error::from_store(e, "reading", &shown))
-}
-
-/// Creates the manifest at `dst` only if absent; a manifest there from the same save is
-/// our own earlier (retried) commit.
-async fn commit(dst: &Location, manifest: &Manifest) -> Result<()> {
-    let put = PutOptions { mode: PutMode::Create, ..Default::default() };
-    let shown = format!("file=`{}/{MANIFEST_FILE}`", dst.uri());
-    match dst.store().put_opts(&dst.path(MANIFEST_FILE), PutPayload::from(manifest.encode()?), put).await {
-        Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) => match existing_manifest(dst).await? {
-            Some(m) if m.save_id == manifest.save_id => Ok(()),
-            _ => Err(Error::new(ErrorKind::AlreadyExists, format!("destination already committed {shown}"))),
-        },
-        Err(e) => Err(Error::from_store(e, "committing manifest", &shown)),
-    }
 }
 
 /// Copies every committed checkpoint of `src` into `dst` (same step folders), each
@@ -166,7 +153,7 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
     let manifest_bytes = manifest_bytes.ok_or_else(|| Error::corrupt("bundle has no manifest.json"))?;
     let manifest = Manifest::decode(&manifest_bytes, "bundle:manifest.json")?;
     block_on(async {
-        if existing_manifest(dst).await?.is_some() {
+        if commit::is_committed(dst).await? {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
                 format!("destination already committed dir=`{}`", dst.uri()),
@@ -178,7 +165,7 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
             }
             put_file(dst, &name, vec![data], None).await?;
         }
-        commit(dst, &manifest).await?;
+        commit::create_manifest(dst, &manifest, manifest.step).await?;
         let copied = Checkpoint::open_at(dst.clone()).await?;
         if let Some(first) = copied.scan().await?.into_iter().next() {
             return Err(first);

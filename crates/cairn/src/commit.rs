@@ -1,0 +1,141 @@
+//! The commit protocol, the one place every writer (a save, a multi-rank save, a copy, a
+//! bundle import) and every deleter goes through:
+//!
+//! - a checkpoint folder is committed if and only if its `manifest.json` exists
+//!   ([`is_committed`]);
+//! - the commit creates the manifest only if absent ([`create_manifest`]); after any
+//!   failure it reads the manifest back: one carrying this save's id is this save's own
+//!   commit whose acknowledgement was lost, another's is a conflict (*already exists*), and
+//!   none at all means the write did not land, so it is tried again (create-only: it can
+//!   never overwrite anyone's);
+//! - deletion removes the manifest first (the checkpoint stops existing), then the files
+//!   Cairn writes in the folder ([`delete_checkpoint`]); a user's own files stay.
+//!
+//! docs/format.md ("Commit protocol") states the same contract for other implementations.
+
+use futures::TryStreamExt;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::layout::{self, MANIFEST_FILE};
+use crate::format::manifest::Manifest;
+use crate::store::Location;
+
+/// Whether the checkpoint folder `dest` holds a manifest now.
+pub(crate) async fn is_committed(dest: &Location) -> Result<bool> {
+    match dest.store().head(&dest.path(MANIFEST_FILE)).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(Error::from_store(e, "checking for a committed checkpoint", &format!("dir=`{}`", dest.uri()))),
+    }
+}
+
+/// Create-only commit attempts when the store fails and the manifest is provably absent
+/// (a connection reset mid-PUT): another create-only attempt cannot overwrite anyone's.
+const COMMIT_ATTEMPTS: u32 = 3;
+
+/// The commit: creates `manifest.json` only if absent. After any failure the manifest is
+/// read back: one carrying this save's id is our own commit whose acknowledgement was
+/// lost (not a conflict); none at all means the write did not land, and it is tried
+/// again (up to [`COMMIT_ATTEMPTS`] times).
+pub(crate) async fn create_manifest(dest: &Location, manifest: &Manifest, step: u64) -> Result<()> {
+    let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
+    let payload = PutPayload::from(manifest.encode()?);
+    let mut attempt = 1;
+    loop {
+        let put = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let failure = match dest.store().put_opts(&dest.path(MANIFEST_FILE), payload.clone(), put).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        // Whatever the error, the write may have landed (a lost acknowledgement): look.
+        match (manifest_owner(dest, &manifest.save_id).await, failure) {
+            (Owner::Us, _) => return Ok(()),
+            (Owner::Other, object_store::Error::AlreadyExists { .. }) => return Err(already_committed(step, dest)),
+            (Owner::Unknown, object_store::Error::AlreadyExists { .. }) => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "commit conflicted but the manifest could not be read back to tell whose it is file=`{manifest_uri}`"
+                    ),
+                ))
+            }
+            // The name is taken by something that is not a manifest (a folder, say).
+            (Owner::Nobody, object_store::Error::AlreadyExists { .. }) => {
+                return Err(Error::corrupt(format!(
+                    "something that is not a manifest is in the way of the commit file=`{manifest_uri}`"
+                )))
+            }
+            (Owner::Nobody, _) if attempt < COMMIT_ATTEMPTS => {
+                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                attempt += 1;
+            }
+            (_, other) => {
+                return Err(Error::from_store(other, "committing manifest", &format!("file=`{manifest_uri}`")))
+            }
+        }
+    }
+}
+
+pub(crate) fn already_committed(step: u64, dest: &Location) -> Error {
+    Error::new(
+        ErrorKind::AlreadyExists,
+        format!("checkpoint already committed; nothing was overwritten step={step} dir=`{}`", dest.uri()),
+    )
+}
+
+/// Who wrote the manifest of a checkpoint folder.
+pub(crate) enum Owner {
+    /// It carries the given save id.
+    Us,
+    /// It carries another (or cannot be decoded).
+    Other,
+    /// There is none.
+    Nobody,
+    /// It could not be read.
+    Unknown,
+}
+
+/// Who wrote the manifest of `dest`, as far as one read can tell.
+pub(crate) async fn manifest_owner(dest: &Location, save_id: &str) -> Owner {
+    let got = match dest.store().get(&dest.path(MANIFEST_FILE)).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Owner::Nobody,
+        Err(_) => return Owner::Unknown,
+    };
+    match got.bytes().await {
+        Ok(bytes) if Manifest::decode(&bytes, MANIFEST_FILE).is_ok_and(|m| m.save_id == save_id) => Owner::Us,
+        Ok(_) => Owner::Other,
+        Err(_) => Owner::Unknown,
+    }
+}
+
+/// Deletes the checkpoint folder `dir`: manifest first, then every other file Cairn
+/// writes there (a user's own file in the folder stays, and with it the folder).
+pub(crate) async fn delete_checkpoint(dir: &Location) -> Result<()> {
+    let shown = |what: &str| format!("{what}=`{}`", dir.uri());
+    match dir.store().delete(&dir.path(MANIFEST_FILE)).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(Error::from_store(e, "deleting manifest", &shown("checkpoint"))),
+    }
+    let objects: Vec<object_store::ObjectMeta> = dir
+        .store()
+        .list(Some(dir.prefix()))
+        .try_collect()
+        .await
+        .map_err(|e| Error::from_store(e, "listing checkpoint", &shown("checkpoint")))?;
+    let depth = dir.prefix().parts().count();
+    let ours = objects.into_iter().filter(|meta| {
+        let parts: Vec<_> = meta.location.parts().skip(depth).map(|p| p.as_ref().to_string()).collect();
+        layout::is_written_by_cairn(&parts.join("/"))
+    });
+    for meta in ours {
+        match dir.store().delete(&meta.location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => {
+                return Err(Error::from_store(e, "deleting checkpoint data", &format!("file=`{}`", meta.location)))
+            }
+        }
+    }
+    Ok(())
+}
