@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -54,6 +55,26 @@ class Every:
 
     interval: int
     until: int | None = None
+
+
+_ARGUMENT_ERRORS = (TypeError, ValueError, AttributeError, OverflowError, KeyError, IndexError)
+
+
+def _typed(fn: Callable) -> Callable:
+    """Makes `fn` raise only `CheckpointError` subclasses: an argument Python or the
+    binding cannot convert (a wrong type, a negative step, a malformed rename) becomes
+    `InvalidArgumentError` naming the call, with the original error as its cause."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _ARGUMENT_ERRORS as e:
+            raise _cairn.InvalidArgumentError(
+                f"invalid argument to {fn.__qualname__}: {type(e).__name__}: {e}"
+            ) from e
+
+    return wrapper
 
 
 def _uri(path: str | os.PathLike) -> str:
@@ -121,6 +142,7 @@ def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool) -> Any:
     return dict(out) if renamed else _tree.unflatten(structure, out, info.get("uri", ""))
 
 
+@_typed
 def save(
     path: str | os.PathLike,
     state: Any,
@@ -167,6 +189,7 @@ def save(
     return CheckpointInfo._from_native(info)
 
 
+@_typed
 def load(
     path: str | os.PathLike,
     *,
@@ -229,6 +252,7 @@ class DamagedCheckpointWarning(UserWarning):
     and was skipped; the message names it. It is never deleted by retention."""
 
 
+@_typed
 def list_checkpoints(path: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> list[CheckpointInfo]:
     """The readable committed checkpoints of the run at `path`, in step order. Each
     damaged one is skipped with a `DamagedCheckpointWarning` naming it."""
@@ -248,6 +272,7 @@ class PruneReport:
     removed: list[str]
 
 
+@_typed
 def prune(
     path: str | os.PathLike,
     *,
@@ -269,6 +294,7 @@ def prune(
     return PruneReport(deleted, kept, damaged, removed)
 
 
+@_typed
 def copy(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -282,16 +308,19 @@ def copy(
     return [CheckpointInfo._from_native(d) for d in _cairn.copy(_uri(src), _uri(dst), src_options, dst_options)]
 
 
+@_typed
 def to_bytes(path: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> bytes:
     """Packs a checkpoint (or a run's latest) into one self-contained byte bundle."""
     return _cairn.to_bytes(_uri(path), storage_options)
 
 
+@_typed
 def from_bytes(bundle: bytes, path: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> CheckpointInfo:
     """Unpacks a bundle from `to_bytes` into the checkpoint folder `path`, verified."""
     return CheckpointInfo._from_native(_cairn.from_bytes(bundle, _uri(path), storage_options))
 
 
+@_typed
 def as_directory(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> str:
     """A local read-only directory holding the checkpoint at `path` (any URI): its own
     folder when local, else a copy downloaded once into `cache_dir` (default
@@ -302,12 +331,14 @@ def as_directory(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None
     return os.fspath(_cairn.as_directory(_uri(path), os.fspath(cache_dir)))
 
 
+@_typed
 def register_scheme(prefix: str, resolver: Callable[[str], str]) -> None:
     """Registers a URI prefix (e.g. `"mystore://"`): `resolver(uri)` returns the URI Cairn
     should use instead (a path, `s3://...`). The longest registered prefix wins."""
     _cairn.register_scheme(prefix, resolver)
 
 
+@_typed
 def unregister_scheme(prefix: str) -> bool:
     """Removes a prefix registered with `register_scheme`; returns whether it was there."""
     return _cairn.unregister_scheme(prefix)
@@ -334,6 +365,7 @@ class CheckpointManager:
     removes in the background what unfinished saves left once older than `orphan_grace`
     (seconds; None: never); cleanup problems never fail a save (`cleanup_errors()`)."""
 
+    @_typed
     def __init__(
         self,
         run: str | os.PathLike,
@@ -383,6 +415,7 @@ class CheckpointManager:
         """Whether the preemption signal arrived (the loop should stop)."""
         return self._native.preempted()
 
+    @_typed
     def on_step(
         self,
         step: int,
@@ -410,6 +443,7 @@ class CheckpointManager:
             leaves.staging,
         )
 
+    @_typed
     def save(
         self,
         step: int,
@@ -437,6 +471,7 @@ class CheckpointManager:
         """Blocks until every save and deletion is done; raises a background error."""
         self._native.wait()
 
+    @_typed
     def restore(
         self,
         step: int | None = None,
@@ -461,14 +496,17 @@ class CheckpointManager:
         next save."""
         return self._native.take_cleanup_errors()
 
+    @_typed
     def latest_step(self) -> int | None:
         """The highest committed step, or None."""
         return self._native.latest_step()
 
+    @_typed
     def list(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, in step order."""
         return [CheckpointInfo._from_native(d) for d in self._native.list()]
 
+    @_typed
     def reset(self) -> None:
         """Deletes every checkpoint of the run."""
         self._native.reset()

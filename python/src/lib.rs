@@ -61,6 +61,8 @@ fn to_py_err(err: cairn::Error) -> PyErr {
         ErrorKind::Permission => PermissionDeniedError::new_err(message),
         ErrorKind::StorageFull => StorageFullError::new_err(message),
         ErrorKind::Unavailable => UnavailableError::new_err(message),
+        ErrorKind::Internal => CheckpointError::new_err(format!("internal error in cairn (please report): {message}")),
+        _ => CheckpointError::new_err(message),
     }
 }
 

@@ -131,3 +131,29 @@ def test_nesting_is_refused_at_save_exactly_where_load_could_not_rebuild_it(tmp_
         cairn.save(str(tmp_path / "deep"), nested(cairn._tree.MAX_NESTING + 1), step=1)
     assert "key=`k.k." in str(err.value)
     assert not (tmp_path / "deep").exists() or cairn.list_checkpoints(str(tmp_path / "deep")) == []
+
+
+BAD_CALLS = {
+    "path of the wrong type": lambda run: cairn.save(123, {"w": np.ones(2)}, step=1),
+    "no path": lambda run: cairn.load(None),
+    "unknown dtype": lambda run: cairn.load(run, dtype="nope"),
+    "prefix not a string": lambda run: cairn.load(run, prefix=3),
+    "malformed rename": lambda run: cairn.load(run, rename="bad"),
+    "step not a number": lambda run: cairn.load(run, step="x"),
+    "negative step": lambda run: cairn.save(run, {"w": np.ones(2)}, step=-5),
+    "keep_last not a number": lambda run: cairn.CheckpointManager(run, keep_last="3"),
+    "negative keep_last": lambda run: cairn.CheckpointManager(run, keep_last=-1),
+    "policies not Every": lambda run: cairn.CheckpointManager(run, policies=[3]),
+    "bundle not bytes": lambda run: cairn.from_bytes("abc", run + "-x"),
+    "malformed slice": lambda run: cairn.load(run, slices={"w": "bad"}),
+    "store option not a string": lambda run: cairn.load(run, storage_options={"x": 1}),
+}
+
+
+@pytest.mark.parametrize("call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_arguments_raise_only_checkpoint_errors(tmp_path, call):
+    run = str(tmp_path / "run")
+    cairn.save(run, {"w": np.ones(2)}, step=1)
+    with pytest.raises(cairn.InvalidArgumentError) as err:
+        call(run)
+    assert "invalid argument" in str(err.value) or "invalid" in str(err.value).lower()

@@ -29,6 +29,7 @@ impl From<cairn::Error> for CliError {
             cairn::ErrorKind::StorageFull => {
                 Some("free space on the store (`cairn prune` removes old checkpoints), then save again".to_string())
             }
+            cairn::ErrorKind::Internal => Some("this is a bug in cairn; please report it with the command".to_string()),
             cairn::ErrorKind::Unavailable => Some("the store failed or timed out; retrying may succeed".to_string()),
             _ => None,
         };

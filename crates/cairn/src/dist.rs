@@ -258,7 +258,7 @@ struct Written {
 /// Rank 0's verdict, returned by every rank.
 #[derive(Debug, Serialize, Deserialize)]
 struct Outcome {
-    error: Option<(String, String)>,
+    error: Option<(ErrorKind, String)>,
 }
 
 /// A distinct box of a tensor: key, offsets, shape.
@@ -434,14 +434,14 @@ fn attempt_save(
     };
     // A rank whose writes failed still takes part, so every rank learns the outcome.
     let failure =
-        written.as_ref().err().map(|e| (format!("{:?}", e.kind()), format!("rank {rank}: {}", e.full_message())));
+        written.as_ref().err().map(|e| (e.kind(), format!("rank {rank}: {}", e.full_message())));
     let Gathered::Ready(all) = exchange.all_gather("written", encode(&(report, failure))?)? else { return Ok(None) };
 
     let verdict = if rank == 0 {
         Outcome {
             error: commit(dest, state, step, opts, attempt, &all, exchange.world_size())
                 .err()
-                .map(|e| (format!("{:?}", e.kind()), e.full_message())),
+                .map(|e| (e.kind(), e.full_message())),
         }
     } else {
         Outcome { error: None }
@@ -449,23 +449,10 @@ fn attempt_save(
     let Gathered::Ready(all) = exchange.all_gather("outcome", encode(&verdict)?)? else { return Ok(None) };
     let verdict: Outcome = decode(&all[0], 0)?;
     if let Some((kind, message)) = verdict.error {
-        return Err(Error::new(kind_from_name(&kind), message));
+        return Err(Error::new(kind, message));
     }
     let ckpt = block_on(Checkpoint::open_at(dest.clone()))?;
     Ok(Some(ckpt.info()))
-}
-
-fn kind_from_name(name: &str) -> ErrorKind {
-    match name {
-        "Invalid" => ErrorKind::Invalid,
-        "NotFound" => ErrorKind::NotFound,
-        "AlreadyExists" => ErrorKind::AlreadyExists,
-        "Corrupt" => ErrorKind::Corrupt,
-        "Incompatible" => ErrorKind::Incompatible,
-        "Permission" => ErrorKind::Permission,
-        "StorageFull" => ErrorKind::StorageFull,
-        _ => ErrorKind::Unavailable,
-    }
 }
 
 /// Rank 0: merges every rank's report into one manifest and commits it (create-only).
@@ -481,9 +468,9 @@ fn commit(
     let mut tensors: BTreeMap<String, TensorRecord> = BTreeMap::new();
     let mut files = BTreeMap::new();
     for (r, bytes) in reports.iter().enumerate() {
-        let (report, failure): (Written, Option<(String, String)>) = decode(bytes, r)?;
+        let (report, failure): (Written, Option<(ErrorKind, String)>) = decode(bytes, r)?;
         if let Some((kind, message)) = failure {
-            return Err(Error::new(kind_from_name(&kind), message));
+            return Err(Error::new(kind, message));
         }
         files.extend(report.files);
         for (key, dtype, global, piece) in report.pieces {

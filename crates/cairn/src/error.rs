@@ -5,8 +5,10 @@ use std::fmt;
 
 use crate::local_store::Refused;
 
-/// What went wrong, in terms a caller can act on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What went wrong, in terms a caller can act on. New kinds may be added: match with a
+/// wildcard arm. Serialised by name (ranks of a multi-rank save exchange them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// The caller passed something unusable (bad URI, bad state, bad option).
     Invalid,
@@ -24,6 +26,8 @@ pub enum ErrorKind {
     StorageFull,
     /// The store failed or timed out; retrying later may succeed.
     Unavailable,
+    /// A bug in Cairn (a task panicked): retrying will not help; please report it.
+    Internal,
 }
 
 impl fmt::Display for ErrorKind {
@@ -37,6 +41,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Permission => "permission denied",
             ErrorKind::StorageFull => "storage full",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal error",
         };
         f.write_str(name)
     }
@@ -124,6 +129,7 @@ impl Error {
             E::AlreadyExists { .. } | E::Precondition { .. } => ErrorKind::AlreadyExists,
             E::PermissionDenied { .. } | E::Unauthenticated { .. } => ErrorKind::Permission,
             E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. } => ErrorKind::Invalid,
+            E::JoinError { .. } => ErrorKind::Internal,
             _ => io_kind_in(&err).unwrap_or(ErrorKind::Unavailable),
         };
         if let Some(refused) = refused_in(&err) {

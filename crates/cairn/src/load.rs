@@ -351,7 +351,7 @@ impl Checkpoint {
         })
         .await
         .map_err(|e| {
-            Error::new(ErrorKind::Unavailable, format!("checksum task failed file=`{file}`")).with_source(e)
+            Error::new(ErrorKind::Internal, format!("checksum task failed file=`{file}`")).with_source(e)
         })?;
         checked.map_err(|failed| match failed {
             None => Error::corrupt(format!("checksum mismatch in shard header file=`{shown}`")),
@@ -379,7 +379,7 @@ impl Checkpoint {
                 let record = record.clone();
                 let task = tokio::task::spawn_blocking(move || map_local(&root, &path, &record, &all, &shown));
                 task.await.map_err(|e| {
-                    Error::new(ErrorKind::Unavailable, format!("read task failed file=`{file}`")).with_source(e)
+                    Error::new(ErrorKind::Internal, format!("read task failed file=`{file}`")).with_source(e)
                 })??
             }
             None => self.get_remote(file, &record, &all, &shown).await?,

@@ -421,7 +421,7 @@ fn store_error(err: io::Error, location: &Path) -> object_store::Error {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| generic(Box::new(e)))?
+    tokio::task::spawn_blocking(f).await.map_err(|source| object_store::Error::JoinError { source })?
 }
 
 #[async_trait]

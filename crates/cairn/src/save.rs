@@ -350,7 +350,7 @@ async fn write_shard(
         }
     })
     .await
-    .map_err(|e| Error::new(ErrorKind::Unavailable, format!("write task failed {shown}")).with_source(e))??;
+    .map_err(|e| Error::new(ErrorKind::Internal, format!("write task failed {shown}")).with_source(e))??;
     if dest.local_dir().is_none() {
         let multipart = header.file_size >= opts.multipart_bytes;
         chunks.retain(|c| !c.is_empty());
