@@ -154,6 +154,5 @@ BAD_CALLS = {
 def test_bad_arguments_raise_only_checkpoint_errors(tmp_path, call):
     run = str(tmp_path / "run")
     cairn.save(run, {"w": np.ones(2)}, step=1)
-    with pytest.raises(cairn.InvalidArgumentError) as err:
+    with pytest.raises(cairn.InvalidArgumentError):
         call(run)
-    assert "invalid argument" in str(err.value) or "invalid" in str(err.value).lower()
