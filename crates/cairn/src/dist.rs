@@ -433,8 +433,7 @@ fn attempt_save(
         Err(_) => Written { pieces: Vec::new(), files: BTreeMap::new() },
     };
     // A rank whose writes failed still takes part, so every rank learns the outcome.
-    let failure =
-        written.as_ref().err().map(|e| (e.kind(), format!("rank {rank}: {}", e.full_message())));
+    let failure = written.as_ref().err().map(|e| (e.kind(), format!("rank {rank}: {}", e.full_message())));
     let Gathered::Ready(all) = exchange.all_gather("written", encode(&(report, failure))?)? else { return Ok(None) };
 
     let verdict = if rank == 0 {

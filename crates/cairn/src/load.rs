@@ -350,9 +350,7 @@ impl Checkpoint {
             Ok(out)
         })
         .await
-        .map_err(|e| {
-            Error::new(ErrorKind::Internal, format!("checksum task failed file=`{file}`")).with_source(e)
-        })?;
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("checksum task failed file=`{file}`")).with_source(e))?;
         checked.map_err(|failed| match failed {
             None => Error::corrupt(format!("checksum mismatch in shard header file=`{shown}`")),
             Some(slot) => Error::corrupt(format!("checksum mismatch tensor=`{}` file=`{shown}`", owners[slot].0)),
