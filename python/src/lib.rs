@@ -11,8 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cairn::dist::{save_distributed, CallbackExchange, StoreExchange};
-use cairn::format::layout;
+use cairn::dist::{save_as_rank, CallbackExchange, Exchange, Ranks};
 use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
 use cairn::policy::{Every, Retention, SavePolicy};
 use cairn::{
@@ -407,32 +406,15 @@ fn save<'py>(
             ..Default::default()
         };
         let storage = storage_options.unwrap_or_default();
-        let timeout = seconds("timeout", timeout)?;
-        if rank >= world_size {
-            return Err(InvalidArgumentError::new_err(format!("rank {rank} is not below world_size {world_size}")));
-        }
+        let ranks = Ranks { rank, world_size, timeout: seconds("timeout", timeout)? };
         let info = py
             .detach(|| {
                 let location = Location::with_options(uri, true, &storage)?;
-                if world_size == 1 && all_gather.is_none() {
-                    return cairn::save_at(&location, &state, &opts);
-                }
-                let step_value = step.unwrap_or_default();
-                let dest = match step {
-                    Some(s) => location.child(&layout::step_dir(s)),
-                    None => location,
-                };
-                match &all_gather {
-                    Some(f) => {
-                        let mut exchange =
-                            CallbackExchange::new(rank, world_size, |payload: Vec<u8>| call_all_gather(f, payload));
-                        save_distributed(&dest, &state, step_value, &opts, &mut exchange)
-                    }
-                    None => {
-                        let mut exchange = StoreExchange::new(&dest, rank, world_size, timeout);
-                        save_distributed(&dest, &state, step_value, &opts, &mut exchange)
-                    }
-                }
+                let mut gather = all_gather.as_ref().map(|f| {
+                    CallbackExchange::new(rank, world_size, move |payload: Vec<u8>| call_all_gather(f, payload))
+                });
+                let exchange = gather.as_mut().map(|g| g as &mut dyn Exchange);
+                save_as_rank(&location, &state, &opts, ranks, exchange)
             })
             .map_err(to_py_err)?;
         drop(state);

@@ -359,6 +359,56 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], rank: usize) -> Result<T> 
         .map_err(|e| Error::corrupt(format!("unreadable message from rank {rank}")).with_source(e))
 }
 
+/// Which rank of how many saves, and how the ranks coordinate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ranks {
+    /// This process's rank, below `world_size`.
+    pub rank: u32,
+    /// Number of ranks saving each checkpoint together.
+    pub world_size: u32,
+    /// How long a store-coordinated save waits for the other ranks.
+    pub timeout: Duration,
+}
+
+impl Ranks {
+    /// One process saving alone.
+    pub fn single() -> Ranks {
+        Ranks { rank: 0, world_size: 1, timeout: Duration::from_secs(600) }
+    }
+}
+
+/// Saves `state` to `location` — a run when `opts.step` is set (into its step folder),
+/// else a checkpoint folder — as rank `ranks.rank` of `ranks.world_size`: alone when there
+/// is one rank and no `exchange`, else together with the other ranks through `exchange`
+/// (the job's own collectives) or, without one, through the store. The one place that
+/// decides between a single and a multi-rank save.
+pub fn save_as_rank(
+    location: &Location,
+    state: &State,
+    opts: &SaveOptions,
+    ranks: Ranks,
+    exchange: Option<&mut dyn Exchange>,
+) -> Result<CheckpointInfo> {
+    if ranks.rank >= ranks.world_size {
+        return Err(Error::invalid(format!("rank {} is not below world_size {}", ranks.rank, ranks.world_size)));
+    }
+    if ranks.world_size == 1 && exchange.is_none() {
+        return crate::save_at(location, state, opts);
+    }
+    let dest = match opts.step {
+        Some(step) => location.child(&layout::step_dir(step)),
+        None => location.clone(),
+    };
+    let step = opts.step.unwrap_or_default();
+    match exchange {
+        Some(exchange) => save_distributed(&dest, state, step, opts, exchange),
+        None => {
+            let mut exchange = StoreExchange::new(&dest, ranks.rank, ranks.world_size, ranks.timeout);
+            save_distributed(&dest, state, step, opts, &mut exchange)
+        }
+    }
+}
+
 /// Saves this rank's part of a multi-rank checkpoint into the checkpoint folder `dest`
 /// (`<run>/step-…`) and returns once it is committed by rank 0 — with the same outcome
 /// on every rank. `state` holds this rank's whole tensors (replicated ones are written

@@ -356,3 +356,18 @@ proptest! {
         let _ = Location::open(&uri);
     }
 }
+
+#[test]
+fn save_as_rank_routes_one_rank_to_a_plain_save_and_refuses_a_rank_out_of_range() {
+    use cairn::dist::{save_as_rank, Ranks};
+    let location = cairn::Location::create("memory://dist/route").unwrap();
+    let state = common::model_state(3, 1, 2);
+    let opts = cairn::SaveOptions::default().with_step(3);
+    let info = save_as_rank(&location, &state, &opts, Ranks::single(), None).unwrap();
+    assert_eq!(info.step, 3);
+    assert!(info.uri.ends_with("step-000000000003"), "{}", info.uri);
+    let out_of_range = Ranks { rank: 2, world_size: 2, ..Ranks::single() };
+    let err = save_as_rank(&location, &state, &opts.with_step(4), out_of_range, None).unwrap_err();
+    assert_eq!(err.kind(), cairn::ErrorKind::Invalid);
+    assert!(err.to_string().contains("rank 2 is not below world_size 2"), "{err}");
+}
