@@ -156,3 +156,10 @@ def test_bad_arguments_raise_only_checkpoint_errors(tmp_path, call):
     cairn.save(run, {"w": np.ones(2)}, step=1)
     with pytest.raises(cairn.InvalidArgumentError):
         call(run)
+
+
+def test_every_error_class_derives_from_the_one_checkpoint_error():
+    classes = [getattr(cairn, n) for n in cairn.__all__ if n.endswith("Error") and n != "CheckpointError"]
+    native = [getattr(cairn._cairn, n) for n in dir(cairn._cairn) if n.endswith("Error")]
+    for cls in classes + native:
+        assert issubclass(cls, cairn.CheckpointError), cls
