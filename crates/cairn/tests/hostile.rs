@@ -510,3 +510,22 @@ fn a_file_where_a_folder_belongs_and_a_folder_where_the_manifest_belongs_are_cor
     assert!(err.to_string().contains("not a manifest"), "{err}");
     assert_eq!(steps(&run), [1, 2]);
 }
+
+#[test]
+fn a_run_folder_that_is_itself_a_symlink_works_as_documented() {
+    // Putting a run on a bigger disk: the run's own path may be a symlink.
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("bigger-disk").join("job");
+    std::fs::create_dir_all(&disk).unwrap();
+    let run_path = dir.path().join("run");
+    symlink(&disk, &run_path).unwrap();
+    save(&run_path, 1);
+    let manager = manager(&run_path, 1);
+    manager.on_step(2, &state(2), SaveRequest::default()).unwrap();
+    manager.wait().unwrap();
+    let run = Run::open(run_path.to_str().unwrap()).unwrap();
+    assert_eq!(steps(&run), [2]);
+    assert_eq!(run.load_latest(&LoadOptions::default()).unwrap().0, state(2));
+    assert!(disk.join(step_dir(2)).join("manifest.json").is_file(), "written on the disk the link points to");
+    assert!(!disk.join(step_dir(1)).exists(), "retention deleted there too");
+}
