@@ -184,7 +184,7 @@ fn copy<'py>(
             .detach(|| {
                 let from = Location::with_options(src, false, &src_options.unwrap_or_default())?;
                 let to = Location::with_options(dst, true, &dst_options.unwrap_or_default())?;
-                match cairn::runtime::block_on(cairn::Checkpoint::open_at(from.clone())) {
+                match cairn::runtime::block_on(cairn::Checkpoint::open_async(from.clone())) {
                     Ok(ckpt) => Ok(vec![cairn::transfer::copy_checkpoint(&ckpt, &to)?]),
                     Err(e) if e.kind() == ErrorKind::NotFound => {
                         cairn::transfer::copy_run(&Run::at(from), &Run::at(to))

@@ -500,7 +500,7 @@ fn attempt_save(
     if let Some((kind, message)) = verdict.error {
         return Err(Error::new(kind, message));
     }
-    let ckpt = block_on(Checkpoint::open_at(dest.clone()))?;
+    let ckpt = block_on(Checkpoint::open_async(dest.clone()))?;
     Ok(Some(ckpt.info()))
 }
 

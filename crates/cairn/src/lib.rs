@@ -21,6 +21,7 @@
 
 mod commit;
 pub mod dist;
+mod entry;
 pub mod error;
 pub mod fault;
 pub mod format;
@@ -41,6 +42,7 @@ pub mod store;
 pub mod transfer;
 pub mod tree;
 
+pub use entry::{load, open, open_at, save, save_at};
 pub use error::{Error, ErrorKind, Result};
 pub use info::CheckpointInfo;
 pub use load::{Checkpoint, LoadOptions, Region, RenameRule};
@@ -48,50 +50,3 @@ pub use run::{CheckpointRef, Run, Survey};
 pub use save::SaveOptions;
 pub use store::{register_scheme, unregister_scheme, Location, SchemeFactory, StoreOptions};
 pub use tree::{DType, Entry, Slice, State, Tensor, Value};
-
-use format::layout::MANIFEST_FILE;
-use object_store::ObjectStoreExt;
-
-/// Saves `state` to `uri` and commits it. With `opts.step` set, `uri` is a run and the
-/// checkpoint goes to `<uri>/step-<step>`; without, `uri` is the checkpoint folder.
-/// Returns once the checkpoint is committed (and durable, on local disk).
-pub fn save(uri: &str, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
-    save_at(&Location::create(uri)?, state, opts)
-}
-
-/// [`save`] to an already resolved location (e.g. one opened with store options).
-pub fn save_at(location: &Location, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
-    match opts.step {
-        Some(_) => Run::at(location.clone()).save(state, opts),
-        None => runtime::block_on(save::save_checkpoint(location, state, 0, opts)),
-    }
-}
-
-/// Opens `uri` as a checkpoint folder if it holds a manifest, else as a run whose latest
-/// committed checkpoint is opened.
-pub fn open(uri: &str) -> Result<Checkpoint> {
-    open_at(Location::open(uri)?)
-}
-
-/// [`open`] at an already resolved location.
-pub fn open_at(location: Location) -> Result<Checkpoint> {
-    let manifest = location.path(MANIFEST_FILE);
-    let is_checkpoint = runtime::block_on(async {
-        match location.store().head(&manifest).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(Error::from_store(e, "opening checkpoint", &format!("uri=`{}`", location.uri()))),
-        }
-    })?;
-    if is_checkpoint {
-        return runtime::block_on(Checkpoint::open_at(location));
-    }
-    let uri = location.uri().to_string();
-    Run::at(location).latest()?.ok_or_else(|| Error::not_found(format!("no committed checkpoint uri=`{uri}`")))
-}
-
-/// Loads `uri` (a checkpoint folder, or a run's latest checkpoint) with `opts`.
-pub fn load(uri: &str, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
-    let checkpoint = open(uri)?;
-    Ok((checkpoint.load(opts)?, checkpoint.info()))
-}

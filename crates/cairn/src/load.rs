@@ -20,6 +20,7 @@ use crate::geometry;
 use crate::info::CheckpointInfo;
 use crate::local_store::Root;
 use crate::ranged_read;
+use crate::runtime::block_on;
 use crate::store::Location;
 use crate::tree::{checked_nbytes, Entry, State, Tensor};
 
@@ -137,7 +138,7 @@ impl Checkpoint {
     /// manifest (never committed), [`ErrorKind::Corrupt`] if the manifest is damaged or
     /// names another step than its `step-N` folder (a checkpoint copied in by hand: it
     /// would mislead resumption and retention).
-    pub async fn open_at(location: Location) -> Result<Checkpoint> {
+    pub async fn open_async(location: Location) -> Result<Checkpoint> {
         let path = location.path(MANIFEST_FILE);
         let file = format!("{}/{MANIFEST_FILE}", location.uri());
         let got = location.store().get(&path).await.map_err(|e| match e {
@@ -178,7 +179,7 @@ impl Checkpoint {
     }
 
     /// Loads the selected keys. Checksums are verified unless `opts.verify` is off.
-    pub async fn read(&self, opts: &LoadOptions) -> Result<State> {
+    pub async fn load_async(&self, opts: &LoadOptions) -> Result<State> {
         match self.read_selected(opts).await {
             Err(e) if e.kind() == ErrorKind::Corrupt && !self.still_committed().await => Err(Error::not_found(
                 format!("checkpoint was deleted while it was being read checkpoint=`{}`", self.location.uri()),
@@ -388,7 +389,7 @@ impl Checkpoint {
     /// Reads every byte of the checkpoint and checks every size and checksum. Returns
     /// one error per problem found (empty when intact); fails only when the store
     /// itself cannot be read.
-    pub async fn scan(&self) -> Result<Vec<Error>> {
+    pub async fn verify_async(&self) -> Result<Vec<Error>> {
         let mut problems = Vec::new();
         let mut by_file: BTreeMap<&str, Vec<(&str, &Piece)>> = BTreeMap::new();
         for (key, record) in &self.manifest.tensors {
@@ -484,6 +485,25 @@ impl Checkpoint {
             );
         }
         Tensor::new(record.dtype, region.shape.clone(), buffer)
+    }
+}
+
+/// The blocking forms, for callers outside an async runtime (the CLI, Python, tests).
+impl Checkpoint {
+    /// Opens the checkpoint folder `uri`; see [`Checkpoint::open_async`].
+    pub fn open(uri: &str) -> Result<Checkpoint> {
+        block_on(Checkpoint::open_async(Location::open(uri)?))
+    }
+
+    /// Loads the selected keys; see [`Checkpoint::load_async`].
+    pub fn load(&self, opts: &LoadOptions) -> Result<State> {
+        block_on(self.load_async(opts))
+    }
+
+    /// Reads every byte and checks every size and checksum; returns one error per
+    /// problem found, empty when the checkpoint is intact. See [`Checkpoint::verify_async`].
+    pub fn verify(&self) -> Result<Vec<Error>> {
+        block_on(self.verify_async())
     }
 }
 

@@ -28,7 +28,7 @@ pub struct CheckpointRef {
 impl CheckpointRef {
     /// Reads and validates its manifest.
     pub fn open(&self) -> Result<Checkpoint> {
-        block_on(Checkpoint::open_at(self.location.clone()))
+        block_on(Checkpoint::open_async(self.location.clone()))
     }
 }
 
@@ -177,7 +177,7 @@ impl Run {
 
     /// Opens the committed checkpoint of `step`; [`crate::ErrorKind::NotFound`] if none.
     pub fn checkpoint(&self, step: u64) -> Result<Checkpoint> {
-        block_on(Checkpoint::open_at(self.location.child(&layout::step_dir(step))))
+        block_on(Checkpoint::open_async(self.location.child(&layout::step_dir(step))))
     }
 
     /// Saves `state` as the checkpoint of `opts.step` (required) and commits it.
@@ -255,7 +255,7 @@ impl Run {
         for (step, files) in &by_step {
             let referenced: Option<std::collections::BTreeSet<String>> =
                 if files.iter().any(|(f, _)| f == MANIFEST_FILE) {
-                    match Checkpoint::open_at(self.location.child(&layout::step_dir(*step))).await {
+                    match Checkpoint::open_async(self.location.child(&layout::step_dir(*step))).await {
                         Ok(ckpt) => Some(ckpt.manifest().files.keys().cloned().collect()),
                         // A damaged checkpoint is the user's to inspect: leave all of it.
                         Err(e) if is_gone_or_damaged(&e) => continue,
@@ -331,26 +331,5 @@ impl Run {
             .latest()?
             .ok_or_else(|| Error::not_found(format!("no committed checkpoint run=`{}`", self.location.uri())))?;
         Ok((ckpt.load(opts)?, ckpt.info()))
-    }
-}
-
-impl Checkpoint {
-    /// Opens the checkpoint folder `uri` (blocking).
-    pub fn open(uri: &str) -> Result<Checkpoint> {
-        let location = Location::open(uri)?;
-        block_on(Checkpoint::open_at(location))
-    }
-
-    /// Loads the selected keys (blocking). See [`Checkpoint::read`].
-    pub fn load(&self, opts: &LoadOptions) -> Result<State> {
-        block_on(self.read(opts))
-    }
-}
-
-impl Checkpoint {
-    /// Reads every byte and checks every size and checksum (blocking); returns one error
-    /// per problem found, empty when the checkpoint is intact. See [`Checkpoint::scan`].
-    pub fn verify(&self) -> Result<Vec<Error>> {
-        block_on(self.scan())
     }
 }

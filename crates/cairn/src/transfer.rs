@@ -62,8 +62,8 @@ async fn copy_async(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> 
         }
         commit::create_manifest(dst, manifest, manifest.step).await?;
     }
-    let copied = Checkpoint::open_at(dst.clone()).await?;
-    let problems = copied.scan().await?;
+    let copied = Checkpoint::open_async(dst.clone()).await?;
+    let problems = copied.verify_async().await?;
     if let Some(first) = problems.into_iter().next() {
         return Err(Error::corrupt(format!("copy failed verification at the destination: {}", first.message())));
     }
@@ -166,8 +166,8 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
             put_file(dst, &name, vec![data], None).await?;
         }
         commit::create_manifest(dst, &manifest, manifest.step).await?;
-        let copied = Checkpoint::open_at(dst.clone()).await?;
-        if let Some(first) = copied.scan().await?.into_iter().next() {
+        let copied = Checkpoint::open_async(dst.clone()).await?;
+        if let Some(first) = copied.verify_async().await?.into_iter().next() {
             return Err(first);
         }
         Ok(copied.info())

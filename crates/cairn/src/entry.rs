@@ -1,0 +1,42 @@
+//! The one-call entry points re-exported at the crate root: save a state, open or load a
+//! checkpoint or a run's latest one, by URI or resolved location.
+
+use crate::{
+    commit, runtime, Checkpoint, CheckpointInfo, Error, LoadOptions, Location, Result, Run, SaveOptions, State,
+};
+
+/// Saves `state` to `uri` and commits it. With `opts.step` set, `uri` is a run and the
+/// checkpoint goes to `<uri>/step-<step>`; without, `uri` is the checkpoint folder.
+/// Returns once the checkpoint is committed (and durable, on local disk).
+pub fn save(uri: &str, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
+    save_at(&Location::create(uri)?, state, opts)
+}
+
+/// [`save`] to an already resolved location (e.g. one opened with store options).
+pub fn save_at(location: &Location, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
+    match opts.step {
+        Some(_) => Run::at(location.clone()).save(state, opts),
+        None => runtime::block_on(crate::save::save_checkpoint(location, state, 0, opts)),
+    }
+}
+
+/// Opens `uri` as a checkpoint folder if it holds a manifest, else as a run whose latest
+/// committed checkpoint is opened.
+pub fn open(uri: &str) -> Result<Checkpoint> {
+    open_at(Location::open(uri)?)
+}
+
+/// [`open`] at an already resolved location.
+pub fn open_at(location: Location) -> Result<Checkpoint> {
+    if runtime::block_on(commit::is_committed(&location))? {
+        return runtime::block_on(Checkpoint::open_async(location));
+    }
+    let uri = location.uri().to_string();
+    Run::at(location).latest()?.ok_or_else(|| Error::not_found(format!("no committed checkpoint uri=`{uri}`")))
+}
+
+/// Loads `uri` (a checkpoint folder, or a run's latest checkpoint) with `opts`.
+pub fn load(uri: &str, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
+    let checkpoint = open(uri)?;
+    Ok((checkpoint.load(opts)?, checkpoint.info()))
+}
