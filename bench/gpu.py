@@ -67,7 +67,7 @@ def main() -> None:
         return {k: t.cpu() for k, t in state.items()}
 
     root = tempfile.mkdtemp(dir=args.dir)
-    mgr = cairn.CheckpointManager(os.path.join(root, "run"), policies=[cairn.Every(1000)], keep_last=1)
+    mgr = cairn.CheckpointManager(os.path.join(root, "run"), policies=[cairn.Every(1000)], keep=cairn.KeepLast(1))
     step = 0
     results: dict[str, list[float]] = {k: [] for k in ("d2h_pinned", "d2h_cpu", "cairn_steady", "cairn_via_cpu", "cairn_skip", "torch_save")}
 

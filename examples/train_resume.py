@@ -104,7 +104,7 @@ def train(run: str, steps: int, stats_path: str) -> None:
     trainer = TorchTrainer() if torch is not None else NumpyTrainer()
     framework = "torch" if torch is not None else "numpy"
     blocked, saves, start = 0.0, 0, 1
-    with cairn.CheckpointManager(run, policies=POLICIES, keep_last=3, keep_every=200) as mgr:
+    with cairn.CheckpointManager(run, policies=POLICIES, keep=[cairn.KeepLast(3), cairn.KeepEvery(200)]) as mgr:
         try:
             state, info = mgr.restore(framework=framework)
             trainer.load(state)

@@ -4,7 +4,7 @@
     cairn.save("runs/job", {"model": model.state_dict(), "step": 100}, step=100)
     state = cairn.load("runs/job", framework="torch")
 
-    with cairn.CheckpointManager("runs/job", keep_last=3) as mgr:
+    with cairn.CheckpointManager("runs/job", keep=cairn.KeepLast(3)) as mgr:
         for step in range(start, steps):
             ...
             mgr.on_step(step, {"model": model.state_dict(), "optim": opt.state_dict()})
@@ -14,7 +14,6 @@ from ._api import (
     CheckpointInfo,
     CheckpointManager,
     DamagedCheckpointWarning,
-    Every,
     PruneReport,
     as_directory,
     copy,
@@ -28,7 +27,8 @@ from ._api import (
     torch_all_gather,
     unregister_scheme,
 )
-from ._tree import Shard
+from ._policy import Every, KeepBest, KeepEvery, KeepLast
+from ._tree import Piece, Shard
 from ._cairn import __version__
 from ._errors import (
     AlreadyExistsError,
@@ -54,10 +54,14 @@ __all__ = [
     "Every",
     "IncompatibleError",
     "InvalidArgumentError",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
     "LoadReport",
     "Mismatch",
     "PermissionDeniedError",
     "PruneReport",
+    "Piece",
     "Shard",
     "StateDictMismatchError",
     "StorageFullError",

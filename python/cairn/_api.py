@@ -1,4 +1,4 @@
-"""The public Python API: `save`, `load`, `CheckpointManager`, `Every`, `CheckpointInfo`."""
+"""The public Python API: `save`, `load`, `prune`, `CheckpointManager`, `CheckpointInfo`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from . import _arrays, _cairn, _tree
+from ._policy import Every, Keep, retention as _retention
 
 
 @dataclass(frozen=True)
@@ -44,17 +45,6 @@ class CheckpointInfo:
             num_tensors=d["num_tensors"],
             tensor_bytes=d["tensor_bytes"],
         )
-
-
-@dataclass(frozen=True)
-class Every:
-    """Save every `interval` steps, up to and including step `until` (forever if None).
-
-    `[Every(500, until=5000), Every(1000)]` saves every 500 steps until 5,000, then every
-    1,000."""
-
-    interval: int
-    until: int | None = None
 
 
 _ARGUMENT_ERRORS = (TypeError, ValueError, AttributeError, OverflowError, KeyError, IndexError)
@@ -165,7 +155,7 @@ def save(
     (e.g. `{"aws_endpoint": ..., "aws_allow_http": "true"}`) that override the environment.
 
     Several processes save one checkpoint together by each calling `save` with its `rank`
-    and the `world_size`: leaves that are `cairn.Shard`s are this rank's boxes of sharded
+    and the `world_size`: leaves that are `cairn.Piece`s are this rank's pieces of sharded
     tensors, other tensors are replicated (written once overall, the work balanced across
     ranks), plain values come from rank 0. The ranks coordinate through the store alone,
     or through `all_gather` (e.g. `cairn.torch_all_gather()`); one commit makes the
@@ -200,6 +190,7 @@ def load(
     framework: str = "numpy",
     step: int | None = None,
     storage_options: dict[str, str] | None = None,
+    boxes: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
     slices: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
 ) -> Any:
     """Loads a checkpoint folder, or the latest (or given `step`) checkpoint of a run.
@@ -207,11 +198,16 @@ def load(
     `prefix` / `keys` select flattened keys (`"model."`); `rename` is a list of
     `(regex, replacement)` applied to keys (the result is then a flat dict); `dtype` casts
     floating-point tensors; `framework` is `"numpy"`, `"torch"` or `"jax"`. Every checksum
-    is verified; nothing is unpickled. `slices` maps a (flattened) key to `(offsets,
+    is verified; nothing is unpickled. `boxes` maps a (flattened) key to `(offsets,
     shape)`: only that box of the tensor is returned, read from the pieces that overlap it
-    (a checkpoint saved by N ranks loads on M ranks)."""
+    (a checkpoint saved by N ranks loads on M ranks). `slices` is its deprecated name."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
+    if slices is not None:
+        if boxes is not None:
+            raise _cairn.InvalidArgumentError("pass `boxes` only (`slices` is its deprecated name)")
+        warnings.warn("cairn.load(slices=...) is now cairn.load(boxes=...)", DeprecationWarning, stacklevel=3)
+        boxes = slices
     with _tree.gc_paused():
         native = _cairn.load(
             _uri(path),
@@ -220,7 +216,7 @@ def load(
             _rename(rename),
             step,
             storage_options,
-            None if slices is None else {k: ([int(o) for o in off], [int(d) for d in shp]) for k, (off, shp) in slices.items()},
+            None if boxes is None else {k: ([int(o) for o in off], [int(d) for d in shp]) for k, (off, shp) in boxes.items()},
         )
         return _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
 
@@ -276,20 +272,24 @@ class PruneReport:
 def prune(
     path: str | os.PathLike,
     *,
+    keep: Keep | Sequence[Keep] = (),
+    grace: float | _dt.timedelta = 3600.0,
+    dry_run: bool = False,
+    storage_options: dict[str, str] | None = None,
     keep_last: int | None = None,
     keep_every: int | None = None,
     keep_best: int | None = None,
     metric: str | None = None,
     mode: str = "min",
-    grace: float | _dt.timedelta = 3600.0,
-    dry_run: bool = False,
-    storage_options: dict[str, str] | None = None,
 ) -> PruneReport:
-    """Applies retention to the run at `path` (never the latest checkpoint, never a
-    damaged one), then removes what unfinished saves left behind once older than `grace`
-    (seconds or a timedelta), like `cairn prune`."""
+    """Applies the retention rules `keep` (`cairn.KeepLast`, `KeepEvery`, `KeepBest`) to
+    the run at `path` (never the latest checkpoint, never a damaged one), then removes
+    what unfinished saves left behind once older than `grace` (seconds or a timedelta),
+    like `cairn prune`. The flat `keep_last=`... flags are deprecated."""
+    legacy = dict(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, metric=metric, mode=mode)
+    last, every, best = _retention(keep, legacy)
     deleted, kept, damaged, removed = _cairn.prune(
-        _uri(path), keep_last, keep_every, keep_best, metric, mode, _seconds(grace), dry_run, storage_options
+        _uri(path), last, every, best, _seconds(grace), dry_run, storage_options
     )
     return PruneReport(deleted, kept, damaged, removed)
 
@@ -344,6 +344,11 @@ def unregister_scheme(prefix: str) -> bool:
     return _cairn.unregister_scheme(prefix)
 
 
+def _prepare(state: Any, metrics: dict[str, float] | None, metadata: Any) -> Callable[[], tuple]:
+    """What the native manager calls, only when a step saves, to read the state."""
+    return lambda: (_tree.flatten(state), _metrics(metrics), _metadata(metadata))
+
+
 def _seconds(interval: float | _dt.timedelta | None) -> float | None:
     if interval is None:
         return None
@@ -354,6 +359,12 @@ def _seconds(interval: float | _dt.timedelta | None) -> float | None:
 
 class CheckpointManager:
     """Decides when to save, saves in the background, keeps what retention says, resumes.
+
+    `policies` say when to save (default: every 500 steps until 5,000, then every 1,000;
+    `save_interval` adds a temporary checkpoint after that much time without a save);
+    `keep` says what to keep (`cairn.KeepLast(3)`, `cairn.KeepEvery(10_000)`,
+    `cairn.KeepBest(2, "loss", "min")`; default: everything). The flat `keep_last=`,
+    `keep_every=`, `keep_best=`, `metric=`, `mode=` flags are deprecated.
 
     Call `on_step(step, state)` every step. It returns once the state is copied; writing
     continues in the background (at most `max_in_flight` saves at once). A background
@@ -370,13 +381,9 @@ class CheckpointManager:
         self,
         run: str | os.PathLike,
         *,
-        policies: Sequence[Every] = (Every(500, until=5000), Every(1000)),
+        policies: Sequence[Every] | None = None,
         save_interval: float | _dt.timedelta | None = None,
-        keep_last: int | None = None,
-        keep_every: int | None = None,
-        keep_best: int | None = None,
-        metric: str | None = None,
-        mode: str = "min",
+        keep: Keep | Sequence[Keep] = (),
         async_save: bool = True,
         max_in_flight: int = 1,
         preemption_signal: int | None = _signal.SIGTERM,
@@ -384,16 +391,21 @@ class CheckpointManager:
         rank: int = 0,
         world_size: int = 1,
         orphan_grace: float | _dt.timedelta | None = 3600.0,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: str = "min",
     ) -> None:
+        legacy = dict(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, metric=metric, mode=mode)
+        last, every, best = _retention(keep, legacy)
         self._native = _cairn.Manager(
             _uri(run),
-            [(p.interval, p.until) for p in policies],
+            None if policies is None else [(p.interval, p.until) for p in policies],
             _seconds(save_interval),
-            keep_last,
-            keep_every,
-            keep_best,
-            metric,
-            mode,
+            last,
+            every,
+            best,
             async_save,
             max_in_flight,
             None if preemption_signal is None else int(preemption_signal),
@@ -427,21 +439,10 @@ class CheckpointManager:
     ) -> bool:
         """Saves `state` if the policies say so (or `force`); returns whether it saved.
         A step already committed is never saved again, forced or not: this returns False.
-        On a step that saves nothing, `state` is not looked at (no device copy)."""
-        if not self._native.due(step, force):
-            return False
-        self._native.wait_for_slot()  # before copying the state: one copy in flight at most
-        leaves = _tree.flatten(state)
-        return self._native.on_step(
-            step,
-            leaves.tensors,
-            leaves.values,
-            leaves.structure,
-            force,
-            _metrics(metrics),
-            _metadata(metadata),
-            leaves.staging,
-        )
+        On a step that saves nothing, `state` and `metrics` are not looked at (no device
+        copy); a saved state is read once a save slot is free (`max_in_flight` copies at
+        most)."""
+        return self._native.on_step(step, _prepare(state, metrics, metadata), force)
 
     @_typed
     def save(
@@ -453,19 +454,9 @@ class CheckpointManager:
         metrics: dict[str, float] | None = None,
         metadata: Any = None,
     ) -> None:
-        """Saves `state` as `step` now, whatever the policies."""
-        self._native.wait_for_slot()
-        leaves = _tree.flatten(state)
-        self._native.save(
-            step,
-            leaves.tensors,
-            leaves.values,
-            leaves.structure,
-            temporary,
-            _metrics(metrics),
-            _metadata(metadata),
-            leaves.staging,
-        )
+        """Saves `state` as `step` now, whatever the policies. Raises `AlreadyExistsError`
+        if the step is already saved."""
+        self._native.save(step, _prepare(state, metrics, metadata), temporary)
 
     def wait(self) -> None:
         """Blocks until every save and deletion is done; raises a background error."""

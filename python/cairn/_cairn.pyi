@@ -45,16 +45,14 @@ def load(
     rename: Sequence[tuple[str, str]] | None = None,
     step: int | None = None,
     storage_options: Options = None,
-    slices: dict[str, tuple[list[int], list[int]]] | None = None,
+    boxes: dict[str, tuple[list[int], list[int]]] | None = None,
 ) -> Loaded: ...
 def list_checkpoints(uri: str, storage_options: Options = None) -> tuple[list[dict[str, Any]], list[str]]: ...
 def prune(
     uri: str,
     keep_last: int | None = None,
     keep_every: int | None = None,
-    keep_best: int | None = None,
-    metric: str | None = None,
-    mode: str = "min",
+    keep_best: tuple[int, str, str] | None = None,
     grace: float = 3600.0,
     dry_run: bool = False,
     storage_options: Options = None,
@@ -70,13 +68,11 @@ class Manager:
     def __init__(
         self,
         uri: str,
-        policies: Sequence[tuple[int, int | None]],
+        policies: Sequence[tuple[int, int | None]] | None = None,
         save_interval: float | None = None,
         keep_last: int | None = None,
         keep_every: int | None = None,
-        keep_best: int | None = None,
-        metric: str | None = None,
-        mode: str = "min",
+        keep_best: tuple[int, str, str] | None = None,
         async_save: bool = True,
         max_in_flight: int = 1,
         preemption_signal: int | None = None,
@@ -85,30 +81,9 @@ class Manager:
         world_size: int = 1,
         orphan_grace: float | None = 3600.0,
     ) -> None: ...
-    def due(self, step: int, force: bool = False) -> bool: ...
-    def on_step(
-        self,
-        step: int,
-        tensors: Sequence[TensorLeaf],
-        values: Sequence[ValueLeaf],
-        structure: str | None = None,
-        force: bool = False,
-        metrics: Sequence[tuple[str, float]] | None = None,
-        metadata: str | None = None,
-        staging: Sequence[Any] | None = None,
-    ) -> bool: ...
-    def save(
-        self,
-        step: int,
-        tensors: Sequence[TensorLeaf],
-        values: Sequence[ValueLeaf],
-        structure: str | None = None,
-        temporary: bool = False,
-        metrics: Sequence[tuple[str, float]] | None = None,
-        metadata: str | None = None,
-        staging: Sequence[Any] | None = None,
-    ) -> None: ...
-    def wait_for_slot(self) -> None: ...
+    # `prepare()` returns `(leaves, metrics, metadata)`; called only when the step saves.
+    def on_step(self, step: int, prepare: Callable[[], tuple[Any, Any, Any]], force: bool = False) -> bool: ...
+    def save(self, step: int, prepare: Callable[[], tuple[Any, Any, Any]], temporary: bool = False) -> None: ...
     def wait(self) -> None: ...
     def close(self) -> None: ...
     def restore(

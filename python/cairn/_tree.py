@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import warnings
 from typing import Any, Iterator, Sequence
 
 from . import _arrays, _staging
@@ -20,9 +21,9 @@ from ._cairn import CorruptCheckpointError, InvalidArgumentError
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
 
-class Shard:
-    """This rank's box of a tensor sharded across ranks: `local` holds the elements at
-    `offsets` (one per dimension) of a tensor of `global_shape`. Save it with
+class Piece:
+    """This rank's piece of a tensor sharded across ranks: `local` holds the elements of
+    the box at `offsets` (one per dimension) of a tensor of `global_shape`. Save it with
     `cairn.save(..., rank=r, world_size=n)`; it loads back as part of the whole tensor."""
 
     __slots__ = ("local", "offsets", "global_shape")
@@ -33,7 +34,18 @@ class Shard:
         self.global_shape = [int(d) for d in global_shape]
 
     def __repr__(self) -> str:
-        return f"Shard(offsets={self.offsets}, global_shape={self.global_shape})"
+        return f"Piece(offsets={self.offsets}, global_shape={self.global_shape})"
+
+
+class Shard(Piece):
+    """Deprecated name of `Piece` (a shard is a file of pieces): kept so existing code
+    runs, with a `DeprecationWarning`."""
+
+    __slots__ = ()
+
+    def __init__(self, local: Any, offsets: Sequence[int], global_shape: Sequence[int]) -> None:
+        warnings.warn("cairn.Shard is now cairn.Piece", DeprecationWarning, stacklevel=2)
+        super().__init__(local, offsets, global_shape)
 
 
 class Leaves:
@@ -46,7 +58,7 @@ class Leaves:
         self.structure: str | None = None
         self.staging: Any = None
         self._keys: set[str] = set()
-        # (key, array, slice) of each tensor leaf, converted once the whole state is known.
+        # (key, array, piece) of each tensor leaf, converted once the whole state is known.
         self._arrays: list[tuple[str, Any, tuple[list[int], list[int]] | None]] = []
 
     def _claim(self, key: str) -> None:
@@ -86,7 +98,7 @@ def _flatten_all(state: Any) -> Leaves:
     else:
         _arrays.prefetch(array for _, array in items)
         raws = [_arrays.to_raw(key, array) for key, array in items]
-    leaves.tensors = [(key, dtype, shape, raw, slice) for (key, _, slice), (dtype, shape, raw) in zip(leaves._arrays, raws)]
+    leaves.tensors = [(key, dtype, shape, raw, piece) for (key, _, piece), (dtype, shape, raw) in zip(leaves._arrays, raws)]
     return leaves
 
 
@@ -115,7 +127,7 @@ def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
         kind = "list" if isinstance(obj, list) else "tuple"
         return {kind: [_flatten(v, path + (str(i),), leaves) for i, v in enumerate(obj)]}
     key = _key(path)
-    if isinstance(obj, Shard):
+    if isinstance(obj, Piece):
         leaves._claim(key)
         leaves._arrays.append((key, obj.local, (obj.offsets, obj.global_shape)))
         return {"tensor": key}

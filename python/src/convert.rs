@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::ffi::{c_int, c_void, CString};
 
 use bytes::Bytes;
-use cairn::{CheckpointInfo, DType, Entry, LoadOptions, RenameRule, Slice, State, Tensor, Value};
+use cairn::policy::{KeepBest, Retention};
+use cairn::{CheckpointInfo, DType, Entry, LoadOptions, Piece, RenameRule, State, Tensor, Value};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyBufferError;
 use pyo3::prelude::*;
@@ -110,7 +111,7 @@ pub(crate) fn state_from_py(
         let tensor = tensor_from_py(&key, &dtype, shape, &array, staging)?;
         match slice {
             None => state.insert_tensor(key, tensor),
-            Some((offsets, global_shape)) => state.insert_slice(key, Slice { tensor, offsets, global_shape }),
+            Some((offsets, global_shape)) => state.insert_piece(key, Piece { tensor, offsets, global_shape }),
         }
     }
     for (key, value) in values {
@@ -317,4 +318,17 @@ pub(crate) fn load_options(
         opts.rename.push(RenameRule::new(&pattern, replacement).map_err(to_py_err)?);
     }
     Ok(opts)
+}
+
+/// The retention Python's `KeepLast`, `KeepEvery` and `KeepBest` describe, with keep-best
+/// as `(count, metric, mode)`.
+pub(crate) fn retention(
+    keep_last: Option<usize>,
+    keep_every: Option<u64>,
+    keep_best: Option<(usize, String, String)>,
+) -> PyResult<Retention> {
+    let keep_best = keep_best
+        .map(|(count, metric, mode)| Ok::<_, PyErr>(KeepBest { count, metric, mode: mode.parse().map_err(to_py_err)? }))
+        .transpose()?;
+    Ok(Retention { keep_last, keep_every, keep_best })
 }

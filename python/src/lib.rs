@@ -11,8 +11,7 @@ mod manager;
 use std::collections::BTreeMap;
 
 use cairn::dist::{save_as_rank, CallbackExchange, Exchange, Ranks};
-use cairn::policy::Retention;
-use cairn::{ErrorKind, Location, Run, SaveOptions, StoreOptions};
+use cairn::{Checkpoint, ErrorKind, Location, Run, SaveOptions, StoreOptions, Target};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -65,7 +64,7 @@ fn save<'py>(
 }
 
 /// A requested box of a tensor: `(offsets, shape)`.
-type SliceRequest = (Vec<u64>, Vec<u64>);
+type BoxRequest = (Vec<u64>, Vec<u64>);
 
 /// Calls a Python all-gather: `f(bytes) -> list[bytes]`, one entry per rank.
 fn call_all_gather(f: &Py<PyAny>, payload: Vec<u8>) -> cairn::Result<Vec<Vec<u8>>> {
@@ -78,7 +77,7 @@ fn call_all_gather(f: &Py<PyAny>, payload: Vec<u8>) -> cairn::Result<Vec<Vec<u8>
 
 /// Loads `uri` (a checkpoint folder, or the latest or given `step` of a run).
 #[pyfunction]
-#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None, slices=None))]
+#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None, boxes=None))]
 #[allow(clippy::too_many_arguments)]
 fn load<'py>(
     py: Python<'py>,
@@ -88,12 +87,12 @@ fn load<'py>(
     rename: Option<Vec<(String, String)>>,
     step: Option<u64>,
     storage_options: Option<StoreOptions>,
-    slices: Option<BTreeMap<String, SliceRequest>>,
+    boxes: Option<BTreeMap<String, BoxRequest>>,
 ) -> PyResult<PyLeaves<'py>> {
     guarded(|| {
         let mut opts = load_options(prefix, keys, rename)?;
-        for (key, (offsets, shape)) in slices.unwrap_or_default() {
-            opts = opts.with_slice(key, offsets, shape);
+        for (key, (offsets, shape)) in boxes.unwrap_or_default() {
+            opts = opts.with_box(key, offsets, shape);
         }
         let (state, info, local) = py
             .detach(|| {
@@ -138,25 +137,21 @@ type PruneTuple = (Vec<u64>, usize, Vec<String>, Vec<String>);
 /// Applies retention to the run at `uri` and removes leftovers of unfinished saves older
 /// than `grace` seconds: `(deleted steps, kept count, damaged messages, removed paths)`.
 #[pyfunction]
-#[pyo3(signature = (uri, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", grace=3600.0, dry_run=false, storage_options=None))]
+#[pyo3(signature = (uri, keep_last=None, keep_every=None, keep_best=None, grace=3600.0, dry_run=false, storage_options=None))]
 #[allow(clippy::too_many_arguments)]
 fn prune(
     py: Python<'_>,
     uri: &str,
     keep_last: Option<usize>,
     keep_every: Option<u64>,
-    keep_best: Option<usize>,
-    metric: Option<String>,
-    mode: &str,
+    keep_best: Option<(usize, String, String)>,
     grace: f64,
     dry_run: bool,
     storage_options: Option<StoreOptions>,
 ) -> PyResult<PruneTuple> {
     guarded(|| {
         let grace = seconds("grace", grace)?;
-        let retention =
-            Retention::from_flags(keep_last, keep_every, keep_best, metric, mode.parse().map_err(to_py_err)?)
-                .map_err(to_py_err)?;
+        let retention = retention(keep_last, keep_every, keep_best)?;
         let report = py
             .detach(|| {
                 let run = Run::at(Location::with_options(uri, false, &storage_options.unwrap_or_default())?);
@@ -184,12 +179,11 @@ fn copy<'py>(
             .detach(|| {
                 let from = Location::with_options(src, false, &src_options.unwrap_or_default())?;
                 let to = Location::with_options(dst, true, &dst_options.unwrap_or_default())?;
-                match cairn::runtime::block_on(cairn::Checkpoint::open_async(from.clone())) {
-                    Ok(ckpt) => Ok(vec![cairn::transfer::copy_checkpoint(&ckpt, &to)?]),
-                    Err(e) if e.kind() == ErrorKind::NotFound => {
-                        cairn::transfer::copy_run(&Run::at(from), &Run::at(to))
+                match cairn::resolve_at(from)? {
+                    Target::Checkpoint(from) => {
+                        Ok(vec![cairn::transfer::copy_checkpoint(&Checkpoint::open_at(from)?, &to)?])
                     }
-                    Err(e) => Err(e),
+                    Target::Run(from) => cairn::transfer::copy_run(&from, &Run::at(to)),
                 }
             })
             .map_err(to_py_err)?;

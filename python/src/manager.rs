@@ -2,8 +2,8 @@
 
 use std::mem::ManuallyDrop;
 
-use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
-use cairn::policy::{Every, Retention, SavePolicy};
+use cairn::manager::{CheckpointManager, Handover, ManagerOptions, SaveRequest};
+use cairn::policy::{Every, SavePolicy};
 use cairn::{Location, Run, State, StoreOptions};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -36,18 +36,16 @@ impl Drop for Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies, save_interval=None, keep_last=None, keep_every=None, keep_best=None, metric=None, mode="min", async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0)))]
+    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0)))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         uri: &str,
-        policies: Vec<(u64, Option<u64>)>,
+        policies: Option<Vec<(u64, Option<u64>)>>,
         save_interval: Option<f64>,
         keep_last: Option<usize>,
         keep_every: Option<u64>,
-        keep_best: Option<usize>,
-        metric: Option<String>,
-        mode: &str,
+        keep_best: Option<(usize, String, String)>,
         async_save: bool,
         max_in_flight: usize,
         preemption_signal: Option<i32>,
@@ -57,16 +55,19 @@ impl Manager {
         orphan_grace: Option<f64>,
     ) -> PyResult<Manager> {
         guarded(|| {
-            let rules = policies.into_iter().map(|(interval, until)| Every { interval, until }).collect();
-            let mut policy = SavePolicy::steps(rules).map_err(to_py_err)?;
+            let mut policy = match policies {
+                Some(rules) => {
+                    SavePolicy::steps(rules.into_iter().map(|(interval, until)| Every { interval, until }).collect())
+                        .map_err(to_py_err)?
+                }
+                None => SavePolicy::default(),
+            };
             if let Some(seconds) = save_interval {
                 policy = policy.with_time_interval(self::seconds("save_interval", seconds)?);
             }
-            let mode = mode.parse().map_err(to_py_err)?;
-            let retention =
-                Retention::from_flags(keep_last, keep_every, keep_best, metric.clone(), mode).map_err(to_py_err)?;
+            let retention = retention(keep_last, keep_every, keep_best)?;
             let orphan_grace = orphan_grace.map(|s| seconds("orphan_grace", s)).transpose()?;
-            let mut opts = ManagerOptions::default()
+            let opts = ManagerOptions::default()
                 .with_policy(policy)
                 .with_retention(retention)
                 .with_async_save(async_save)
@@ -74,7 +75,6 @@ impl Manager {
                 .with_preemption_signal(preemption_signal)
                 .with_ranks(rank, world_size)
                 .with_orphan_grace(orphan_grace);
-            opts.metric = metric;
             let storage = storage_options.unwrap_or_default();
             let inner = py
                 .detach(|| CheckpointManager::with_run(Run::at(Location::with_options(uri, true, &storage)?), opts))
@@ -84,57 +84,21 @@ impl Manager {
         })
     }
 
-    /// Whether `on_step` would save `step` now.
-    #[pyo3(signature = (step, force=false))]
-    fn due(&self, step: u64, force: bool) -> bool {
-        self.inner.due(step, force)
+    /// Saves if the policy says so (or `force`); returns whether it saved. The one
+    /// crossing of a step: `prepare()` is called only when the step saves, once a save
+    /// slot is free, and returns `(leaves, metrics, metadata)` as `cairn._tree` and the
+    /// Python layer make them.
+    #[pyo3(signature = (step, prepare, force=false))]
+    fn on_step(&self, py: Python<'_>, step: u64, prepare: Py<PyAny>, force: bool) -> PyResult<bool> {
+        let req = SaveRequest { force, ..Default::default() };
+        self.submit(py, prepare, |make| self.inner.on_step_with(step, req, make))
     }
 
-    #[pyo3(signature = (step, tensors, values, structure=None, force=false, metrics=None, metadata=None, staging=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn on_step<'py>(
-        &self,
-        py: Python<'py>,
-        step: u64,
-        tensors: Vec<TensorLeaf<'py>>,
-        values: Vec<(String, Bound<'py, PyAny>)>,
-        structure: Option<String>,
-        force: bool,
-        metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
-        metadata: Option<String>,
-        staging: Option<Vec<Bound<'py, PyAny>>>,
-    ) -> PyResult<bool> {
-        let leaves = (tensors, values, structure, staging);
-        self.submit(py, leaves, (force, false), metrics, metadata, |state, req| match state {
-            Handover::Borrowed(state) => self.inner.on_step(step, state, req),
-            Handover::Staged(state) => self.inner.on_step_owned(step, state, req),
-        })
-    }
-
-    #[pyo3(signature = (step, tensors, values, structure=None, temporary=false, metrics=None, metadata=None, staging=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn save<'py>(
-        &self,
-        py: Python<'py>,
-        step: u64,
-        tensors: Vec<TensorLeaf<'py>>,
-        values: Vec<(String, Bound<'py, PyAny>)>,
-        structure: Option<String>,
-        temporary: bool,
-        metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
-        metadata: Option<String>,
-        staging: Option<Vec<Bound<'py, PyAny>>>,
-    ) -> PyResult<()> {
-        let leaves = (tensors, values, structure, staging);
-        self.submit(py, leaves, (true, temporary), metrics, metadata, |state, req| match state {
-            Handover::Borrowed(state) => self.inner.save(step, state, req),
-            Handover::Staged(state) => self.inner.save_owned(step, state, req),
-        })
-    }
-
-    /// Blocks until a save slot is free; raises a background error.
-    fn wait_for_slot(&self, py: Python<'_>) -> PyResult<()> {
-        guarded(|| py.detach(|| self.inner.wait_for_slot()).map_err(to_py_err))
+    /// Saves as `step` now, whatever the policy; `prepare` as for `on_step`.
+    #[pyo3(signature = (step, prepare, temporary=false))]
+    fn save(&self, py: Python<'_>, step: u64, prepare: Py<PyAny>, temporary: bool) -> PyResult<()> {
+        let req = SaveRequest { force: true, temporary, ..Default::default() };
+        self.submit(py, prepare, |make| self.inner.save_with(step, req, make))
     }
 
     fn wait(&self, py: Python<'_>) -> PyResult<()> {
@@ -196,48 +160,68 @@ impl Manager {
     }
 }
 
-/// Flattened leaves as the Python layer passes them: tensors, values, structure, and the
-/// staging buffers the tensors lie in, if Python staged them.
-pub(crate) type PyState<'py> =
-    (Vec<TensorLeaf<'py>>, Vec<(String, Bound<'py, PyAny>)>, Option<String>, Option<Vec<Bound<'py, PyAny>>>);
-
-/// How a state reaches the manager.
-enum Handover<'a> {
-    /// Over the caller's own buffers: an async save snapshots them before returning.
-    Borrowed(&'a State),
-    /// Over private staging buffers nobody else writes: the manager keeps them and writes
-    /// from them, no snapshot copy.
-    Staged(State),
-}
+/// The state a save makes from Python, kept by the binding so that buffers borrowed from
+/// Python objects are released under the GIL, in one go, after the save took its copy.
+type Made = std::sync::OnceLock<State>;
 
 impl Manager {
-    /// Builds the state and the request (`force`, `temporary`), then runs `act` with the
-    /// GIL released; borrowed buffers are dropped back under the GIL.
-    fn submit<'py, T: Send>(
+    /// Runs `act` with the GIL released, giving it the `make` that calls `prepare()` (with
+    /// the GIL) and builds the state: handed over whole when Python staged it in private
+    /// buffers, else lent for the save to copy. A Python error in `prepare` is raised as
+    /// it is.
+    fn submit<T: Send>(
         &self,
-        py: Python<'py>,
-        (tensors, values, structure, staging): PyState<'py>,
-        (force, temporary): (bool, bool),
-        metrics: Option<Vec<(String, Bound<'py, PyAny>)>>,
-        metadata: Option<String>,
-        act: impl FnOnce(Handover<'_>, SaveRequest) -> cairn::Result<T> + Send,
+        py: Python<'_>,
+        prepare: Py<PyAny>,
+        act: impl for<'m> FnOnce(&mut (dyn FnMut(&mut SaveRequest) -> cairn::Result<Handover<'m>> + 'm)) -> cairn::Result<T>
+            + Send,
     ) -> PyResult<T> {
         guarded(|| {
-            let staging = staging.as_deref().map(Staging::new).transpose()?;
-            let state = state_from_py(tensors, values, structure, staging.as_ref())?;
-            let req = SaveRequest {
-                force,
-                temporary,
-                metrics: metrics_from_py(metrics)?,
-                metadata: metadata_from_json(metadata)?,
-            };
-            if staging.is_some() {
-                drop(staging);
-                return py.detach(|| act(Handover::Staged(state), req)).map_err(to_py_err);
+            let made = Made::new();
+            let raised: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
+            let result = py.detach(|| {
+                let mut make =
+                    |req: &mut SaveRequest| {
+                        Python::attach(|py| prepared(py, &prepare, req))
+                            .map(|(state, staged)| {
+                                if staged {
+                                    Handover::Give(state)
+                                } else {
+                                    Handover::Copy(made.get_or_init(|| state))
+                                }
+                            })
+                            .map_err(|err| {
+                                let shown = cairn::Error::new(cairn::ErrorKind::Invalid, "preparing the state failed");
+                                *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                                shown
+                            })
+                    };
+                act(&mut make)
+            });
+            drop(made);
+            if let Some(err) = raised.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                return Err(err);
             }
-            let out = py.detach(|| act(Handover::Borrowed(&state), req)).map_err(to_py_err)?;
-            drop(state);
-            Ok(out)
+            result.map_err(to_py_err)
         })
     }
+}
+
+/// What `prepare()` returns: the flattened leaves (`cairn._tree.Leaves`), the metrics and
+/// the metadata as JSON.
+type Prepared<'py> = (Bound<'py, PyAny>, Option<Vec<(String, Bound<'py, PyAny>)>>, Option<String>);
+
+/// Calls `prepare()` and converts what it returns: the state (and whether it lies in
+/// private staging buffers), with the request's metrics and metadata filled in.
+fn prepared(py: Python<'_>, prepare: &Py<PyAny>, req: &mut SaveRequest) -> PyResult<(State, bool)> {
+    let (leaves, metrics, metadata): Prepared<'_> = prepare.call0(py)?.extract(py)?;
+    let tensors: Vec<TensorLeaf<'_>> = leaves.getattr("tensors")?.extract()?;
+    let values: Vec<(String, Bound<'_, PyAny>)> = leaves.getattr("values")?.extract()?;
+    let structure: Option<String> = leaves.getattr("structure")?.extract()?;
+    let staging: Option<Vec<Bound<'_, PyAny>>> = leaves.getattr("staging")?.extract()?;
+    req.metrics = metrics_from_py(metrics)?;
+    req.metadata = metadata_from_json(metadata)?;
+    let staging = staging.as_deref().map(Staging::new).transpose()?;
+    let state = state_from_py(tensors, values, structure, staging.as_ref())?;
+    Ok((state, staging.is_some()))
 }

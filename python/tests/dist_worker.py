@@ -33,14 +33,14 @@ def rank_state(rank, world, big=False):
     lo, n = split(8, world, rank)
     state = {
         "model": {
-            "rows": cairn.Shard(ref["rows"][lo : lo + n], offsets=(lo, 0), global_shape=(8, 6)),
-            "cols": cairn.Shard(ref["cols"][:, lo : lo + n], offsets=(0, lo), global_shape=(4, 8)),
+            "rows": cairn.Piece(ref["rows"][lo : lo + n], offsets=(lo, 0), global_shape=(8, 6)),
+            "cols": cairn.Piece(ref["cols"][:, lo : lo + n], offsets=(0, lo), global_shape=(4, 8)),
             "rep": ref["rep"],
         },
         "step": 7 if rank == 0 else -1,
     }
     if big:  # slow this rank's writes down so that it can be killed in the middle
-        state["model"]["big"] = cairn.Shard(np.ones((world, 16 << 20), np.uint8)[rank : rank + 1], offsets=(rank, 0), global_shape=(world, 16 << 20))
+        state["model"]["big"] = cairn.Piece(np.ones((world, 16 << 20), np.uint8)[rank : rank + 1], offsets=(rank, 0), global_shape=(world, 16 << 20))
     return state
 
 
@@ -75,7 +75,7 @@ def main():
     else:
         ref = reference()
         lo, n = split(8, world, rank)
-        state = cairn.load(uri, slices={"model.rows": ((lo, 0), (n, 6)), "model.cols": ((0, lo), (4, n))})
+        state = cairn.load(uri, boxes={"model.rows": ((lo, 0), (n, 6)), "model.cols": ((0, lo), (4, n))})
         assert state["model"]["rows"].tobytes() == ref["rows"][lo : lo + n].tobytes()
         assert state["model"]["cols"].tobytes() == np.ascontiguousarray(ref["cols"][:, lo : lo + n]).tobytes()
         assert state["model"]["rep"].tobytes() == ref["rep"].tobytes()

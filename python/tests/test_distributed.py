@@ -76,3 +76,16 @@ def test_a_rank_killed_mid_save_leaves_nothing_committed(tmp_path):
     assert all(code == 0 for code, _, _ in again), again
     assert [i.step for i in cairn.list_checkpoints(uri)] == [9]
     assert cairn.load(uri)["step"] == 7
+
+
+def test_the_old_names_shard_and_slices_still_work_and_warn(tmp_path):
+    with pytest.warns(DeprecationWarning, match="cairn.Piece"):
+        old = cairn.Shard(np.zeros((2, 3), np.float32), offsets=(0, 0), global_shape=(4, 3))
+    assert isinstance(old, cairn.Piece)
+    w = np.arange(12, dtype=np.float32).reshape(4, 3)
+    cairn.save(str(tmp_path / "run"), {"w": w}, step=1)
+    with pytest.warns(DeprecationWarning, match="boxes="):
+        part = cairn.load(str(tmp_path / "run"), slices={"w": ((2, 0), (2, 3))})
+    np.testing.assert_array_equal(part["w"], w[2:])
+    with pytest.raises(cairn.InvalidArgumentError, match="boxes"):
+        cairn.load(str(tmp_path / "run"), boxes={"w": ((0, 0), (1, 3))}, slices={"w": ((0, 0), (1, 3))})

@@ -141,11 +141,14 @@ BAD_CALLS = {
     "malformed rename": lambda run: cairn.load(run, rename="bad"),
     "step not a number": lambda run: cairn.load(run, step="x"),
     "negative step": lambda run: cairn.save(run, {"w": np.ones(2)}, step=-5),
-    "keep_last not a number": lambda run: cairn.CheckpointManager(run, keep_last="3"),
-    "negative keep_last": lambda run: cairn.CheckpointManager(run, keep_last=-1),
+    "keep last not a number": lambda run: cairn.CheckpointManager(run, keep=cairn.KeepLast("3")),
+    "negative keep last": lambda run: cairn.CheckpointManager(run, keep=cairn.KeepLast(-1)),
+    "unknown retention rule": lambda run: cairn.CheckpointManager(run, keep=[3]),
+    "two rules of one kind": lambda run: cairn.prune(run, keep=[cairn.KeepLast(1), cairn.KeepLast(2)]),
+    "unknown keep-best mode": lambda run: cairn.CheckpointManager(run, keep=cairn.KeepBest(1, "loss", "lowest")),
     "policies not Every": lambda run: cairn.CheckpointManager(run, policies=[3]),
     "bundle not bytes": lambda run: cairn.from_bytes("abc", run + "-x"),
-    "malformed slice": lambda run: cairn.load(run, slices={"w": "bad"}),
+    "malformed box": lambda run: cairn.load(run, boxes={"w": "bad"}),
     "store option not a string": lambda run: cairn.load(run, storage_options={"x": 1}),
 }
 

@@ -184,7 +184,7 @@ probe("load", lambda: cairn.load(run))
 probe("load_step_2", lambda: cairn.load(run, step=2))
 probe("list", lambda: cairn.list_checkpoints(run))
 def manager():
-    with cairn.CheckpointManager(run, keep_last=1) as m:
+    with cairn.CheckpointManager(run, keep=cairn.KeepLast(1)) as m:
         m.restore()
 probe("manager", manager)
 print(json.dumps(out))

@@ -26,7 +26,7 @@ def test_policies_choose_the_saved_steps(run_dir):
 
 
 def test_keep_last_and_keep_every(run_dir):
-    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(10)], keep_last=2, keep_every=50) as mgr:
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(10)], keep=[cairn.KeepLast(2), cairn.KeepEvery(50)]) as mgr:
         for s in range(1, 121):
             mgr.on_step(s, state(s))
     assert [i.step for i in mgr.list()] == [50, 100, 110, 120]
@@ -34,7 +34,7 @@ def test_keep_last_and_keep_every(run_dir):
 
 def test_keep_best_by_metric(run_dir):
     losses = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.3, 5: 0.7}
-    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)], keep_best=2, metric="loss") as mgr:
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)], keep=cairn.KeepBest(2, "loss")) as mgr:
         for s, loss in losses.items():
             mgr.on_step(s, state(s), metrics={"loss": loss})
     infos = mgr.list()
@@ -93,10 +93,56 @@ def test_background_error_is_raised_by_wait(run_dir):
         mgr.wait()
 
 
+class CountingDict(dict):
+    """A dict that counts how often it is read."""
+
+    reads = 0
+
+    def items(self):
+        CountingDict.reads += 1
+        return super().items()
+
+
+def test_on_step_reads_state_and_metrics_only_on_the_steps_it_saves(run_dir):
+    CountingDict.reads = 0
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(10)]) as mgr:
+        saved = [s for s in range(1, 31) if mgr.on_step(s, CountingDict(state(s)), metrics=CountingDict(loss=0.5))]
+    assert saved == [10, 20, 30]
+    assert CountingDict.reads == 6, "the state and the metrics, once per saved step"
+    assert [i.metrics for i in mgr.list()] == [{"loss": 0.5}] * 3
+
+
+def test_a_state_that_cannot_be_read_fails_the_step_and_frees_its_slot(run_dir):
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)]) as mgr:
+        with pytest.raises(cairn.InvalidArgumentError, match="key=`bad`"):
+            mgr.on_step(1, {"bad": object()})
+        assert mgr.on_step(1, state(1)), "the failed step was not booked"
+        assert mgr.on_step(2, state(2))
+    assert [i.step for i in mgr.list()] == [1, 2]
+
+
+def test_the_default_policy_is_the_rust_one(run_dir):
+    with cairn.CheckpointManager(run_dir) as mgr:
+        saved = [s for s in range(0, 7001) if mgr.on_step(s, {"s": s})]
+    assert saved == [500 * i for i in range(1, 11)] + [6000, 7000]
+
+
+def test_the_old_retention_flags_still_work_and_warn(run_dir):
+    with pytest.warns(DeprecationWarning, match="keep_last"):
+        mgr = cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)], keep_last=2, async_save=False)
+    with mgr:
+        for s in range(1, 5):
+            mgr.on_step(s, state(s))
+    assert [i.step for i in mgr.list()] == [3, 4]
+    with pytest.warns(DeprecationWarning, match="keep_best"):
+        report = cairn.prune(run_dir, keep_best=1, metric="loss", dry_run=True)
+    assert report.deleted == [3], "no metric recorded: only the latest is kept"
+
+
 def test_invalid_policies_are_refused(run_dir):
     with pytest.raises(cairn.InvalidArgumentError, match="open-ended"):
         cairn.CheckpointManager(run_dir, policies=[cairn.Every(10), cairn.Every(5, until=100)])
-    with pytest.raises(cairn.InvalidArgumentError, match="metric"):
+    with pytest.raises(cairn.InvalidArgumentError, match="metric"), pytest.warns(DeprecationWarning):
         cairn.CheckpointManager(run_dir, keep_best=2)
 
 
@@ -123,7 +169,7 @@ def test_sigterm_saves_at_the_next_step_and_flushes(run_dir):
 
 def test_cleanup_problems_are_reported_apart_and_never_fail_a_save(tmp_path):
     run = tmp_path / "run"
-    with cairn.CheckpointManager(str(run), keep_last=1, async_save=False) as mgr:
+    with cairn.CheckpointManager(str(run), keep=cairn.KeepLast(1), async_save=False) as mgr:
         mgr.on_step(1, {"w": np.ones(3, np.float32)}, force=True)
         # Retention will fail to delete step 1, every time: its manifest became a folder
         # (tests run as root, so permission bits would not stop a deletion).
@@ -156,14 +202,14 @@ def test_prune_applies_retention_and_removes_old_leftovers(tmp_path):
     empty.mkdir()
     for path in (leftover, leftover.parent, leftover.parent.parent, empty):
         _two_hours_old(path)
-    dry = cairn.prune(str(run), keep_last=1, dry_run=True)
+    dry = cairn.prune(str(run), keep=cairn.KeepLast(1), dry_run=True)
     assert (dry.deleted, dry.kept, dry.removed) == ([1, 2], 1, [])
     assert [i.step for i in cairn.list_checkpoints(str(run))] == [1, 2, 3]
-    report = cairn.prune(str(run), keep_last=1, grace=datetime.timedelta(hours=1))
+    report = cairn.prune(str(run), keep=cairn.KeepLast(1), grace=datetime.timedelta(hours=1))
     assert report.deleted == [1, 2] and report.kept == 1
     assert not leftover.exists() and not empty.exists(), report.removed
     assert [i.step for i in cairn.list_checkpoints(str(run))] == [3]
-    with pytest.raises(cairn.InvalidArgumentError, match="metric"):
+    with pytest.raises(cairn.InvalidArgumentError, match="metric"), pytest.warns(DeprecationWarning):
         cairn.prune(str(run), keep_best=1)
 
 
@@ -174,7 +220,7 @@ def test_a_damaged_checkpoint_is_listed_with_a_warning_and_kept_by_prune(tmp_pat
     (run / "step-000000000001" / "manifest.json").write_text("{")
     with pytest.warns(cairn.DamagedCheckpointWarning, match="step-000000000001"):
         assert [i.step for i in cairn.list_checkpoints(str(run))] == [2, 3]
-    report = cairn.prune(str(run), keep_last=1)
+    report = cairn.prune(str(run), keep=cairn.KeepLast(1))
     assert report.deleted == [2] and len(report.damaged) == 1
     assert (run / "step-000000000001" / "manifest.json").exists()
 

@@ -86,7 +86,7 @@ def test_a_staged_save_writes_the_state_as_it_was_at_the_call(run_dir):
     leaves.staging, raws = _staging.stage([("w", w)])
     leaves.tensors = [("w", dtype, shape, raw, None) for dtype, shape, raw in raws]
     native = _cairn.Manager(str(run_dir), [(1, None)])
-    native.on_step(3, leaves.tensors, leaves.values, leaves.structure, staging=leaves.staging)
+    native.on_step(3, lambda: (leaves, None, None))
     w.fill_(-1)  # the caller's tensor changes at once; the staged copy is what gets written
     del leaves, raws
     native.wait()
@@ -99,9 +99,11 @@ def test_a_tensor_outside_the_staging_buffer_is_refused(run_dir):
     buffers, staged = _staging.stage([("w", torch.zeros(4))])
     elsewhere = np.zeros(16, np.uint8)
     native = _cairn.Manager(str(run_dir), [(1, None)])
-    tensors = [("w", "F32", [4], staged[0][2], None), ("v", "F32", [4], elsewhere, None)]
+    leaves = _tree.Leaves()
+    leaves.tensors = [("w", "F32", [4], staged[0][2], None), ("v", "F32", [4], elsewhere, None)]
+    leaves.staging = buffers
     with pytest.raises(cairn.InvalidArgumentError, match="not inside the staging buffers key=`v`"):
-        native.save(1, tensors, [], staging=buffers)
+        native.save(1, lambda: (leaves, None, None))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

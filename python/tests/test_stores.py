@@ -26,7 +26,7 @@ def state(step):
 
 
 def test_manager_on_s3_saves_restores_and_retains(s3_run):
-    with cairn.CheckpointManager(s3_run, policies=[cairn.Every(2)], keep_last=2) as mgr:
+    with cairn.CheckpointManager(s3_run, policies=[cairn.Every(2)], keep=cairn.KeepLast(2)) as mgr:
         for step in range(1, 9):
             mgr.on_step(step, state(step))
     assert [i.step for i in mgr.list()] == [6, 8]

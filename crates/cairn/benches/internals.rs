@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cairn::format::layout;
-use cairn::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION};
+use cairn::format::manifest::{FileRecord, Manifest, PieceRecord, TensorRecord, Writer, FORMAT_NAME, FORMAT_VERSION};
 use cairn::format::shard::{build_header, ShardEntry};
 use cairn::{DType, Location, Run};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -38,7 +38,7 @@ fn big_manifest(tensors: usize) -> Manifest {
             TensorRecord {
                 dtype: DType::F32,
                 shape: vec![4, 4],
-                pieces: vec![Piece {
+                pieces: vec![PieceRecord {
                     file: file.clone(),
                     range: [start, start + 64],
                     offsets: vec![0, 0],

@@ -2,7 +2,7 @@
 //! only the store), committed once, loadable by any number of ranks.
 //!
 //! Each rank passes its whole tensors (replicated when several ranks hold the same one)
-//! and its [`Slice`](crate::Slice)s (a box of a tensor's global shape). The ranks agree on a plan in
+//! and its [`Piece`](crate::Piece)s (a box of a tensor's global shape). The ranks agree on a plan in
 //! which every distinct box is written exactly once, by one of the ranks holding it,
 //! balancing bytes across ranks; each rank writes only its own files; rank 0 commits the
 //! manifest only after every rank reported its data durable; every rank returns rank 0's
@@ -20,15 +20,15 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::checksum;
 use crate::format::layout::{self, MANIFEST_FILE};
-use crate::format::manifest::{FileRecord, Piece, TensorRecord};
+use crate::format::manifest::{FileRecord, PieceRecord, TensorRecord};
+use crate::format::{checksum, shard};
 use crate::info::CheckpointInfo;
 use crate::load::Checkpoint;
 use crate::runtime::block_on;
 use crate::save::{self, SaveOptions};
+use crate::state::{checked_nbytes, DType, State};
 use crate::store::Location;
-use crate::tree::{checked_nbytes, DType, State};
 
 /// How ranks exchange small messages during a save.
 pub trait Exchange {
@@ -238,9 +238,10 @@ impl Exchange for StoreExchange {
     }
 }
 
-/// One leaf a rank holds, as described to the other ranks.
+/// One piece a rank holds (a whole tensor is the piece at offset zero), as declared to the
+/// other ranks.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct Leaf {
+struct Declared {
     key: String,
     dtype: DType,
     global_shape: Vec<u64>,
@@ -251,7 +252,7 @@ struct Leaf {
 /// What a rank reports after writing: its pieces and files.
 #[derive(Debug, Serialize, Deserialize)]
 struct Written {
-    pieces: Vec<(String, DType, Vec<u64>, Piece)>,
+    pieces: Vec<(String, DType, Vec<u64>, PieceRecord)>,
     files: BTreeMap<String, FileRecord>,
 }
 
@@ -261,44 +262,44 @@ struct Outcome {
     error: Option<(ErrorKind, String)>,
 }
 
-/// A distinct box of a tensor: key, offsets, shape.
-type BoxId = (String, Vec<u64>, Vec<u64>);
+/// A distinct piece of a tensor: key, offsets, shape.
+type PieceId = (String, Vec<u64>, Vec<u64>);
 
 /// Assigns every distinct box to one rank holding it, largest first, to the holder with
 /// the fewest bytes so far (ties: lowest rank). Pure: every rank computes the same plan
-/// from the same gathered leaves. Fails, naming the key, when ranks disagree on a
+/// from the same gathered declarations. Fails, naming the key, when ranks disagree on a
 /// tensor's dtype or global shape.
-fn plan_writers(leaves: &[Vec<Leaf>]) -> Result<HashMap<BoxId, u32>> {
+fn plan_writers(declared: &[Vec<Declared>]) -> Result<HashMap<PieceId, u32>> {
     let mut meta: BTreeMap<&str, (DType, &Vec<u64>, u32)> = BTreeMap::new();
-    let mut holders: BTreeMap<BoxId, (u64, Vec<u32>)> = BTreeMap::new();
-    for (rank, list) in leaves.iter().enumerate() {
-        for leaf in list {
-            match meta.get(leaf.key.as_str()) {
-                Some((dtype, global, first)) if *dtype != leaf.dtype || *global != &leaf.global_shape => {
+    let mut holders: BTreeMap<PieceId, (u64, Vec<u32>)> = BTreeMap::new();
+    for (rank, list) in declared.iter().enumerate() {
+        for held in list {
+            match meta.get(held.key.as_str()) {
+                Some((dtype, global, first)) if *dtype != held.dtype || *global != &held.global_shape => {
                     return Err(Error::invalid(format!(
                         "ranks disagree on tensor key=`{}`: rank {first} has {} {:?}, rank {rank} has {} {:?}",
-                        leaf.key,
+                        held.key,
                         dtype.name(),
                         global,
-                        leaf.dtype.name(),
-                        leaf.global_shape
+                        held.dtype.name(),
+                        held.global_shape
                     )));
                 }
                 Some(_) => {}
                 None => {
-                    meta.insert(&leaf.key, (leaf.dtype, &leaf.global_shape, rank as u32));
+                    meta.insert(&held.key, (held.dtype, &held.global_shape, rank as u32));
                 }
             }
-            let bytes = checked_nbytes(leaf.dtype, &leaf.shape).unwrap_or(u64::MAX);
+            let bytes = checked_nbytes(held.dtype, &held.shape).unwrap_or(u64::MAX);
             let entry = holders
-                .entry((leaf.key.clone(), leaf.offsets.clone(), leaf.shape.clone()))
+                .entry((held.key.clone(), held.offsets.clone(), held.shape.clone()))
                 .or_insert((bytes, Vec::new()));
             entry.1.push(rank as u32);
         }
     }
     let mut boxes: Vec<_> = holders.into_iter().collect();
     boxes.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(&b.0)));
-    let mut load = vec![0u64; leaves.len()];
+    let mut load = vec![0u64; declared.len()];
     let mut plan = HashMap::with_capacity(boxes.len());
     for (id, (bytes, ranks)) in boxes {
         let Some(&writer) = ranks.iter().min_by_key(|&&r| (load[r as usize], r)) else { continue };
@@ -308,11 +309,11 @@ fn plan_writers(leaves: &[Vec<Leaf>]) -> Result<HashMap<BoxId, u32>> {
     Ok(plan)
 }
 
-fn leaves_of(state: &State) -> Result<Vec<Leaf>> {
-    let slices = state.slices();
-    let mut out: Vec<Leaf> = state
+fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
+    let pieces = state.pieces();
+    let mut out: Vec<Declared> = state
         .tensors()
-        .map(|(k, t)| Leaf {
+        .map(|(k, t)| Declared {
             key: k.clone(),
             dtype: t.dtype(),
             global_shape: t.shape().to_vec(),
@@ -320,9 +321,9 @@ fn leaves_of(state: &State) -> Result<Vec<Leaf>> {
             shape: t.shape().to_vec(),
         })
         .collect();
-    for (key, s) in slices {
+    for (key, s) in pieces {
         if state.get(key).is_some() {
-            return Err(Error::invalid(format!("key is both a whole tensor and a slice key=`{key}`")));
+            return Err(Error::invalid(format!("key is both a whole tensor and a piece key=`{key}`")));
         }
         let inside = s.offsets.len() == s.global_shape.len()
             && s.tensor.shape().len() == s.global_shape.len()
@@ -333,13 +334,13 @@ fn leaves_of(state: &State) -> Result<Vec<Leaf>> {
                 .all(|((&o, &l), &d)| o.checked_add(l).is_some_and(|e| e <= d));
         if !inside {
             return Err(Error::invalid(format!(
-                "slice offsets {:?} shape {:?} lies outside global shape {:?} key=`{key}`",
+                "piece offsets {:?} shape {:?} lies outside global shape {:?} key=`{key}`",
                 s.offsets,
                 s.tensor.shape(),
                 s.global_shape
             )));
         }
-        out.push(Leaf {
+        out.push(Declared {
             key: key.clone(),
             dtype: s.tensor.dtype(),
             global_shape: s.global_shape.clone(),
@@ -412,7 +413,7 @@ pub fn save_as_rank(
 /// Saves this rank's part of a multi-rank checkpoint into the checkpoint folder `dest`
 /// (`<run>/step-…`) and returns once it is committed by rank 0 — with the same outcome
 /// on every rank. `state` holds this rank's whole tensors (replicated ones are written
-/// once overall), its [`Slice`](crate::Slice)s of sharded tensors, and plain values
+/// once overall), its [`Piece`](crate::Piece)s of sharded tensors, and plain values
 /// (rank 0's are kept).
 pub fn save_distributed(
     dest: &Location,
@@ -424,7 +425,7 @@ pub fn save_distributed(
     if block_on(crate::commit::is_committed(dest))? {
         return Err(crate::commit::already_committed(step, dest));
     }
-    let mine = leaves_of(state)?;
+    let mine = declared_pieces(state)?;
     loop {
         let attempt = exchange.begin()?;
         match attempt_save(dest, state, step, opts, exchange, &attempt, &mine)? {
@@ -442,29 +443,38 @@ fn attempt_save(
     opts: &SaveOptions,
     exchange: &mut dyn Exchange,
     attempt: &str,
-    mine: &[Leaf],
+    mine: &[Declared],
 ) -> Result<Option<CheckpointInfo>> {
     let rank = exchange.rank();
     let Gathered::Ready(all) = exchange.all_gather("plan", encode(&mine)?)? else { return Ok(None) };
-    let leaves: Vec<Vec<Leaf>> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect::<Result<_>>()?;
-    let plan = plan_writers(&leaves)?;
+    let declared: Vec<Vec<Declared>> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect::<Result<_>>()?;
+    let plan = plan_writers(&declared)?;
 
-    // This rank's share: the boxes the plan gives it, as a state of dense tensors.
+    // This rank's share: the pieces the plan gives it, as a state of dense tensors named
+    // as in the shard files (`key`, or `key@o0,o1,...` for a piece of a sharded tensor).
     let mut share = State::new();
     let mut placement: BTreeMap<String, (String, Vec<u64>, Vec<u64>)> = BTreeMap::new();
-    for leaf in mine {
-        if plan.get(&(leaf.key.clone(), leaf.offsets.clone(), leaf.shape.clone())) != Some(&rank) {
+    for held in mine {
+        if plan.get(&(held.key.clone(), held.offsets.clone(), held.shape.clone())) != Some(&rank) {
             continue;
         }
-        let tensor = match state.slices().get(&leaf.key) {
+        let tensor = match state.pieces().get(&held.key) {
             Some(s) => s.tensor.clone(),
             None => state
-                .tensor(&leaf.key)
+                .tensor(&held.key)
                 .cloned()
-                .ok_or_else(|| Error::invalid(format!("missing tensor key=`{}`", leaf.key)))?,
+                .ok_or_else(|| Error::invalid(format!("missing tensor key=`{}`", held.key)))?,
         };
-        share.insert_tensor(leaf.key.clone(), tensor);
-        placement.insert(leaf.key.clone(), (leaf.key.clone(), leaf.offsets.clone(), leaf.global_shape.clone()));
+        let whole = held.shape == held.global_shape;
+        let name = shard::piece_name(&held.key, &held.offsets, whole);
+        if share.get(&name).is_some() {
+            return Err(Error::invalid(format!(
+                "two pieces would share the name `{name}` in a shard file key=`{}`",
+                held.key
+            )));
+        }
+        share.insert_tensor(name.clone(), tensor);
+        placement.insert(name, (held.key.clone(), held.offsets.clone(), held.global_shape.clone()));
     }
     let written = block_on(save::write_share(dest, &share, rank, &attempt[..attempt.len().min(12)], opts));
     let report = match &written {
@@ -472,10 +482,15 @@ fn attempt_save(
             pieces: shards
                 .iter()
                 .flat_map(|s| s.pieces.iter())
-                .filter_map(|(key, piece)| {
-                    let (_, offsets, global) = placement.get(key)?;
-                    let dtype = share.tensor(key)?.dtype();
-                    Some((key.clone(), dtype, global.clone(), Piece { offsets: offsets.clone(), ..piece.clone() }))
+                .filter_map(|(name, piece)| {
+                    let (key, offsets, global) = placement.get(name)?;
+                    let dtype = share.tensor(name)?.dtype();
+                    Some((
+                        key.clone(),
+                        dtype,
+                        global.clone(),
+                        PieceRecord { offsets: offsets.clone(), ..piece.clone() },
+                    ))
                 })
                 .collect(),
             files: shards.iter().map(|s| (s.file.clone(), s.record.clone())).collect(),
@@ -534,6 +549,6 @@ fn commit(
     // Holes or overlaps in what the ranks hold are the caller's mistake, named by tensor.
     manifest
         .validate(MANIFEST_FILE)
-        .map_err(|e| Error::invalid(format!("{} (ranks' slices do not tile the tensor)", e.message())))?;
+        .map_err(|e| Error::invalid(format!("{} (ranks' pieces do not tile the tensor)", e.message())))?;
     block_on(crate::commit::create_manifest(dest, &manifest, step))
 }

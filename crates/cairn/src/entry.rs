@@ -1,5 +1,6 @@
 //! The one-call entry points re-exported at the crate root: save a state, open or load a
-//! checkpoint or a run's latest one, by URI or resolved location.
+//! checkpoint or a run's latest one, by URI or resolved location, and tell a checkpoint
+//! folder from a run.
 
 use crate::{
     commit, runtime, Checkpoint, CheckpointInfo, Error, LoadOptions, Location, Result, Run, SaveOptions, State,
@@ -20,6 +21,24 @@ pub fn save_at(location: &Location, state: &State, opts: &SaveOptions) -> Result
     }
 }
 
+/// What a location names: a checkpoint folder (it holds a manifest) or a run.
+#[derive(Debug)]
+pub enum Target {
+    /// A committed checkpoint's folder (not opened yet: its manifest may be damaged).
+    Checkpoint(Location),
+    /// A run: a folder of `step-N` checkpoints (possibly none).
+    Run(Run),
+}
+
+/// Whether `location` is a checkpoint folder or a run: the one place where an argument
+/// that may be either is told apart (loads, `copy`, the CLI's `verify` and `cp`).
+pub fn resolve_at(location: Location) -> Result<Target> {
+    if runtime::block_on(commit::is_committed(&location))? {
+        return Ok(Target::Checkpoint(location));
+    }
+    Ok(Target::Run(Run::at(location)))
+}
+
 /// Opens `uri` as a checkpoint folder if it holds a manifest, else as a run whose latest
 /// committed checkpoint is opened.
 pub fn open(uri: &str) -> Result<Checkpoint> {
@@ -28,11 +47,12 @@ pub fn open(uri: &str) -> Result<Checkpoint> {
 
 /// [`open`] at an already resolved location.
 pub fn open_at(location: Location) -> Result<Checkpoint> {
-    if runtime::block_on(commit::is_committed(&location))? {
-        return runtime::block_on(Checkpoint::open_async(location));
+    match resolve_at(location)? {
+        Target::Checkpoint(location) => Checkpoint::open_at(location),
+        Target::Run(run) => run
+            .latest()?
+            .ok_or_else(|| Error::not_found(format!("no committed checkpoint uri=`{}`", run.location().uri()))),
     }
-    let uri = location.uri().to_string();
-    Run::at(location).latest()?.ok_or_else(|| Error::not_found(format!("no committed checkpoint uri=`{uri}`")))
 }
 
 /// Loads `uri` (a checkpoint folder, or a run's latest checkpoint) with `opts`.

@@ -1,6 +1,15 @@
 //! Box geometry of tensor pieces: intersecting boxes and copying the intersection of two
 //! row-major boxes of one global tensor. Pure functions over shapes, used to assemble
-//! whole tensors from pieces and to cut the slices a rank asks for (resharding).
+//! whole tensors from pieces and to cut the boxes a rank asks for (resharding).
+
+/// A box of a tensor: offsets within its global shape and the box's own shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorBox {
+    /// Offset of the box, one per dimension.
+    pub offsets: Vec<u64>,
+    /// Shape of the box.
+    pub shape: Vec<u64>,
+}
 
 /// Whether two boxes (offsets, shape) of the same rank intersect.
 pub fn boxes_overlap(a_off: &[u64], a_shape: &[u64], b_off: &[u64], b_shape: &[u64]) -> bool {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::format::manifest::Manifest;
-use crate::tree::Value;
+use crate::state::Value;
 
 /// Summary of one committed checkpoint.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,14 +15,14 @@ use regex::Regex;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
 use crate::format::layout::{self, MANIFEST_FILE};
-use crate::format::manifest::{FileRecord, Manifest, Piece, TensorRecord, MAX_MANIFEST_BYTES};
-use crate::geometry;
+use crate::format::manifest::{FileRecord, Manifest, PieceRecord, TensorRecord, MAX_MANIFEST_BYTES};
+use crate::geometry::{self, TensorBox};
 use crate::info::CheckpointInfo;
 use crate::local_store::Root;
 use crate::ranged_read;
 use crate::runtime::block_on;
+use crate::state::{checked_nbytes, Entry, State, Tensor};
 use crate::store::Location;
-use crate::tree::{checked_nbytes, Entry, State, Tensor};
 
 /// One piece to read: where its bytes lie, their checksum, and the slot (its number among
 /// the pieces of one load) its bytes go to.
@@ -68,10 +68,9 @@ pub struct LoadOptions {
     pub keys: Option<Vec<String>>,
     /// Renaming rules applied in order to each selected key.
     pub rename: Vec<RenameRule>,
-    /// Load only a region of these tensors (by stored key): `(offsets, shape)` within the
-    /// global shape. Only the pieces that overlap a region are read. A region outside the
-    /// global shape is [`ErrorKind::Invalid`].
-    pub slices: BTreeMap<String, Region>,
+    /// Load only a box of these tensors (by stored key). Only the pieces that overlap a
+    /// box are read. A box outside the global shape is [`ErrorKind::Invalid`].
+    pub boxes: BTreeMap<String, TensorBox>,
     /// Verify each piece's checksum (on by default).
     pub verify: bool,
     /// Files read at once.
@@ -84,7 +83,7 @@ impl Default for LoadOptions {
             prefixes: Vec::new(),
             keys: None,
             rename: Vec::new(),
-            slices: BTreeMap::new(),
+            boxes: BTreeMap::new(),
             verify: true,
             concurrency: std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(2, 16),
         }
@@ -110,20 +109,11 @@ impl LoadOptions {
         self
     }
 
-    /// Loads only `region` of the tensor `key` (resharding on load).
-    pub fn with_slice(mut self, key: impl Into<String>, offsets: Vec<u64>, shape: Vec<u64>) -> Self {
-        self.slices.insert(key.into(), Region { offsets, shape });
+    /// Loads only the box `(offsets, shape)` of the tensor `key` (resharding on load).
+    pub fn with_box(mut self, key: impl Into<String>, offsets: Vec<u64>, shape: Vec<u64>) -> Self {
+        self.boxes.insert(key.into(), TensorBox { offsets, shape });
         self
     }
-}
-
-/// A box of a tensor: offsets within the global shape and the box's shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Region {
-    /// Offset of the box, one per dimension.
-    pub offsets: Vec<u64>,
-    /// Shape of the box.
-    pub shape: Vec<u64>,
 }
 
 /// A committed checkpoint whose manifest has been read and validated.
@@ -196,7 +186,7 @@ impl Checkpoint {
 
     async fn read_selected(&self, opts: &LoadOptions) -> Result<State> {
         let selected = self.select(opts)?;
-        let regions = self.regions(&selected, opts)?;
+        let boxes = self.boxes(&selected, opts)?;
         // Every piece to read gets a slot; `owners[slot]` is its tensor's key and its index
         // among the tensor's pieces, and the slots of one tensor are consecutive.
         let mut owners: Vec<(&str, usize)> = Vec::new();
@@ -206,10 +196,10 @@ impl Checkpoint {
             let first = owners.len();
             if let Some(record) = self.manifest.tensors.get(*key) {
                 for (index, piece) in record.pieces.iter().enumerate() {
-                    let wanted = regions.get(*key).is_none_or(|r| {
+                    let overlaps = boxes.get(*key).is_none_or(|r| {
                         geometry::intersection(&r.offsets, &r.shape, &piece.offsets, &piece.shape).is_some()
                     });
-                    if wanted {
+                    if overlaps {
                         let read = PieceRead { slot: owners.len(), range: piece.range, crc32c: piece.crc32c };
                         by_file.entry(piece.file.as_str()).or_default().push(read);
                         owners.push((key, index));
@@ -229,10 +219,10 @@ impl Checkpoint {
         let mut state = State::new();
         for ((key, new_key), range) in selected.into_iter().zip(slots_of) {
             let entry = if let Some(record) = self.manifest.tensors.get(key) {
-                let whole = Region { offsets: vec![0; record.shape.len()], shape: record.shape.clone() };
-                let region = regions.get(key).copied().unwrap_or(&whole);
+                let whole = TensorBox { offsets: vec![0; record.shape.len()], shape: record.shape.clone() };
+                let wanted = boxes.get(key).copied().unwrap_or(&whole);
                 let pieces = range.map(|slot| (owners[slot].1, std::mem::take(&mut slots[slot])));
-                Entry::Tensor(self.assemble(key, record, region, pieces)?)
+                Entry::Tensor(self.assemble(key, record, wanted, pieces)?)
             } else if let Some(value) = self.manifest.values.get(key) {
                 Entry::Value(value.clone())
             } else {
@@ -244,32 +234,32 @@ impl Checkpoint {
         Ok(state)
     }
 
-    /// The requested regions of selected tensors, each checked against its global shape.
-    fn regions<'o>(&self, selected: &[(&str, String)], opts: &'o LoadOptions) -> Result<BTreeMap<String, &'o Region>> {
+    /// The requested boxes of selected tensors, each checked against its global shape.
+    fn boxes<'o>(&self, selected: &[(&str, String)], opts: &'o LoadOptions) -> Result<BTreeMap<String, &'o TensorBox>> {
         let mut out = BTreeMap::new();
-        for (key, region) in &opts.slices {
+        for (key, wanted) in &opts.boxes {
             let Some(record) = self.manifest.tensors.get(key) else {
                 return Err(Error::not_found(format!(
-                    "sliced tensor not in checkpoint key=`{key}` checkpoint=`{}`",
+                    "tensor to load a box of is not in checkpoint key=`{key}` checkpoint=`{}`",
                     self.location.uri()
                 )));
             };
-            let inside = region.offsets.len() == record.shape.len()
-                && region.shape.len() == record.shape.len()
-                && region
+            let inside = wanted.offsets.len() == record.shape.len()
+                && wanted.shape.len() == record.shape.len()
+                && wanted
                     .offsets
                     .iter()
-                    .zip(&region.shape)
+                    .zip(&wanted.shape)
                     .zip(&record.shape)
                     .all(|((&o, &l), &d)| o.checked_add(l).is_some_and(|e| e <= d));
             if !inside {
                 return Err(Error::invalid(format!(
                     "requested slice offsets {:?} shape {:?} lies outside global shape {:?} key=`{key}`",
-                    region.offsets, region.shape, record.shape
+                    wanted.offsets, wanted.shape, record.shape
                 )));
             }
             if selected.iter().any(|(k, _)| k == key) {
-                out.insert(key.clone(), region);
+                out.insert(key.clone(), wanted);
             }
         }
         Ok(out)
@@ -358,7 +348,7 @@ impl Checkpoint {
         })
     }
 
-    /// Fetches the header region of `file` followed by `ranges` (no copy when local),
+    /// Fetches the header wanted of `file` followed by `ranges` (no copy when local),
     /// after checking the file's real size against the manifest.
     async fn fetch(&self, file: &str, ranges: Vec<std::ops::Range<u64>>) -> Result<(FileRecord, Vec<Bytes>)> {
         let record = self.manifest.files.get(file).cloned().ok_or_else(|| {
@@ -391,7 +381,7 @@ impl Checkpoint {
     /// itself cannot be read.
     pub async fn verify_async(&self) -> Result<Vec<Error>> {
         let mut problems = Vec::new();
-        let mut by_file: BTreeMap<&str, Vec<(&str, &Piece)>> = BTreeMap::new();
+        let mut by_file: BTreeMap<&str, Vec<(&str, &PieceRecord)>> = BTreeMap::new();
         for (key, record) in &self.manifest.tensors {
             for piece in &record.pieces {
                 by_file.entry(piece.file.as_str()).or_default().push((key.as_str(), piece));
@@ -451,40 +441,40 @@ impl Checkpoint {
             .collect())
     }
 
-    /// Builds `region` of the tensor `key` from its read pieces (`(index among the
-    /// tensor's pieces, bytes)`): no copy when a single piece is exactly the region, else
-    /// a buffer of the region's size (bounded by the verified file sizes) filled from every
+    /// Builds `wanted` of the tensor `key` from its read pieces (`(index among the
+    /// tensor's pieces, bytes)`): no copy when a single piece is exactly the wanted, else
+    /// a buffer of the wanted's size (bounded by the verified file sizes) filled from every
     /// overlapping piece.
     fn assemble(
         &self,
         key: &str,
         record: &TensorRecord,
-        region: &Region,
+        wanted: &TensorBox,
         mut pieces: impl Iterator<Item = (usize, Bytes)>,
     ) -> Result<Tensor> {
         let shown = || format!("tensor=`{key}` checkpoint=`{}`", self.location.uri());
-        let exact = record.pieces.iter().position(|p| p.offsets == region.offsets && p.shape == region.shape);
+        let exact = record.pieces.iter().position(|p| p.offsets == wanted.offsets && p.shape == wanted.shape);
         if let Some(index) = exact {
             let data = pieces.find(|(i, _)| *i == index).map(|(_, data)| data).unwrap_or_default();
-            return Tensor::new(record.dtype, region.shape.clone(), data)
+            return Tensor::new(record.dtype, wanted.shape.clone(), data)
                 .map_err(|e| Error::corrupt(format!("{} {}", e.message(), shown())));
         }
-        let nbytes = checked_nbytes(record.dtype, &region.shape)
+        let nbytes = checked_nbytes(record.dtype, &wanted.shape)
             .ok_or_else(|| Error::corrupt(format!("shape overflows {}", shown())))?;
         let mut buffer = vec![0u8; nbytes as usize];
         for (index, data) in pieces {
             let piece = &record.pieces[index];
             geometry::copy_intersection(
                 &mut buffer,
-                &region.offsets,
-                &region.shape,
+                &wanted.offsets,
+                &wanted.shape,
                 &data,
                 &piece.offsets,
                 &piece.shape,
                 record.dtype.size(),
             );
         }
-        Tensor::new(record.dtype, region.shape.clone(), buffer)
+        Tensor::new(record.dtype, wanted.shape.clone(), buffer)
     }
 }
 
@@ -492,7 +482,12 @@ impl Checkpoint {
 impl Checkpoint {
     /// Opens the checkpoint folder `uri`; see [`Checkpoint::open_async`].
     pub fn open(uri: &str) -> Result<Checkpoint> {
-        block_on(Checkpoint::open_async(Location::open(uri)?))
+        Checkpoint::open_at(Location::open(uri)?)
+    }
+
+    /// Opens the checkpoint folder at an already resolved location.
+    pub fn open_at(location: Location) -> Result<Checkpoint> {
+        block_on(Checkpoint::open_async(location))
     }
 
     /// Loads the selected keys; see [`Checkpoint::load_async`].

@@ -7,14 +7,14 @@
 //! its block and checksums them while they are hot in the cache, then writes the block.
 //! While one worker copies, the others' writes are in flight, and each byte of the state
 //! is read from memory once; the checksums of a chunk's pieces are combined at the end.
-//! A disk reaches its speed only with enough bytes in flight (the virtual disk measured:
-//! about 64 MiB, 8 writes of 8 MiB, across the files being written at once), so a save
-//! writing fewer files at once gives each file more workers.
+//! A disk reaches its speed only with enough bytes in flight (`WRITES_IN_FLIGHT` writes
+//! of `BLOCK_BYTES` across the files being written at once), so a save writing fewer
+//! files at once gives each file more workers.
 //!
 //! Bounce blocks are kept for the next file and the next save (at most `POOLED_BLOCKS`):
-//! fresh memory costs a page fault per page, and on a VM whose host reclaims freed memory
-//! a host-side fault too, which made fresh blocks slower to fill than to write. Extra
-//! memory is the set of blocks, whatever the file's size.
+//! fresh memory costs a page fault per page (and on a VM a host-side fault too). Extra
+//! memory is the set of blocks, whatever the file's size. The measurements behind these
+//! figures are in docs/measurements.md.
 //!
 //! Where the filesystem refuses direct I/O (tmpfs, some network filesystems), or off
 //! Linux, the same file is written with ordinary writes instead. Either way the file is
@@ -127,7 +127,7 @@ impl AlignedBlock {
 }
 
 /// The checksum of the part of one chunk that one block holds.
-struct Piece {
+struct ChunkPart {
     chunk: usize,
     /// Where the part starts in the file.
     offset: u64,
@@ -154,7 +154,7 @@ fn write_direct(file: &File, chunks: &[&[u8]], workers: usize) -> io::Result<Vec
         let index = next_block.fetch_add(1, Ordering::Relaxed);
         (index < block_count && !failed.load(Ordering::Relaxed)).then_some(index)
     };
-    let results: Vec<io::Result<Vec<Piece>>> = std::thread::scope(|scope| {
+    let results: Vec<io::Result<Vec<ChunkPart>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers.clamp(1, block_count.max(1)))
             .map(|_| {
                 scope.spawn(|| {
@@ -225,14 +225,14 @@ fn preallocate(_file: &File, _len: u64) -> io::Result<()> {
 
 /// Copies the bytes of the file's `[offset, offset + block.len())` (or up to `total`)
 /// from `chunks` (which start at `starts` in the file) into `block`, checksumming each
-/// chunk's part as a `Piece`. Returns the number of bytes filled.
+/// chunk's part as a `ChunkPart`. Returns the number of bytes filled.
 fn fill_block(
     block: &mut [u8],
     offset: u64,
     total: u64,
     chunks: &[&[u8]],
     starts: &[u64],
-    pieces: &mut Vec<Piece>,
+    pieces: &mut Vec<ChunkPart>,
 ) -> usize {
     let end = total.min(offset + block.len() as u64);
     // The last chunk starting at or before `offset` (empty chunks hold no bytes: skipped).
@@ -254,14 +254,14 @@ fn fill_block(
             target.copy_from_slice(source);
             crc.update(target);
         }
-        pieces.push(Piece { chunk, offset: from, len: source.len(), crc: crc.value() });
+        pieces.push(ChunkPart { chunk, offset: from, len: source.len(), crc: crc.value() });
     }
     (end - offset) as usize
 }
 
 /// The CRC-32C of each of `chunk_count` chunks, from the checksums of their pieces
 /// (a chunk without pieces is empty).
-fn chunk_checksums(chunk_count: usize, mut pieces: Vec<Piece>) -> Vec<u32> {
+fn chunk_checksums(chunk_count: usize, mut pieces: Vec<ChunkPart>) -> Vec<u32> {
     pieces.sort_unstable_by_key(|p| p.offset);
     let mut crcs: Vec<Option<u32>> = vec![None; chunk_count];
     for piece in pieces {

@@ -12,20 +12,16 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use object_store::{ObjectStoreExt, PutPayload};
-
 use crate::dist::{self, StoreExchange};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::layout::{self, LATEST_FILE};
 use crate::info::CheckpointInfo;
 use crate::load::LoadOptions;
 use crate::policy::{self, Candidate, Decision, Retention, SaveContext, SavePolicy};
 use crate::preemption::Preemption;
 use crate::run::Run;
-use crate::runtime::block_on;
 use crate::save::SaveOptions;
 use crate::snapshot::ArenaPool;
-use crate::tree::{State, Value};
+use crate::state::{State, Value};
 
 /// A source of elapsed time, injectable so time-based policies are testable.
 pub trait Clock: Send + Sync {
@@ -85,8 +81,6 @@ pub struct ManagerOptions {
     pub clock: Arc<dyn Clock>,
     /// Template for every save (shard size, concurrency).
     pub save: SaveOptions,
-    /// Metric used by keep-best retention.
-    pub metric: Option<String>,
     /// This process's rank in a multi-rank job (0 for a single process).
     pub rank: u32,
     /// Number of ranks saving each checkpoint together (1 for a single process). With
@@ -113,7 +107,6 @@ impl Default for ManagerOptions {
             preemption_signal: Some(signal_hook::consts::SIGTERM),
             clock: Arc::new(SystemClock::default()),
             save: SaveOptions::default(),
-            metric: None,
             rank: 0,
             world_size: 1,
             coordination_timeout: Duration::from_secs(600),
@@ -129,11 +122,8 @@ impl ManagerOptions {
         self
     }
 
-    /// Sets the retention policy; keep-best's metric becomes the manager's metric.
+    /// Sets the retention policy (keep-best's metric is the one recorded for ranking).
     pub fn with_retention(mut self, retention: Retention) -> Self {
-        if let Some(best) = &retention.keep_best {
-            self.metric = Some(best.metric.clone());
-        }
         self.retention = retention;
         self
     }
@@ -190,6 +180,26 @@ pub struct SaveRequest {
     pub metadata: serde_json::Value,
 }
 
+/// How the state of a save reaches the manager.
+#[derive(Debug)]
+pub enum Handover<'s> {
+    /// The caller's live state: an async save copies it before the call returns (the
+    /// caller may change its buffers afterwards).
+    Copy(&'s State),
+    /// A state whose buffers are the manager's to keep until written (e.g. tensors just
+    /// copied off a GPU): no copy.
+    Give(State),
+}
+
+/// Which call a save came from.
+#[derive(Clone, Copy)]
+enum Call {
+    /// `on_step`: the policy decides; a step already saved is skipped.
+    OnStep,
+    /// `save`: always saves; a step already saved is an error.
+    Save,
+}
+
 enum Job {
     Save {
         step: u64,
@@ -224,7 +234,6 @@ struct Inner {
 struct Shared {
     run: Run,
     retention: Retention,
-    metric: Option<String>,
     rank: u32,
     world_size: u32,
     coordination_timeout: Duration,
@@ -243,7 +252,7 @@ impl Shared {
             return self.run.save(state, opts);
         }
         let step = opts.step.unwrap_or_default();
-        let dest = self.run.location().child(&layout::step_dir(step));
+        let dest = self.run.step_location(step);
         let mut exchange = StoreExchange::new(&dest, self.rank, self.world_size, self.coordination_timeout);
         dist::save_distributed(&dest, state, step, opts, &mut exchange)
     }
@@ -253,13 +262,41 @@ impl Shared {
         self.rank == 0
     }
 
-    /// What follows a committed save: retention learns of it and the `LATEST` hint names
-    /// it. A failure here is a cleanup problem, never the save's.
-    fn committed(&self, info: &CheckpointInfo) {
-        self.lock().known.insert(info.step, Candidate::from_info(info, self.metric.as_deref()));
-        if let Err(err) = retried(|| write_latest_hint(self, info)) {
-            self.cleanup_failed(err);
+    /// Writes the booked save of `step` and does what follows, the one path of sync and
+    /// async saves alike: the booking is released; on a commit retention learns of the
+    /// checkpoint and, when it is the newest, the run's `LATEST` hint names it (a failure
+    /// of the hint is a cleanup problem, never the save's).
+    fn write(&self, step: u64, state: &State, opts: &SaveOptions) -> Result<()> {
+        let result = self.save(state, opts);
+        let newest = {
+            let mut inner = self.lock();
+            inner.writing.remove(&step);
+            inner.saves_in_flight -= 1;
+            self.changed.notify_all();
+            let Ok(info) = &result else { return result.map(drop) };
+            inner.known.insert(step, Candidate::from_info(info, self.retention.metric()));
+            inner.known.keys().next_back() == Some(&step)
+        };
+        let info = result?;
+        if newest && self.leads() {
+            if let Err(err) = retried(|| self.run.write_latest_hint(&info)) {
+                self.cleanup_failed(err);
+            }
         }
+        Ok(())
+    }
+
+    /// Gives back the booking of a save that never started: the step is free again and
+    /// the policy sees the last save as before.
+    fn unbook(&self, step: u64, (last_step, last_save_at): (Option<u64>, Duration)) {
+        let mut inner = self.lock();
+        if inner.last_step == Some(step) {
+            inner.last_step = last_step;
+            inner.last_save_at = last_save_at;
+        }
+        inner.writing.remove(&step);
+        inner.saves_in_flight -= 1;
+        self.changed.notify_all();
     }
 
     /// Records a cleanup problem (the checkpoints themselves are committed); the oldest
@@ -345,7 +382,7 @@ impl CheckpointManager {
         }
         let mut known = BTreeMap::new();
         for info in run.infos()? {
-            known.insert(info.step, Candidate::from_info(&info, opts.metric.as_deref()));
+            known.insert(info.step, Candidate::from_info(&info, opts.retention.metric()));
         }
         let preempted = Arc::new(AtomicBool::new(false));
         let preemption =
@@ -359,7 +396,6 @@ impl CheckpointManager {
         let shared = Arc::new(Shared {
             run,
             retention: opts.retention.clone(),
-            metric: opts.metric.clone(),
             rank: opts.rank,
             world_size: opts.world_size,
             coordination_timeout: opts.coordination_timeout,
@@ -411,48 +447,22 @@ impl CheckpointManager {
     /// A step already committed (or being written) is never saved again, forced or not:
     /// `on_step` returns `false` (use [`save`](Self::save) to be told with an error).
     pub fn on_step(&self, step: u64, state: &State, req: SaveRequest) -> Result<bool> {
-        self.on_step_with(step, req, |req| self.save(step, state, req))
+        self.on_step_with(step, req, |_| Ok(Handover::Copy(state)))
     }
 
-    /// Like [`on_step`](Self::on_step), but a save takes ownership of `state` without a
-    /// snapshot copy (see [`save_owned`](Self::save_owned)).
-    pub fn on_step_owned(&self, step: u64, state: State, req: SaveRequest) -> Result<bool> {
-        self.on_step_with(step, req, |req| self.save_owned(step, state, req))
-    }
-
-    /// Whether [`on_step`](Self::on_step) would save `step` now. Changes nothing; lets a
-    /// caller skip gathering a state that costs something to build (tensors on a GPU).
-    pub fn due(&self, step: u64, force: bool) -> bool {
-        self.decide(step, force, self.preempted()) != Decision::Skip
-    }
-
-    fn on_step_with(&self, step: u64, req: SaveRequest, save: impl FnOnce(SaveRequest) -> Result<()>) -> Result<bool> {
-        self.take_error()?;
-        let preempted = self.preempted();
-        match self.decide(step, req.force, preempted) {
-            Decision::Skip => Ok(false),
-            Decision::Save { temporary } => {
-                save(SaveRequest { temporary, ..req })?;
-                if preempted {
-                    self.wait()?;
-                }
-                Ok(true)
-            }
-        }
-    }
-
-    /// What the policy says of `step` at this moment.
-    fn decide(&self, step: u64, force: bool, preempted: bool) -> Decision {
-        let (last_step, last_save_at) = {
-            let inner = self.shared.lock();
-            // Already committed or being written: nothing new to save, even when forced.
-            if inner.known.contains_key(&step) || inner.writing.contains(&step) {
-                return Decision::Skip;
-            }
-            (inner.last_step, inner.last_save_at)
-        };
-        let ctx = SaveContext { step, now: self.clock.now(), last_step, last_save_at, force, preempted };
-        policy::should_save(&self.policy, &ctx)
+    /// Like [`on_step`](Self::on_step), but the state is made by `make` only when the
+    /// step is saved, and only once a save slot is free: a caller whose state costs
+    /// something to gather (tensors copied off a GPU) never holds more than
+    /// `max_in_flight` copies, and pays nothing on the steps that save nothing. `make`
+    /// may also fill in the request's metrics and metadata (costly to read, e.g. a loss
+    /// still on the GPU).
+    pub fn on_step_with<'s>(
+        &self,
+        step: u64,
+        req: SaveRequest,
+        make: impl FnOnce(&mut SaveRequest) -> Result<Handover<'s>>,
+    ) -> Result<bool> {
+        self.step(step, req, Call::OnStep, make)
     }
 
     /// Saves `state` as `step` now, whatever the policy. Fails with
@@ -460,76 +470,111 @@ impl CheckpointManager {
     /// With async saving it returns once `state` is copied (the caller may then change
     /// its buffers); otherwise once the checkpoint is committed.
     pub fn save(&self, step: u64, state: &State, req: SaveRequest) -> Result<()> {
-        let opts = self.admit(step, req)?;
-        if self.async_save {
-            let snapshot = state.snapshot_in(&self.snapshots);
-            self.enqueue(Job::Save { step, state: snapshot, opts });
-            return Ok(());
-        }
-        let result = self.shared.save(state, &opts);
+        self.save_with(step, req, |_| Ok(Handover::Copy(state)))
+    }
+
+    /// Like [`save`](Self::save), with the state made by `make` once a save slot is free.
+    pub fn save_with<'s>(
+        &self,
+        step: u64,
+        req: SaveRequest,
+        make: impl FnOnce(&mut SaveRequest) -> Result<Handover<'s>>,
+    ) -> Result<()> {
+        self.step(step, req, Call::Save, make).map(drop)
+    }
+
+    /// The one path of every save: decide (for `on_step`), wait for a slot, book the
+    /// step, make the state, then write it inline or hand it to the worker.
+    fn step<'s>(
+        &self,
+        step: u64,
+        mut req: SaveRequest,
+        call: Call,
+        make: impl FnOnce(&mut SaveRequest) -> Result<Handover<'s>>,
+    ) -> Result<bool> {
+        let preempted = self.preempted();
         let mut inner = self.shared.lock();
-        inner.writing.remove(&step);
-        inner.saves_in_flight -= 1;
-        self.shared.changed.notify_all();
-        drop(inner);
-        self.shared.committed(&result?);
-        self.enqueue(Job::Retain);
-        Ok(())
-    }
-
-    /// Like [`save`](Self::save), but takes ownership of `state` and makes no snapshot
-    /// copy: the caller promises not to change the buffers it points at (used when the
-    /// caller's copy already is the snapshot, e.g. a tensor just copied off a GPU).
-    pub fn save_owned(&self, step: u64, state: State, req: SaveRequest) -> Result<()> {
-        if !self.async_save {
-            return self.save(step, &state, req);
+        if let Some(err) = inner.error.take() {
+            return Err(err);
         }
-        let opts = self.admit(step, req)?;
-        self.enqueue(Job::Save { step, state, opts });
-        Ok(())
-    }
-
-    /// Waits for a free save slot, refuses a step already saved or being written, and
-    /// books the save; returns its options.
-    fn admit(&self, step: u64, req: SaveRequest) -> Result<SaveOptions> {
-        self.take_error()?;
-        let mut inner = self.free_slot()?;
-        if inner.known.contains_key(&step) || inner.writing.contains(&step) {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!("checkpoint already saved step={step} run=`{}`", self.shared.run.location().uri()),
-            ));
+        let taken = |inner: &Inner| inner.known.contains_key(&step) || inner.writing.contains(&step);
+        if matches!(call, Call::OnStep) && taken(&inner) {
+            return Ok(false);
         }
+        let temporary = match call {
+            Call::Save => req.temporary,
+            Call::OnStep => match self.decide(&inner, step, req.force, preempted) {
+                Decision::Skip => return Ok(false),
+                Decision::Save { temporary } => temporary,
+            },
+        };
+        while inner.saves_in_flight >= self.max_in_flight && inner.error.is_none() {
+            inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(err) = inner.error.take() {
+            return Err(err);
+        }
+        // Already committed or being written: nothing new to save, even when forced.
+        if taken(&inner) {
+            return match call {
+                Call::OnStep => Ok(false),
+                Call::Save => Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("checkpoint already saved step={step} run=`{}`", self.shared.run.location().uri()),
+                )),
+            };
+        }
+        let before = (inner.last_step, inner.last_save_at);
         inner.last_step = Some(inner.last_step.map_or(step, |s| s.max(step)));
         inner.last_save_at = self.clock.now();
         inner.writing.insert(step);
         inner.saves_in_flight += 1;
+        drop(inner);
+
+        let handover = match make(&mut req) {
+            Ok(handover) => handover,
+            Err(err) => {
+                self.shared.unbook(step, before);
+                return Err(err);
+            }
+        };
         let mut opts = self.save_template.clone();
         opts.step = Some(step);
-        opts.temporary = req.temporary;
+        opts.temporary = temporary;
         opts.metrics = req.metrics;
         opts.metadata = req.metadata;
-        Ok(opts)
+        if self.async_save {
+            let state = match handover {
+                Handover::Copy(state) => state.snapshot_in(&self.snapshots),
+                Handover::Give(state) => state,
+            };
+            self.enqueue(Job::Save { step, state, opts });
+        } else {
+            let written = match &handover {
+                Handover::Copy(state) => self.shared.write(step, state, &opts),
+                Handover::Give(state) => self.shared.write(step, state, &opts),
+            };
+            drop(handover);
+            self.enqueue(Job::Retain);
+            written?;
+        }
+        if preempted && matches!(call, Call::OnStep) {
+            self.wait()?;
+        }
+        Ok(true)
     }
 
-    /// Blocks until a save could start without waiting (fewer than `max_in_flight` saves
-    /// in flight), so that a caller can prepare a costly state (copy it off a GPU) without
-    /// ever holding more copies than that. Returns a background error, if one occurred.
-    pub fn wait_for_slot(&self) -> Result<()> {
-        self.free_slot().map(drop)
-    }
-
-    /// Waits until a save slot is free or a background error is pending; returns the
-    /// lock, or takes and returns the error.
-    fn free_slot(&self) -> Result<MutexGuard<'_, Inner>> {
-        let mut inner = self.shared.lock();
-        while inner.saves_in_flight >= self.max_in_flight && inner.error.is_none() {
-            inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
-        }
-        match inner.error.take() {
-            Some(err) => Err(err),
-            None => Ok(inner),
-        }
+    /// What the policy says of `step` at this moment.
+    fn decide(&self, inner: &Inner, step: u64, force: bool, preempted: bool) -> Decision {
+        let ctx = SaveContext {
+            step,
+            now: self.clock.now(),
+            last_step: inner.last_step,
+            last_save_at: inner.last_save_at,
+            force,
+            preempted,
+        };
+        policy::should_save(&self.policy, &ctx)
     }
 
     /// Blocks until every queued save and deletion is done; returns the first background
@@ -605,7 +650,7 @@ impl CheckpointManager {
         for c in run.list()? {
             run.delete(c.step)?;
         }
-        delete_latest_hint(run)?;
+        run.remove_latest_hint()?;
         let mut inner = self.shared.lock();
         inner.known.clear();
         inner.last_step = None;
@@ -656,13 +701,9 @@ fn work(shared: &Shared) {
         };
         let saved = match job {
             Job::Save { step, state, opts } => {
-                let result = shared.save(&state, &opts);
+                let written = shared.write(step, &state, &opts);
                 drop(state);
-                let mut inner = shared.lock();
-                inner.writing.remove(&step);
-                inner.saves_in_flight -= 1;
-                drop(inner);
-                result.map(|info| shared.committed(&info))
+                written
             }
             Job::Retain => Ok(()),
             Job::Prune(grace) => {
@@ -707,35 +748,4 @@ fn apply_retention(shared: &Shared) {
             Err(err) => shared.cleanup_failed(err),
         }
     }
-}
-
-/// Writes `LATEST` (the URI of the newest checkpoint), like mmengine's `last_checkpoint`.
-/// Only a hint for other tools: Cairn itself always lists manifests.
-fn write_latest_hint(shared: &Shared, info: &CheckpointInfo) -> Result<()> {
-    if !shared.leads() {
-        return Ok(());
-    }
-    let run = &shared.run;
-    let loc = run.location();
-    if run.list()?.last().is_some_and(|c| c.step > info.step) {
-        return Ok(());
-    }
-    let body = PutPayload::from(format!("{}\n", info.uri).into_bytes());
-    block_on(async {
-        loc.store()
-            .put(&loc.path(LATEST_FILE), body)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::from_store(e, "writing hint", &format!("file=`{}/{LATEST_FILE}`", loc.uri())))
-    })
-}
-
-fn delete_latest_hint(run: &Run) -> Result<()> {
-    let loc = run.location();
-    block_on(async {
-        match loc.store().delete(&loc.path(LATEST_FILE)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Error::from_store(e, "deleting hint", &format!("file=`{}/{LATEST_FILE}`", loc.uri()))),
-        }
-    })
 }

@@ -35,10 +35,23 @@ impl Every {
 /// // every 100 steps until 1,000, then every 1,000
 /// let policy = SavePolicy::steps(vec![Every::until(100, 1000), Every::new(1000)]).unwrap();
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// The default, the same in every face: every 500 steps until step 5,000, then every
+/// 1,000 ([`DEFAULT_SAVE_RULES`]), no time interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavePolicy {
     steps: Vec<Every>,
     interval: Option<Duration>,
+}
+
+/// The step rules of the default [`SavePolicy`].
+pub const DEFAULT_SAVE_RULES: [Every; 2] =
+    [Every { interval: 500, until: Some(5000) }, Every { interval: 1000, until: None }];
+
+impl Default for SavePolicy {
+    fn default() -> Self {
+        SavePolicy { steps: DEFAULT_SAVE_RULES.to_vec(), interval: None }
+    }
 }
 
 impl SavePolicy {
@@ -66,11 +79,6 @@ impl SavePolicy {
             }
         }
         Ok(SavePolicy { steps: rules, interval: None })
-    }
-
-    /// For epoch-indexed loops: the step passed is the epoch; save every `period` epochs.
-    pub fn epochs(period: u64) -> Result<SavePolicy> {
-        SavePolicy::steps(vec![Every::new(period)])
     }
 
     /// Also save a *temporary* checkpoint whenever `interval` has passed since the last save.
@@ -353,10 +361,11 @@ mod tests {
     }
 
     #[test]
-    fn epochs_policy_saves_every_period() {
-        let policy = SavePolicy::epochs(3).unwrap();
-        let saved: Vec<u64> = (0..10).filter(|&e| should_save(&policy, &ctx(e)) != Decision::Skip).collect();
-        assert_eq!(saved, vec![3, 6, 9]);
+    fn the_default_policy_saves_every_500_steps_until_5000_then_every_1000() {
+        let policy = SavePolicy::default();
+        let saved: Vec<u64> = (0..=8000).filter(|&s| should_save(&policy, &ctx(s)) != Decision::Skip).collect();
+        let expected: Vec<u64> = (1..=10).map(|i| i * 500).chain([6000, 7000, 8000]).collect();
+        assert_eq!(saved, expected);
     }
 
     fn perm(step: u64, metric: f64) -> Candidate {

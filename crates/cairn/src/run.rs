@@ -3,18 +3,18 @@
 //! (unfinished saves, stray files) is invisible to readers.
 
 use futures::TryStreamExt;
-use object_store::ObjectStoreExt;
+use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::commit;
 use crate::error::{Error, Result};
-use crate::format::layout::{self, MANIFEST_FILE};
+use crate::format::layout::{self, LATEST_FILE, MANIFEST_FILE};
 use crate::info::CheckpointInfo;
 use crate::load::{Checkpoint, LoadOptions};
 use crate::policy::{self, Candidate, Retention};
 use crate::runtime::block_on;
 use crate::save::{save_checkpoint, SaveOptions};
+use crate::state::State;
 use crate::store::Location;
-use crate::tree::State;
 
 /// A committed checkpoint found by listing a run (its manifest not yet read).
 #[derive(Debug, Clone)]
@@ -102,6 +102,11 @@ impl Run {
         &self.location
     }
 
+    /// The folder of the checkpoint of `step` in this run.
+    pub fn step_location(&self, step: u64) -> Location {
+        self.location.child(&layout::step_dir(step))
+    }
+
     /// The committed checkpoints, in step order.
     pub fn list(&self) -> Result<Vec<CheckpointRef>> {
         block_on(self.list_async())
@@ -131,7 +136,7 @@ impl Run {
                     _ => None,
                 }
             })
-            .map(|step| CheckpointRef { step, location: self.location.child(&layout::step_dir(step)) })
+            .map(|step| CheckpointRef { step, location: self.step_location(step) })
             .collect();
         found.sort_by_key(|c| c.step);
         Ok(found)
@@ -177,7 +182,7 @@ impl Run {
 
     /// Opens the committed checkpoint of `step`; [`crate::ErrorKind::NotFound`] if none.
     pub fn checkpoint(&self, step: u64) -> Result<Checkpoint> {
-        block_on(Checkpoint::open_async(self.location.child(&layout::step_dir(step))))
+        block_on(Checkpoint::open_async(self.step_location(step)))
     }
 
     /// Saves `state` as the checkpoint of `opts.step` (required) and commits it.
@@ -185,15 +190,44 @@ impl Run {
         let step = opts
             .step
             .ok_or_else(|| Error::invalid(format!("saving into a run needs a step run=`{}`", self.location.uri())))?;
-        let dest = self.location.child(&layout::step_dir(step));
+        let dest = self.step_location(step);
         block_on(save_checkpoint(&dest, state, step, opts))
     }
 
     /// Deletes the checkpoint of `step`: its manifest first (it stops existing), then its
     /// data. Deleting a step that does not exist is not an error.
     pub fn delete(&self, step: u64) -> Result<()> {
-        let dir = self.location.child(&layout::step_dir(step));
+        let dir = self.step_location(step);
         block_on(commit::delete_checkpoint(&dir))
+    }
+
+    /// Writes the run's `LATEST` hint: the URI of `newest`, which the caller knows to be
+    /// the newest checkpoint (like mmengine's `last_checkpoint`). Only a hint for other
+    /// tools: Cairn itself always lists manifests.
+    pub fn write_latest_hint(&self, newest: &CheckpointInfo) -> Result<()> {
+        let body = PutPayload::from(format!("{}\n", newest.uri).into_bytes());
+        block_on(async {
+            self.location
+                .store()
+                .put(&self.location.path(LATEST_FILE), body)
+                .await
+                .map(drop)
+                .map_err(|e| Error::from_store(e, "writing hint", &self.hint_shown()))
+        })
+    }
+
+    /// Removes the run's `LATEST` hint; a missing hint is not an error.
+    pub fn remove_latest_hint(&self) -> Result<()> {
+        block_on(async {
+            match self.location.store().delete(&self.location.path(LATEST_FILE)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(Error::from_store(e, "deleting hint", &self.hint_shown())),
+            }
+        })
+    }
+
+    fn hint_shown(&self) -> String {
+        format!("file=`{}/{LATEST_FILE}`", self.location.uri())
     }
 
     /// Applies `retention` to the readable committed checkpoints (never the latest,
@@ -255,7 +289,7 @@ impl Run {
         for (step, files) in &by_step {
             let referenced: Option<std::collections::BTreeSet<String>> =
                 if files.iter().any(|(f, _)| f == MANIFEST_FILE) {
-                    match Checkpoint::open_async(self.location.child(&layout::step_dir(*step))).await {
+                    match Checkpoint::open_async(self.step_location(*step)).await {
                         Ok(ckpt) => Some(ckpt.manifest().files.keys().cloned().collect()),
                         // A damaged checkpoint is the user's to inspect: leave all of it.
                         Err(e) if is_gone_or_damaged(&e) => continue,
@@ -273,7 +307,7 @@ impl Run {
                 // A save still writing keeps making new files: all must be old. And the
                 // folder must still have no manifest (one may have landed since listing).
                 None if files.iter().all(|(_, m)| old_enough(m))
-                    && !commit::is_committed(&self.location.child(&layout::step_dir(*step))).await? =>
+                    && !commit::is_committed(&self.step_location(*step)).await? =>
                 {
                     orphans.extend(leftovers.map(|(_, m)| *m))
                 }

@@ -20,14 +20,14 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
 use crate::format::layout;
 use crate::format::manifest::{
-    check_structure_size, count_value_maps, FileRecord, Manifest, Piece, TensorRecord, Writer, FORMAT_NAME,
+    check_structure_size, count_value_maps, FileRecord, Manifest, PieceRecord, TensorRecord, Writer, FORMAT_NAME,
     FORMAT_VERSION, MAX_METADATA_BYTES, MAX_VALUE_MAPS,
 };
 use crate::format::shard::{self, ShardEntry, DATA_ALIGN};
 use crate::info::CheckpointInfo;
 use crate::local_write;
+use crate::state::{Entry, State, Tensor, Value};
 use crate::store::{self, Location};
-use crate::tree::{Entry, State, Tensor, Value};
 
 /// Default upper bound on the bytes of one shard file.
 pub const DEFAULT_SHARD_BYTES: u64 = 512 << 20;
@@ -187,7 +187,7 @@ pub fn plan_shards(state: &State, shard_bytes: u64, parallelism: usize, rank: u3
 pub(crate) struct WrittenShard {
     pub(crate) file: String,
     pub(crate) record: FileRecord,
-    pub(crate) pieces: Vec<(String, Piece)>,
+    pub(crate) pieces: Vec<(String, PieceRecord)>,
 }
 
 /// Saves `state` into the checkpoint folder `dest` and commits it. See the module docs
@@ -257,9 +257,9 @@ pub(crate) async fn write_share(
 }
 
 fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {
-    if let Some(key) = state.slices().keys().next() {
+    if let Some(key) = state.pieces().keys().next() {
         return Err(Error::invalid(format!(
-            "slices of sharded tensors need a multi-rank save (rank and world size) key=`{key}`"
+            "pieces of sharded tensors need a multi-rank save (rank and world size) key=`{key}`"
         )));
     }
     for (key, _) in state.iter() {
@@ -365,7 +365,16 @@ async fn write_shard(
         .zip(header.ranges)
         .map(|(((key, tensor), &crc32c), range)| {
             let rank = tensor.shape().len();
-            (key, Piece { file: file.clone(), range, offsets: vec![0; rank], shape: tensor.shape().to_vec(), crc32c })
+            (
+                key,
+                PieceRecord {
+                    file: file.clone(),
+                    range,
+                    offsets: vec![0; rank],
+                    shape: tensor.shape().to_vec(),
+                    crc32c,
+                },
+            )
         })
         .collect();
     Ok(WrittenShard { file, record: FileRecord { size: header.file_size, header_len, header_crc32c }, pieces })
@@ -476,7 +485,7 @@ async fn remove_files<'a>(dest: &Location, files: impl Iterator<Item = &'a str>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tree::DType;
+    use crate::state::DType;
 
     fn state_of(sizes: &[usize]) -> State {
         let mut s = State::new();

@@ -2,9 +2,9 @@
 //! for this copy, so it must run at memory speed.
 //!
 //! All buffers go into one arena and the copy is split across threads, so the page
-//! faults of fresh memory are taken in parallel too. (Asking for transparent huge pages
-//! was measured and dropped: when the kernel has to compact memory to find them, the
-//! first snapshot stalls, 0.01–0.22 s for 256 MiB against a steady 0.05 s without.)
+//! faults of fresh memory are taken in parallel too. No transparent huge pages: the
+//! kernel's compaction to find them stalls the first snapshot (see
+//! docs/measurements.md).
 //!
 //! Each copy is a view into the arena. When the last view is dropped (the save is done),
 //! the arena goes back to its [`ArenaPool`], so the next snapshot copies into memory that

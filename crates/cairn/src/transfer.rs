@@ -82,7 +82,7 @@ async fn read_whole(loc: &Location, file: &str, size: u64) -> Result<Bytes> {
 /// Copies every committed checkpoint of `src` into `dst` (same step folders), each
 /// verified; returns what was copied. Re-running after an interruption resumes.
 pub fn copy_run(src: &Run, dst: &Run) -> Result<Vec<CheckpointInfo>> {
-    src.list()?.iter().map(|c| copy_checkpoint(&c.open()?, &dst.location().child(&layout::step_dir(c.step)))).collect()
+    src.list()?.iter().map(|c| copy_checkpoint(&c.open()?, &dst.step_location(c.step))).collect()
 }
 
 /// Packs a checkpoint into one self-contained byte bundle (a tar archive of its folder,

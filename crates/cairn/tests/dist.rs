@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cairn::dist::{save_distributed, CallbackExchange, Exchange, StoreExchange};
 use cairn::format::layout;
-use cairn::{DType, ErrorKind, LoadOptions, Location, Run, SaveOptions, Slice, State, Tensor, Value};
+use cairn::{DType, ErrorKind, LoadOptions, Location, Piece, Run, SaveOptions, State, Tensor, Value};
 use proptest::prelude::*;
 
 /// A global u16 tensor whose element i is i (mod 65536).
@@ -50,14 +50,14 @@ fn rank_state(r: u64, n: u64) -> State {
         state.insert_value("step", Value::Int(42));
     }
     let (lo, len) = split(8, n, r);
-    state.insert_slice(
+    state.insert_piece(
         "rows",
-        Slice { tensor: cut(&global(&[8, 6]), &[lo, 0], &[len, 6]), offsets: vec![lo, 0], global_shape: vec![8, 6] },
+        Piece { tensor: cut(&global(&[8, 6]), &[lo, 0], &[len, 6]), offsets: vec![lo, 0], global_shape: vec![8, 6] },
     );
     let (lo, len) = split(8, n, r);
-    state.insert_slice(
+    state.insert_piece(
         "cols",
-        Slice { tensor: cut(&global(&[4, 8]), &[0, lo], &[4, len]), offsets: vec![0, lo], global_shape: vec![4, 8] },
+        Piece { tensor: cut(&global(&[4, 8]), &[0, lo], &[4, len]), offsets: vec![0, lo], global_shape: vec![4, 8] },
     );
     state
 }
@@ -83,7 +83,7 @@ fn check_loads_on(run_uri: &str, m: u64) {
     for r in 0..m {
         let (lo, len) = split(8, m, r);
         let (clo, clen) = split(8, m, r);
-        let opts = LoadOptions::default().with_slice("rows", vec![lo, 0], vec![len, 6]).with_slice(
+        let opts = LoadOptions::default().with_box("rows", vec![lo, 0], vec![len, 6]).with_box(
             "cols",
             vec![0, clo],
             vec![4, clen],
@@ -121,6 +121,18 @@ fn four_ranks_on_local_disk() {
     let ckpt = cairn::open(uri.to_str().unwrap()).unwrap();
     assert_eq!(ckpt.manifest().writer.world_size, 4);
     assert!(ckpt.verify().unwrap().is_empty());
+
+    // Inside the shard files, as docs/format.md says: a whole tensor is named by its key,
+    // a piece of a sharded tensor `key@o0,o1`.
+    let mut names = Vec::new();
+    for file in ckpt.manifest().files.keys() {
+        let bytes = std::fs::read(uri.join("step-000000000007").join(file)).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        names.extend(tensors.names().into_iter().map(str::to_string));
+    }
+    names.sort();
+    let expected = ["cols@0,0", "cols@0,2", "cols@0,4", "cols@0,6", "rep", "rep2", "rows@0,0", "rows@2,0", "rows@4,0"];
+    assert_eq!(names, [&expected[..], &["rows@6,0"]].concat());
 }
 
 #[test]
@@ -236,13 +248,13 @@ fn holes_in_the_saved_coverage_are_refused_on_every_rank() {
                 s.spawn(move || {
                     // Each rank holds 2 rows of an 8-row tensor: rows 4..8 are missing.
                     let lo = 2 * r as u64;
-                    let slice = Slice {
+                    let slice = Piece {
                         tensor: cut(&global(&[8, 2]), &[lo, 0], &[2, 2]),
                         offsets: vec![lo, 0],
                         global_shape: vec![8, 2],
                     };
                     let mut state = State::new();
-                    state.insert_slice("w", slice);
+                    state.insert_piece("w", slice);
                     let mut ex = StoreExchange::new(&dir, r, 2, Duration::from_secs(30));
                     save_distributed(&dir, &state, 1, &SaveOptions::default(), &mut ex)
                 })
@@ -263,7 +275,7 @@ fn a_request_outside_the_global_shape_is_refused() {
     save_with_store_exchange(uri, 2, 7).into_iter().for_each(|r| {
         r.unwrap();
     });
-    let err = cairn::load(uri, &LoadOptions::default().with_slice("rows", vec![6, 0], vec![4, 6])).unwrap_err();
+    let err = cairn::load(uri, &LoadOptions::default().with_box("rows", vec![6, 0], vec![4, 6])).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Invalid);
     assert!(err.to_string().contains("key=`rows`"), "{err}");
 }
@@ -334,7 +346,7 @@ proptest! {
                         let mut sub = shape.clone();
                         off[save_dim] = lo;
                         sub[save_dim] = len;
-                        state.insert_slice("t", Slice { tensor: cut(&full, &off, &sub), offsets: off, global_shape: shape.clone() });
+                        state.insert_piece("t", Piece { tensor: cut(&full, &off, &sub), offsets: off, global_shape: shape.clone() });
                     }
                     let mut ex = StoreExchange::new(&dir, r as u32, save_ranks as u32, Duration::from_secs(30));
                     save_distributed(&dir, &state, 1, &SaveOptions::default(), &mut ex)
@@ -350,7 +362,7 @@ proptest! {
             let mut sub = shape.clone();
             off[load_dim] = lo;
             sub[load_dim] = len;
-            let (state, _) = cairn::load(&uri, &LoadOptions::default().with_slice("t", off.clone(), sub.clone())).unwrap();
+            let (state, _) = cairn::load(&uri, &LoadOptions::default().with_box("t", off.clone(), sub.clone())).unwrap();
             prop_assert_eq!(state.tensor("t").unwrap(), &cut(&full, &off, &sub));
         }
         let _ = Location::open(&uri);

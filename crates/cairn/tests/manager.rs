@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
+use cairn::manager::{CheckpointManager, Handover, ManagerOptions, SaveRequest};
 use cairn::policy::{Every, KeepBest, Mode, Retention, SavePolicy};
 use cairn::{ErrorKind, LoadOptions, Location, Run, Value};
 use object_store::memory::InMemory;
@@ -42,24 +42,38 @@ fn policy_decides_which_steps_are_saved() {
 }
 
 #[test]
-fn due_answers_what_on_step_decides_and_owned_saves_commit_the_same_state() {
-    let manager = CheckpointManager::open("memory://manager/due", options(10)).unwrap();
-    let mut saved = Vec::new();
+fn on_step_with_makes_the_state_only_on_saved_steps_and_given_states_commit_the_same() {
+    let manager = CheckpointManager::open("memory://manager/with", options(10)).unwrap();
+    let mut made = Vec::new();
     for step in 0..=30 {
-        let due = manager.due(step, false);
-        assert!(manager.due(step, true), "forcing always saves");
-        let state = common::model_state(step, 1, 3);
-        assert_eq!(manager.on_step_owned(step, state, SaveRequest::default()).unwrap(), due, "step {step}");
-        if due {
-            saved.push(step);
-        }
+        let saved = manager
+            .on_step_with(step, SaveRequest::default(), |req| {
+                made.push(step);
+                req.metrics.insert("loss".into(), Value::Float(step as f64));
+                Ok(Handover::Give(common::model_state(step, 1, 3)))
+            })
+            .unwrap();
+        assert_eq!(saved, made.last() == Some(&step), "step {step}");
     }
-    manager.wait_for_slot().unwrap();
     manager.wait().unwrap();
-    assert_eq!(saved, vec![10, 20, 30]);
-    assert_eq!(steps(&manager), saved);
+    assert_eq!(made, vec![10, 20, 30]);
+    assert_eq!(steps(&manager), made);
     let (state, info) = manager.restore(None, &LoadOptions::default()).unwrap();
-    assert_eq!((info.step, state), (30, common::model_state(30, 1, 3)));
+    assert_eq!((info.step, state, info.metric("loss")), (30, common::model_state(30, 1, 3), Some(30.0)));
+}
+
+#[test]
+fn a_state_that_cannot_be_made_fails_the_step_and_gives_the_slot_back() {
+    let manager = CheckpointManager::open("memory://manager/unmade", options(1)).unwrap();
+    let err = manager
+        .on_step_with(1, SaveRequest::default(), |_| Err(cairn::Error::new(ErrorKind::Invalid, "no state")))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+    assert_eq!(manager.saves_in_flight(), 0);
+    let state = common::model_state(1, 1, 2);
+    assert!(manager.on_step(1, &state, SaveRequest::default()).unwrap(), "step 1 is free again");
+    manager.wait().unwrap();
+    assert_eq!(steps(&manager), [1]);
 }
 
 #[test]
@@ -206,7 +220,7 @@ fn reset_deletes_every_checkpoint() {
 
 #[test]
 fn ranks_save_together_and_rank_zero_applies_retention() {
-    use cairn::{DType, Slice, Tensor};
+    use cairn::{DType, Piece, Tensor};
     let uri = "memory://manager/ranks";
     std::thread::scope(|s| {
         for rank in 0..2u32 {
@@ -218,12 +232,12 @@ fn ranks_save_together_and_rank_zero_applies_retention() {
                 for step in 1..=4u64 {
                     let mut state = common::model_state(step, 1, 2);
                     let half = vec![(rank as u8 + 1) * step as u8; 4];
-                    let slice = Slice {
+                    let slice = Piece {
                         tensor: Tensor::new(DType::U8, vec![2, 2], half).unwrap(),
                         offsets: vec![2 * rank as u64, 0],
                         global_shape: vec![4, 2],
                     };
-                    state.insert_slice("sharded", slice);
+                    state.insert_piece("sharded", slice);
                     manager.on_step(step, &state, SaveRequest::default()).unwrap();
                 }
                 manager.wait().unwrap();
@@ -310,7 +324,6 @@ fn forcing_a_step_that_is_already_committed_saves_nothing_and_says_so() {
     assert!(manager.on_step(10, &state, SaveRequest::default()).unwrap());
     manager.wait().unwrap();
     let forced = SaveRequest { force: true, ..Default::default() };
-    assert!(!manager.due(10, true));
     assert!(!manager.on_step(10, &state, forced.clone()).unwrap(), "nothing new was saved");
     let err = manager.save(10, &state, forced).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);

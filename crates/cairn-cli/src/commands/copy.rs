@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use cairn::format::layout;
 use cairn::transfer;
 
 use crate::output;
@@ -11,11 +10,12 @@ use crate::CommandResult;
 
 pub fn run(src: &str, dst: &str) -> CommandResult {
     let dst_loc = cairn::Location::create(dst)?;
+    let dst_run = cairn::Run::at(dst_loc.clone());
     let targets = super::targets(src)?;
     let bar = output::progress(targets.checkpoints.len() as u64, "copying");
     for ckpt in targets.checkpoints {
         let ckpt = ckpt?;
-        let to = if targets.single { dst_loc.clone() } else { dst_loc.child(&layout::step_dir(ckpt.info().step)) };
+        let to = if targets.single { dst_loc.clone() } else { dst_run.step_location(ckpt.info().step) };
         let info = transfer::copy_checkpoint(&ckpt, &to)?;
         bar.inc(1);
         bar.suspend(|| {

@@ -23,16 +23,17 @@ pub struct Targets {
 
 /// Resolves `uri` into [`Targets`]; a run without committed checkpoints is an error.
 pub fn targets(uri: &str) -> Result<Targets, crate::output::CliError> {
-    match cairn::Checkpoint::open(uri) {
-        Ok(ckpt) => Ok(Targets { single: true, checkpoints: vec![Ok(ckpt)] }),
-        Err(e) if e.kind() == cairn::ErrorKind::NotFound => {
-            let list = cairn::Run::open(uri)?.list()?;
+    match cairn::resolve_at(cairn::Location::open(uri)?)? {
+        cairn::Target::Checkpoint(location) => {
+            Ok(Targets { single: true, checkpoints: vec![cairn::Checkpoint::open_at(location)] })
+        }
+        cairn::Target::Run(run) => {
+            let list = run.list()?;
             if list.is_empty() {
                 let msg = format!("no committed checkpoint uri=`{uri}`");
                 return Err(cairn::Error::new(cairn::ErrorKind::NotFound, msg).into());
             }
             Ok(Targets { single: false, checkpoints: list.iter().map(|c| c.open()).collect() })
         }
-        Err(e) => Ok(Targets { single: true, checkpoints: vec![Err(e)] }),
     }
 }

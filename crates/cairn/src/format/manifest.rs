@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::format::layout;
 use crate::geometry;
-use crate::tree::{checked_nbytes, checked_numel, map_budget, DType, Value};
+use crate::state::{checked_nbytes, checked_numel, map_budget, DType, Value};
 
 /// The value of the manifest's `format` field.
 pub const FORMAT_NAME: &str = "cairn";
@@ -195,12 +195,12 @@ pub struct TensorRecord {
     /// Global shape.
     pub shape: Vec<u64>,
     /// Pieces, each a dense box of the global tensor stored in one file.
-    pub pieces: Vec<Piece>,
+    pub pieces: Vec<PieceRecord>,
 }
 
 /// A dense box of a tensor stored contiguously (row-major) in one file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Piece {
+pub struct PieceRecord {
     /// Data file, relative to the checkpoint folder (`shards/...`).
     pub file: String,
     /// Byte range `[start, end)` within the file.
@@ -368,7 +368,7 @@ mod tests {
             TensorRecord {
                 dtype: DType::F32,
                 shape: vec![2, 2],
-                pieces: vec![Piece { file, range: [72, 88], offsets: vec![0, 0], shape: vec![2, 2], crc32c: 0 }],
+                pieces: vec![PieceRecord { file, range: [72, 88], offsets: vec![0, 0], shape: vec![2, 2], crc32c: 0 }],
             },
         );
         Manifest {

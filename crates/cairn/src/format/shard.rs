@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use safetensors::tensor::{Metadata, TensorInfo};
 
 use crate::error::{Error, Result};
-use crate::tree::DType;
+use crate::state::DType;
 
 /// Safetensors' reserved header key, which a tensor may not use as its name in a shard.
 const RESERVED_NAME: &str = "__metadata__";

@@ -269,12 +269,6 @@ impl Tensor {
         };
         Tensor::new(to, self.shape.clone(), bytes)
     }
-
-    /// A copy whose bytes are owned by Cairn, detached from whatever memory backed this one
-    /// (used to snapshot caller buffers before an asynchronous save).
-    pub fn to_owned_copy(&self) -> Tensor {
-        Tensor { dtype: self.dtype, shape: self.shape.clone(), data: Bytes::copy_from_slice(&self.data) }
-    }
 }
 
 fn copy_strided(out: &mut Vec<u8>, base: &[u8], offset: i64, shape: &[u64], strides: &[i64], elem: usize) {
@@ -424,7 +418,7 @@ pub enum Entry {
 /// A box of a tensor held by one rank of a multi-rank save: its data, its offsets in the
 /// global shape, and the global shape.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Slice {
+pub struct Piece {
     /// The rank's local data (its shape is the box's shape).
     pub tensor: Tensor,
     /// Offset of the box in the global tensor, one per dimension.
@@ -435,7 +429,7 @@ pub struct Slice {
 
 /// A training state: leaves under dotted keys, in key order, plus an optional frontend
 /// description of how the keys nest (opaque to the engine, stored in the manifest).
-/// In a multi-rank save a state may also hold [`Slice`]s: this rank's boxes of sharded
+/// In a multi-rank save a state may also hold [`Piece`]s: this rank's boxes of sharded
 /// tensors.
 ///
 /// ```
@@ -448,7 +442,7 @@ pub struct Slice {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct State {
     entries: BTreeMap<String, Entry>,
-    slices: BTreeMap<String, Slice>,
+    pieces: BTreeMap<String, Piece>,
     structure: Option<String>,
 }
 
@@ -474,13 +468,13 @@ impl State {
     }
 
     /// Inserts or replaces this rank's box of the sharded tensor `key`.
-    pub fn insert_slice(&mut self, key: impl Into<String>, slice: Slice) {
-        self.slices.insert(key.into(), slice);
+    pub fn insert_piece(&mut self, key: impl Into<String>, piece: Piece) {
+        self.pieces.insert(key.into(), piece);
     }
 
     /// This rank's boxes of sharded tensors, by key.
-    pub fn slices(&self) -> &BTreeMap<String, Slice> {
-        &self.slices
+    pub fn pieces(&self) -> &BTreeMap<String, Piece> {
+        &self.pieces
     }
 
     /// The leaf under `key`.
@@ -546,10 +540,10 @@ impl State {
         self.entries.is_empty()
     }
 
-    /// Total tensor bytes (whole tensors and slices).
+    /// Total tensor bytes (whole tensors and pieces).
     pub fn tensor_bytes(&self) -> u64 {
-        let slices: u64 = self.slices.values().map(|s| s.tensor.data().len() as u64).sum();
-        self.tensors().map(|(_, t)| t.data().len() as u64).sum::<u64>() + slices
+        let pieces: u64 = self.pieces.values().map(|s| s.tensor.data().len() as u64).sum();
+        self.tensors().map(|(_, t)| t.data().len() as u64).sum::<u64>() + pieces
     }
 
     /// The frontend's nesting description, if any.
@@ -562,9 +556,9 @@ impl State {
         self.structure = structure;
     }
 
-    /// A copy whose tensors own their bytes (see [`Tensor::to_owned_copy`]): the snapshot
-    /// an asynchronous save writes from. All bytes are copied at once into one arena, in
-    /// parallel, so the caller waits about as long as a plain memory copy.
+    /// A copy whose tensors own their bytes, detached from the memory behind this one: the
+    /// snapshot an asynchronous save writes from. All bytes are copied at once into one
+    /// arena, in parallel, so the caller waits about as long as a plain memory copy.
     pub fn to_owned_copy(&self) -> State {
         self.snapshot_in(&crate::snapshot::ArenaPool::default())
     }
@@ -578,7 +572,7 @@ impl State {
                 Entry::Tensor(t) => Some(t),
                 Entry::Value(_) => None,
             })
-            .chain(self.slices.values().map(|s| &s.tensor));
+            .chain(self.pieces.values().map(|s| &s.tensor));
         let sources: Vec<&[u8]> = tensors.map(|t| t.data.as_ref()).collect();
         let mut copies = pool.copy_all(&sources).into_iter();
         let mut owned =
@@ -594,15 +588,15 @@ impl State {
                 (k.clone(), e)
             })
             .collect();
-        let slices =
-            self.slices.iter().map(|(k, s)| (k.clone(), Slice { tensor: owned(&s.tensor), ..s.clone() })).collect();
-        State { entries, slices, structure: self.structure.clone() }
+        let pieces =
+            self.pieces.iter().map(|(k, s)| (k.clone(), Piece { tensor: owned(&s.tensor), ..s.clone() })).collect();
+        State { entries, pieces, structure: self.structure.clone() }
     }
 }
 
 impl FromIterator<(String, Entry)> for State {
     fn from_iter<I: IntoIterator<Item = (String, Entry)>>(iter: I) -> Self {
-        State { entries: iter.into_iter().collect(), slices: BTreeMap::new(), structure: None }
+        State { entries: iter.into_iter().collect(), pieces: BTreeMap::new(), structure: None }
     }
 }
 
