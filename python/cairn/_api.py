@@ -439,9 +439,10 @@ class CheckpointManager:
     ) -> bool:
         """Saves `state` if the policies say so (or `force`); returns whether it saved.
         A step already committed is never saved again, forced or not: this returns False.
-        On a step that saves nothing, `state` and `metrics` are not looked at (no device
-        copy); a saved state is read once a save slot is free (`max_in_flight` copies at
-        most)."""
+        On a step that saves nothing, `state`, `metrics` and `metadata` are not looked at
+        (no device copy; a bad one is reported on the first step that saves); a saved
+        state is read once a save slot is free (`max_in_flight` copies at most), and
+        reading it must not save through a manager."""
         return self._native.on_step(step, _prepare(state, metrics, metadata), force)
 
     @_typed

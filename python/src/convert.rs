@@ -95,7 +95,7 @@ pub(crate) fn tensor_from_py(
 }
 
 /// A tensor leaf from Python: `(key, dtype, shape, uint8 buffer)`, plus `(offsets,
-/// global_shape)` for a slice of a sharded tensor.
+/// global_shape)` for a piece of a sharded tensor.
 pub(crate) type TensorLeaf<'py> = (String, String, Vec<u64>, Bound<'py, PyAny>, Option<(Vec<u64>, Vec<u64>)>);
 
 /// Builds the Rust state from Python's flattened leaves; with `staging`, every tensor must
@@ -107,9 +107,9 @@ pub(crate) fn state_from_py(
     staging: Option<&Staging>,
 ) -> PyResult<State> {
     let mut state = State::new();
-    for (key, dtype, shape, array, slice) in tensors {
+    for (key, dtype, shape, array, piece) in tensors {
         let tensor = tensor_from_py(&key, &dtype, shape, &array, staging)?;
-        match slice {
+        match piece {
             None => state.insert_tensor(key, tensor),
             Some((offsets, global_shape)) => state.insert_piece(key, Piece { tensor, offsets, global_shape }),
         }

@@ -121,6 +121,26 @@ def test_a_state_that_cannot_be_read_fails_the_step_and_frees_its_slot(run_dir):
     assert [i.step for i in mgr.list()] == [1, 2]
 
 
+def test_an_error_while_reading_the_state_comes_back_as_it_is_and_frees_the_slot(run_dir):
+    class Lost(dict):
+        def items(self):
+            raise RuntimeError("device lost")
+
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)]) as mgr:
+        with pytest.raises(RuntimeError, match="device lost"):
+            mgr.on_step(1, Lost(w=np.zeros(2)))
+
+        class Reentrant(dict):
+            def items(self):
+                mgr.save(7, state(7))
+                return super().items()
+
+        with pytest.raises(cairn.InvalidArgumentError, match="cannot itself save"):
+            mgr.on_step(1, Reentrant(state(1)))
+        assert mgr.on_step(1, state(1))
+    assert [i.step for i in mgr.list()] == [1]
+
+
 def test_the_default_policy_is_the_rust_one(run_dir):
     with cairn.CheckpointManager(run_dir) as mgr:
         saved = [s for s in range(0, 7001) if mgr.on_step(s, {"s": s})]

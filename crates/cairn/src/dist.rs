@@ -466,12 +466,11 @@ fn attempt_save(
                 .ok_or_else(|| Error::invalid(format!("missing tensor key=`{}`", held.key)))?,
         };
         let whole = held.shape == held.global_shape;
-        let name = shard::piece_name(&held.key, &held.offsets, whole);
-        if share.get(&name).is_some() {
-            return Err(Error::invalid(format!(
-                "two pieces would share the name `{name}` in a shard file key=`{}`",
-                held.key
-            )));
+        let mut name = shard::piece_name(&held.key, &held.offsets, whole);
+        // Names are informational: a key that looks like another's piece name (`w@2,0`)
+        // gets a suffix rather than overwriting it.
+        while share.get(&name).is_some() {
+            name.push('~');
         }
         share.insert_tensor(name.clone(), tensor);
         placement.insert(name, (held.key.clone(), held.offsets.clone(), held.global_shape.clone()));

@@ -60,3 +60,26 @@ pub fn load(uri: &str, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
     let checkpoint = open(uri)?;
     Ok((checkpoint.load(opts)?, checkpoint.info()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DType, ErrorKind, Tensor};
+
+    #[test]
+    fn resolve_tells_a_checkpoint_folder_from_a_run() {
+        let run = Run::create("memory://entry-resolve/run").unwrap();
+        assert!(matches!(resolve_at(run.location().clone()).unwrap(), Target::Run(_)), "an empty run");
+        assert_eq!(open_at(run.location().clone()).unwrap_err().kind(), ErrorKind::NotFound);
+        let mut state = State::new();
+        state.insert_tensor("w", Tensor::new(DType::U8, vec![1], vec![1]).unwrap());
+        run.save(&state, &SaveOptions::default().with_step(3)).unwrap();
+        assert!(matches!(resolve_at(run.location().clone()).unwrap(), Target::Run(_)));
+        match resolve_at(run.step_location(3)).unwrap() {
+            Target::Checkpoint(location) => assert_eq!(location.uri(), run.step_location(3).uri()),
+            other => panic!("a checkpoint folder resolved as {other:?}"),
+        }
+        assert_eq!(open_at(run.location().clone()).unwrap().manifest().step, 3);
+        assert_eq!(open_at(run.step_location(3)).unwrap().manifest().step, 3);
+    }
+}

@@ -254,7 +254,7 @@ impl Checkpoint {
                     .all(|((&o, &l), &d)| o.checked_add(l).is_some_and(|e| e <= d));
             if !inside {
                 return Err(Error::invalid(format!(
-                    "requested slice offsets {:?} shape {:?} lies outside global shape {:?} key=`{key}`",
+                    "requested box offsets {:?} shape {:?} lies outside global shape {:?} key=`{key}`",
                     wanted.offsets, wanted.shape, record.shape
                 )));
             }
@@ -348,7 +348,7 @@ impl Checkpoint {
         })
     }
 
-    /// Fetches the header wanted of `file` followed by `ranges` (no copy when local),
+    /// Fetches the header of `file` followed by `ranges` (no copy when local),
     /// after checking the file's real size against the manifest.
     async fn fetch(&self, file: &str, ranges: Vec<std::ops::Range<u64>>) -> Result<(FileRecord, Vec<Bytes>)> {
         let record = self.manifest.files.get(file).cloned().ok_or_else(|| {
@@ -441,9 +441,9 @@ impl Checkpoint {
             .collect())
     }
 
-    /// Builds `wanted` of the tensor `key` from its read pieces (`(index among the
-    /// tensor's pieces, bytes)`): no copy when a single piece is exactly the wanted, else
-    /// a buffer of the wanted's size (bounded by the verified file sizes) filled from every
+    /// Builds the box `wanted` of the tensor `key` from its read pieces (`(index among the
+    /// tensor's pieces, bytes)`): no copy when a single piece is exactly that box, else a
+    /// buffer of the box's size (bounded by the verified file sizes) filled from every
     /// overlapping piece.
     fn assemble(
         &self,

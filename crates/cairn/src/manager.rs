@@ -67,9 +67,9 @@ impl Clock for ManualClock {
 /// How a manager behaves.
 #[derive(Clone)]
 pub struct ManagerOptions {
-    /// When to save.
+    /// When to save (default: every 500 steps until 5,000, then every 1,000, as in Python).
     pub policy: SavePolicy,
-    /// What to keep.
+    /// What to keep (default: everything).
     pub retention: Retention,
     /// Write in the background after snapshotting (`true`), or inside the call.
     pub async_save: bool,
@@ -191,6 +191,16 @@ pub enum Handover<'s> {
     Give(State),
 }
 
+impl Handover<'_> {
+    /// The state handed over.
+    fn state(&self) -> &State {
+        match self {
+            Handover::Copy(state) => state,
+            Handover::Give(state) => state,
+        }
+    }
+}
+
 /// Which call a save came from.
 #[derive(Clone, Copy)]
 enum Call {
@@ -234,6 +244,8 @@ struct Inner {
 struct Shared {
     run: Run,
     retention: Retention,
+    /// The step the `LATEST` hint names, as this manager last wrote it.
+    hinted: Mutex<Option<u64>>,
     rank: u32,
     world_size: u32,
     coordination_timeout: Duration,
@@ -263,40 +275,32 @@ impl Shared {
     }
 
     /// Writes the booked save of `step` and does what follows, the one path of sync and
-    /// async saves alike: the booking is released; on a commit retention learns of the
-    /// checkpoint and, when it is the newest, the run's `LATEST` hint names it (a failure
-    /// of the hint is a cleanup problem, never the save's).
-    fn write(&self, step: u64, state: &State, opts: &SaveOptions) -> Result<()> {
-        let result = self.save(state, opts);
+    /// async saves alike: the state is dropped (its memory free for the next snapshot),
+    /// then the booking is released, even if the save panics; on a commit retention learns
+    /// of the checkpoint and, when it is the newest, the run's `LATEST` hint names it (a
+    /// failure of the hint is a cleanup problem, never the save's).
+    fn write(&self, step: u64, state: Handover<'_>, opts: &SaveOptions) -> Result<()> {
+        let booking = Release { shared: self, step };
+        let result = self.save(state.state(), opts);
+        drop(state);
+        drop(booking);
+        let info = result?;
         let newest = {
             let mut inner = self.lock();
-            inner.writing.remove(&step);
-            inner.saves_in_flight -= 1;
-            self.changed.notify_all();
-            let Ok(info) = &result else { return result.map(drop) };
-            inner.known.insert(step, Candidate::from_info(info, self.retention.metric()));
+            inner.known.insert(step, Candidate::from_info(&info, self.retention.metric()));
             inner.known.keys().next_back() == Some(&step)
         };
-        let info = result?;
         if newest && self.leads() {
-            if let Err(err) = retried(|| self.run.write_latest_hint(&info)) {
-                self.cleanup_failed(err);
+            // Hints are written one at a time and never name an older step than the last.
+            let mut hinted = self.hinted.lock().unwrap_or_else(|p| p.into_inner());
+            if hinted.is_none_or(|h| h < step) {
+                match retried(|| self.run.write_latest_hint(&info)) {
+                    Ok(()) => *hinted = Some(step),
+                    Err(err) => self.cleanup_failed(err),
+                }
             }
         }
         Ok(())
-    }
-
-    /// Gives back the booking of a save that never started: the step is free again and
-    /// the policy sees the last save as before.
-    fn unbook(&self, step: u64, (last_step, last_save_at): (Option<u64>, Duration)) {
-        let mut inner = self.lock();
-        if inner.last_step == Some(step) {
-            inner.last_step = last_step;
-            inner.last_save_at = last_save_at;
-        }
-        inner.writing.remove(&step);
-        inner.saves_in_flight -= 1;
-        self.changed.notify_all();
     }
 
     /// Records a cleanup problem (the checkpoints themselves are committed); the oldest
@@ -308,6 +312,66 @@ impl Shared {
         }
         inner.cleanup_errors.push_back(err);
     }
+}
+
+/// Releases the booking of a save that started (written or failed, or panicked) when
+/// dropped: the step is no longer being written and its slot is free.
+struct Release<'a> {
+    shared: &'a Shared,
+    step: u64,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.writing.remove(&self.step);
+        inner.saves_in_flight -= 1;
+        self.shared.changed.notify_all();
+    }
+}
+
+/// The booking of a save between the decision and the hand-over to the writer: dropped
+/// before [`Booking::hand_over`] (the state could not be made, or a panic), it gives the
+/// step and the slot back and the policy sees the last save as before.
+struct Booking<'a> {
+    shared: &'a Shared,
+    step: u64,
+    /// The policy's facts before the booking, and as the booking set them.
+    before: (Option<u64>, Duration),
+    booked: (Option<u64>, Duration),
+    armed: bool,
+}
+
+impl Booking<'_> {
+    /// The writer takes the booking over (it releases it once the save is done).
+    fn hand_over(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Booking<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut inner = self.shared.lock();
+        // Restored unless a later booking moved them on meanwhile.
+        if inner.last_step == self.booked.0 {
+            inner.last_step = self.before.0;
+        }
+        if inner.last_save_at == self.booked.1 {
+            inner.last_save_at = self.before.1;
+        }
+        inner.writing.remove(&self.step);
+        inner.saves_in_flight -= 1;
+        self.shared.changed.notify_all();
+    }
+}
+
+thread_local! {
+    /// Set while a save's state is being made on this thread: a `make` that saves through
+    /// a manager again would wait for the slot it holds itself.
+    static MAKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Cleanup problems kept for [`CheckpointManager::take_cleanup_errors`].
@@ -396,6 +460,7 @@ impl CheckpointManager {
         let shared = Arc::new(Shared {
             run,
             retention: opts.retention.clone(),
+            hinted: Mutex::new(None),
             rank: opts.rank,
             world_size: opts.world_size,
             coordination_timeout: opts.coordination_timeout,
@@ -492,6 +557,11 @@ impl CheckpointManager {
         call: Call,
         make: impl FnOnce(&mut SaveRequest) -> Result<Handover<'s>>,
     ) -> Result<bool> {
+        if MAKING.get() {
+            return Err(Error::invalid(format!(
+                "a state being made for a save cannot itself save through a manager step={step}"
+            )));
+        }
         let preempted = self.preempted();
         let mut inner = self.shared.lock();
         if let Some(err) = inner.error.take() {
@@ -529,14 +599,16 @@ impl CheckpointManager {
         inner.last_save_at = self.clock.now();
         inner.writing.insert(step);
         inner.saves_in_flight += 1;
+        let booked = (inner.last_step, inner.last_save_at);
         drop(inner);
+        let booking = Booking { shared: &self.shared, step, before, booked, armed: true };
 
-        let handover = match make(&mut req) {
-            Ok(handover) => handover,
-            Err(err) => {
-                self.shared.unbook(step, before);
-                return Err(err);
-            }
+        MAKING.set(true);
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(&mut req)));
+        MAKING.set(false);
+        let handover = match made {
+            Ok(made) => made?,
+            Err(panic) => std::panic::resume_unwind(panic),
         };
         let mut opts = self.save_template.clone();
         opts.step = Some(step);
@@ -549,12 +621,10 @@ impl CheckpointManager {
                 Handover::Give(state) => state,
             };
             self.enqueue(Job::Save { step, state, opts });
+            booking.hand_over();
         } else {
-            let written = match &handover {
-                Handover::Copy(state) => self.shared.write(step, state, &opts),
-                Handover::Give(state) => self.shared.write(step, state, &opts),
-            };
-            drop(handover);
+            booking.hand_over();
+            let written = self.shared.write(step, handover, &opts);
             self.enqueue(Job::Retain);
             written?;
         }
@@ -700,11 +770,7 @@ fn work(shared: &Shared) {
             }
         };
         let saved = match job {
-            Job::Save { step, state, opts } => {
-                let written = shared.write(step, &state, &opts);
-                drop(state);
-                written
-            }
+            Job::Save { step, state, opts } => shared.write(step, Handover::Give(state), &opts),
             Job::Retain => Ok(()),
             Job::Prune(grace) => {
                 if let Err(err) = retried(|| shared.run.prune_orphans(grace)) {

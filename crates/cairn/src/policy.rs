@@ -194,8 +194,9 @@ pub struct Retention {
 }
 
 impl Retention {
-    /// The retention of the flat options faces offer (`keep_last`, `keep_every`,
-    /// `keep_best` ranked by `metric` in `mode`); keep-best without a metric is invalid.
+    /// The retention of flat options (`keep_last`, `keep_every`, `keep_best` ranked by
+    /// `metric` in `mode`), as the CLI's flags give them; keep-best without a metric is
+    /// invalid.
     ///
     /// ```
     /// use cairn::policy::{Mode, Retention};

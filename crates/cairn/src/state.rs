@@ -406,7 +406,7 @@ mod base64_bytes {
     }
 }
 
-/// One leaf of a [`State`].
+/// One entry of a [`State`]: what one key holds.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Entry {
     /// A tensor, stored in a shard file.
@@ -427,7 +427,7 @@ pub struct Piece {
     pub global_shape: Vec<u64>,
 }
 
-/// A training state: leaves under dotted keys, in key order, plus an optional frontend
+/// A training state: entries under dotted keys, in key order, plus an optional frontend
 /// description of how the keys nest (opaque to the engine, stored in the manifest).
 /// In a multi-rank save a state may also hold [`Piece`]s: this rank's boxes of sharded
 /// tensors.
@@ -462,7 +462,7 @@ impl State {
         self.entries.insert(key.into(), Entry::Value(value));
     }
 
-    /// Inserts or replaces a leaf.
+    /// Inserts or replaces an entry.
     pub fn insert(&mut self, key: impl Into<String>, entry: Entry) {
         self.entries.insert(key.into(), entry);
     }
@@ -477,12 +477,12 @@ impl State {
         &self.pieces
     }
 
-    /// The leaf under `key`.
+    /// The entry under `key`.
     pub fn get(&self, key: &str) -> Option<&Entry> {
         self.entries.get(key)
     }
 
-    /// The tensor under `key`, if that leaf is a tensor.
+    /// The tensor under `key`, if that entry is a tensor.
     pub fn tensor(&self, key: &str) -> Option<&Tensor> {
         match self.entries.get(key) {
             Some(Entry::Tensor(t)) => Some(t),
@@ -490,7 +490,7 @@ impl State {
         }
     }
 
-    /// The value under `key`, if that leaf is a plain value.
+    /// The value under `key`, if that entry is a plain value.
     pub fn value(&self, key: &str) -> Option<&Value> {
         match self.entries.get(key) {
             Some(Entry::Value(v)) => Some(v),
@@ -498,7 +498,7 @@ impl State {
         }
     }
 
-    /// Removes and returns the leaf under `key`.
+    /// Removes and returns the entry under `key`.
     pub fn remove(&mut self, key: &str) -> Option<Entry> {
         self.entries.remove(key)
     }
@@ -508,7 +508,7 @@ impl State {
         self.entries.iter()
     }
 
-    /// Consumes the state, yielding its leaves in key order: a tensor's bytes come out
+    /// Consumes the state, yielding its entries in key order: a tensor's bytes come out
     /// with no other handle on them left in the state.
     pub fn into_entries(self) -> impl Iterator<Item = (String, Entry)> {
         self.entries.into_iter()
@@ -530,12 +530,12 @@ impl State {
         })
     }
 
-    /// Number of leaves.
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether there are no leaves.
+    /// Whether there are no entries.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

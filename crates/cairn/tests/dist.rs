@@ -136,6 +136,28 @@ fn four_ranks_on_local_disk() {
 }
 
 #[test]
+fn a_key_that_looks_like_a_piece_name_is_kept_apart_from_that_piece() {
+    let uri = "memory://dist/names";
+    let run = Run::create(uri).unwrap();
+    let dir = run.step_location(1);
+    let n = 2u64;
+    std::thread::scope(|s| {
+        for r in 0..n {
+            let dir = dir.clone();
+            s.spawn(move || {
+                let mut state = rank_state(r, n);
+                state.insert_tensor("rows@4,0", global(&[2]));
+                let mut ex = StoreExchange::new(&dir, r as u32, n as u32, Duration::from_secs(30));
+                save_distributed(&dir, &state, 1, &SaveOptions::default(), &mut ex).unwrap();
+            });
+        }
+    });
+    let (state, _) = cairn::load(uri, &LoadOptions::default()).unwrap();
+    assert_eq!(state.tensor("rows").unwrap(), &global(&[8, 6]));
+    assert_eq!(state.tensor("rows@4,0").unwrap(), &global(&[2]));
+}
+
+#[test]
 fn replicated_tensors_are_written_once_and_balanced() {
     let n = 4u32;
     let run = Run::create("memory://dist/balance").unwrap();

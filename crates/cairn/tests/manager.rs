@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cairn::manager::{CheckpointManager, Handover, ManagerOptions, SaveRequest};
 use cairn::policy::{Every, KeepBest, Mode, Retention, SavePolicy};
-use cairn::{ErrorKind, LoadOptions, Location, Run, Value};
+use cairn::{ErrorKind, LoadOptions, Location, Run, State, Value};
 use object_store::memory::InMemory;
 use object_store::throttle::{ThrottleConfig, ThrottledStore};
 
@@ -201,6 +201,75 @@ fn latest_hint_names_the_newest_checkpoint() {
     manager.wait().unwrap();
     let hint = std::fs::read_to_string(uri.join("LATEST")).unwrap();
     assert!(hint.trim_end().ends_with("step-000000000003"), "{hint}");
+}
+
+#[test]
+fn the_latest_hint_never_goes_back_to_an_older_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = dir.path().join("run");
+    let manager = CheckpointManager::open(uri.to_str().unwrap(), options(1).with_async_save(false)).unwrap();
+    manager.save(10, &common::model_state(10, 1, 2), SaveRequest::default()).unwrap();
+    manager.save(5, &common::model_state(5, 1, 2), SaveRequest::default()).unwrap();
+    manager.wait().unwrap();
+    let hint = std::fs::read_to_string(uri.join("LATEST")).unwrap();
+    assert!(hint.trim_end().ends_with("step-000000000010"), "{hint}");
+}
+
+/// Bytes whose owner raises a flag when the last view of them is dropped.
+struct Flagged(Vec<u8>, Arc<std::sync::atomic::AtomicBool>);
+
+impl AsRef<[u8]> for Flagged {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Flagged {
+    fn drop(&mut self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_saved_state_is_dropped_before_its_slot_is_given_to_the_next_save() {
+    for async_save in [true, false] {
+        let uri = format!("memory://manager/slot-order-{async_save}");
+        let manager = CheckpointManager::open(&uri, options(1).with_async_save(async_save)).unwrap();
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let data = bytes::Bytes::from_owner(Flagged(vec![7; 64], dropped.clone()));
+        let mut first = State::new();
+        first.insert_tensor("w", cairn::Tensor::new(cairn::DType::U8, vec![64], data).unwrap());
+        manager.on_step_with(1, SaveRequest::default(), |_| Ok(Handover::Give(first))).unwrap();
+        manager
+            .on_step_with(2, SaveRequest::default(), |_| {
+                assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "the slot came free with the state alive");
+                Ok(Handover::Give(common::model_state(2, 1, 2)))
+            })
+            .unwrap();
+        manager.wait().unwrap();
+        assert_eq!(steps(&manager), [1, 2]);
+    }
+}
+
+#[test]
+fn a_make_that_panics_or_saves_again_gives_the_step_and_the_slot_back() {
+    let manager = CheckpointManager::open("memory://manager/make-panics", options(1)).unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        manager.on_step_with(1, SaveRequest::default(), |_| panic!("conversion failed"))
+    }));
+    assert!(panicked.is_err());
+    assert_eq!(manager.saves_in_flight(), 0);
+    let state = common::model_state(1, 1, 2);
+    let err = manager
+        .on_step_with(1, SaveRequest::default(), |_| {
+            manager.save(7, &state, SaveRequest::default())?;
+            Ok(Handover::Copy(&state))
+        })
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert!(manager.on_step(1, &state, SaveRequest::default()).unwrap(), "step 1 is free again");
+    manager.wait().unwrap();
+    assert_eq!(steps(&manager), [1]);
 }
 
 #[test]
