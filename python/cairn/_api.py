@@ -8,12 +8,15 @@ import json
 import math
 import os
 import signal as _signal
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from . import _arrays, _cairn, _tree
+import numpy as np
+
+from . import _arrays, _cairn, _sharded, _tree
 from ._policy import Every, Keep, retention as _retention
 
 
@@ -141,8 +144,8 @@ def save(
     metadata: Any = None,
     metrics: dict[str, float] | None = None,
     storage_options: dict[str, str] | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
     all_gather: Callable[[bytes], list[bytes]] | None = None,
     timeout: float = 600.0,
 ) -> CheckpointInfo:
@@ -160,8 +163,15 @@ def save(
     ranks), plain values come from rank 0. The ranks coordinate through the store alone,
     or through `all_gather` (e.g. `cairn.torch_all_gather()`); one commit makes the
     checkpoint visible once every rank's data is durable, and every rank gets the same
-    outcome. A rank that does not show up within `timeout` seconds fails the save."""
+    outcome. A rank that does not show up within `timeout` seconds fails the save.
+
+    The frameworks' sharded arrays are saved as they are held, each process writing only
+    its own pieces: torch `DTensor` (FSDP2, tensor parallel, any mesh), `ShardedTensor`
+    (FSDP1) and sharded `jax.Array`s. With such a state and no `rank`/`world_size`, they
+    come from the job: `torch.distributed` (its collectives coordinate, never pickling)
+    or `jax.distributed`; a single process holding every piece saves alone."""
     leaves = _tree.flatten(state)
+    rank, world_size, all_gather = _job(rank, world_size, all_gather, leaves.sharded)
     info = _cairn.save(
         _uri(path),
         leaves.tensors,
@@ -191,6 +201,7 @@ def load(
     step: int | None = None,
     storage_options: dict[str, str] | None = None,
     boxes: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+    target: Any = None,
     slices: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
 ) -> Any:
     """Loads a checkpoint folder, or the latest (or given `step`) checkpoint of a run.
@@ -200,9 +211,19 @@ def load(
     floating-point tensors; `framework` is `"numpy"`, `"torch"` or `"jax"`. Every checksum
     is verified; nothing is unpickled. `boxes` maps a (flattened) key to `(offsets,
     shape)`: only that box of the tensor is returned, read from the pieces that overlap it
-    (a checkpoint saved by N ranks loads on M ranks). `slices` is its deprecated name."""
+    (a checkpoint saved by N ranks loads on M ranks). `slices` is its deprecated name.
+
+    `target` loads into what the job already has, like torch DCP: a state of the same
+    nesting whose torch tensors (plain, `DTensor` on any mesh, `ShardedTensor`) are filled
+    in place, each process reading only the boxes it holds, on any number of processes;
+    every key of `target` must be in the checkpoint, with the same global shape. The
+    filled `target` is returned, its plain values replaced by the loaded ones."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
+    if target is not None:
+        if any(x is not None for x in (prefix, keys, rename, dtype, boxes, slices)) or framework != "numpy":
+            raise _cairn.InvalidArgumentError("a load into `target` takes no prefix, keys, rename, dtype, boxes or framework")
+        return _load_into(_uri(path), target, step, storage_options)
     if slices is not None:
         if boxes is not None:
             raise _cairn.InvalidArgumentError("pass `boxes` only (`slices` is its deprecated name)")
@@ -219,6 +240,59 @@ def load(
             None if boxes is None else {k: ([int(o) for o in off], [int(d) for d in shp]) for k, (off, shp) in boxes.items()},
         )
         return _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
+
+
+def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[str, str] | None) -> Any:
+    """`load(target=...)`: fills the target's tensors in place, one read of each box."""
+    structure, leaves = _tree.leaves_of(target)
+    places = {key: _sharded.targets(key, obj) for key, obj in leaves.items()}
+    shapes = {key: [int(d) for d in obj.shape] for key, obj in leaves.items() if places[key] is not None}
+    filled: dict[str, Any] = {}
+    # One read per round: the i-th box of every key that has one (a ShardedTensor may hold
+    # several boxes of one tensor); plain values come with the first.
+    rounds = max([len(p) for p in places.values() if p is not None] + [1])
+    with _tree.gc_paused():
+        for i in range(rounds):
+            keys = [k for k, p in places.items() if (p is None and i == 0) or (p is not None and len(p) > i)]
+            boxes = {k: (places[k][i][1], places[k][i][2]) for k in keys if places[k] is not None}
+            if not keys:
+                continue
+            native = _cairn.load(uri, None, keys, None, step, storage_options, boxes, {k: shapes[k] for k in boxes})
+            got = _build(native, dtype=None, framework="numpy", renamed=True)
+            for key in keys:
+                if places[key] is None:
+                    filled[key] = got[key]
+                    continue
+                _fill(key, places[key][i][0], got[key])
+                filled[key] = leaves[key]
+    return _tree.unflatten(structure, filled)
+
+
+def _fill(key: str, dest: Any, loaded: Any) -> None:
+    """Copies the loaded array into the torch tensor `dest` (casting like `copy_`)."""
+    import torch
+
+    if not isinstance(loaded, np.ndarray):
+        raise _cairn.InvalidArgumentError(f"the checkpoint holds a value where the target has a tensor key=`{key}`")
+    with torch.no_grad():
+        dest.copy_(_arrays.to_framework(loaded, "torch").reshape(dest.shape))
+
+
+def _job(
+    rank: int | None, world_size: int | None, all_gather: Callable | None, sharded: bool
+) -> tuple[int, int, Callable | None]:
+    """The rank, world size and all-gather of a save: as given, else the job's when the
+    state holds a framework's sharded arrays, else one process alone."""
+    if rank is not None or world_size is not None or not sharded:
+        return (0 if rank is None else rank), (1 if world_size is None else world_size), all_gather
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        dist = torch.distributed
+        return dist.get_rank(), dist.get_world_size(), all_gather or torch_all_gather()
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        return jax.process_index(), jax.process_count(), all_gather
+    return 0, 1, all_gather
 
 
 def torch_all_gather(group: Any = None) -> Callable[[bytes], list[bytes]]:

@@ -46,6 +46,7 @@ def load(
     step: int | None = None,
     storage_options: Options = None,
     boxes: dict[str, tuple[list[int], list[int]]] | None = None,
+    shapes: dict[str, list[int]] | None = None,
 ) -> Loaded: ...
 def list_checkpoints(uri: str, storage_options: Options = None) -> tuple[list[dict[str, Any]], list[str]]: ...
 def prune(

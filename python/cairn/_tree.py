@@ -13,9 +13,9 @@ import contextlib
 import gc
 import json
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from . import _arrays, _staging
+from . import _arrays, _sharded, _staging
 from ._cairn import CorruptCheckpointError, InvalidArgumentError
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
@@ -57,6 +57,8 @@ class Leaves:
         self.values: list[tuple[str, Any]] = []
         self.structure: str | None = None
         self.staging: Any = None
+        # Whether some leaf was a framework's sharded array (DTensor, ShardedTensor, jax).
+        self.sharded = False
         self._keys: set[str] = set()
         # (key, array, piece) of each tensor leaf, converted once the whole state is known.
         self._arrays: list[tuple[str, Any, tuple[list[int], list[int]] | None]] = []
@@ -90,7 +92,7 @@ def flatten(state: Any) -> Leaves:
 
 def _flatten_all(state: Any) -> Leaves:
     leaves = Leaves()
-    node = _flatten(state, (), leaves)
+    node = _walk(state, (), lambda key, obj: _leaf(key, obj, leaves))
     leaves.structure = json.dumps(node, separators=(",", ":"))
     items = [(key, array) for key, array, _ in leaves._arrays]
     if _staging.needed(array for _, array in items):
@@ -111,7 +113,8 @@ def _key(path: tuple[str, ...]) -> str:
 MAX_NESTING = 100
 
 
-def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
+def _walk(obj: Any, path: tuple[str, ...], leaf: Callable[[str, Any], Any]) -> Any:
+    """The structure node of `obj`, calling `leaf(key, obj)` for the node of each leaf."""
     if len(path) > MAX_NESTING and isinstance(obj, (dict, list, tuple)):
         raise InvalidArgumentError(f"state nested deeper than {MAX_NESTING} levels key=`{_key(path)}`")
     if isinstance(obj, dict):
@@ -121,15 +124,25 @@ def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
                 raise InvalidArgumentError(
                     f"dict keys must be str or int, got `{type(k).__name__}` key=`{_key(path)}`"
                 )
-            items.append([k, _flatten(v, path + (str(k),), leaves)])
+            items.append([k, _walk(v, path + (str(k),), leaf)])
         return {"dict": items}
     if isinstance(obj, (list, tuple)):
         kind = "list" if isinstance(obj, list) else "tuple"
-        return {kind: [_flatten(v, path + (str(i),), leaves) for i, v in enumerate(obj)]}
-    key = _key(path)
+        return {kind: [_walk(v, path + (str(i),), leaf) for i, v in enumerate(obj)]}
+    return leaf(_key(path), obj)
+
+
+def _leaf(key: str, obj: Any, leaves: Leaves) -> Any:
+    """Records the leaf `obj` under `key` in `leaves`; returns its structure node."""
     if isinstance(obj, Piece):
         leaves._claim(key)
         leaves._arrays.append((key, obj.local, (obj.offsets, obj.global_shape)))
+        return {"tensor": key}
+    if _sharded.is_sharded(obj):
+        leaves._claim(key)
+        leaves.sharded = True
+        for local, offsets, global_shape in _sharded.pieces(key, obj):
+            leaves._arrays.append((key, local, (offsets, global_shape)))
         return {"tensor": key}
     if _arrays.is_array(obj):
         leaves._claim(key)
@@ -144,6 +157,21 @@ def _flatten(obj: Any, path: tuple[str, ...], leaves: Leaves) -> Any:
         "cairn stores arrays, tensors and plain values (int, float, str, bool, None, bytes) "
         "in dicts, lists and tuples, and never pickles"
     )
+
+
+def leaves_of(target: Any) -> tuple[str, dict[str, Any]]:
+    """The structure text of `target` and its leaves by key, as they are (to load into)."""
+    found: dict[str, Any] = {}
+
+    def leaf(key: str, obj: Any) -> Any:
+        if key in found:
+            raise InvalidArgumentError(f"two entries flatten to the same key key=`{key}`")
+        found[key] = obj
+        return {"tensor" if _arrays.is_array(obj) else "value": key}
+
+    with gc_paused():
+        node = _walk(target, (), leaf)
+    return json.dumps(node, separators=(",", ":")), found
 
 
 def unflatten(structure: str | None, leaves: dict[str, Any], checkpoint: str = "") -> Any:

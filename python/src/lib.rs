@@ -77,7 +77,7 @@ fn call_all_gather(f: &Py<PyAny>, payload: Vec<u8>) -> cairn::Result<Vec<Vec<u8>
 
 /// Loads `uri` (a checkpoint folder, or the latest or given `step` of a run).
 #[pyfunction]
-#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None, boxes=None))]
+#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None, boxes=None, shapes=None))]
 #[allow(clippy::too_many_arguments)]
 fn load<'py>(
     py: Python<'py>,
@@ -88,11 +88,15 @@ fn load<'py>(
     step: Option<u64>,
     storage_options: Option<StoreOptions>,
     boxes: Option<BTreeMap<String, BoxRequest>>,
+    shapes: Option<BTreeMap<String, Vec<u64>>>,
 ) -> PyResult<PyLeaves<'py>> {
     guarded(|| {
         let mut opts = load_options(prefix, keys, rename)?;
         for (key, (offsets, shape)) in boxes.unwrap_or_default() {
             opts = opts.with_box(key, offsets, shape);
+        }
+        for (key, shape) in shapes.unwrap_or_default() {
+            opts = opts.with_shape(key, shape);
         }
         let (state, info, local) = py
             .detach(|| {

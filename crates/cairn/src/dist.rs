@@ -321,7 +321,7 @@ fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
             shape: t.shape().to_vec(),
         })
         .collect();
-    for (key, s) in pieces {
+    for (key, s) in pieces.iter().flat_map(|(key, held)| held.iter().map(move |s| (key, s))) {
         if state.get(key).is_some() {
             return Err(Error::invalid(format!("key is both a whole tensor and a piece key=`{key}`")));
         }
@@ -381,8 +381,9 @@ impl Ranks {
 /// Saves `state` to `location` — a run when `opts.step` is set (into its step folder),
 /// else a checkpoint folder — as rank `ranks.rank` of `ranks.world_size`: alone when there
 /// is one rank and no `exchange`, else together with the other ranks through `exchange`
-/// (the job's own collectives) or, without one, through the store. The one place that
-/// decides between a single and a multi-rank save.
+/// (the job's own collectives) or, without one, through the store; one process holding
+/// pieces of sharded tensors saves them as a job of one. The one place that decides
+/// between a single and a multi-rank save.
 pub fn save_as_rank(
     location: &Location,
     state: &State,
@@ -393,7 +394,7 @@ pub fn save_as_rank(
     if ranks.rank >= ranks.world_size {
         return Err(Error::invalid(format!("rank {} is not below world_size {}", ranks.rank, ranks.world_size)));
     }
-    if ranks.world_size == 1 && exchange.is_none() {
+    if ranks.world_size == 1 && exchange.is_none() && state.pieces().is_empty() {
         return crate::save_at(location, state, opts);
     }
     let dest = match opts.step {
@@ -403,6 +404,12 @@ pub fn save_as_rank(
     let step = opts.step.unwrap_or_default();
     match exchange {
         Some(exchange) => save_distributed(&dest, state, step, opts, exchange),
+        // One process holding pieces (e.g. a jax array sharded over its devices): the
+        // same plan, with nobody to talk to.
+        None if ranks.world_size == 1 => {
+            let mut alone = CallbackExchange::new(0, 1, |payload: Vec<u8>| Ok(vec![payload]));
+            save_distributed(&dest, state, step, opts, &mut alone)
+        }
         None => {
             let mut exchange = StoreExchange::new(&dest, ranks.rank, ranks.world_size, ranks.timeout);
             save_distributed(&dest, state, step, opts, &mut exchange)
@@ -458,8 +465,11 @@ fn attempt_save(
         if plan.get(&(held.key.clone(), held.offsets.clone(), held.shape.clone())) != Some(&rank) {
             continue;
         }
-        let tensor = match state.pieces().get(&held.key) {
-            Some(s) => s.tensor.clone(),
+        let piece = state.pieces().get(&held.key).and_then(|pieces| {
+            pieces.iter().find(|p| p.offsets == held.offsets && p.tensor.shape() == held.shape.as_slice())
+        });
+        let tensor = match piece {
+            Some(p) => p.tensor.clone(),
             None => state
                 .tensor(&held.key)
                 .cloned()

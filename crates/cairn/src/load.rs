@@ -71,6 +71,9 @@ pub struct LoadOptions {
     /// Load only a box of these tensors (by stored key). Only the pieces that overlap a
     /// box are read. A box outside the global shape is [`ErrorKind::Invalid`].
     pub boxes: BTreeMap<String, TensorBox>,
+    /// The global shape each of these tensors must have (by stored key), e.g. the shape
+    /// of the tensor a load fills; another shape is [`ErrorKind::Invalid`], naming both.
+    pub shapes: BTreeMap<String, Vec<u64>>,
     /// Verify each piece's checksum (on by default).
     pub verify: bool,
     /// Files read at once.
@@ -84,6 +87,7 @@ impl Default for LoadOptions {
             keys: None,
             rename: Vec::new(),
             boxes: BTreeMap::new(),
+            shapes: BTreeMap::new(),
             verify: true,
             concurrency: std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(2, 16),
         }
@@ -112,6 +116,12 @@ impl LoadOptions {
     /// Loads only the box `(offsets, shape)` of the tensor `key` (resharding on load).
     pub fn with_box(mut self, key: impl Into<String>, offsets: Vec<u64>, shape: Vec<u64>) -> Self {
         self.boxes.insert(key.into(), TensorBox { offsets, shape });
+        self
+    }
+
+    /// Requires the tensor `key` to have the global shape `shape`.
+    pub fn with_shape(mut self, key: impl Into<String>, shape: Vec<u64>) -> Self {
+        self.shapes.insert(key.into(), shape);
         self
     }
 }
@@ -234,8 +244,27 @@ impl Checkpoint {
         Ok(state)
     }
 
-    /// The requested boxes of selected tensors, each checked against its global shape.
+    /// The requested boxes of selected tensors, each checked against its global shape
+    /// (and that shape against the one required, if any).
     fn boxes<'o>(&self, selected: &[(&str, String)], opts: &'o LoadOptions) -> Result<BTreeMap<String, &'o TensorBox>> {
+        for (key, shape) in &opts.shapes {
+            match self.manifest.tensors.get(key) {
+                Some(record) if &record.shape != shape => {
+                    return Err(Error::invalid(format!(
+                        "tensor has shape {:?} in the checkpoint, {shape:?} is required key=`{key}` checkpoint=`{}`",
+                        record.shape,
+                        self.location.uri()
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    return Err(Error::not_found(format!(
+                        "tensor not in checkpoint key=`{key}` checkpoint=`{}`",
+                        self.location.uri()
+                    )))
+                }
+            }
+        }
         let mut out = BTreeMap::new();
         for (key, wanted) in &opts.boxes {
             let Some(record) = self.manifest.tensors.get(key) else {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::dist::{self, StoreExchange};
+use crate::dist::{self, Ranks};
 use crate::error::{Error, ErrorKind, Result};
 use crate::info::CheckpointInfo;
 use crate::load::LoadOptions;
@@ -260,13 +260,8 @@ impl Shared {
 
     /// Saves and commits one checkpoint: alone, or together with the other ranks.
     fn save(&self, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
-        if self.world_size <= 1 {
-            return self.run.save(state, opts);
-        }
-        let step = opts.step.unwrap_or_default();
-        let dest = self.run.step_location(step);
-        let mut exchange = StoreExchange::new(&dest, self.rank, self.world_size, self.coordination_timeout);
-        dist::save_distributed(&dest, state, step, opts, &mut exchange)
+        let ranks = Ranks { rank: self.rank, world_size: self.world_size, timeout: self.coordination_timeout };
+        dist::save_as_rank(self.run.location(), state, opts, ranks, None)
     }
 
     /// Whether this process deletes checkpoints and writes the hint (rank 0 only).

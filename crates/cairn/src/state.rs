@@ -442,7 +442,7 @@ pub struct Piece {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct State {
     entries: BTreeMap<String, Entry>,
-    pieces: BTreeMap<String, Piece>,
+    pieces: BTreeMap<String, Vec<Piece>>,
     structure: Option<String>,
 }
 
@@ -467,13 +467,14 @@ impl State {
         self.entries.insert(key.into(), entry);
     }
 
-    /// Inserts or replaces this rank's box of the sharded tensor `key`.
+    /// Adds a piece this rank holds of the sharded tensor `key` (a rank may hold several
+    /// pieces of one tensor).
     pub fn insert_piece(&mut self, key: impl Into<String>, piece: Piece) {
-        self.pieces.insert(key.into(), piece);
+        self.pieces.entry(key.into()).or_default().push(piece);
     }
 
-    /// This rank's boxes of sharded tensors, by key.
-    pub fn pieces(&self) -> &BTreeMap<String, Piece> {
+    /// This rank's pieces of sharded tensors, by key.
+    pub fn pieces(&self) -> &BTreeMap<String, Vec<Piece>> {
         &self.pieces
     }
 
@@ -542,7 +543,7 @@ impl State {
 
     /// Total tensor bytes (whole tensors and pieces).
     pub fn tensor_bytes(&self) -> u64 {
-        let pieces: u64 = self.pieces.values().map(|s| s.tensor.data().len() as u64).sum();
+        let pieces: u64 = self.pieces.values().flatten().map(|s| s.tensor.data().len() as u64).sum();
         self.tensors().map(|(_, t)| t.data().len() as u64).sum::<u64>() + pieces
     }
 
@@ -572,7 +573,7 @@ impl State {
                 Entry::Tensor(t) => Some(t),
                 Entry::Value(_) => None,
             })
-            .chain(self.pieces.values().map(|s| &s.tensor));
+            .chain(self.pieces.values().flatten().map(|s| &s.tensor));
         let sources: Vec<&[u8]> = tensors.map(|t| t.data.as_ref()).collect();
         let mut copies = pool.copy_all(&sources).into_iter();
         let mut owned =
@@ -588,8 +589,13 @@ impl State {
                 (k.clone(), e)
             })
             .collect();
-        let pieces =
-            self.pieces.iter().map(|(k, s)| (k.clone(), Piece { tensor: owned(&s.tensor), ..s.clone() })).collect();
+        let pieces = self
+            .pieces
+            .iter()
+            .map(|(k, held)| {
+                (k.clone(), held.iter().map(|s| Piece { tensor: owned(&s.tensor), ..s.clone() }).collect())
+            })
+            .collect();
         State { entries, pieces, structure: self.structure.clone() }
     }
 }

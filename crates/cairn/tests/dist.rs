@@ -158,6 +158,33 @@ fn a_key_that_looks_like_a_piece_name_is_kept_apart_from_that_piece() {
 }
 
 #[test]
+fn one_process_holding_several_pieces_of_a_tensor_saves_them_as_a_job_of_one() {
+    let uri = "memory://dist/alone";
+    let mut state = State::new();
+    for lo in [4, 0] {
+        let piece =
+            Piece { tensor: cut(&global(&[8, 6]), &[lo, 0], &[4, 6]), offsets: vec![lo, 0], global_shape: vec![8, 6] };
+        state.insert_piece("rows", piece);
+    }
+    state.insert_tensor("rep", global(&[5]));
+    let location = Location::open(uri).unwrap();
+    let opts = SaveOptions::default().with_step(1);
+    cairn::dist::save_as_rank(&location, &state, &opts, cairn::dist::Ranks::single(), None).unwrap();
+    let (loaded, info) = cairn::load(uri, &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.tensor("rows").unwrap(), &global(&[8, 6]));
+    assert_eq!(loaded.tensor("rep").unwrap(), &global(&[5]));
+    assert_eq!(info.step, 1);
+    // Pieces that do not tile their tensor are refused, naming it, and nothing is committed.
+    let mut holey = State::new();
+    holey.insert_piece("t", Piece { tensor: global(&[2]), offsets: vec![0], global_shape: vec![4] });
+    let err =
+        cairn::dist::save_as_rank(&location, &holey, &opts.clone().with_step(2), cairn::dist::Ranks::single(), None)
+            .unwrap_err();
+    assert!(err.to_string().contains("`t`"), "{err}");
+    assert_eq!(Run::open(uri).unwrap().list().unwrap().len(), 1);
+}
+
+#[test]
 fn replicated_tensors_are_written_once_and_balanced() {
     let n = 4u32;
     let run = Run::create("memory://dist/balance").unwrap();

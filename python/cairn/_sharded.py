@@ -1,0 +1,100 @@
+"""The sharded arrays frameworks hold, as pieces: torch `DTensor` (FSDP2, tensor
+parallelism, any mesh), torch `ShardedTensor` (FSDP1's sharded state dict) and `jax.Array`
+sharded over devices or processes.
+
+Saving: each process declares the pieces it holds (`(local data, offsets, global shape)`),
+found with the frameworks' own public descriptions of a shard; a replicated piece is
+declared by every holder and written once (the planner keeps one writer per distinct box),
+a jax replica only by its `replica_id == 0` holder. Nothing is gathered.
+
+Loading into a target: the same descriptions give the boxes a process needs, and the
+tensors to fill in place.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ._cairn import InvalidArgumentError
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _dtensor_type(torch: Any) -> Any:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return None
+    return DTensor
+
+
+def _sharded_tensor_type(torch: Any) -> Any:
+    try:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+    except ImportError:
+        return None
+    return ShardedTensor
+
+
+def is_sharded(obj: Any) -> bool:
+    """Whether `obj` is an array whose pieces Cairn saves separately."""
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        dtensor, sharded = _dtensor_type(torch), _sharded_tensor_type(torch)
+        return (dtensor is not None and isinstance(obj, dtensor)) or (sharded is not None and isinstance(obj, sharded))
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(obj, jax.Array):
+        return not (obj.is_fully_addressable and (obj.is_fully_replicated or len(obj.sharding.device_set) == 1))
+    return False
+
+
+def pieces(key: str, obj: Any) -> list[tuple[Any, list[int], list[int]]]:
+    """The pieces of the sharded array `obj` (see `is_sharded`) this process writes:
+    `(local data, offsets, global shape)` each."""
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        global_shape = [int(d) for d in obj.shape]
+        return [(local, offsets, global_shape) for local, offsets in _torch_boxes(key, obj)]
+    global_shape = [int(d) for d in obj.shape]
+    out = []
+    for shard in obj.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        offsets = [int(s.start or 0) for s in shard.index] + [0] * (len(global_shape) - len(shard.index))
+        out.append((shard.data, offsets, global_shape))
+    return out
+
+
+def _torch_boxes(key: str, obj: Any) -> list[tuple[Any, list[int]]]:
+    """`(local tensor, offsets)` of each box of a DTensor or ShardedTensor this process
+    holds (the local tensors are the live ones: filling them fills `obj`)."""
+    torch = _torch()
+    dtensor = _dtensor_type(torch)
+    if dtensor is not None and isinstance(obj, dtensor):
+        chunks = obj.__create_chunk_list__()
+        local = obj.to_local()
+        if len(chunks) != 1 or list(chunks[0].sizes) != list(local.shape):
+            raise InvalidArgumentError(
+                f"a DTensor whose local data is {len(chunks)} boxes (placements {obj.placements}) "
+                f"is not supported yet key=`{key}`"
+            )
+        return [(local, [int(o) for o in chunks[0].offsets])]
+    return [
+        (shard.tensor, [int(o) for o in shard.metadata.shard_offsets])
+        for shard in obj.local_shards()
+    ]
+
+
+def targets(key: str, obj: Any) -> list[tuple[Any, list[int], list[int]]] | None:
+    """Where a load into `obj` puts its data: `(tensor to fill in place, offsets, shape)`
+    for each box this process holds of a DTensor, ShardedTensor or plain torch tensor;
+    None for anything else (the loaded value replaces it)."""
+    torch = _torch()
+    if torch is None or not isinstance(obj, torch.Tensor):
+        return None
+    if is_sharded(obj):
+        return [(local, offsets, [int(d) for d in local.shape]) for local, offsets in _torch_boxes(key, obj)]
+    return [(obj, [0] * obj.dim(), [int(d) for d in obj.shape])]

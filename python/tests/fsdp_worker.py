@@ -1,0 +1,118 @@
+"""One rank of the FSDP2 tests (run under torchrun by test_sharded.py, not by pytest).
+
+    torchrun --standalone --nproc_per_node=N fsdp_worker.py save RUN REF [MESH]
+    torchrun --standalone --nproc_per_node=M fsdp_worker.py load RUN REF [MESH]
+
+`save` trains one step of a small FSDP2 model with Adam, passes `get_state_dict` straight to
+`cairn.save`, then trains one more step; rank 0 writes the full state at both points to
+REF (steps 1 and 2) as plain tensors. `load` builds a fresh model (other weights, its
+optimizer stepped once), loads the checkpoint into its own state dict with
+`cairn.load(target=...)`, applies it with `set_state_dict`, checks every tensor and the
+param groups bit-exact against REF step 1, trains the same step and compares with REF
+step 2 (to float rounding: another world size reduces gradients in another order). MESH `2x2` shards the model over a 2-D mesh (HSDP: replicated over the first
+dimension, sharded over the second, so each box is held by two ranks and written once).
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import cairn
+
+
+def build(seed, mesh):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def train_step(model, opt, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def full(state):
+    """Every tensor of a (nested) state dict as a full plain tensor; other leaves as they are."""
+    if isinstance(state, dict):
+        return {k: full(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(full(v) for v in state)
+    if isinstance(state, DTensor):
+        return state.full_tensor()
+    if isinstance(state, torch.Tensor):
+        return state.clone()  # Adam's `step` is updated in place by the next step
+    return state
+
+
+def compare(got, want, path, exact):
+    if isinstance(want, dict):
+        assert set(got) == set(want), (path, sorted(got), sorted(want))
+        for k in want:
+            compare(got[k], want[k], f"{path}.{k}", exact)
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), path
+        for i, (a, b) in enumerate(zip(got, want)):
+            compare(a, b, f"{path}.{i}", exact)
+    elif hasattr(want, "shape"):
+        got = torch.as_tensor(got)
+        want = torch.as_tensor(want)
+        if exact:
+            assert torch.equal(got, want), (path, got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=path)
+    else:
+        assert got == want, (path, got, want)
+
+
+def main():
+    mode, run, ref = sys.argv[1], sys.argv[2], sys.argv[3]
+    shape = sys.argv[4] if len(sys.argv) > 4 else None
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    if shape == "2x2":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))  # HSDP
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+    if mode == "save":
+        model, opt = build(0, mesh)
+        train_step(model, opt, 0)
+        msd, osd = get_state_dict(model, opt)
+        cairn.save(run, {"model": msd, "optim": osd}, step=1)  # ranks and collectives from the job
+        first = full({"model": msd, "optim": osd})
+        train_step(model, opt, 1)
+        msd, osd = get_state_dict(model, opt)
+        second = full({"model": msd, "optim": osd})
+        if dist.get_rank() == 0:
+            cairn.save(ref, first, step=1, rank=0, world_size=1)
+            cairn.save(ref, second, step=2, rank=0, world_size=1)
+    else:
+        model, opt = build(1, mesh)
+        train_step(model, opt, 99)  # the optimizer has state (to be overwritten)
+        msd, osd = get_state_dict(model, opt)
+        loaded = cairn.load(run, target={"model": msd, "optim": osd})
+        set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        msd, osd = get_state_dict(model, opt)
+        compare(full({"model": msd, "optim": osd}), cairn.load(ref, step=1, framework="torch"), "", exact=True)
+        train_step(model, opt, 1)
+        msd, osd = get_state_dict(model, opt)
+        compare(full({"model": msd, "optim": osd}), cairn.load(ref, step=2, framework="torch"), "", exact=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print("ok")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
