@@ -168,8 +168,9 @@ def save(
     The frameworks' sharded arrays are saved as they are held, each process writing only
     its own pieces: torch `DTensor` (FSDP2, tensor parallel, any mesh), `ShardedTensor`
     (FSDP1) and sharded `jax.Array`s. With such a state and no `rank`/`world_size`, they
-    come from the job: `torch.distributed` (its collectives coordinate, never pickling)
-    or `jax.distributed`; a single process holding every piece saves alone."""
+    come from the job: `torch.distributed` (its collectives coordinate, never pickling,
+    and every rank of the default group must call `save`; `timeout` does not apply) or
+    `jax.distributed`; a single process holding every piece saves alone."""
     leaves = _tree.flatten(state)
     rank, world_size, all_gather = _job(rank, world_size, all_gather, leaves.sharded)
     info = _cairn.save(
@@ -216,8 +217,11 @@ def load(
     `target` loads into what the job already has, like torch DCP: a state of the same
     nesting whose torch tensors (plain, `DTensor` on any mesh, `ShardedTensor`) are filled
     in place, each process reading only the boxes it holds, on any number of processes;
-    every key of `target` must be in the checkpoint, with the same global shape. The
-    filled `target` is returned, its plain values replaced by the loaded ones."""
+    numpy arrays are filled in place too. Every key of `target` must be in the checkpoint
+    with the same global shape and dtype (keys of the checkpoint the target lacks are not
+    read); jax arrays cannot be filled (load with `framework="jax"`). The filled `target`
+    is returned, its plain values replaced by the loaded ones. In a multi-process job pass
+    `step`, so that every process reads the same checkpoint."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
     if target is not None:
@@ -249,7 +253,8 @@ def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[st
     shapes = {key: [int(d) for d in obj.shape] for key, obj in leaves.items() if places[key] is not None}
     filled: dict[str, Any] = {}
     # One read per round: the i-th box of every key that has one (a ShardedTensor may hold
-    # several boxes of one tensor); plain values come with the first.
+    # several boxes of one tensor); plain values come with the first. Every round reads
+    # the step the first one found.
     rounds = max([len(p) for p in places.values() if p is not None] + [1])
     with _tree.gc_paused():
         for i in range(rounds):
@@ -258,6 +263,7 @@ def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[st
             if not keys:
                 continue
             native = _cairn.load(uri, None, keys, None, step, storage_options, boxes, {k: shapes[k] for k in boxes})
+            step = native[2]["step"]
             got = _build(native, dtype=None, framework="numpy", renamed=True)
             for key in keys:
                 if places[key] is None:
@@ -268,14 +274,21 @@ def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[st
     return _tree.unflatten(structure, filled)
 
 
-def _fill(key: str, dest: Any, loaded: Any) -> None:
-    """Copies the loaded array into the torch tensor `dest` (casting like `copy_`)."""
+def _fill(key: str, dest: Any, loaded: np.ndarray) -> None:
+    """Copies the loaded array into `dest` (a torch tensor or numpy array) in place; the
+    dtypes must agree (no silent cast)."""
+    if isinstance(dest, np.ndarray):
+        if dest.dtype != loaded.dtype:
+            raise _cairn.InvalidArgumentError(f"dtype {loaded.dtype} in the checkpoint, {dest.dtype} in the target key=`{key}`")
+        np.copyto(dest, loaded.reshape(dest.shape))
+        return
     import torch
 
-    if not isinstance(loaded, np.ndarray):
-        raise _cairn.InvalidArgumentError(f"the checkpoint holds a value where the target has a tensor key=`{key}`")
+    source = _arrays.to_framework(loaded, "torch")
+    if source.dtype != dest.dtype:
+        raise _cairn.InvalidArgumentError(f"dtype {source.dtype} in the checkpoint, {dest.dtype} in the target key=`{key}`")
     with torch.no_grad():
-        dest.copy_(_arrays.to_framework(loaded, "torch").reshape(dest.shape))
+        dest.copy_(source.reshape(dest.shape))
 
 
 def _job(
@@ -283,7 +296,9 @@ def _job(
 ) -> tuple[int, int, Callable | None]:
     """The rank, world size and all-gather of a save: as given, else the job's when the
     state holds a framework's sharded arrays, else one process alone."""
-    if rank is not None or world_size is not None or not sharded:
+    if (rank is None) != (world_size is None):
+        raise _cairn.InvalidArgumentError("pass rank and world_size together (or neither)")
+    if rank is not None or not sharded:
         return (0 if rank is None else rank), (1 if world_size is None else world_size), all_gather
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -418,9 +433,23 @@ def unregister_scheme(prefix: str) -> bool:
     return _cairn.unregister_scheme(prefix)
 
 
-def _prepare(state: Any, metrics: dict[str, float] | None, metadata: Any) -> Callable[[], tuple]:
-    """What the native manager calls, only when a step saves, to read the state."""
-    return lambda: (_tree.flatten(state), _metrics(metrics), _metadata(metadata))
+def _prepare(state: Any, metrics: dict[str, float] | None, metadata: Any, world_size: int) -> Callable[[], tuple]:
+    """What the native manager calls, only when a step saves, to read the state. A state
+    of a framework's sharded arrays in a manager of one rank, inside a job of several, is
+    refused (each process would save its pieces alone)."""
+
+    def prepare() -> tuple:
+        leaves = _tree.flatten(state)
+        if leaves.sharded and world_size == 1:
+            job_rank, job_world, _ = _job(None, None, None, True)
+            if job_world > 1:
+                raise _cairn.InvalidArgumentError(
+                    f"a sharded state in a job of {job_world} processes: pass "
+                    f"rank={job_rank}, world_size={job_world} to CheckpointManager"
+                )
+        return leaves, _metrics(metrics), _metadata(metadata)
+
+    return prepare
 
 
 def _seconds(interval: float | _dt.timedelta | None) -> float | None:
@@ -488,6 +517,7 @@ class CheckpointManager:
             world_size,
             _seconds(orphan_grace),
         )
+        self._world_size = world_size
         # Closes at interpreter exit (or when collected) without keeping `self` alive.
         self._closer = weakref.finalize(self, self._native.close)
 
@@ -517,7 +547,7 @@ class CheckpointManager:
         (no device copy; a bad one is reported on the first step that saves); a saved
         state is read once a save slot is free (`max_in_flight` copies at most), and
         reading it must not save through a manager."""
-        return self._native.on_step(step, _prepare(state, metrics, metadata), force)
+        return self._native.on_step(step, _prepare(state, metrics, metadata, self._world_size), force)
 
     @_typed
     def save(
@@ -531,7 +561,7 @@ class CheckpointManager:
     ) -> None:
         """Saves `state` as `step` now, whatever the policies. Raises `AlreadyExistsError`
         if the step is already saved."""
-        self._native.save(step, _prepare(state, metrics, metadata), temporary)
+        self._native.save(step, _prepare(state, metrics, metadata, self._world_size), temporary)
 
     def wait(self) -> None:
         """Blocks until every save and deletion is done; raises a background error."""

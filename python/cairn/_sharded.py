@@ -16,6 +16,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy as np
+
 from ._cairn import InvalidArgumentError
 
 
@@ -63,7 +65,13 @@ def pieces(key: str, obj: Any) -> list[tuple[Any, list[int], list[int]]]:
     for shard in obj.addressable_shards:
         if shard.replica_id != 0:
             continue
-        offsets = [int(s.start or 0) for s in shard.index] + [0] * (len(global_shape) - len(shard.index))
+        offsets = []
+        for dim, (index, size) in enumerate(zip(shard.index, shard.data.shape)):
+            start, stop, step = index.indices(global_shape[dim])
+            if step != 1 or stop - start != size:
+                raise InvalidArgumentError(f"a jax shard that is not a box ({shard.index}) key=`{key}`")
+            offsets.append(start)
+        offsets += [0] * (len(global_shape) - len(offsets))
         out.append((shard.data, offsets, global_shape))
     return out
 
@@ -74,7 +82,10 @@ def _torch_boxes(key: str, obj: Any) -> list[tuple[Any, list[int]]]:
     torch = _torch()
     dtensor = _dtensor_type(torch)
     if dtensor is not None and isinstance(obj, dtensor):
-        chunks = obj.__create_chunk_list__()
+        try:
+            chunks = obj.__create_chunk_list__()
+        except ValueError as e:  # e.g. a Partial placement: the local data is not the value
+            raise InvalidArgumentError(f"cannot save this DTensor ({e}) key=`{key}`") from None
         local = obj.to_local()
         if len(chunks) != 1 or list(chunks[0].sizes) != list(local.shape):
             raise InvalidArgumentError(
@@ -89,12 +100,24 @@ def _torch_boxes(key: str, obj: Any) -> list[tuple[Any, list[int]]]:
 
 
 def targets(key: str, obj: Any) -> list[tuple[Any, list[int], list[int]]] | None:
-    """Where a load into `obj` puts its data: `(tensor to fill in place, offsets, shape)`
-    for each box this process holds of a DTensor, ShardedTensor or plain torch tensor;
-    None for anything else (the loaded value replaces it)."""
+    """Where a load into `obj` puts its data: `(array to fill in place, offsets, shape)`
+    for each box this process holds of a DTensor, ShardedTensor, plain torch tensor or
+    writable numpy array; None for a plain value (the loaded value replaces it). A jax
+    array (immutable) or a tensor without storage (`meta`) is refused, naming the key."""
     torch = _torch()
-    if torch is None or not isinstance(obj, torch.Tensor):
-        return None
-    if is_sharded(obj):
-        return [(local, offsets, [int(d) for d in local.shape]) for local, offsets in _torch_boxes(key, obj)]
-    return [(obj, [0] * obj.dim(), [int(d) for d in obj.shape])]
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            raise InvalidArgumentError(f"cannot load into a tensor on the meta device key=`{key}`")
+        if is_sharded(obj):
+            return [(local, offsets, [int(d) for d in local.shape]) for local, offsets in _torch_boxes(key, obj)]
+        return [(obj, [0] * obj.dim(), [int(d) for d in obj.shape])]
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(obj, jax.Array):
+        raise InvalidArgumentError(
+            f"jax arrays cannot be filled in place; load with framework='jax' instead key=`{key}`"
+        )
+    if isinstance(obj, np.ndarray):
+        if not obj.flags.writeable:
+            raise InvalidArgumentError(f"cannot load into a read-only numpy array key=`{key}`")
+        return [(obj, [0] * obj.ndim, [int(d) for d in obj.shape])]
+    return None

@@ -27,7 +27,8 @@ import cairn
 
 def build(seed, mesh):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    # 3 outputs: on 4 ranks the last layer's shards are uneven and one is empty
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -37,7 +38,7 @@ def build(seed, mesh):
 
 def train_step(model, opt, step):
     g = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 3, generator=g)
     torch.nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     opt.zero_grad()
@@ -76,6 +77,45 @@ def compare(got, want, path, exact):
         assert got == want, (path, got, want)
 
 
+def managed(run, state):
+    """A manager of one rank in a job of several refuses a sharded state; given the ranks,
+    it saves it."""
+    lone = cairn.CheckpointManager(run, policies=[cairn.Every(1)], preemption_signal=None)
+    try:
+        lone.on_step(1, state)
+        raise AssertionError("a lone manager saved a sharded state")
+    except cairn.InvalidArgumentError as e:
+        assert "world_size=" in str(e), e
+    lone.close()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with cairn.CheckpointManager(run, policies=[cairn.Every(1)], preemption_signal=None, rank=rank, world_size=world) as mgr:
+        assert mgr.on_step(1, state)
+    assert [i.step for i in cairn.list_checkpoints(run)] == [1]
+
+
+def sharded_tensor(run):
+    """FSDP1's ShardedTensor: rows of a 10x3 tensor over the ranks (3, 3, 3, 1), saved,
+    loaded whole and into another ShardedTensor of the same layout."""
+    from torch.distributed._shard import sharded_tensor
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+    world = dist.get_world_size()
+    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world)])
+    whole = torch.arange(30, dtype=torch.float32).reshape(10, 3)
+    st = sharded_tensor.empty(spec, 10, 3)
+    for shard in st.local_shards():
+        lo, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+        shard.tensor.copy_(whole[lo : lo + n])
+    cairn.save(run, {"st": st, "n": 7}, step=1)
+    assert torch.equal(cairn.load(run, framework="torch")["st"], whole)
+    other = sharded_tensor.zeros(spec, 10, 3)
+    back = cairn.load(run, target={"st": other, "n": 0}, step=1)
+    assert back["n"] == 7 and back["st"] is other
+    for shard in other.local_shards():
+        lo, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+        assert torch.equal(shard.tensor, whole[lo : lo + n])
+
+
 def main():
     mode, run, ref = sys.argv[1], sys.argv[2], sys.argv[3]
     shape = sys.argv[4] if len(sys.argv) > 4 else None
@@ -97,6 +137,9 @@ def main():
         if dist.get_rank() == 0:
             cairn.save(ref, first, step=1, rank=0, world_size=1)
             cairn.save(ref, second, step=2, rank=0, world_size=1)
+        managed(run + "-managed", {"model": msd, "optim": osd})
+        if shape is None:
+            sharded_tensor(run + "-st")
     else:
         model, opt = build(1, mesh)
         train_step(model, opt, 99)  # the optimizer has state (to be overwritten)

@@ -2,6 +2,7 @@
 FSDP2 DTensors under torchrun (gloo, CPU) on other world sizes, HSDP on a 2-D mesh,
 jax arrays sharded over 8 host devices."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -47,9 +48,10 @@ def test_hsdp_on_a_two_by_two_mesh_writes_each_box_once_and_loads_on_a_plain_mes
     info = cairn.list_checkpoints(run)[0]
     plain = cairn.list_checkpoints(ref)[0]
     assert info.tensor_bytes == plain.tensor_bytes
-    files = list((run / "step-000000000001" / "shards").iterdir())
-    on_disk = sum(f.stat().st_size for f in files)
-    assert on_disk <= plain.tensor_bytes + 4096 * len(files), "a replicated box was written twice"
+    # The data bytes of every shard file (size less its header) add up to the state once.
+    manifest = json.loads((run / "step-000000000001" / "manifest.json").read_text())
+    data = sum(f["size"] - f["header_len"] for f in manifest["files"].values())
+    assert data == plain.tensor_bytes, "a replicated box was written twice"
     torchrun(2, "load", run, ref)
 
 
@@ -96,6 +98,23 @@ def test_a_target_of_another_shape_is_refused_naming_the_key(tmp_path):
     target = {"w": torch.ones(4, 4), "b": torch.ones(4), "extra": torch.ones(1)}
     with pytest.raises(cairn.CheckpointNotFoundError, match="extra"):
         cairn.load(tmp_path / "run", target=target)
-    target = {"w": torch.ones(4, 4, dtype=torch.bfloat16), "b": torch.ones(4)}
+    with pytest.raises(cairn.InvalidArgumentError, match="dtype .* key=`w`"):
+        cairn.load(tmp_path / "run", target={"w": torch.ones(4, 4, dtype=torch.bfloat16), "b": torch.ones(4)})
+    with pytest.raises(cairn.InvalidArgumentError, match="meta device key=`w`"):
+        cairn.load(tmp_path / "run", target={"w": torch.ones(4, 4, device="meta"), "b": torch.ones(4)})
+    target = {"w": torch.ones(4, 4), "b": np.ones(4, np.float32)}
     filled = cairn.load(tmp_path / "run", target=target)
-    assert filled["w"] is target["w"] and not target["w"].any() and not target["b"].any()
+    assert filled["w"] is target["w"] and filled["b"] is target["b"]
+    assert not target["w"].any() and not target["b"].any()
+
+
+def test_a_value_where_the_target_has_a_tensor_and_jax_targets_are_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    cairn.save(tmp_path / "run", {"w": torch.zeros(2), "lr": 0.1}, step=1)
+    with pytest.raises(cairn.InvalidArgumentError, match="plain value where a tensor is required key=`lr`"):
+        cairn.load(tmp_path / "run", target={"w": torch.ones(2), "lr": torch.ones(1)})
+    with pytest.raises(cairn.InvalidArgumentError, match="framework='jax' instead key=`w`"):
+        cairn.load(tmp_path / "run", target={"w": jnp.ones(2)})
+    with pytest.raises(cairn.InvalidArgumentError, match="together"):
+        cairn.save(tmp_path / "other", {"w": torch.zeros(2)}, rank=1)

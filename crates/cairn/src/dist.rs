@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +41,11 @@ pub trait Exchange {
     /// Every rank's `payload` for `round`, in rank order; [`Gathered::Superseded`] when
     /// this rank must restart with a newer attempt.
     fn all_gather(&mut self, round: &str, payload: Vec<u8>) -> Result<Gathered>;
+    /// Called by rank 0 when an attempt is over (committed or failed): no rank may join
+    /// it afterwards, so a retry never replays it.
+    fn end(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The result of one exchange round.
@@ -65,16 +70,10 @@ impl<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> CallbackExchange<F> {
         CallbackExchange { rank, world_size, all_gather }
     }
 
+    /// One collective. A count of payloads other than `world_size` is found by every
+    /// rank in the plan round, so that no rank leaves the others waiting in a collective.
     fn gather(&mut self, payload: Vec<u8>) -> Result<Vec<Vec<u8>>> {
-        let got = (self.all_gather)(payload)?;
-        if got.len() != self.world_size as usize {
-            return Err(Error::invalid(format!(
-                "all-gather returned {} payloads for world_size={}",
-                got.len(),
-                self.world_size
-            )));
-        }
-        Ok(got)
+        (self.all_gather)(payload)
     }
 }
 
@@ -100,8 +99,12 @@ impl<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> Exchange for CallbackExchange<F>
 
 /// Exchange through the store alone: small files under the checkpoint's `.cairn-coord/`.
 /// Rank 0 publishes a fresh attempt id; a rank that picked up a stale one notices the
-/// change while waiting and starts over. A rank that does not show up within `timeout`
-/// fails the save on every rank (rank 0 publishes the abort).
+/// change while waiting and starts over, and an attempt marked over (committed, failed or
+/// aborted) is never joined. In each round every rank writes its payload, rank 0 lists
+/// the round's folder until all are there, reads each once and publishes them together;
+/// the others read that one file. A save costs O(N) requests in all, not per rank. A
+/// rank that does not show up within `timeout` fails the save on every rank (rank 0
+/// publishes the abort).
 pub struct StoreExchange {
     coord: Location,
     rank: u32,
@@ -133,16 +136,65 @@ impl StoreExchange {
             .map_err(|e| self.store_err(e))
     }
 
-    async fn clear(&self) -> Result<()> {
-        let stale: Vec<object_store::ObjectMeta> =
+    /// Deletes what earlier attempts left, except the attempt pointer and the files of
+    /// `keep`; the markers that say an attempt is over go last, so that a rank that read
+    /// an old pointer either sees its attempt over or finds its files gone.
+    async fn clear(&self, keep: &str) -> Result<()> {
+        let listed: Vec<object_store::ObjectMeta> =
             self.coord.store().list(Some(self.coord.prefix())).try_collect().await.map_err(|e| self.store_err(e))?;
-        for meta in stale {
-            match self.coord.store().delete(&meta.location).await {
+        let kept = self.coord.path("attempt");
+        let current = self.coord.path(keep);
+        let (markers, rest): (Vec<_>, Vec<_>) = listed
+            .into_iter()
+            .map(|m| m.location)
+            .filter(|p| *p != kept && !p.prefix_matches(&current))
+            .partition(|p| matches!(p.filename(), Some("over" | "abort")));
+        for path in rest.into_iter().chain(markers) {
+            match self.coord.store().delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.store_err(e)),
             }
         }
         Ok(())
+    }
+
+    /// Whether the attempt `id` is over (ended by rank 0 or aborted).
+    async fn is_over(&self, id: &str) -> Result<bool> {
+        Ok(self.read(&format!("{id}/over")).await?.is_some() || self.read(&format!("{id}/abort")).await?.is_some())
+    }
+
+    /// Rank 0's side of a round: waits (listing the round's folder) until every rank's
+    /// payload is there, reads each once, and publishes them all in one file.
+    async fn gather_all(&self, dir: &str, round: &str) -> Result<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + self.timeout;
+        let mut got: Vec<Option<Vec<u8>>> = vec![None; self.world_size as usize];
+        let prefix = self.coord.path(dir);
+        for n in 0.. {
+            let listed: Vec<object_store::ObjectMeta> =
+                self.coord.store().list(Some(&prefix)).try_collect().await.map_err(|e| self.store_err(e))?;
+            for meta in listed {
+                let Some(r) = meta.location.filename().and_then(|f| f.parse::<usize>().ok()) else { continue };
+                if got.get(r).is_some_and(Option::is_none) {
+                    got[r] = self.read(&format!("{dir}/{r:05}")).await?;
+                }
+            }
+            if got.iter().all(Option::is_some) {
+                let all: Vec<Vec<u8>> = got.into_iter().flatten().collect();
+                self.write(&format!("{dir}/all"), frame(&all)).await?;
+                return Ok(all);
+            }
+            if Instant::now() > deadline {
+                let missing: Vec<usize> = got.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(r, _)| r).collect();
+                let reason = format!(
+                    "timed out waiting for ranks {missing:?} round={round} dir=`{}`; nothing was committed",
+                    self.coord.uri()
+                );
+                self.write(&format!("{}/abort", self.attempt), reason.clone().into_bytes()).await?;
+                return Err(Error::new(ErrorKind::Unavailable, reason));
+            }
+            tokio::time::sleep(pause(n)).await;
+        }
+        unreachable!("the loop above returns")
     }
 
     fn store_err(&self, e: object_store::Error) -> Error {
@@ -165,10 +217,11 @@ impl Exchange for StoreExchange {
     fn begin(&mut self) -> Result<String> {
         block_on(async {
             if self.rank == 0 {
-                // Clear what a crashed earlier attempt left, then publish a fresh attempt.
-                self.clear().await?;
+                // Publish a fresh attempt (from now on nobody joins an older one), then
+                // clear what earlier attempts left.
                 let attempt = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
                 self.write("attempt", attempt.clone().into_bytes()).await?;
+                self.clear(&attempt).await?;
                 self.attempt = attempt;
                 return Ok(self.attempt.clone());
             }
@@ -176,8 +229,8 @@ impl Exchange for StoreExchange {
             for n in 0.. {
                 if let Some(id) = self.read("attempt").await? {
                     let id = String::from_utf8_lossy(&id).into_owned();
-                    // An aborted attempt is over: wait for rank 0 to publish the next one.
-                    if self.read(&format!("{id}/abort")).await?.is_none() {
+                    // An attempt that is over is never joined: wait for rank 0's next one.
+                    if !self.is_over(&id).await? {
                         self.attempt = id;
                         return Ok(self.attempt.clone());
                     }
@@ -198,44 +251,71 @@ impl Exchange for StoreExchange {
         block_on(async {
             let dir = format!("{}/{round}", self.attempt);
             self.write(&format!("{dir}/{:05}", self.rank), payload).await?;
-            let deadline = Instant::now() + self.timeout;
-            let mut got: Vec<Option<Vec<u8>>> = vec![None; self.world_size as usize];
-            let mut n = 0u32;
-            loop {
-                for (r, slot) in got.iter_mut().enumerate() {
-                    if slot.is_none() {
-                        *slot = self.read(&format!("{dir}/{r:05}")).await?;
-                    }
-                }
-                if got.iter().all(Option::is_some) {
-                    return Ok(Gathered::Ready(got.into_iter().flatten().collect()));
+            if self.rank == 0 {
+                return self.gather_all(&dir, round).await.map(Gathered::Ready);
+            }
+            // Rank 0 gives up first and says why (the abort); the others wait a little longer.
+            let deadline = Instant::now() + self.timeout + (self.timeout / 4).max(Duration::from_secs(1));
+            for n in 0u32.. {
+                if let Some(all) = self.read(&format!("{dir}/all")).await? {
+                    return unframe(&all, self.world_size as usize).map(Gathered::Ready).ok_or_else(|| {
+                        Error::corrupt(format!("unreadable round file round={round} dir=`{}`", self.coord.uri()))
+                    });
                 }
                 if let Some(reason) = self.read(&format!("{}/abort", self.attempt)).await? {
                     return Err(Error::new(ErrorKind::Unavailable, String::from_utf8_lossy(&reason).into_owned()));
                 }
-                if self.rank != 0 && n % 4 == 3 {
+                if n % 4 == 3 {
                     let current = self.read("attempt").await?.map(|id| String::from_utf8_lossy(&id).into_owned());
                     if current.is_some_and(|id| id != self.attempt) {
                         return Ok(Gathered::Superseded);
                     }
                 }
                 if Instant::now() > deadline {
-                    let missing: Vec<usize> =
-                        got.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(r, _)| r).collect();
                     let reason = format!(
-                        "timed out waiting for ranks {missing:?} round={round} dir=`{}`; nothing was committed",
+                        "timed out waiting for rank 0 to gather round={round} dir=`{}`; nothing was committed",
                         self.coord.uri()
                     );
-                    if self.rank == 0 {
-                        self.write(&format!("{}/abort", self.attempt), reason.clone().into_bytes()).await?;
-                    }
                     return Err(Error::new(ErrorKind::Unavailable, reason));
                 }
                 tokio::time::sleep(pause(n)).await;
-                n += 1;
             }
+            unreachable!("the loop above returns")
         })
     }
+
+    fn end(&mut self) -> Result<()> {
+        if self.rank != 0 || self.attempt.is_empty() {
+            return Ok(());
+        }
+        block_on(self.write(&format!("{}/over", self.attempt), Vec::new()))
+    }
+}
+
+/// Every rank's payload in one byte string: per payload, its length (8 bytes, little
+/// endian) then its bytes.
+fn frame(all: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(all.iter().map(|p| p.len() + 8).sum());
+    for payload in all {
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// The `ranks` payloads of a [`frame`], or `None` if the bytes are not one.
+fn unframe(mut bytes: &[u8], ranks: usize) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::with_capacity(ranks.min(bytes.len() / 8));
+    while !bytes.is_empty() {
+        let (len, rest) = bytes.split_first_chunk::<8>()?;
+        let len = usize::try_from(u64::from_le_bytes(*len)).ok()?;
+        if rest.len() < len {
+            return None;
+        }
+        out.push(rest[..len].to_vec());
+        bytes = &rest[len..];
+    }
+    (out.len() == ranks).then_some(out)
 }
 
 /// One piece a rank holds (a whole tensor is the piece at offset zero), as declared to the
@@ -247,6 +327,54 @@ struct Declared {
     global_shape: Vec<u64>,
     offsets: Vec<u64>,
     shape: Vec<u64>,
+}
+
+/// What every rank must agree on before anything is written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Terms {
+    step: u64,
+    dest: String,
+    world_size: u32,
+    temporary: bool,
+}
+
+/// A rank's first message: the terms it saves on and the pieces it holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Plan {
+    terms: Terms,
+    pieces: Vec<Declared>,
+}
+
+/// Refuses a save whose ranks disagree on its terms or whose number of ranks is not the
+/// world size. Every rank sees the same plans, so every rank fails the same way, in the
+/// same round, and nothing is written.
+fn check_terms(mine: &Terms, plans: &[Plan]) -> Result<()> {
+    let rank0 = &plans.first().ok_or_else(|| Error::invalid("no rank took part in the save"))?.terms;
+    for (r, plan) in plans.iter().enumerate() {
+        let t = &plan.terms;
+        let differs = if t.world_size != rank0.world_size {
+            Some(format!("world_size {} (rank 0: {})", t.world_size, rank0.world_size))
+        } else if t.step != rank0.step {
+            Some(format!("step {} (rank 0: {})", t.step, rank0.step))
+        } else if t.dest != rank0.dest {
+            Some(format!("destination `{}` (rank 0: `{}`)", t.dest, rank0.dest))
+        } else if t.temporary != rank0.temporary {
+            Some(format!("temporary={} (rank 0: {})", t.temporary, rank0.temporary))
+        } else {
+            None
+        };
+        if let Some(what) = differs {
+            return Err(Error::invalid(format!("ranks disagree: rank {r} saves with {what}; nothing was saved")));
+        }
+    }
+    if plans.len() != mine.world_size as usize {
+        return Err(Error::invalid(format!(
+            "{} ranks took part in a save with world_size {}; nothing was saved",
+            plans.len(),
+            mine.world_size
+        )));
+    }
+    Ok(())
 }
 
 /// What a rank reports after writing: its pieces and files.
@@ -435,7 +563,12 @@ pub fn save_distributed(
     let mine = declared_pieces(state)?;
     loop {
         let attempt = exchange.begin()?;
-        match attempt_save(dest, state, step, opts, exchange, &attempt, &mine)? {
+        let result = attempt_save(dest, state, step, opts, exchange, &attempt, &mine);
+        if exchange.rank() == 0 {
+            // Best effort: an attempt left unmarked is still cleared by the next one.
+            let _ = exchange.end();
+        }
+        match result? {
             Some(info) => return Ok(info),
             None => continue, // superseded by a newer attempt of rank 0
         }
@@ -453,8 +586,13 @@ fn attempt_save(
     mine: &[Declared],
 ) -> Result<Option<CheckpointInfo>> {
     let rank = exchange.rank();
-    let Gathered::Ready(all) = exchange.all_gather("plan", encode(&mine)?)? else { return Ok(None) };
-    let declared: Vec<Vec<Declared>> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect::<Result<_>>()?;
+    let terms =
+        Terms { step, dest: dest.uri().to_string(), world_size: exchange.world_size(), temporary: opts.temporary };
+    let mine_plan = Plan { terms: terms.clone(), pieces: mine.to_vec() };
+    let Gathered::Ready(all) = exchange.all_gather("plan", encode(&mine_plan)?)? else { return Ok(None) };
+    let plans: Vec<Plan> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect::<Result<_>>()?;
+    check_terms(&terms, &plans)?;
+    let declared: Vec<Vec<Declared>> = plans.into_iter().map(|p| p.pieces).collect();
     let plan = plan_writers(&declared)?;
 
     // This rank's share: the pieces the plan gives it, as a state of dense tensors named
@@ -528,6 +666,29 @@ fn attempt_save(
     Ok(Some(ckpt.info()))
 }
 
+/// Rank 0: checks that every file the ranks reported is where the manifest will say, with
+/// its size (a rank that wrote somewhere rank 0 cannot see must not commit a manifest
+/// naming missing files).
+async fn confirm_files(dest: &Location, files: &BTreeMap<String, FileRecord>) -> Result<()> {
+    let checks = files.iter().map(|(name, record)| async move {
+        let shown = format!("file=`{}/{name}`", dest.uri());
+        let meta = dest.store().head(&dest.path(name)).await.map_err(|e| match e {
+            object_store::Error::NotFound { .. } => Error::invalid(format!(
+                "a rank reported a file that is not in the checkpoint folder {shown}; nothing was committed"
+            )),
+            e => Error::from_store(e, "checking a rank's file", &shown),
+        })?;
+        if meta.size != record.size {
+            return Err(Error::invalid(format!(
+                "a rank reported {} bytes, the store holds {} {shown}; nothing was committed",
+                record.size, meta.size
+            )));
+        }
+        Ok(())
+    });
+    futures::stream::iter(checks).buffer_unordered(16).try_collect::<Vec<()>>().await.map(drop)
+}
+
 /// Rank 0: merges every rank's report into one manifest and commits it (create-only).
 fn commit(
     dest: &Location,
@@ -554,6 +715,7 @@ fn commit(
                 .push(piece);
         }
     }
+    block_on(confirm_files(dest, &files))?;
     let manifest = save::manifest_of(state, step, opts, attempt, world_size, tensors, files);
     // Holes or overlaps in what the ranks hold are the caller's mistake, named by tensor.
     manifest

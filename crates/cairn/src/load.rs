@@ -257,6 +257,12 @@ impl Checkpoint {
                     )))
                 }
                 Some(_) => {}
+                None if self.manifest.values.contains_key(key) => {
+                    return Err(Error::invalid(format!(
+                        "the checkpoint holds a plain value where a tensor is required key=`{key}` checkpoint=`{}`",
+                        self.location.uri()
+                    )))
+                }
                 None => {
                     return Err(Error::not_found(format!(
                         "tensor not in checkpoint key=`{key}` checkpoint=`{}`",

@@ -259,7 +259,7 @@ pub(crate) async fn write_share(
 fn validate_state(state: &State, opts: &SaveOptions) -> Result<()> {
     if let Some(key) = state.pieces().keys().next() {
         return Err(Error::invalid(format!(
-            "pieces of sharded tensors need a multi-rank save (rank and world size) key=`{key}`"
+            "pieces of sharded tensors are saved through dist::save_as_rank (even by one process) key=`{key}`"
         )));
     }
     for (key, _) in state.iter() {
