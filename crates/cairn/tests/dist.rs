@@ -536,7 +536,7 @@ fn store_coordination_costs_requests_linear_in_the_ranks() {
     let mut measured = Vec::new();
     for n in [8u64, 16, 48] {
         let counter = Arc::new(FaultStore::counting(Arc::new(object_store::memory::InMemory::new())));
-        let run = Run::at(Location::from_store(counter.clone(), &format!("count://dist/linear-{n}")));
+        let run = Run::at(Location::from_store(counter.clone(), format!("count://dist/linear-{n}")));
         let dir = run.step_location(1);
         let results: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..n)
