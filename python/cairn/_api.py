@@ -518,6 +518,7 @@ class CheckpointManager:
             _seconds(orphan_grace),
         )
         self._world_size = world_size
+        self._storage_options = storage_options
         # Closes at interpreter exit (or when collected) without keeping `self` alive.
         self._closer = weakref.finalize(self, self._native.close)
 
@@ -577,9 +578,26 @@ class CheckpointManager:
         rename: Any = None,
         dtype: Any = None,
         framework: str = "numpy",
+        target: Any = None,
+        boxes: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
     ) -> tuple[Any, CheckpointInfo]:
         """Loads the latest committed checkpoint (or `step`): `(state, info)`.
-        Raises `CheckpointNotFoundError` when there is none."""
+        Raises `CheckpointNotFoundError` when there is none. `target` fills the job's own
+        state in place and `boxes` reads boxes of tensors, as `cairn.load` does (every
+        process of a job reads the same step: the latest when this is called)."""
+        if target is not None or boxes is not None:
+            if step is None:
+                step = self.latest_step()
+                if step is None:
+                    raise _cairn.CheckpointNotFoundError(f"no committed checkpoint run=`{self.run}`")
+            state = load(
+                self.run, prefix=prefix, keys=keys, rename=rename, dtype=dtype, framework=framework,
+                step=step, storage_options=self._storage_options, boxes=boxes, target=target,
+            )
+            info = next((i for i in self.list() if i.step == step), None)
+            if info is None:
+                raise _cairn.CheckpointNotFoundError(f"checkpoint deleted while loading step={step} run=`{self.run}`")
+            return state, info
         with _tree.gc_paused():
             native = self._native.restore(step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename))
             state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None)

@@ -118,3 +118,16 @@ def test_a_value_where_the_target_has_a_tensor_and_jax_targets_are_refused(tmp_p
         cairn.load(tmp_path / "run", target={"w": jnp.ones(2)})
     with pytest.raises(cairn.InvalidArgumentError, match="together"):
         cairn.save(tmp_path / "other", {"w": torch.zeros(2)}, rank=1)
+
+
+def test_the_manager_restores_into_a_target_and_reads_boxes(tmp_path):
+    torch = pytest.importorskip("torch")
+    w = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    with cairn.CheckpointManager(tmp_path / "run", policies=[cairn.Every(1)], preemption_signal=None) as mgr:
+        mgr.save(5, {"w": w, "lr": 0.5})
+        mgr.wait()
+        target = {"w": torch.zeros(4, 3), "lr": 0.0}
+        state, info = mgr.restore(target=target)
+        assert info.step == 5 and state["w"] is target["w"] and torch.equal(target["w"], w) and state["lr"] == 0.5
+        part, _ = mgr.restore(boxes={"w": ((2, 0), (2, 3))}, framework="torch")
+        assert torch.equal(part["w"], w[2:])

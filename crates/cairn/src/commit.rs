@@ -40,6 +40,10 @@ const COMMIT_ATTEMPTS: u32 = 3;
 /// again (up to [`COMMIT_ATTEMPTS`] times).
 pub(crate) async fn create_manifest(dest: &Location, manifest: &Manifest, step: u64) -> Result<()> {
     let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
+    // The writer holds itself to the reader's rules: what commits can be read back.
+    manifest.validate(&manifest_uri).map_err(|e| {
+        Error::invalid(format!("{} (a reader would refuse this manifest; nothing was committed)", e.message()))
+    })?;
     let payload = PutPayload::from(manifest.encode()?);
     let mut attempt = 1;
     loop {

@@ -715,11 +715,11 @@ fn commit(
                 .push(piece);
         }
     }
-    block_on(confirm_files(dest, &files))?;
     let manifest = save::manifest_of(state, step, opts, attempt, world_size, tensors, files);
     // Holes or overlaps in what the ranks hold are the caller's mistake, named by tensor.
     manifest
         .validate(MANIFEST_FILE)
         .map_err(|e| Error::invalid(format!("{} (ranks' pieces do not tile the tensor)", e.message())))?;
+    block_on(confirm_files(dest, &manifest.files))?;
     block_on(crate::commit::create_manifest(dest, &manifest, step))
 }

@@ -41,7 +41,7 @@ pub struct PruneReport {
     pub kept: usize,
     /// One error per damaged checkpoint, kept whole.
     pub damaged: Vec<Error>,
-    /// Leftovers of unfinished saves removed (none on a dry run).
+    /// Leftovers of unfinished saves removed (would remove, on a dry run).
     pub removed: Vec<String>,
 }
 
@@ -246,6 +246,7 @@ impl Run {
             removed: Vec::new(),
         };
         if dry_run {
+            report.removed = self.orphans(grace)?;
             return Ok(report);
         }
         for &step in &report.deleted {
@@ -263,10 +264,16 @@ impl Run {
     /// the saves themselves; on S3, a lifecycle rule (AbortIncompleteMultipartUpload)
     /// covers killed writers.
     pub fn prune_orphans(&self, grace: std::time::Duration) -> Result<Vec<String>> {
-        block_on(self.prune_orphans_async(grace))
+        block_on(self.prune_orphans_async(grace, false))
     }
 
-    async fn prune_orphans_async(&self, grace: std::time::Duration) -> Result<Vec<String>> {
+    /// The leftovers [`Run::prune_orphans`] would remove (files; not the empty step
+    /// folders it would also remove on local disk), removing nothing.
+    pub fn orphans(&self, grace: std::time::Duration) -> Result<Vec<String>> {
+        block_on(self.prune_orphans_async(grace, true))
+    }
+
+    async fn prune_orphans_async(&self, grace: std::time::Duration, dry_run: bool) -> Result<Vec<String>> {
         let (depth, objects) = self.objects().await?;
         let now_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
@@ -313,6 +320,9 @@ impl Run {
                 }
                 None => {}
             }
+        }
+        if dry_run {
+            return Ok(orphans.iter().map(|m| m.location.to_string()).collect());
         }
         let mut removed = Vec::new();
         for meta in orphans {

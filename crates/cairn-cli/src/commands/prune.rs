@@ -18,8 +18,9 @@ pub fn run(uri: &str, retention: &Retention, grace: Duration, dry_run: bool) -> 
     for step in &report.deleted {
         println!("{verb} step {step}");
     }
+    let verb = if dry_run { "would remove" } else { "removed" };
     for path in &report.removed {
-        println!("removed unfinished {}", clean(path));
+        println!("{verb} unfinished {}", clean(path));
     }
     let total = report.kept + report.deleted.len();
     let dry = if dry_run { " (dry run: nothing removed)" } else { "" };

@@ -231,10 +231,19 @@ struct VersionProbe {
 }
 
 impl Manifest {
-    /// Encodes the manifest as JSON.
+    /// Encodes the manifest as JSON; one larger than readers accept
+    /// ([`MAX_MANIFEST_BYTES`]) is refused.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self)
-            .map_err(|e| Error::invalid(format!("cannot encode manifest step={}", self.step)).with_source(e))
+        let bytes = serde_json::to_vec(self)
+            .map_err(|e| Error::invalid(format!("cannot encode manifest step={}", self.step)).with_source(e))?;
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(Error::invalid(format!(
+                "the manifest would take {} bytes, more than readers accept ({MAX_MANIFEST_BYTES}) step={}",
+                bytes.len(),
+                self.step
+            )));
+        }
+        Ok(bytes)
     }
 
     /// Decodes and validates a manifest read from `file` (named in every error).
