@@ -214,14 +214,16 @@ def load(
     shape)`: only that box of the tensor is returned, read from the pieces that overlap it
     (a checkpoint saved by N ranks loads on M ranks). `slices` is its deprecated name.
 
-    `target` loads into what the job already has, like torch DCP: a state of the same
-    nesting whose torch tensors (plain, `DTensor` on any mesh, `ShardedTensor`) are filled
-    in place, each process reading only the boxes it holds, on any number of processes;
-    numpy arrays are filled in place too. Every key of `target` must be in the checkpoint
-    with the same global shape and dtype (keys of the checkpoint the target lacks are not
-    read); jax arrays cannot be filled (load with `framework="jax"`). The filled `target`
-    is returned, its plain values replaced by the loaded ones. In a multi-process job pass
-    `step`, so that every process reads the same checkpoint."""
+    `target` loads into what the job already has, like torch DCP and Orbax: a state of the
+    same nesting whose torch tensors (plain, `DTensor` on any mesh, `ShardedTensor`) and
+    numpy arrays are filled in place, and whose `jax.Array`s or abstract
+    `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` become arrays with that sharding,
+    each process reading only the boxes its tensors or devices hold, on any number of
+    processes. Every key of `target` must be in the checkpoint with the same global shape
+    and dtype (keys of the checkpoint the target lacks are not read). The target's
+    structure is returned, its containers' types kept (NamedTuples stay NamedTuples), its
+    plain values replaced by the loaded ones. In a multi-process job pass `step`, so that
+    every process reads the same checkpoint."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
     if target is not None:
@@ -247,11 +249,14 @@ def load(
 
 
 def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[str, str] | None) -> Any:
-    """`load(target=...)`: fills the target's tensors in place, one read of each box."""
-    structure, leaves = _tree.leaves_of(target)
+    """`load(target=...)`: fills the target's tensors in place (makes its jax arrays on
+    their devices), one read of each box; returns the target's structure, its containers'
+    types kept."""
+    _, leaves = _tree.leaves_of(target)
     places = {key: _sharded.targets(key, obj) for key, obj in leaves.items()}
     shapes = {key: [int(d) for d in obj.shape] for key, obj in leaves.items() if places[key] is not None}
     filled: dict[str, Any] = {}
+    on_devices: dict[str, list[Any]] = {}
     # One read per round: the i-th box of every key that has one (a ShardedTensor may hold
     # several boxes of one tensor); plain values come with the first. Every round reads
     # the step the first one found.
@@ -269,9 +274,27 @@ def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[st
                 if places[key] is None:
                     filled[key] = got[key]
                     continue
-                _fill(key, places[key][i][0], got[key])
+                dest = places[key][i][0]
+                if isinstance(dest, _sharded.Devices):
+                    on_devices.setdefault(key, []).extend(_to_devices(key, leaves[key], got[key], dest))
+                    continue
+                _fill(key, dest, got[key])
                 filled[key] = leaves[key]
-    return _tree.unflatten(structure, filled)
+    for key, parts in on_devices.items():
+        import jax
+
+        obj = leaves[key]
+        filled[key] = jax.make_array_from_single_device_arrays(tuple(obj.shape), _sharded.jax_sharding(obj), parts)
+    return _tree.rebuild(target, filled)
+
+
+def _to_devices(key: str, obj: Any, loaded: np.ndarray, dest: Any) -> list[Any]:
+    """One box of a jax target, put on each of its devices; the dtypes must agree."""
+    import jax
+
+    if np.dtype(obj.dtype) != loaded.dtype:
+        raise _cairn.InvalidArgumentError(f"dtype {loaded.dtype} in the checkpoint, {obj.dtype} in the target key=`{key}`")
+    return [jax.device_put(loaded, device) for device in dest.devices]
 
 
 def _fill(key: str, dest: Any, loaded: np.ndarray) -> None:

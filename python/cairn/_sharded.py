@@ -99,11 +99,46 @@ def _torch_boxes(key: str, obj: Any) -> list[tuple[Any, list[int]]]:
     ]
 
 
+class Devices:
+    """Where a box of a jax target goes: the devices of this process that hold it (a
+    replicated box is read once and put on each)."""
+
+    def __init__(self, devices: list[Any]) -> None:
+        self.devices = devices
+
+
+def jax_sharding(obj: Any) -> Any:
+    """The sharding of a jax target (`jax.Array` or `jax.ShapeDtypeStruct`): its own, or
+    the first device alone when it has none."""
+    jax = sys.modules["jax"]
+    sharding = getattr(obj, "sharding", None)
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _jax_boxes(key: str, obj: Any) -> list[tuple[Any, list[int], list[int]]]:
+    """The distinct boxes of a jax target this process's devices hold, each with its
+    devices."""
+    shape = [int(d) for d in obj.shape]
+    by_box: dict[tuple[tuple[int, ...], tuple[int, ...]], list[Any]] = {}
+    for device, index in jax_sharding(obj).addressable_devices_indices_map(tuple(shape)).items():
+        offsets, sizes = [], []
+        for dim, part in enumerate(tuple(index) + (slice(None),) * (len(shape) - len(index))):
+            start, stop, step = part.indices(shape[dim])
+            if step != 1:
+                raise InvalidArgumentError(f"a jax sharding whose shards are not boxes key=`{key}`")
+            offsets.append(start)
+            sizes.append(stop - start)
+        by_box.setdefault((tuple(offsets), tuple(sizes)), []).append(device)
+    return [(Devices(devices), list(offsets), list(sizes)) for (offsets, sizes), devices in by_box.items()]
+
+
 def targets(key: str, obj: Any) -> list[tuple[Any, list[int], list[int]]] | None:
-    """Where a load into `obj` puts its data: `(array to fill in place, offsets, shape)`
-    for each box this process holds of a DTensor, ShardedTensor, plain torch tensor or
-    writable numpy array; None for a plain value (the loaded value replaces it). A jax
-    array (immutable) or a tensor without storage (`meta`) is refused, naming the key."""
+    """Where a load into `obj` puts its data: `(destination, offsets, shape)` for each box
+    this process holds: a DTensor's, ShardedTensor's, plain torch tensor's or writable
+    numpy array's memory (filled in place), or the devices of a `jax.Array` or
+    `jax.ShapeDtypeStruct` (a new array is made on them); None for a plain value (the
+    loaded value replaces it). A tensor without storage (`meta`) is refused, naming the
+    key."""
     torch = _torch()
     if torch is not None and isinstance(obj, torch.Tensor):
         if obj.device.type == "meta":
@@ -112,10 +147,8 @@ def targets(key: str, obj: Any) -> list[tuple[Any, list[int], list[int]]] | None
             return [(local, offsets, [int(d) for d in local.shape]) for local, offsets in _torch_boxes(key, obj)]
         return [(obj, [0] * obj.dim(), [int(d) for d in obj.shape])]
     jax = sys.modules.get("jax")
-    if jax is not None and isinstance(obj, jax.Array):
-        raise InvalidArgumentError(
-            f"jax arrays cannot be filled in place; load with framework='jax' instead key=`{key}`"
-        )
+    if jax is not None and isinstance(obj, (jax.Array, jax.ShapeDtypeStruct)):
+        return _jax_boxes(key, obj)
     if isinstance(obj, np.ndarray):
         if not obj.flags.writeable:
             raise InvalidArgumentError(f"cannot load into a read-only numpy array key=`{key}`")

@@ -10,6 +10,7 @@ come back exactly. Anything else is refused with an error naming its key: no pic
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import warnings
@@ -157,6 +158,28 @@ def _leaf(key: str, obj: Any, leaves: Leaves) -> Any:
         "cairn stores arrays, tensors and plain values (int, float, str, bool, None, bytes) "
         "in dicts, lists and tuples, and never pickles"
     )
+
+
+def rebuild(target: Any, filled: dict[str, Any], path: tuple[str, ...] = ()) -> Any:
+    """`target` with the leaf under each key replaced by `filled[key]`, walked as
+    `flatten` walks a state, its containers rebuilt with their own types (dict subclasses,
+    NamedTuples)."""
+    if isinstance(target, dict):
+        items = {k: rebuild(v, filled, path + (str(k),)) for k, v in target.items()}
+        if type(target) is dict:
+            return items
+        out = copy.copy(target)
+        out.clear()
+        out.update(items)
+        return out
+    if isinstance(target, list):
+        return [rebuild(v, filled, path + (str(i),)) for i, v in enumerate(target)]
+    if isinstance(target, tuple):
+        children = [rebuild(v, filled, path + (str(i),)) for i, v in enumerate(target)]
+        if hasattr(target, "_fields"):
+            return type(target)(*children)
+        return tuple(children) if type(target) is tuple else type(target)(children)
+    return filled[_key(path)]
 
 
 def leaves_of(target: Any) -> tuple[str, dict[str, Any]]:
