@@ -31,13 +31,16 @@ pub(crate) async fn is_committed(dest: &Location) -> Result<bool> {
 }
 
 /// Create-only commit attempts when the store fails and the manifest is provably absent
-/// (a connection reset mid-PUT): another create-only attempt cannot overwrite anyone's.
-const COMMIT_ATTEMPTS: u32 = 3;
+/// (a connection reset mid-PUT), or could not be read back to tell: another create-only
+/// attempt cannot overwrite anyone's, and is followed by another read-back.
+const COMMIT_ATTEMPTS: u32 = 10;
 
 /// The commit: creates `manifest.json` only if absent. After any failure the manifest is
 /// read back: one carrying this save's id is our own commit whose acknowledgement was
-/// lost (not a conflict); none at all means the write did not land, and it is tried
-/// again (up to [`COMMIT_ATTEMPTS`] times).
+/// lost (not a conflict); none at all means the write did not land; a read-back that
+/// fails tells nothing. In the last two cases the commit is tried again (up to
+/// [`COMMIT_ATTEMPTS`] times, with backoff), so that a save whose commit landed is not
+/// reported failed because one read failed.
 pub(crate) async fn create_manifest(dest: &Location, manifest: &Manifest, step: u64) -> Result<()> {
     let manifest_uri = format!("{}/{MANIFEST_FILE}", dest.uri());
     // The writer holds itself to the reader's rules: what commits can be read back.
@@ -56,6 +59,10 @@ pub(crate) async fn create_manifest(dest: &Location, manifest: &Manifest, step: 
         match (manifest_owner(dest, &manifest.save_id).await, failure) {
             (Owner::Us, _) => return Ok(()),
             (Owner::Other, object_store::Error::AlreadyExists { .. }) => return Err(already_committed(step, dest)),
+            (Owner::Unknown, _) if attempt < COMMIT_ATTEMPTS => {
+                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt.min(5))).await;
+                attempt += 1;
+            }
             (Owner::Unknown, object_store::Error::AlreadyExists { .. }) => {
                 return Err(Error::new(
                     ErrorKind::Unavailable,
@@ -71,7 +78,7 @@ pub(crate) async fn create_manifest(dest: &Location, manifest: &Manifest, step: 
                 )))
             }
             (Owner::Nobody, _) if attempt < COMMIT_ATTEMPTS => {
-                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt.min(5))).await;
                 attempt += 1;
             }
             (_, other) => {

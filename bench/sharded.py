@@ -1,0 +1,128 @@
+"""Sharded state side by side: Cairn against torch DCP on an FSDP2 model.
+
+    .venv/bin/python bench/sharded.py [--size-mb 512] [--reps 3] [--save-ranks 4] [--load-ranks 2]
+
+Each repetition launches `torchrun --standalone` (gloo, CPU) twice per tool: N ranks build
+the same FSDP2 model with Adam state (parameters plus two moments, float32, about
+`--size-mb` MiB in all), save `get_state_dict(model, opt)` (Cairn: `cairn.save`; DCP:
+`torch.distributed.checkpoint.save` with its FileSystemWriter), then M ranks build a
+fresh model and load into its own state dict (Cairn: `load(target=...)`; DCP: `dcp.load`)
+and apply it with `set_state_dict`. Times are the slowest rank's, from a barrier before
+to a barrier after (saves durable: DCP's writer fsyncs, Cairn always does); the tools
+alternate within each repetition; medians are reported with the ratio Cairn/DCP and each
+rank's peak RSS growth during the call (extra host memory). The page cache is warm for
+loads (both tools alike): this compares the tools' own costs, not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+WORKER = r'''
+import json, os, resource, sys, time
+import torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+tool, mode, path, size_mb = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+dist.init_process_group("gloo")
+torch.manual_seed(0 if mode == "save" else 1)
+# Adam doubles the parameters twice over: params are a third of the state.
+width = 1024
+layers = max(1, (size_mb << 20) // 3 // (4 * width * width))
+model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+for layer in model:
+    fully_shard(layer)
+fully_shard(model)
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+model(torch.randn(2, width)).sum().backward()
+opt.step()
+msd, osd = get_state_dict(model, opt)
+state = {"model": msd, "optim": osd}
+
+def rss_kb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+
+import cairn
+import torch.distributed.checkpoint as dcp
+dist.barrier()
+before = rss_kb()
+start = time.perf_counter()
+if mode == "save":
+    if tool == "cairn":
+        cairn.save(path, state, step=1)
+    else:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, sync_files=True))
+else:
+    if tool == "cairn":
+        state = cairn.load(path, target=state, step=1)
+    else:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+dist.barrier()
+elapsed = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = [None] * dist.get_world_size()
+dist.all_gather_object(out, {"s": elapsed, "extra_mb": max(0, peak - before) / 1024})
+if dist.get_rank() == 0:
+    print("RESULT " + json.dumps({"s": max(o["s"] for o in out), "extra_mb": max(o["extra_mb"] for o in out)}))
+dist.destroy_process_group()
+'''
+
+
+def run(tool: str, mode: str, path: str, ranks: int, size_mb: int, worker: str) -> dict:
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [torchrun, "--standalone", f"--nproc_per_node={ranks}", worker, tool, mode, path, str(size_mb)],
+        capture_output=True, text=True, env=env, timeout=1200,
+    )
+    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{tool} {mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--save-ranks", type=int, default=4)
+    ap.add_argument("--load-ranks", type=int, default=2)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    root = tempfile.mkdtemp(prefix="cairn-sharded-", dir=args.dir or os.getcwd())
+    worker = os.path.join(root, "worker.py")
+    with open(worker, "w") as f:
+        f.write(WORKER)
+    results: dict[str, dict[str, list[dict]]] = {"cairn": {"save": [], "load": []}, "dcp": {"save": [], "load": []}}
+    try:
+        for rep in range(args.reps):
+            tools = ["cairn", "dcp"] if rep % 2 == 0 else ["dcp", "cairn"]
+            for tool in tools:
+                path = os.path.join(root, f"{tool}-{rep}")
+                results[tool]["save"].append(run(tool, "save", path, args.save_ranks, args.size_mb, worker))
+                results[tool]["load"].append(run(tool, "load", path, args.load_ranks, args.size_mb, worker))
+                shutil.rmtree(path, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    med = {t: {m: {k: statistics.median(r[k] for r in runs) for k in ("s", "extra_mb")} for m, runs in ms.items()} for t, ms in results.items()}
+    print(f"FSDP2 + Adam, about {args.size_mb} MiB, save on {args.save_ranks} ranks, load on {args.load_ranks}; "
+          f"{args.reps} reps, medians (slowest rank)")
+    print(f"{'tool':8} {'save s':>8} {'load s':>8} {'save extra MB':>14} {'load extra MB':>14}")
+    for tool in ("cairn", "dcp"):
+        m = med[tool]
+        print(f"{tool:8} {m['save']['s']:8.2f} {m['load']['s']:8.2f} {m['save']['extra_mb']:14.0f} {m['load']['extra_mb']:14.0f}")
+    print(f"save speedup (DCP time / Cairn time): {med['dcp']['save']['s'] / med['cairn']['save']['s']:.2f}x; "
+          f"load: {med['dcp']['load']['s'] / med['cairn']['load']['s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
