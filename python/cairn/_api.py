@@ -12,7 +12,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -257,20 +257,17 @@ def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[st
     shapes = {key: [int(d) for d in obj.shape] for key, obj in leaves.items() if places[key] is not None}
     filled: dict[str, Any] = {}
     on_devices: dict[str, list[Any]] = {}
-    # One read per round: the i-th box of every key that has one (a ShardedTensor may hold
-    # several boxes of one tensor); plain values come with the first. Every round reads
-    # the step the first one found.
-    rounds = max([len(p) for p in places.values() if p is not None] + [1])
+    # One read per batch: the i-th box of every key that has one (a ShardedTensor may hold
+    # several boxes of one tensor), at most `_LOAD_BATCH_BYTES` at a time (what a batch
+    # maps is let go before the next); plain values come with the first. Every batch reads
+    # the step the first one found. The loaded bytes are copied once, into the target.
     with _tree.gc_paused():
-        for i in range(rounds):
-            keys = [k for k, p in places.items() if (p is None and i == 0) or (p is not None and len(p) > i)]
-            boxes = {k: (places[k][i][1], places[k][i][2]) for k in keys if places[k] is not None}
-            if not keys:
-                continue
-            native = _cairn.load(uri, None, keys, None, step, storage_options, boxes, {k: shapes[k] for k in boxes})
+        for keys in _batches(places):
+            boxes = {k: (places[k][i][1], places[k][i][2]) for k, i in keys.items() if places[k] is not None}
+            native = _cairn.load(uri, None, list(keys), None, step, storage_options, boxes, {k: shapes[k] for k in boxes})
             step = native[2]["step"]
-            got = _build(native, dtype=None, framework="numpy", renamed=True)
-            for key in keys:
+            got = _raw(native)
+            for key, i in keys.items():
                 if places[key] is None:
                     filled[key] = got[key]
                     continue
@@ -286,6 +283,49 @@ def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[st
         obj = leaves[key]
         filled[key] = jax.make_array_from_single_device_arrays(tuple(obj.shape), _sharded.jax_sharding(obj), parts)
     return _tree.rebuild(target, filled)
+
+
+# The most bytes of boxes one batch of a load into a target reads.
+_LOAD_BATCH_BYTES = 64 << 20
+
+
+def _batches(places: dict[str, Any]) -> Iterator[dict[str, int]]:
+    """Batches of `{key: index of its box}` for `_load_into`: each key's boxes in order
+    (a key appears once per batch), plain values in the first batch, at most
+    `_LOAD_BATCH_BYTES` of boxes per batch unless one box alone is larger."""
+    pending = {k: 0 for k in places}
+    while pending:
+        batch: dict[str, int] = {}
+        size = 0
+        for key, i in list(pending.items()):
+            place = places[key]
+            if place is None:
+                batch[key] = 0
+                del pending[key]
+                continue
+            nbytes = int(np.prod(place[i][2], dtype=np.int64)) * 8
+            if batch and size + nbytes > _LOAD_BATCH_BYTES:
+                continue
+            batch[key] = i
+            size += nbytes
+            if i + 1 < len(place):
+                pending[key] = i + 1
+            else:
+                del pending[key]
+        yield batch
+
+
+def _raw(native: tuple) -> dict[str, Any]:
+    """A native load's leaves by key: tensors as numpy arrays over the loaded bytes (no
+    copy; read-only when mapped), values as they are."""
+    out: dict[str, Any] = {}
+    for leaf in native[0]:
+        if leaf[1] == "tensor":
+            key, _, name, shape, buffer = leaf
+            out[key] = _arrays.from_buffer(name, shape, buffer)
+        else:
+            out[leaf[0]] = leaf[2]
+    return out
 
 
 def _to_devices(key: str, obj: Any, loaded: np.ndarray, dest: Any) -> list[Any]:
@@ -307,7 +347,7 @@ def _fill(key: str, dest: Any, loaded: np.ndarray) -> None:
         return
     import torch
 
-    source = _arrays.to_framework(loaded, "torch")
+    source = _arrays.torch_source(loaded)
     if source.dtype != dest.dtype:
         raise _cairn.InvalidArgumentError(f"dtype {source.dtype} in the checkpoint, {dest.dtype} in the target key=`{key}`")
     with torch.no_grad():

@@ -162,6 +162,26 @@ def resolve_dtype(dtype: Any) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, str(dtype)))
 
 
+def torch_source(arr: np.ndarray) -> Any:
+    """A torch tensor over `arr`'s memory without a copy, even when `arr` is read-only
+    (a mapped checkpoint file): only to be read from, e.g. as the source of `copy_`."""
+    import warnings
+
+    import torch
+
+    views = {
+        np.dtype(ml_dtypes.bfloat16): (np.int16, torch.bfloat16),
+        np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, torch.float8_e4m3fn),
+        np.dtype(ml_dtypes.float8_e5m2): (np.uint8, torch.float8_e5m2),
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if arr.dtype in views:
+            raw, torch_dtype = views[arr.dtype]
+            return torch.from_numpy(arr.view(raw)).view(torch_dtype)
+        return torch.from_numpy(arr)
+
+
 def to_framework(arr: np.ndarray, framework: str) -> Any:
     """Converts a numpy array to the requested framework's array type."""
     if framework == "numpy":
