@@ -79,11 +79,16 @@ JAX_SCRIPT = textwrap.dedent(
 )
 
 
-def test_jax_arrays_sharded_over_eight_devices_save_their_pieces_once(tmp_path):
+def on_eight_devices(script, *args):
+    """Runs a Python `script` in a process whose jax has 8 host devices; it prints ok."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
+
+
+def test_jax_arrays_sharded_over_eight_devices_save_their_pieces_once(tmp_path):
+    on_eight_devices(JAX_SCRIPT, tmp_path / "run")
     # Stored as pieces: the manifest holds one piece per distinct box.
     manifest = json.loads((tmp_path / "run" / "step-000000000001" / "manifest.json").read_text())
     assert len(manifest["tensors"]["rows"]["pieces"]) == 4 and len(manifest["tensors"]["both"]["pieces"]) == 8
@@ -129,10 +134,7 @@ JAX_RESTORE = textwrap.dedent(
 
 
 def test_jax_state_restores_into_abstract_arrays_on_another_mesh_keeping_namedtuples(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", JAX_RESTORE, str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
+    on_eight_devices(JAX_RESTORE, tmp_path / "run")
 
 
 def test_a_target_of_another_shape_is_refused_naming_the_key(tmp_path):
