@@ -203,6 +203,7 @@ def load(
     storage_options: dict[str, str] | None = None,
     boxes: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
     target: Any = None,
+    rank: int | None = None,
     slices: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
 ) -> Any:
     """Loads a checkpoint folder, or the latest (or given `step`) checkpoint of a run.
@@ -223,13 +224,17 @@ def load(
     and dtype (keys of the checkpoint the target lacks are not read). The target's
     structure is returned, its containers' types kept (NamedTuples stay NamedTuples), its
     plain values replaced by the loaded ones. In a multi-process job pass `step`, so that
-    every process reads the same checkpoint."""
+    every process reads the same checkpoint.
+
+    A multi-process save keeps each rank's own plain values (and nesting) where they
+    differ from rank 0's; `rank` chooses whose to read: by default this process's rank in
+    a `torch.distributed` (or multi-process jax) job, else rank 0's."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
     if target is not None:
         if any(x is not None for x in (prefix, keys, rename, dtype, boxes, slices)) or framework != "numpy":
             raise _cairn.InvalidArgumentError("a load into `target` takes no prefix, keys, rename, dtype, boxes or framework")
-        return _load_into(_uri(path), target, step, storage_options)
+        return _load_into(_uri(path), target, step, storage_options, _own_rank(rank))
     if slices is not None:
         if boxes is not None:
             raise _cairn.InvalidArgumentError("pass `boxes` only (`slices` is its deprecated name)")
@@ -244,11 +249,29 @@ def load(
             step,
             storage_options,
             None if boxes is None else {k: ([int(o) for o in off], [int(d) for d in shp]) for k, (off, shp) in boxes.items()},
+            None,
+            _own_rank(rank),
         )
         return _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
 
 
-def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[str, str] | None) -> Any:
+def _own_rank(rank: int | None) -> int | None:
+    """The rank whose plain values a load reads: `rank` if given, else this process's in
+    a multi-process job (torch.distributed, then jax), else None (rank 0's)."""
+    if rank is not None:
+        return rank
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        return jax.process_index()
+    return None
+
+
+def _load_into(
+    uri: str, target: Any, step: int | None, storage_options: dict[str, str] | None, rank: int | None
+) -> Any:
     """`load(target=...)`: fills the target's tensors in place (makes its jax arrays on
     their devices), one read of each box; returns the target's structure, its containers'
     types kept."""
@@ -264,7 +287,7 @@ def _load_into(uri: str, target: Any, step: int | None, storage_options: dict[st
     with _tree.gc_paused():
         for keys in _batches(places):
             boxes = {k: (places[k][i][1], places[k][i][2]) for k, i in keys.items() if places[k] is not None}
-            native = _cairn.load(uri, None, list(keys), None, step, storage_options, boxes, {k: shapes[k] for k in boxes})
+            native = _cairn.load(uri, None, list(keys), None, step, storage_options, boxes, {k: shapes[k] for k in boxes}, rank)
             step = native[2]["step"]
             got = _raw(native)
             for key, i in keys.items():
@@ -581,6 +604,7 @@ class CheckpointManager:
             _seconds(orphan_grace),
         )
         self._world_size = world_size
+        self._rank = rank
         self._storage_options = storage_options
         # Closes at interpreter exit (or when collected) without keeping `self` alive.
         self._closer = weakref.finalize(self, self._native.close)
@@ -655,7 +679,7 @@ class CheckpointManager:
                     raise _cairn.CheckpointNotFoundError(f"no committed checkpoint run=`{self.run}`")
             state = load(
                 self.run, prefix=prefix, keys=keys, rename=rename, dtype=dtype, framework=framework,
-                step=step, storage_options=self._storage_options, boxes=boxes, target=target,
+                step=step, storage_options=self._storage_options, boxes=boxes, target=target, rank=self._rank,
             )
             info = next((i for i in self.list() if i.step == step), None)
             if info is None:

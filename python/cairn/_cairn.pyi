@@ -47,6 +47,7 @@ def load(
     storage_options: Options = None,
     boxes: dict[str, tuple[list[int], list[int]]] | None = None,
     shapes: dict[str, list[int]] | None = None,
+    rank: int | None = None,
 ) -> Loaded: ...
 def list_checkpoints(uri: str, storage_options: Options = None) -> tuple[list[dict[str, Any]], list[str]]: ...
 def prune(

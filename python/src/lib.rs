@@ -77,7 +77,7 @@ fn call_all_gather(f: &Py<PyAny>, payload: Vec<u8>) -> cairn::Result<Vec<Vec<u8>
 
 /// Loads `uri` (a checkpoint folder, or the latest or given `step` of a run).
 #[pyfunction]
-#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None, boxes=None, shapes=None))]
+#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None, boxes=None, shapes=None, rank=None))]
 #[allow(clippy::too_many_arguments)]
 fn load<'py>(
     py: Python<'py>,
@@ -89,6 +89,7 @@ fn load<'py>(
     storage_options: Option<StoreOptions>,
     boxes: Option<BTreeMap<String, BoxRequest>>,
     shapes: Option<BTreeMap<String, Vec<u64>>>,
+    rank: Option<u32>,
 ) -> PyResult<PyLeaves<'py>> {
     guarded(|| {
         let mut opts = load_options(prefix, keys, rename)?;
@@ -98,6 +99,7 @@ fn load<'py>(
         for (key, shape) in shapes.unwrap_or_default() {
             opts = opts.with_shape(key, shape);
         }
+        opts.rank = rank;
         let (state, info, local) = py
             .detach(|| {
                 let location = Location::with_options(uri, false, &storage_options.unwrap_or_default())?;

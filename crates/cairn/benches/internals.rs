@@ -64,6 +64,7 @@ fn big_manifest(tensors: usize) -> Manifest {
         structure: None,
         tensors: map,
         files,
+        ranks: BTreeMap::new(),
     }
 }
 

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::layout::{self, MANIFEST_FILE};
-use crate::format::manifest::{FileRecord, PieceRecord, TensorRecord};
+use crate::format::manifest::{FileRecord, PieceRecord, RankRecord, TensorRecord};
 use crate::format::{checksum, shard};
 use crate::info::CheckpointInfo;
 use crate::load::Checkpoint;
@@ -377,11 +377,13 @@ fn check_terms(mine: &Terms, plans: &[Plan]) -> Result<()> {
     Ok(())
 }
 
-/// What a rank reports after writing: its pieces and files.
+/// What a rank reports after writing: its pieces and files, and its own plain values
+/// and structure (kept per rank where they differ from rank 0's).
 #[derive(Debug, Serialize, Deserialize)]
 struct Written {
     pieces: Vec<(String, DType, Vec<u64>, PieceRecord)>,
     files: BTreeMap<String, FileRecord>,
+    held: RankRecord,
 }
 
 /// Rank 0's verdict, returned by every rank.
@@ -477,6 +479,14 @@ fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
         });
     }
     Ok(out)
+}
+
+/// This rank's plain values and structure, as a rank record.
+fn held_by(state: &State) -> RankRecord {
+    RankRecord {
+        values: state.values().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        structure: state.structure().map(str::to_string),
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -641,8 +651,9 @@ fn attempt_save(
                 })
                 .collect(),
             files: shards.iter().map(|s| (s.file.clone(), s.record.clone())).collect(),
+            held: held_by(state),
         },
-        Err(_) => Written { pieces: Vec::new(), files: BTreeMap::new() },
+        Err(_) => Written { pieces: Vec::new(), files: BTreeMap::new(), held: held_by(state) },
     };
     // A rank whose writes failed still takes part, so every rank learns the outcome.
     let failure = written.as_ref().err().map(|e| (e.kind(), format!("rank {rank}: {}", e.full_message())));
@@ -701,12 +712,17 @@ fn commit(
 ) -> Result<()> {
     let mut tensors: BTreeMap<String, TensorRecord> = BTreeMap::new();
     let mut files = BTreeMap::new();
+    let mut ranks = BTreeMap::new();
+    let rank0 = held_by(state);
     for (r, bytes) in reports.iter().enumerate() {
         let (report, failure): (Written, Option<(ErrorKind, String)>) = decode(bytes, r)?;
         if let Some((kind, message)) = failure {
             return Err(Error::new(kind, message));
         }
         files.extend(report.files);
+        if r > 0 && report.held != rank0 {
+            ranks.insert(r.to_string(), report.held);
+        }
         for (key, dtype, global, piece) in report.pieces {
             tensors
                 .entry(key)
@@ -715,7 +731,8 @@ fn commit(
                 .push(piece);
         }
     }
-    let manifest = save::manifest_of(state, step, opts, attempt, world_size, tensors, files);
+    let mut manifest = save::manifest_of(state, step, opts, attempt, world_size, tensors, files);
+    manifest.ranks = ranks;
     // Holes or overlaps in what the ranks hold are the caller's mistake, named by tensor.
     manifest
         .validate(MANIFEST_FILE)

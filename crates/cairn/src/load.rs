@@ -74,6 +74,9 @@ pub struct LoadOptions {
     /// The global shape each of these tensors must have (by stored key), e.g. the shape
     /// of the tensor a load fills; another shape is [`ErrorKind::Invalid`], naming both.
     pub shapes: BTreeMap<String, Vec<u64>>,
+    /// The rank whose plain values and structure to read: a multi-rank save keeps each
+    /// rank's own where they differ from rank 0's (tensors are shared). `None`: rank 0's.
+    pub rank: Option<u32>,
     /// Verify each piece's checksum (on by default).
     pub verify: bool,
     /// Files read at once.
@@ -88,6 +91,7 @@ impl Default for LoadOptions {
             rename: Vec::new(),
             boxes: BTreeMap::new(),
             shapes: BTreeMap::new(),
+            rank: None,
             verify: true,
             concurrency: std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(2, 16),
         }
@@ -116,6 +120,12 @@ impl LoadOptions {
     /// Loads only the box `(offsets, shape)` of the tensor `key` (resharding on load).
     pub fn with_box(mut self, key: impl Into<String>, offsets: Vec<u64>, shape: Vec<u64>) -> Self {
         self.boxes.insert(key.into(), TensorBox { offsets, shape });
+        self
+    }
+
+    /// Reads the plain values and structure that rank `rank` saved.
+    pub fn with_rank(mut self, rank: u32) -> Self {
+        self.rank = Some(rank);
         self
     }
 
@@ -195,6 +205,7 @@ impl Checkpoint {
     }
 
     async fn read_selected(&self, opts: &LoadOptions) -> Result<State> {
+        let (values, structure) = self.manifest.held_by(opts.rank);
         let selected = self.select(opts)?;
         let boxes = self.boxes(&selected, opts)?;
         // Every piece to read gets a slot; `owners[slot]` is its tensor's key and its index
@@ -233,14 +244,14 @@ impl Checkpoint {
                 let wanted = boxes.get(key).copied().unwrap_or(&whole);
                 let pieces = range.map(|slot| (owners[slot].1, std::mem::take(&mut slots[slot])));
                 Entry::Tensor(self.assemble(key, record, wanted, pieces)?)
-            } else if let Some(value) = self.manifest.values.get(key) {
+            } else if let Some(value) = values.get(key) {
                 Entry::Value(value.clone())
             } else {
                 continue;
             };
             state.insert(new_key, entry);
         }
-        state.set_structure(self.manifest.structure.clone());
+        state.set_structure(structure.map(str::to_string));
         Ok(state)
     }
 
@@ -257,7 +268,7 @@ impl Checkpoint {
                     )))
                 }
                 Some(_) => {}
-                None if self.manifest.values.contains_key(key) => {
+                None if self.manifest.held_by(opts.rank).0.contains_key(key) => {
                     return Err(Error::invalid(format!(
                         "the checkpoint holds a plain value where a tensor is required key=`{key}` checkpoint=`{}`",
                         self.location.uri()
@@ -302,7 +313,8 @@ impl Checkpoint {
 
     /// Selected stored keys with their new names, in stored-key order.
     fn select<'m>(&'m self, opts: &LoadOptions) -> Result<Vec<(&'m str, String)>> {
-        let all = self.manifest.tensors.keys().chain(self.manifest.values.keys());
+        let (values, _) = self.manifest.held_by(opts.rank);
+        let all = self.manifest.tensors.keys().chain(values.keys());
         let mut chosen: Vec<&str> = match &opts.keys {
             Some(keys) => {
                 let mut out = Vec::with_capacity(keys.len());
@@ -312,7 +324,7 @@ impl Checkpoint {
                         .tensors
                         .get_key_value(key)
                         .map(|(k, _)| k.as_str())
-                        .or_else(|| self.manifest.values.get_key_value(key).map(|(k, _)| k.as_str()));
+                        .or_else(|| values.get_key_value(key).map(|(k, _)| k.as_str()));
                     match found {
                         Some(k) => out.push(k),
                         None => {

@@ -676,8 +676,9 @@ impl CheckpointManager {
     }
 
     /// Loads the checkpoint of `step`, or the latest committed one (highest step) when
-    /// `None`. [`ErrorKind::NotFound`] when there is none. Retention never deletes a
-    /// checkpoint while it is being read.
+    /// `None`, with this rank's own plain values unless `opts.rank` says otherwise.
+    /// [`ErrorKind::NotFound`] when there is none. Retention never deletes a checkpoint
+    /// while it is being read.
     pub fn restore(&self, step: Option<u64>, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
         self.take_error()?;
         let step = match step {
@@ -686,8 +687,10 @@ impl CheckpointManager {
                 Error::not_found(format!("no committed checkpoint run=`{}`", self.shared.run.location().uri()))
             })?,
         };
+        // Each rank gets back the plain values it saved.
+        let opts = LoadOptions { rank: opts.rank.or(Some(self.shared.rank)), ..opts.clone() };
         *self.shared.lock().reading.entry(step).or_default() += 1;
-        let result = self.shared.run.checkpoint(step).and_then(|c| Ok((c.load(opts)?, c.info())));
+        let result = self.shared.run.checkpoint(step).and_then(|c| Ok((c.load(&opts)?, c.info())));
         let mut inner = self.shared.lock();
         if let Some(count) = inner.reading.get_mut(&step) {
             *count -= 1;

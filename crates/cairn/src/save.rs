@@ -467,6 +467,7 @@ pub(crate) fn manifest_of(
         structure: state.structure().map(str::to_string),
         tensors,
         files,
+        ranks: BTreeMap::new(),
     }
 }
 

@@ -562,3 +562,40 @@ fn store_coordination_costs_requests_linear_in_the_ranks() {
     let (n, ops) = measured[2];
     assert!(ops < 100 * n, "{ops} requests for {n} ranks");
 }
+
+#[test]
+fn each_rank_gets_back_its_own_plain_values_and_any_rank_on_request() {
+    let uri = "memory://dist/per-rank";
+    let run = Run::create(uri).unwrap();
+    let dir = run.step_location(2);
+    std::thread::scope(|s| {
+        for r in 0..3u64 {
+            let dir = dir.clone();
+            s.spawn(move || {
+                let mut state = rank_state(r, 3);
+                state.insert_value("loader.pos", Value::Int(10 * r as i64));
+                if r == 2 {
+                    state.insert_value("only.two", Value::Str("mine".into()));
+                }
+                if r == 1 {
+                    state.insert_value("step", Value::Int(42)); // the same as rank 0's
+                }
+                let mut ex = StoreExchange::new(&dir, r as u32, 3, Duration::from_secs(30));
+                save_distributed(&dir, &state, 2, &SaveOptions::default(), &mut ex).unwrap();
+            });
+        }
+    });
+    let ckpt = cairn::open(uri).unwrap();
+    assert_eq!(ckpt.manifest().ranks.keys().collect::<Vec<_>>(), ["1", "2"], "only ranks that differ from rank 0");
+    for r in 0..3u32 {
+        let (state, _) = cairn::load(uri, &LoadOptions::default().with_rank(r)).unwrap();
+        assert_eq!(state.value("loader.pos"), Some(&Value::Int(10 * r as i64)), "rank {r}");
+        assert_eq!(state.value("only.two").is_some(), r == 2, "rank {r}");
+        assert_eq!(state.tensor("rows").unwrap(), &global(&[8, 6]), "tensors are shared");
+    }
+    let (default, _) = cairn::load(uri, &LoadOptions::default()).unwrap();
+    assert_eq!(default.value("loader.pos"), Some(&Value::Int(0)), "rank 0's by default");
+    // A rank that did not save (or saved what rank 0 did) reads rank 0's.
+    let (other, _) = cairn::load(uri, &LoadOptions::default().with_rank(7)).unwrap();
+    assert_eq!(other.value("loader.pos"), Some(&Value::Int(0)));
+}

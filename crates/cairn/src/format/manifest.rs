@@ -62,6 +62,22 @@ pub struct Manifest {
     /// Every data file by path relative to the checkpoint folder.
     #[serde(deserialize_with = "unique_keys")]
     pub files: BTreeMap<String, FileRecord>,
+    /// In a multi-rank save, the plain values and structure of each rank (by its number,
+    /// in decimal) whose own differ from rank 0's (those are `values` and `structure`), so
+    /// that every rank gets its own back; absent when every rank held what rank 0 did.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "unique_keys")]
+    pub ranks: BTreeMap<String, RankRecord>,
+}
+
+/// What one rank of a multi-rank save held besides the shared tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankRecord {
+    /// The rank's plain values by key.
+    #[serde(default, deserialize_with = "unique_keys")]
+    pub values: BTreeMap<String, Value>,
+    /// The rank's frontend structure, as JSON text.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "raw_json")]
+    pub structure: Option<String>,
 }
 
 /// Largest `metadata` and `metrics` accepted, each as JSON text (refused on save and on
@@ -276,12 +292,40 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// The plain values and structure rank `rank` saved: its own record if it has one,
+    /// else rank 0's (`values`, `structure`).
+    pub fn held_by(&self, rank: Option<u32>) -> (&BTreeMap<String, Value>, Option<&str>) {
+        match rank.and_then(|r| self.ranks.get(&r.to_string())) {
+            Some(record) => (&record.values, record.structure.as_deref()),
+            None => (&self.values, self.structure.as_deref()),
+        }
+    }
+
     /// Checks every internal reference: file names, byte ranges, shapes, offsets, keys,
     /// and the size limits of the free-form fields.
     pub fn validate(&self, file: &str) -> Result<()> {
         if let Some(structure) = &self.structure {
             check_structure_size(structure, self.tensors.keys().chain(self.values.keys()))
                 .map_err(|msg| Error::corrupt(format!("{msg} file=`{file}`")))?;
+        }
+        for (rank, record) in &self.ranks {
+            if !rank.parse::<u32>().is_ok_and(|r| r > 0 && r < self.writer.world_size) || rank.starts_with('0') {
+                return Err(Error::corrupt(format!(
+                    "a rank record for rank `{}` of a save by {} ranks file=`{file}`",
+                    crate::error::escape_control(rank),
+                    self.writer.world_size
+                )));
+            }
+            if let Some(structure) = &record.structure {
+                check_structure_size(structure, self.tensors.keys().chain(record.values.keys()))
+                    .map_err(|msg| Error::corrupt(format!("{msg} rank={rank} file=`{file}`")))?;
+            }
+            if let Some(key) = record.values.keys().find(|k| self.tensors.contains_key(*k)) {
+                return Err(Error::corrupt(format!(
+                    "rank {rank} holds a value under a tensor's key key=`{}` file=`{file}`",
+                    crate::error::escape_control(key)
+                )));
+            }
         }
         for (name, record) in &self.files {
             if !layout::is_valid_shard_file(name) {
@@ -394,6 +438,7 @@ mod tests {
             structure: None,
             tensors,
             files,
+            ranks: BTreeMap::new(),
         }
     }
 
@@ -405,6 +450,26 @@ mod tests {
     fn manifest_round_trips() {
         let m = sample();
         assert_eq!(Manifest::decode(&m.encode().unwrap(), "m.json").unwrap(), m);
+    }
+
+    #[test]
+    fn rank_records_round_trip_and_bad_ones_are_corrupt() {
+        let mut m = sample();
+        m.writer.world_size = 4;
+        let record = RankRecord { values: BTreeMap::from([("pos".into(), Value::Int(3))]), structure: None };
+        m.ranks.insert("2".into(), record.clone());
+        assert_eq!(Manifest::decode(&m.encode().unwrap(), "m.json").unwrap(), m);
+        assert_eq!(m.held_by(Some(2)).0["pos"], Value::Int(3));
+        assert!(m.held_by(Some(1)).0.is_empty() && m.held_by(None).0.is_empty());
+        for rank in ["0", "4", "02", "x", "-1"] {
+            let mut bad = m.clone();
+            bad.ranks = BTreeMap::from([(rank.to_string(), record.clone())]);
+            let err = decode_err(&bad);
+            assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "rank {rank}: {err}");
+        }
+        let mut bad = m.clone();
+        bad.ranks.get_mut("2").unwrap().values.insert("w".into(), Value::Null);
+        assert!(decode_err(&bad).to_string().contains("tensor's key key=`w`"));
     }
 
     #[test]
