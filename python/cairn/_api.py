@@ -263,10 +263,16 @@ def _own_rank(rank: int | None) -> int | None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    jax = sys.modules.get("jax")
-    if jax is not None and jax.process_count() > 1:
-        return jax.process_index()
+    if _jax_job():
+        return sys.modules["jax"].process_index()
     return None
+
+
+def _jax_job() -> bool:
+    """Whether this process is one of a multi-process jax job (asked without starting
+    jax's backends when the job never initialised `jax.distributed`)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 def _load_into(
@@ -284,8 +290,12 @@ def _load_into(
     # several boxes of one tensor), at most `_LOAD_BATCH_BYTES` at a time (what a batch
     # maps is let go before the next); plain values come with the first. Every batch reads
     # the step the first one found. The loaded bytes are copied once, into the target.
+    for key in [k for k, p in places.items() if p == []]:
+        # Nothing of this tensor lives in this process (no local shard): nothing to read.
+        del places[key]
+        filled[key] = leaves[key]
     with _tree.gc_paused():
-        for keys in _batches(places):
+        for keys in _batches(places, {k: _itemsize(leaves[k]) for k, p in places.items() if p is not None}):
             boxes = {k: (places[k][i][1], places[k][i][2]) for k, i in keys.items() if places[k] is not None}
             native = _cairn.load(uri, None, list(keys), None, step, storage_options, boxes, {k: shapes[k] for k in boxes}, rank)
             step = native[2]["step"]
@@ -300,6 +310,7 @@ def _load_into(
                     continue
                 _fill(key, dest, got[key])
                 filled[key] = leaves[key]
+            del native, got  # let this batch's mapping go before the next one is read
     for key, parts in on_devices.items():
         import jax
 
@@ -312,7 +323,15 @@ def _load_into(
 _LOAD_BATCH_BYTES = 64 << 20
 
 
-def _batches(places: dict[str, Any]) -> Iterator[dict[str, int]]:
+def _itemsize(obj: Any) -> int:
+    """Bytes per element of a target tensor or array."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj.dtype, torch.dtype):
+        return int(obj.dtype.itemsize)  # tensors, DTensors, ShardedTensors
+    return int(np.dtype(obj.dtype).itemsize)  # numpy, jax arrays and ShapeDtypeStructs
+
+
+def _batches(places: dict[str, Any], itemsizes: dict[str, int]) -> Iterator[dict[str, int]]:
     """Batches of `{key: index of its box}` for `_load_into`: each key's boxes in order
     (a key appears once per batch), plain values in the first batch, at most
     `_LOAD_BATCH_BYTES` of boxes per batch unless one box alone is larger."""
@@ -326,7 +345,7 @@ def _batches(places: dict[str, Any]) -> Iterator[dict[str, int]]:
                 batch[key] = 0
                 del pending[key]
                 continue
-            nbytes = int(np.prod(place[i][2], dtype=np.int64)) * 8
+            nbytes = int(np.prod(place[i][2], dtype=np.int64)) * itemsizes[key]
             if batch and size + nbytes > _LOAD_BATCH_BYTES:
                 continue
             batch[key] = i
@@ -390,8 +409,8 @@ def _job(
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         dist = torch.distributed
         return dist.get_rank(), dist.get_world_size(), all_gather or torch_all_gather()
-    jax = sys.modules.get("jax")
-    if jax is not None and jax.process_count() > 1:
+    if _jax_job():
+        jax = sys.modules["jax"]
         return jax.process_index(), jax.process_count(), all_gather
     return 0, 1, all_gather
 
@@ -671,7 +690,9 @@ class CheckpointManager:
         """Loads the latest committed checkpoint (or `step`): `(state, info)`.
         Raises `CheckpointNotFoundError` when there is none. `target` fills the job's own
         state in place and `boxes` reads boxes of tensors, as `cairn.load` does (every
-        process of a job reads the same step: the latest when this is called)."""
+        process of a job reads the same step: the latest when this is called). The plain
+        values are this manager's `rank`'s own; a rank that saved none of its own (or a
+        rank beyond those that saved) gets rank 0's."""
         if target is not None or boxes is not None:
             if step is None:
                 step = self.latest_step()

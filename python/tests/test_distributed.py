@@ -119,6 +119,9 @@ def test_each_rank_gets_back_its_own_plain_values(tmp_path):
     assert mine["w"].tolist() == [[0, 0, 0], [1, 1, 1]]
     first = cairn.load(run)
     assert first["loader"]["pos"] == 100 and "only_mine" not in first
+    target = {"w": np.zeros((2, 3), np.float32), "loader": {"pos": 0}, "step": 0, "only_mine": ""}
+    filled = cairn.load(run, target=target, rank=1, step=5)
+    assert filled["loader"]["pos"] == 101 and filled["only_mine"] == "rank one" and target["w"][1].tolist() == [1, 1, 1]
     # The per-rank record follows the published schema.
     import jsonschema
     schema = json.loads((pathlib.Path(__file__).resolve().parents[2] / "docs" / "manifest.schema.json").read_text())

@@ -181,3 +181,21 @@ def test_the_manager_restores_into_a_target_and_reads_boxes(tmp_path):
         assert info.step == 5 and state["w"] is target["w"] and torch.equal(target["w"], w) and state["lr"] == 0.5
         part, _ = mgr.restore(boxes={"w": ((2, 0), (2, 3))}, framework="torch")
         assert torch.equal(part["w"], w[2:])
+
+
+def test_a_load_into_a_target_reads_in_bounded_batches_bf16_included(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from cairn import _api
+
+    d = object()
+    places = {"a": [(d, [0], [10])], "b": [(d, [0], [4]), (d, [4], [4])], "v": None}
+    monkeypatch.setattr(_api, "_LOAD_BATCH_BYTES", 48)
+    assert list(_api._batches(places, {"a": 4, "b": 4})) == [{"a": 0, "v": 0}, {"b": 0}, {"b": 1}]
+    monkeypatch.setattr(_api, "_LOAD_BATCH_BYTES", 1024)
+    w = torch.randn(64, 64).to(torch.bfloat16)
+    state = {"w": w, "u": torch.arange(32, dtype=torch.float32), "n": 3}
+    cairn.save(tmp_path / "run", state, step=1)
+    target = {"w": torch.zeros(64, 64, dtype=torch.bfloat16), "u": torch.zeros(32), "n": 0}
+    back = cairn.load(tmp_path / "run", target=target, step=1)
+    assert back["w"] is target["w"] and torch.equal(target["w"], w)
+    assert torch.equal(target["u"], state["u"]) and back["n"] == 3

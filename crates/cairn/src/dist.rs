@@ -736,7 +736,7 @@ fn commit(
     // Holes or overlaps in what the ranks hold are the caller's mistake, named by tensor.
     manifest
         .validate(MANIFEST_FILE)
-        .map_err(|e| Error::invalid(format!("{} (ranks' pieces do not tile the tensor)", e.message())))?;
+        .map_err(|e| Error::invalid(format!("{} (what the ranks hold does not fit together)", e.message())))?;
     block_on(confirm_files(dest, &manifest.files))?;
     block_on(crate::commit::create_manifest(dest, &manifest, step))
 }

@@ -98,7 +98,17 @@ pub const STRUCTURE_SLACK_BYTES: usize = 16 << 20;
 /// Whether a structure of `structure.len()` bytes fits the keys it describes (see
 /// [`STRUCTURE_BYTES_PER_KEY_BYTE`]); checked on save and on load alike.
 pub fn check_structure_size<'k>(structure: &str, keys: impl Iterator<Item = &'k String>) -> Result<(), String> {
-    let (count, bytes) = keys.fold((0usize, 0usize), |(n, b), k| (n + 1, b.saturating_add(k.len())));
+    let (count, bytes) = key_totals(keys);
+    structure_fits(structure, count, bytes)
+}
+
+/// The number of `keys` and their total length.
+fn key_totals<'k>(keys: impl Iterator<Item = &'k String>) -> (usize, usize) {
+    keys.fold((0usize, 0usize), |(n, b), k| (n + 1, b.saturating_add(k.len())))
+}
+
+/// [`check_structure_size`] for `count` keys of `bytes` bytes in all.
+fn structure_fits(structure: &str, count: usize, bytes: usize) -> Result<(), String> {
     let limit = STRUCTURE_BYTES_PER_KEY_BYTE
         .saturating_mul(bytes)
         .saturating_add(STRUCTURE_BYTES_PER_KEY.saturating_mul(count))
@@ -308,8 +318,17 @@ impl Manifest {
             check_structure_size(structure, self.tensors.keys().chain(self.values.keys()))
                 .map_err(|msg| Error::corrupt(format!("{msg} file=`{file}`")))?;
         }
+        let maps = count_value_maps(self.values.values().chain(self.ranks.values().flat_map(|r| r.values.values())));
+        if maps > MAX_VALUE_MAPS {
+            return Err(Error::corrupt(format!(
+                "{maps} maps among the plain values of all ranks, more than {MAX_VALUE_MAPS} file=`{file}`"
+            )));
+        }
+        let (tensor_count, tensor_bytes) = key_totals(self.tensors.keys());
         for (rank, record) in &self.ranks {
-            if !rank.parse::<u32>().is_ok_and(|r| r > 0 && r < self.writer.world_size) || rank.starts_with('0') {
+            let canonical =
+                rank.parse::<u32>().is_ok_and(|r| r > 0 && r < self.writer.world_size && r.to_string() == *rank);
+            if !canonical {
                 return Err(Error::corrupt(format!(
                     "a rank record for rank `{}` of a save by {} ranks file=`{file}`",
                     crate::error::escape_control(rank),
@@ -317,7 +336,8 @@ impl Manifest {
                 )));
             }
             if let Some(structure) = &record.structure {
-                check_structure_size(structure, self.tensors.keys().chain(record.values.keys()))
+                let (count, bytes) = key_totals(record.values.keys());
+                structure_fits(structure, tensor_count + count, tensor_bytes.saturating_add(bytes))
                     .map_err(|msg| Error::corrupt(format!("{msg} rank={rank} file=`{file}`")))?;
             }
             if let Some(key) = record.values.keys().find(|k| self.tensors.contains_key(*k)) {
@@ -461,7 +481,7 @@ mod tests {
         assert_eq!(Manifest::decode(&m.encode().unwrap(), "m.json").unwrap(), m);
         assert_eq!(m.held_by(Some(2)).0["pos"], Value::Int(3));
         assert!(m.held_by(Some(1)).0.is_empty() && m.held_by(None).0.is_empty());
-        for rank in ["0", "4", "02", "x", "-1"] {
+        for rank in ["0", "4", "02", "x", "-1", "+1"] {
             let mut bad = m.clone();
             bad.ranks = BTreeMap::from([(rank.to_string(), record.clone())]);
             let err = decode_err(&bad);
@@ -470,6 +490,12 @@ mod tests {
         let mut bad = m.clone();
         bad.ranks.get_mut("2").unwrap().values.insert("w".into(), Value::Null);
         assert!(decode_err(&bad).to_string().contains("tensor's key key=`w`"));
+        // The bound on maps holds for every rank's values together, as the writer checks.
+        let mut many = m.clone();
+        let maps = Value::List(vec![Value::Map(BTreeMap::new()); MAX_VALUE_MAPS / 2 + 1]);
+        many.values.insert("a".into(), maps.clone());
+        many.ranks.get_mut("2").unwrap().values.insert("a".into(), maps);
+        assert!(many.validate("m.json").unwrap_err().to_string().contains("maps among the plain values"));
     }
 
     #[test]
