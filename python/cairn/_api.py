@@ -281,7 +281,7 @@ def _load_into(
     """`load(target=...)`: fills the target's tensors in place (makes its jax arrays on
     their devices), one read of each box; returns the target's structure, its containers'
     types kept."""
-    _, leaves = _tree.leaves_of(target)
+    leaves = _tree.leaves_of(target)
     places = {key: _sharded.targets(key, obj) for key, obj in leaves.items()}
     shapes = {key: [int(d) for d in obj.shape] for key, obj in leaves.items() if places[key] is not None}
     filled: dict[str, Any] = {}

@@ -182,19 +182,18 @@ def rebuild(target: Any, filled: dict[str, Any], path: tuple[str, ...] = ()) -> 
     return filled[_key(path)]
 
 
-def leaves_of(target: Any) -> tuple[str, dict[str, Any]]:
-    """The structure text of `target` and its leaves by key, as they are (to load into)."""
+def leaves_of(target: Any) -> dict[str, Any]:
+    """The leaves of `target` by key, as they are (to load into; see `rebuild`)."""
     found: dict[str, Any] = {}
 
-    def leaf(key: str, obj: Any) -> Any:
+    def leaf(key: str, obj: Any) -> None:
         if key in found:
             raise InvalidArgumentError(f"two entries flatten to the same key key=`{key}`")
         found[key] = obj
-        return {"tensor" if _arrays.is_array(obj) else "value": key}
 
     with gc_paused():
-        node = _walk(target, (), leaf)
-    return json.dumps(node, separators=(",", ":")), found
+        _walk(target, (), leaf)
+    return found
 
 
 def unflatten(structure: str | None, leaves: dict[str, Any], checkpoint: str = "") -> Any:
