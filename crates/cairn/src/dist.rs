@@ -13,6 +13,7 @@
 //! Plain values and the frontend structure are taken from rank 0.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -41,9 +42,10 @@ pub trait Exchange {
     /// Every rank's `payload` for `round`, in rank order; [`Gathered::Superseded`] when
     /// this rank must restart with a newer attempt.
     fn all_gather(&mut self, round: &str, payload: Vec<u8>) -> Result<Gathered>;
-    /// Called by rank 0 when an attempt is over (committed or failed): no rank may join
-    /// it afterwards, so a retry never replays it.
-    fn end(&mut self) -> Result<()> {
+    /// Called by rank 0 when an attempt is over, `committed` or not: no rank may join it
+    /// afterwards, so a retry never replays it, and a committed one leaves nothing behind.
+    fn end(&mut self, committed: bool) -> Result<()> {
+        let _ = committed;
         Ok(())
     }
 }
@@ -54,6 +56,9 @@ pub enum Gathered {
     Ready(Vec<Vec<u8>>),
     /// Rank 0 started a newer attempt; start over.
     Superseded,
+    /// Rank 0 committed this attempt and cleared the round files before this rank read
+    /// them: the save succeeded.
+    Committed,
 }
 
 /// Exchange through the caller's collectives: a function that all-gathers one byte
@@ -104,8 +109,11 @@ impl<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> Exchange for CallbackExchange<F>
 /// the round's folder until all are there, reads each once and publishes them together;
 /// the others read that one file. A save costs O(N) requests in all, not per rank. A
 /// rank that does not show up within `timeout` fails the save on every rank (rank 0
-/// publishes the abort).
+/// publishes the abort). Once the manifest is committed rank 0 deletes the whole folder:
+/// a committed checkpoint holds no coordination files, and a rank that finds its round
+/// gone learns the outcome from the manifest (its `save_id` is the attempt).
 pub struct StoreExchange {
+    dest: Location,
     coord: Location,
     rank: u32,
     world_size: u32,
@@ -116,7 +124,14 @@ pub struct StoreExchange {
 impl StoreExchange {
     /// An exchange for `rank` of `world_size` saving into the checkpoint folder `dir`.
     pub fn new(dir: &Location, rank: u32, world_size: u32, timeout: Duration) -> StoreExchange {
-        StoreExchange { coord: dir.child(layout::COORD_DIR), rank, world_size, attempt: String::new(), timeout }
+        StoreExchange {
+            dest: dir.clone(),
+            coord: dir.child(layout::COORD_DIR),
+            rank,
+            world_size,
+            attempt: String::new(),
+            timeout,
+        }
     }
 
     async fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
@@ -150,12 +165,30 @@ impl StoreExchange {
             .filter(|p| *p != kept && !p.prefix_matches(&current))
             .partition(|p| matches!(p.filename(), Some("over" | "abort")));
         for path in rest.into_iter().chain(markers) {
-            match self.coord.store().delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.store_err(e)),
-            }
+            self.delete(&path).await?;
         }
         Ok(())
+    }
+
+    /// Deletes every coordination file, the attempt pointer last.
+    async fn clear_all(&self) -> Result<()> {
+        let listed: Vec<object_store::ObjectMeta> =
+            self.coord.store().list(Some(self.coord.prefix())).try_collect().await.map_err(|e| self.store_err(e))?;
+        let pointer = self.coord.path("attempt");
+        let (last, rest): (Vec<_>, Vec<_>) = listed.into_iter().map(|m| m.location).partition(|p| *p == pointer);
+        let deletes = rest.into_iter().map(|path| async move { self.delete(&path).await });
+        futures::stream::iter(deletes).buffer_unordered(16).try_collect::<Vec<()>>().await?;
+        for path in last {
+            self.delete(&path).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, path: &object_store::path::Path) -> Result<()> {
+        match self.coord.store().delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store_err(e)),
+        }
     }
 
     /// Whether the attempt `id` is over (ended by rank 0 or aborted).
@@ -266,9 +299,16 @@ impl Exchange for StoreExchange {
                     return Err(Error::new(ErrorKind::Unavailable, String::from_utf8_lossy(&reason).into_owned()));
                 }
                 if n % 4 == 3 {
-                    let current = self.read("attempt").await?.map(|id| String::from_utf8_lossy(&id).into_owned());
-                    if current.is_some_and(|id| id != self.attempt) {
-                        return Ok(Gathered::Superseded);
+                    match self.read("attempt").await?.map(|id| String::from_utf8_lossy(&id).into_owned()) {
+                        Some(id) if id != self.attempt => return Ok(Gathered::Superseded),
+                        Some(_) => {}
+                        // Rank 0 clears the folder only after a commit: is it this attempt's?
+                        None => {
+                            let owner = crate::commit::manifest_owner(&self.dest, &self.attempt).await;
+                            if matches!(owner, crate::commit::Owner::Us) {
+                                return Ok(Gathered::Committed);
+                            }
+                        }
                     }
                 }
                 if Instant::now() > deadline {
@@ -284,11 +324,14 @@ impl Exchange for StoreExchange {
         })
     }
 
-    fn end(&mut self) -> Result<()> {
+    fn end(&mut self, committed: bool) -> Result<()> {
         if self.rank != 0 || self.attempt.is_empty() {
             return Ok(());
         }
-        block_on(self.write(&format!("{}/over", self.attempt), Vec::new()))
+        match committed {
+            true => block_on(self.clear_all()),
+            false => block_on(self.write(&format!("{}/over", self.attempt), Vec::new())),
+        }
     }
 }
 
@@ -575,14 +618,30 @@ pub fn save_distributed(
         let attempt = exchange.begin()?;
         let result = attempt_save(dest, state, step, opts, exchange, &attempt, &mine);
         if exchange.rank() == 0 {
-            // Best effort: an attempt left unmarked is still cleared by the next one.
-            let _ = exchange.end();
+            // Best effort: an attempt left unmarked is still cleared by the next one, and
+            // files left by a committed one by `prune`.
+            let _ = exchange.end(matches!(result, Ok(Some(_))));
         }
         match result? {
             Some(info) => return Ok(info),
             None => continue, // superseded by a newer attempt of rank 0
         }
     }
+}
+
+/// One round of an attempt: every rank's payload, or how the attempt ended without it
+/// (`Break(None)`: superseded, start over; `Break(Some(info))`: rank 0 already committed).
+fn round(
+    exchange: &mut dyn Exchange,
+    dest: &Location,
+    name: &str,
+    payload: Vec<u8>,
+) -> Result<ControlFlow<Option<CheckpointInfo>, Vec<Vec<u8>>>> {
+    Ok(match exchange.all_gather(name, payload)? {
+        Gathered::Ready(all) => ControlFlow::Continue(all),
+        Gathered::Superseded => ControlFlow::Break(None),
+        Gathered::Committed => ControlFlow::Break(Some(block_on(Checkpoint::open_async(dest.clone()))?.info())),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -599,7 +658,10 @@ fn attempt_save(
     let terms =
         Terms { step, dest: dest.uri().to_string(), world_size: exchange.world_size(), temporary: opts.temporary };
     let mine_plan = Plan { terms: terms.clone(), pieces: mine.to_vec() };
-    let Gathered::Ready(all) = exchange.all_gather("plan", encode(&mine_plan)?)? else { return Ok(None) };
+    let all = match round(exchange, dest, "plan", encode(&mine_plan)?)? {
+        ControlFlow::Continue(all) => all,
+        ControlFlow::Break(ended) => return Ok(ended),
+    };
     let plans: Vec<Plan> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect::<Result<_>>()?;
     check_terms(&terms, &plans)?;
     let declared: Vec<Vec<Declared>> = plans.into_iter().map(|p| p.pieces).collect();
@@ -657,7 +719,10 @@ fn attempt_save(
     };
     // A rank whose writes failed still takes part, so every rank learns the outcome.
     let failure = written.as_ref().err().map(|e| (e.kind(), format!("rank {rank}: {}", e.full_message())));
-    let Gathered::Ready(all) = exchange.all_gather("written", encode(&(report, failure))?)? else { return Ok(None) };
+    let all = match round(exchange, dest, "written", encode(&(report, failure))?)? {
+        ControlFlow::Continue(all) => all,
+        ControlFlow::Break(ended) => return Ok(ended),
+    };
 
     let verdict = if rank == 0 {
         Outcome {
@@ -668,7 +733,10 @@ fn attempt_save(
     } else {
         Outcome { error: None }
     };
-    let Gathered::Ready(all) = exchange.all_gather("outcome", encode(&verdict)?)? else { return Ok(None) };
+    let all = match round(exchange, dest, "outcome", encode(&verdict)?)? {
+        ControlFlow::Continue(all) => all,
+        ControlFlow::Break(ended) => return Ok(ended),
+    };
     let verdict: Outcome = decode(&all[0], 0)?;
     if let Some((kind, message)) = verdict.error {
         return Err(Error::new(kind, message));

@@ -111,6 +111,24 @@ fn four_ranks_save_through_the_store_and_one_two_three_ranks_load() {
     }
 }
 
+/// Every file and folder under `dir` (folders end with `/`).
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            let inner = walkdir(&path);
+            if inner.is_empty() {
+                out.push(path.join(""));
+            }
+            out.extend(inner);
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 #[test]
 fn four_ranks_on_local_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,6 +139,16 @@ fn four_ranks_on_local_disk() {
     let ckpt = cairn::open(uri.to_str().unwrap()).unwrap();
     assert_eq!(ckpt.manifest().writer.world_size, 4);
     assert!(ckpt.verify().unwrap().is_empty());
+
+    // The committed folder holds the manifest and the shards it names, nothing else: no
+    // coordination files (not even an empty folder for them).
+    let folder = uri.join("step-000000000007");
+    let mut on_disk: Vec<String> =
+        walkdir(&folder).into_iter().map(|p| p.strip_prefix(&folder).unwrap().to_string_lossy().into_owned()).collect();
+    on_disk.sort();
+    let mut named: Vec<String> = ckpt.manifest().files.keys().cloned().chain(["manifest.json".to_string()]).collect();
+    named.sort();
+    assert_eq!(on_disk, named);
 
     // Inside the shard files, as docs/format.md says: a whole tensor is named by its key,
     // a piece of a sharded tensor `key@o0,o1`.
@@ -236,9 +264,60 @@ fn a_missing_rank_commits_nothing_and_the_next_save_succeeds() {
     assert!(run.list().unwrap().is_empty(), "a partial checkpoint was committed");
     let again = save_with_store_exchange(uri, 4, 3);
     assert!(again.iter().all(|r| r.is_ok()), "{again:?}");
-    let removed = run.prune_orphans(Duration::ZERO).unwrap();
-    assert!(!removed.is_empty(), "the dead attempt's files were not pruned");
+    // The dead attempt wrote no shard (it failed in the first round); its coordination
+    // files were cleared by the retry, whose own were cleared by its commit.
+    let left = run.orphans(Duration::ZERO).unwrap();
+    assert!(left.is_empty(), "{left:?}");
     assert!(run.checkpoint(3).unwrap().verify().unwrap().is_empty());
+}
+
+#[test]
+fn a_committed_save_leaves_no_coordination_files_and_a_late_rank_learns_the_outcome() {
+    use object_store::ObjectStoreExt;
+    let uri = "memory://dist/cleared";
+    let results = save_with_store_exchange(uri, 4, 7);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let run = Run::open(uri).unwrap();
+    let dir = run.step_location(7);
+    let listed: Vec<String> = cairn::runtime::block_on(async {
+        let metas: Vec<_> = futures::TryStreamExt::try_collect(dir.store().list(Some(dir.prefix()))).await.unwrap();
+        Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+    })
+    .unwrap();
+    assert!(listed.iter().all(|p| !p.contains(layout::COORD_DIR)), "{listed:?}");
+
+    // A rank that reads its round only after rank 0 committed and cleared the folder: it
+    // finds the attempt pointer gone and the manifest carrying its attempt, so it succeeds.
+    let dir = run.step_location(8);
+    let coord = dir.child(layout::COORD_DIR);
+    let attempt = "00112233445566778899aabbccddeeff";
+    cairn::runtime::block_on(async {
+        coord
+            .store()
+            .put(&coord.path("attempt"), object_store::PutPayload::from_static(attempt.as_bytes()))
+            .await
+            .unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let mut late = StoreExchange::new(&dir, 1, 2, Duration::from_secs(5));
+    assert_eq!(late.begin().unwrap(), attempt);
+    let mut state = State::new();
+    state.insert_tensor("w", global(&[3]));
+    cairn::save_at(&dir, &state, &SaveOptions::default()).unwrap();
+    cairn::runtime::block_on(async {
+        let manifest = dir.path("manifest.json");
+        let bytes = dir.store().get(&manifest).await.unwrap().bytes().await.unwrap();
+        let mut json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        json["save_id"] = attempt.into();
+        dir.store().put(&manifest, serde_json::to_vec(&json).unwrap().into()).await.unwrap();
+        coord.store().delete(&coord.path("attempt")).await.unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(late.all_gather("outcome", b"{}".to_vec()).unwrap(), cairn::dist::Gathered::Committed));
+    assert!(started.elapsed() < Duration::from_secs(5), "waited out the timeout");
 }
 
 #[test]
