@@ -241,13 +241,10 @@ def load(
         warnings.warn("cairn.load(slices=...) is now cairn.load(boxes=...)", DeprecationWarning, stacklevel=3)
         boxes = slices
     with _tree.gc_paused():
-        native = _cairn.load(
-            _uri(path),
+        native = _cairn.open(_uri(path), step, storage_options).load(
             _prefixes(prefix),
             None if keys is None else list(keys),
             _rename(rename),
-            step,
-            storage_options,
             None if boxes is None else {k: ([int(o) for o in off], [int(d) for d in shp]) for k, (off, shp) in boxes.items()},
             None,
             _own_rank(rank),
@@ -286,19 +283,20 @@ def _load_into(
     shapes = {key: [int(d) for d in obj.shape] for key, obj in leaves.items() if places[key] is not None}
     filled: dict[str, Any] = {}
     on_devices: dict[str, list[Any]] = {}
-    # One read per batch: the i-th box of every key that has one (a ShardedTensor may hold
-    # several boxes of one tensor), at most `_LOAD_BATCH_BYTES` at a time (what a batch
-    # maps is let go before the next); plain values come with the first. Every batch reads
-    # the step the first one found. The loaded bytes are copied once, into the target.
+    # The checkpoint is opened once (its manifest read and validated once). One read per
+    # batch: the i-th box of every key that has one (a ShardedTensor may hold several
+    # boxes of one tensor), at most `_LOAD_BATCH_BYTES` at a time (what a batch maps is
+    # let go before the next); plain values come with the first. The loaded bytes are
+    # copied once, into the target.
     for key in [k for k, p in places.items() if p == []]:
         # Nothing of this tensor lives in this process (no local shard): nothing to read.
         del places[key]
         filled[key] = leaves[key]
     with _tree.gc_paused():
+        opened = _cairn.open(uri, step, storage_options)
         for keys in _batches(places, {k: _itemsize(leaves[k]) for k, p in places.items() if p is not None}):
             boxes = {k: (places[k][i][1], places[k][i][2]) for k, i in keys.items() if places[k] is not None}
-            native = _cairn.load(uri, None, list(keys), None, step, storage_options, boxes, {k: shapes[k] for k in boxes}, rank)
-            step = native[2]["step"]
+            native = opened.load(None, list(keys), None, boxes, {k: shapes[k] for k in boxes}, rank)
             got = _raw(native)
             for key, i in keys.items():
                 if places[key] is None:

@@ -38,17 +38,21 @@ def save(
     all_gather: Callable[[bytes], list[bytes]] | None = None,
     timeout: float = 600.0,
 ) -> dict[str, Any]: ...
-def load(
-    uri: str,
-    prefix: Sequence[str] | None = None,
-    keys: Sequence[str] | None = None,
-    rename: Sequence[tuple[str, str]] | None = None,
-    step: int | None = None,
-    storage_options: Options = None,
-    boxes: dict[str, tuple[list[int], list[int]]] | None = None,
-    shapes: dict[str, list[int]] | None = None,
-    rank: int | None = None,
-) -> Loaded: ...
+def open(uri: str, step: int | None = None, storage_options: Options = None) -> Opened: ...
+
+class Opened:
+    """A committed checkpoint, opened (its manifest read and validated once)."""
+
+    def load(
+        self,
+        prefix: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+        rename: Sequence[tuple[str, str]] | None = None,
+        boxes: dict[str, tuple[list[int], list[int]]] | None = None,
+        shapes: dict[str, list[int]] | None = None,
+        rank: int | None = None,
+    ) -> Loaded: ...
+
 def list_checkpoints(uri: str, storage_options: Options = None) -> tuple[list[dict[str, Any]], list[str]]: ...
 def prune(
     uri: str,

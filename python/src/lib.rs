@@ -75,44 +75,58 @@ fn call_all_gather(f: &Py<PyAny>, payload: Vec<u8>) -> cairn::Result<Vec<Vec<u8>
     .map_err(|e| cairn::Error::new(ErrorKind::Unavailable, format!("all_gather callback failed: {e}")))
 }
 
-/// Loads `uri` (a checkpoint folder, or the latest or given `step` of a run).
+/// Opens `uri` (a checkpoint folder, or the latest or given `step` of a run): its
+/// manifest is read and validated once, however many loads follow.
 #[pyfunction]
-#[pyo3(signature = (uri, prefix=None, keys=None, rename=None, step=None, storage_options=None, boxes=None, shapes=None, rank=None))]
-#[allow(clippy::too_many_arguments)]
-fn load<'py>(
-    py: Python<'py>,
-    uri: &str,
-    prefix: Option<Vec<String>>,
-    keys: Option<Vec<String>>,
-    rename: Option<Vec<(String, String)>>,
-    step: Option<u64>,
-    storage_options: Option<StoreOptions>,
-    boxes: Option<BTreeMap<String, BoxRequest>>,
-    shapes: Option<BTreeMap<String, Vec<u64>>>,
-    rank: Option<u32>,
-) -> PyResult<PyLeaves<'py>> {
+#[pyo3(signature = (uri, step=None, storage_options=None))]
+fn open(py: Python<'_>, uri: &str, step: Option<u64>, storage_options: Option<StoreOptions>) -> PyResult<Opened> {
     guarded(|| {
-        let mut opts = load_options(prefix, keys, rename)?;
-        for (key, (offsets, shape)) in boxes.unwrap_or_default() {
-            opts = opts.with_box(key, offsets, shape);
-        }
-        for (key, shape) in shapes.unwrap_or_default() {
-            opts = opts.with_shape(key, shape);
-        }
-        opts.rank = rank;
-        let (state, info, local) = py
-            .detach(|| {
-                let location = Location::with_options(uri, false, &storage_options.unwrap_or_default())?;
-                let ckpt = match step {
-                    Some(step) => Run::at(location).checkpoint(step)?,
-                    None => cairn::open_at(location)?,
-                };
-                let local = ckpt.location().local_dir().is_some();
-                Ok((ckpt.load(&opts)?, ckpt.info(), local))
-            })
-            .map_err(to_py_err)?;
-        state_to_py(py, state, &info, local)
+        py.detach(|| {
+            let location = Location::with_options(uri, false, &storage_options.unwrap_or_default())?;
+            match step {
+                Some(step) => Run::at(location).checkpoint(step),
+                None => cairn::open_at(location),
+            }
+        })
+        .map(|ckpt| Opened { ckpt })
+        .map_err(to_py_err)
     })
+}
+
+/// A committed checkpoint, opened (`cairn::Checkpoint`).
+#[pyclass(frozen, module = "cairn._cairn")]
+struct Opened {
+    ckpt: Checkpoint,
+}
+
+#[pymethods]
+impl Opened {
+    /// Loads the selected tensors and values: `(tensors, values, info, structure)`.
+    #[pyo3(signature = (prefix=None, keys=None, rename=None, boxes=None, shapes=None, rank=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn load<'py>(
+        &self,
+        py: Python<'py>,
+        prefix: Option<Vec<String>>,
+        keys: Option<Vec<String>>,
+        rename: Option<Vec<(String, String)>>,
+        boxes: Option<BTreeMap<String, BoxRequest>>,
+        shapes: Option<BTreeMap<String, Vec<u64>>>,
+        rank: Option<u32>,
+    ) -> PyResult<PyLeaves<'py>> {
+        guarded(|| {
+            let mut opts = load_options(prefix, keys, rename)?;
+            for (key, (offsets, shape)) in boxes.unwrap_or_default() {
+                opts = opts.with_box(key, offsets, shape);
+            }
+            for (key, shape) in shapes.unwrap_or_default() {
+                opts = opts.with_shape(key, shape);
+            }
+            opts.rank = rank;
+            let state = py.detach(|| self.ckpt.load(&opts)).map_err(to_py_err)?;
+            state_to_py(py, state, &self.ckpt.info(), self.ckpt.location().local_dir().is_some())
+        })
+    }
 }
 
 /// Lists the readable committed checkpoints of the run at `uri` as info dicts, in step
@@ -277,7 +291,7 @@ fn unregister_scheme(prefix: &str) -> bool {
 fn _cairn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(save, m)?)?;
-    m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(open, m)?)?;
     m.add_function(wrap_pyfunction!(list_checkpoints, m)?)?;
     m.add_function(wrap_pyfunction!(prune, m)?)?;
     m.add_function(wrap_pyfunction!(copy, m)?)?;
@@ -287,6 +301,7 @@ fn _cairn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(register_scheme, m)?)?;
     m.add_function(wrap_pyfunction!(unregister_scheme, m)?)?;
     m.add_class::<Manager>()?;
+    m.add_class::<Opened>()?;
     m.add_class::<TensorBuffer>()?;
     m.add("CheckpointError", py.get_type::<CheckpointError>())?;
     m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
