@@ -678,3 +678,22 @@ fn each_rank_gets_back_its_own_plain_values_and_any_rank_on_request() {
     let (other, _) = cairn::load(uri, &LoadOptions::default().with_rank(7)).unwrap();
     assert_eq!(other.value("loader.pos"), Some(&Value::Int(0)));
 }
+
+#[test]
+fn a_simulated_10000_rank_fsdp_manifest_is_within_every_limit() {
+    // Two layers of the 7B-class layout, with Adam, saved by 10,000 FSDP ranks (the bench
+    // `scale` times the whole model): the writer's encoding and the reader's validation
+    // accept it, and every piece is where Shard(0) puts it.
+    let manifest = common::simulated_fsdp_manifest(10_000, 2, true);
+    let bytes = manifest.encode().unwrap();
+    let read = cairn::format::manifest::Manifest::decode(&bytes, "simulated").unwrap();
+    assert_eq!(read.writer.world_size, 10_000);
+    let embed = &read.tensors["model.embed_tokens.weight"];
+    assert_eq!(embed.pieces.len(), 8000, "32000 rows in chunks of 4");
+    assert_eq!((embed.pieces[7999].offsets[0], embed.pieces[7999].shape[0]), (31_996, 4));
+    let gate = &read.tensors["optim.state.model.layers.1.mlp.gate_proj.weight.exp_avg_sq"];
+    assert_eq!(gate.pieces.len(), 5504, "11008 rows in chunks of 2");
+    let pieces: usize = read.tensors.values().map(|t| t.pieces.len()).sum();
+    assert_eq!(pieces, 3 * (8000 * 2 + 2 * (7 * 4096 + 2 * 5504) + 4096));
+    assert_eq!(read.files.len(), 8000);
+}

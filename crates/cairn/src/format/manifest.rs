@@ -277,29 +277,42 @@ impl Manifest {
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(Error::corrupt(format!("manifest larger than {MAX_MANIFEST_BYTES} bytes file=`{file}`")));
         }
-        let probe: VersionProbe = serde_json::from_slice(bytes)
-            .map_err(|e| Error::corrupt(format!("manifest is not valid json file=`{file}`")).with_source(e))?;
-        if probe.format.as_ref().and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
-            return Err(Error::corrupt(format!("not a cairn manifest file=`{file}`")));
+        // One parse in the common case; only a manifest that is not v1 is parsed again, by
+        // the probe, to say what it is instead.
+        let parsed: Result<Manifest, _> = map_budget::with(MAX_VALUE_MAPS, || serde_json::from_slice(bytes));
+        let manifest = parsed.map_err(|e| {
+            Self::not_v1(bytes, file).unwrap_or_else(|| {
+                Error::corrupt(format!("manifest does not match format v1 file=`{file}`")).with_source(e)
+            })
+        })?;
+        if manifest.format != FORMAT_NAME || manifest.format_version != FORMAT_VERSION {
+            return Err(Self::not_v1(bytes, file)
+                .unwrap_or_else(|| Error::corrupt(format!("not a cairn v1 manifest file=`{file}`"))));
         }
-        match probe.format_version.as_ref().and_then(|v| v.as_u64()) {
-            Some(FORMAT_VERSION) => {}
-            Some(other) => {
-                return Err(Error::incompatible(format!(
-                    "unsupported format version {other} (this cairn reads {FORMAT_VERSION}) file=`{file}`"
-                )))
-            }
-            None => {
-                return Err(Error::corrupt(match &probe.format_version {
-                    Some(other) => format!("format_version must be an integer, not {other} file=`{file}`"),
-                    None => format!("manifest has no format_version file=`{file}`"),
-                }))
-            }
-        }
-        let manifest: Manifest = map_budget::with(MAX_VALUE_MAPS, || serde_json::from_slice(bytes))
-            .map_err(|e| Error::corrupt(format!("manifest does not match format v1 file=`{file}`")).with_source(e))?;
         manifest.validate(file)?;
         Ok(manifest)
+    }
+
+    /// Why `bytes` is not a v1 Cairn manifest, if its `format` or `format_version` says:
+    /// not JSON, not Cairn's, or another version.
+    fn not_v1(bytes: &[u8], file: &str) -> Option<Error> {
+        let probe: VersionProbe = match serde_json::from_slice(bytes) {
+            Ok(probe) => probe,
+            Err(e) => return Some(Error::corrupt(format!("manifest is not valid json file=`{file}`")).with_source(e)),
+        };
+        if probe.format.as_ref().and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+            return Some(Error::corrupt(format!("not a cairn manifest file=`{file}`")));
+        }
+        match probe.format_version.as_ref().and_then(|v| v.as_u64()) {
+            Some(FORMAT_VERSION) => None,
+            Some(other) => Some(Error::incompatible(format!(
+                "unsupported format version {other} (this cairn reads {FORMAT_VERSION}) file=`{file}`"
+            ))),
+            None => Some(Error::corrupt(match &probe.format_version {
+                Some(other) => format!("format_version must be an integer, not {other} file=`{file}`"),
+                None => format!("manifest has no format_version file=`{file}`"),
+            })),
+        }
     }
 
     /// The plain values and structure rank `rank` saved: its own record if it has one,
