@@ -413,6 +413,35 @@ def _job(
     return 0, 1, all_gather
 
 
+def _manager_job(rank: int | None, world_size: int | None, group: Any) -> tuple[int, int, Callable | None]:
+    """The rank, world size and all-gather of a manager: as given (coordinated through
+    the store), else `group`'s or the `torch.distributed` job's (over a new gloo group of
+    the manager's own), else the multi-process jax job's, else one process alone."""
+    if (rank is None) != (world_size is None):
+        raise _cairn.InvalidArgumentError("pass rank and world_size together (or neither)")
+    if rank is not None:
+        if group is not None:
+            raise _cairn.InvalidArgumentError("pass process_group or rank and world_size, not both")
+        return rank, world_size, None
+    torch = sys.modules.get("torch")
+    job = torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if group is not None and not job:
+        raise _cairn.InvalidArgumentError("process_group needs an initialised torch.distributed")
+    if job:
+        dist = torch.distributed
+        if dist.get_world_size() == 1 and group is None:
+            return 0, 1, None
+        if group is None:
+            # Saves run on the manager's background thread: a group of their own keeps
+            # their collectives apart from the training loop's.
+            group = dist.new_group(backend="gloo")
+        return dist.get_rank(group), dist.get_world_size(group), torch_all_gather(group)
+    if _jax_job():
+        jax = sys.modules["jax"]
+        return jax.process_index(), jax.process_count(), None
+    return 0, 1, None
+
+
 def torch_all_gather(group: Any = None) -> Callable[[bytes], list[bytes]]:
     """An `all_gather` for `save` over `torch.distributed` (any backend, gloo included):
     byte strings travel as uint8 tensors, never pickled."""
@@ -576,9 +605,17 @@ class CheckpointManager:
     continues in the background (at most `max_in_flight` saves at once). A background
     failure is raised by the next call and by `wait()`. Use as a context manager to wait
     on exit. After SIGTERM (`preemption_signal`) the next `on_step` saves and flushes, and
-    `preempted` becomes true: stop the loop then. In a multi-process job give every
-    process its `rank` and the `world_size`: they save each checkpoint together
-    (coordinated through the store) and rank 0 applies retention. On opening, rank 0
+    `preempted` becomes true: stop the loop then.
+
+    In a multi-process job every process makes a manager and they save each checkpoint
+    together (rank 0 applies retention). In a `torch.distributed` job the ranks are the
+    job's and they coordinate through a `gloo` group of their own, made here (every rank
+    must construct the manager), so that the background saves never share a group with
+    the training loop's collectives; `process_group` chooses another group (one the loop
+    does not use from another thread). Elsewhere (or with `rank` and `world_size` given)
+    the ranks coordinate through the store, waiting at most `timeout` seconds for each
+    other; in a multi-process jax job the ranks are jax's. A process that saves alone in a
+    job passes `rank=0, world_size=1`. On opening, rank 0
     removes in the background what unfinished saves left once older than `orphan_grace`
     (seconds; None: never); cleanup problems never fail a save (`cleanup_errors()`)."""
 
@@ -594,8 +631,10 @@ class CheckpointManager:
         max_in_flight: int = 1,
         preemption_signal: int | None = _signal.SIGTERM,
         storage_options: dict[str, str] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+        process_group: Any = None,
+        timeout: float = 600.0,
         orphan_grace: float | _dt.timedelta | None = 3600.0,
         keep_last: int | None = None,
         keep_every: int | None = None,
@@ -605,6 +644,7 @@ class CheckpointManager:
     ) -> None:
         legacy = dict(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, metric=metric, mode=mode)
         last, every, best = _retention(keep, legacy)
+        rank, world_size, all_gather = _manager_job(rank, world_size, process_group)
         self._native = _cairn.Manager(
             _uri(run),
             None if policies is None else [(p.interval, p.until) for p in policies],
@@ -619,6 +659,8 @@ class CheckpointManager:
             rank,
             world_size,
             _seconds(orphan_grace),
+            all_gather,
+            timeout,
         )
         self._world_size = world_size
         self._rank = rank
@@ -688,12 +730,13 @@ class CheckpointManager:
         """Loads the latest committed checkpoint (or `step`): `(state, info)`.
         Raises `CheckpointNotFoundError` when there is none. `target` fills the job's own
         state in place and `boxes` reads boxes of tensors, as `cairn.load` does (every
-        process of a job reads the same step: the latest when this is called). The plain
+        process of a job reads the same step: the latest once this manager's saves in
+        flight are over). The plain
         values are this manager's `rank`'s own; a rank that saved none of its own (or a
         rank beyond those that saved) gets rank 0's."""
         if target is not None or boxes is not None:
             if step is None:
-                step = self.latest_step()
+                step = self._native.settled_latest_step()
                 if step is None:
                     raise _cairn.CheckpointNotFoundError(f"no committed checkpoint run=`{self.run}`")
             state = load(

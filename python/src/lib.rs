@@ -67,7 +67,7 @@ fn save<'py>(
 type BoxRequest = (Vec<u64>, Vec<u64>);
 
 /// Calls a Python all-gather: `f(bytes) -> list[bytes]`, one entry per rank.
-fn call_all_gather(f: &Py<PyAny>, payload: Vec<u8>) -> cairn::Result<Vec<Vec<u8>>> {
+pub(crate) fn call_all_gather(f: &Py<PyAny>, payload: Vec<u8>) -> cairn::Result<Vec<Vec<u8>>> {
     Python::attach(|py| {
         let got = f.call1(py, (PyBytes::new(py, &payload),))?;
         got.extract::<Vec<Vec<u8>>>(py)

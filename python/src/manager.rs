@@ -36,7 +36,7 @@ impl Drop for Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0)))]
+    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -53,6 +53,8 @@ impl Manager {
         rank: u32,
         world_size: u32,
         orphan_grace: Option<f64>,
+        all_gather: Option<Py<PyAny>>,
+        timeout: f64,
     ) -> PyResult<Manager> {
         guarded(|| {
             let mut policy = match policies {
@@ -67,14 +69,18 @@ impl Manager {
             }
             let retention = retention(keep_last, keep_every, keep_best)?;
             let orphan_grace = orphan_grace.map(|s| seconds("orphan_grace", s)).transpose()?;
-            let opts = ManagerOptions::default()
+            let mut opts = ManagerOptions::default()
                 .with_policy(policy)
                 .with_retention(retention)
                 .with_async_save(async_save)
                 .with_max_in_flight(max_in_flight)
                 .with_preemption_signal(preemption_signal)
                 .with_ranks(rank, world_size)
+                .with_coordination_timeout(seconds("timeout", timeout)?)
                 .with_orphan_grace(orphan_grace);
+            if let Some(f) = all_gather {
+                opts = opts.with_all_gather(std::sync::Arc::new(move |payload| crate::call_all_gather(&f, payload)));
+            }
             let storage = storage_options.unwrap_or_default();
             let inner = py
                 .detach(|| CheckpointManager::with_run(Run::at(Location::with_options(uri, true, &storage)?), opts))
@@ -128,6 +134,10 @@ impl Manager {
 
     fn latest_step(&self, py: Python<'_>) -> PyResult<Option<u64>> {
         guarded(|| py.detach(|| self.inner.latest_step()).map_err(to_py_err))
+    }
+
+    fn settled_latest_step(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        guarded(|| py.detach(|| self.inner.settled_latest_step()).map_err(to_py_err))
     }
 
     /// The cleanup problems since the last call, as exception objects (never raised:

@@ -13,6 +13,7 @@ step 2 (to float rounding: another world size reduces gradients in another order
 dimension, sharded over the second, so each box is held by two ranks and written once).
 """
 
+import pathlib
 import sys
 
 import torch
@@ -78,19 +79,32 @@ def compare(got, want, path, exact):
 
 
 def managed(run, state):
-    """A manager of one rank in a job of several refuses a sharded state; given the ranks,
-    it saves it."""
-    lone = cairn.CheckpointManager(run, policies=[cairn.Every(1)], preemption_signal=None)
+    """A manager that is told to save alone refuses a sharded state. Made with no ranks in
+    a torch.distributed job, managers take the job's ranks and coordinate over a gloo
+    group of their own, so a background save runs while the loop's own collectives do;
+    `process_group=` chooses the group. Nothing is left for coordination in the run."""
+    lone = cairn.CheckpointManager(run, policies=[cairn.Every(1)], preemption_signal=None, rank=0, world_size=1)
     try:
         lone.on_step(1, state)
         raise AssertionError("a lone manager saved a sharded state")
     except cairn.InvalidArgumentError as e:
         assert "world_size=" in str(e), e
     lone.close()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    with cairn.CheckpointManager(run, policies=[cairn.Every(1)], preemption_signal=None, rank=rank, world_size=world) as mgr:
+    with cairn.CheckpointManager(run, policies=[cairn.Every(1)], preemption_signal=None) as mgr:
         assert mgr.on_step(1, state)
-    assert [i.step for i in cairn.list_checkpoints(run)] == [1]
+        for _ in range(20):  # the training loop's collectives, beside the background save
+            dist.all_reduce(torch.ones(4))
+    group = dist.new_group(backend="gloo")
+    with cairn.CheckpointManager(run, policies=[cairn.Every(1)], preemption_signal=None, process_group=group) as mgr:
+        assert mgr.on_step(2, state)
+        target = {"model": {n: torch.zeros_like(t) for n, t in state["model"].items()}, "optim": state["optim"]}
+        restored, info = mgr.restore(target=target)
+        assert info.step == 2
+        for n, t in state["model"].items():
+            assert torch.equal(restored["model"][n].to_local(), t.to_local()), n
+    assert [i.step for i in cairn.list_checkpoints(run)] == [1, 2]
+    left = [str(p) for p in pathlib.Path(run).rglob("*") if ".cairn-coord" in str(p)]
+    assert not left, left
 
 
 def sharded_tensor(run):

@@ -61,6 +61,10 @@ pub enum Gathered {
     Committed,
 }
 
+/// A collective shared across threads: all-gathers one byte string per rank, in rank
+/// order (every rank calls it in the same order).
+pub type AllGather = std::sync::Arc<dyn Fn(Vec<u8>) -> Result<Vec<Vec<u8>>> + Send + Sync>;
+
 /// Exchange through the caller's collectives: a function that all-gathers one byte
 /// string per rank (called by every rank in the same order).
 pub struct CallbackExchange<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::dist::{self, Ranks};
+use crate::dist::{self, AllGather, CallbackExchange, Ranks};
 use crate::error::{Error, ErrorKind, Result};
 use crate::info::CheckpointInfo;
 use crate::load::LoadOptions;
@@ -84,10 +84,16 @@ pub struct ManagerOptions {
     /// This process's rank in a multi-rank job (0 for a single process).
     pub rank: u32,
     /// Number of ranks saving each checkpoint together (1 for a single process). With
-    /// more than one, saves are coordinated through the store; only rank 0 deletes.
+    /// more than one, saves are coordinated through `all_gather` if set, else through the
+    /// store; only rank 0 deletes.
     pub world_size: u32,
-    /// How long a multi-rank save waits for the other ranks.
+    /// How long a store-coordinated save waits for the other ranks.
     pub coordination_timeout: Duration,
+    /// The job's own collective for coordinating multi-rank saves (e.g. over a
+    /// `torch.distributed` group). Saves run one at a time on one thread, so every rank
+    /// calls it in the same order; the training loop must not use the same collective
+    /// concurrently from another thread.
+    pub all_gather: Option<AllGather>,
     /// On open, the leading rank removes in the background what unfinished saves left in
     /// the run once it is older than this (`None`: never; see [`Run::prune_orphans`]).
     pub orphan_grace: Option<Duration>,
@@ -110,6 +116,7 @@ impl Default for ManagerOptions {
             rank: 0,
             world_size: 1,
             coordination_timeout: Duration::from_secs(600),
+            all_gather: None,
             orphan_grace: Some(DEFAULT_ORPHAN_GRACE),
         }
     }
@@ -150,6 +157,19 @@ impl ManagerOptions {
     pub fn with_ranks(mut self, rank: u32, world_size: u32) -> Self {
         self.rank = rank;
         self.world_size = world_size.max(1);
+        self
+    }
+
+    /// Coordinates multi-rank saves through `all_gather` (the job's collectives) instead
+    /// of the store.
+    pub fn with_all_gather(mut self, all_gather: AllGather) -> Self {
+        self.all_gather = Some(all_gather);
+        self
+    }
+
+    /// Sets how long a store-coordinated save waits for the other ranks.
+    pub fn with_coordination_timeout(mut self, timeout: Duration) -> Self {
+        self.coordination_timeout = timeout;
         self
     }
 
@@ -249,6 +269,7 @@ struct Shared {
     rank: u32,
     world_size: u32,
     coordination_timeout: Duration,
+    all_gather: Option<AllGather>,
     inner: Mutex<Inner>,
     changed: Condvar,
 }
@@ -261,7 +282,13 @@ impl Shared {
     /// Saves and commits one checkpoint: alone, or together with the other ranks.
     fn save(&self, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
         let ranks = Ranks { rank: self.rank, world_size: self.world_size, timeout: self.coordination_timeout };
-        dist::save_as_rank(self.run.location(), state, opts, ranks, None)
+        match &self.all_gather {
+            Some(all_gather) => {
+                let mut exchange = CallbackExchange::new(self.rank, self.world_size, |payload| all_gather(payload));
+                dist::save_as_rank(self.run.location(), state, opts, ranks, Some(&mut exchange))
+            }
+            None => dist::save_as_rank(self.run.location(), state, opts, ranks, None),
+        }
     }
 
     /// Whether this process deletes checkpoints and writes the hint (rank 0 only).
@@ -459,6 +486,7 @@ impl CheckpointManager {
             rank: opts.rank,
             world_size: opts.world_size,
             coordination_timeout: opts.coordination_timeout,
+            all_gather: opts.all_gather.clone(),
             inner: Mutex::new(inner),
             changed: Condvar::new(),
         });
@@ -675,15 +703,16 @@ impl CheckpointManager {
         self.shared.lock().cleanup_errors.drain(..).collect()
     }
 
-    /// Loads the checkpoint of `step`, or the latest committed one (highest step) when
-    /// `None`, with this rank's own plain values unless `opts.rank` says otherwise.
+    /// Loads the checkpoint of `step`, or when `None` the latest committed one (highest
+    /// step) once this manager's saves in flight are over, with this rank's own plain
+    /// values unless `opts.rank` says otherwise.
     /// [`ErrorKind::NotFound`] when there is none. Retention never deletes a checkpoint
     /// while it is being read.
     pub fn restore(&self, step: Option<u64>, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
         self.take_error()?;
         let step = match step {
             Some(step) => step,
-            None => self.latest_step()?.ok_or_else(|| {
+            None => self.settled_latest_step()?.ok_or_else(|| {
                 Error::not_found(format!("no committed checkpoint run=`{}`", self.shared.run.location().uri()))
             })?,
         };
@@ -704,6 +733,21 @@ impl CheckpointManager {
     /// The highest committed step, if any (read from the store, not from a hint).
     pub fn latest_step(&self) -> Result<Option<u64>> {
         Ok(self.shared.run.latest()?.map(|c| c.manifest().step))
+    }
+
+    /// The highest committed step once this manager's saves in flight are over (each
+    /// rank's save returns only once rank 0 committed or failed it, so every rank of a
+    /// job then finds the same step); returns the error of a failed one.
+    pub fn settled_latest_step(&self) -> Result<Option<u64>> {
+        let mut inner = self.shared.lock();
+        while inner.saves_in_flight > 0 {
+            inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(err) = inner.error.take() {
+            return Err(err);
+        }
+        drop(inner);
+        self.latest_step()
     }
 
     /// Every committed checkpoint, in step order.

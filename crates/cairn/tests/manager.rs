@@ -106,6 +106,26 @@ fn keep_best_uses_the_recorded_metric() {
 }
 
 #[test]
+fn restoring_the_latest_waits_for_the_saves_in_flight() {
+    // On a slow store the save of step 2 is still being written when restore is called:
+    // "the latest" is step 2 once it commits, not step 1 (every rank of a job, each
+    // waiting for its own save, then reads the same step).
+    let slow = ThrottledStore::new(
+        InMemory::new(),
+        ThrottleConfig { wait_put_per_call: Duration::from_millis(50), ..Default::default() },
+    );
+    let run = Run::at(Location::from_store(Arc::new(slow), "slow://restore"));
+    let manager = CheckpointManager::with_run(run, options(1)).unwrap();
+    manager.on_step(1, &common::model_state(1, 1, 2), SaveRequest::default()).unwrap();
+    manager.wait().unwrap();
+    manager.on_step(2, &common::model_state(2, 1, 2), SaveRequest::default()).unwrap();
+    assert_eq!(manager.saves_in_flight(), 1);
+    let (state, info) = manager.restore(None, &LoadOptions::default()).unwrap();
+    assert_eq!(info.step, 2);
+    assert_eq!(state.value("step"), Some(&Value::Int(2)));
+}
+
+#[test]
 fn several_saves_in_flight_on_a_slow_store_all_commit() {
     let slow = ThrottledStore::new(
         InMemory::new(),
@@ -287,16 +307,21 @@ fn reset_deletes_every_checkpoint() {
     assert!(manager.on_step(1, &common::model_state(1, 1, 2), SaveRequest::default()).unwrap());
 }
 
-#[test]
-fn ranks_save_together_and_rank_zero_applies_retention() {
+/// Two managers (ranks 0 and 1, keep-last 2) save steps 1..=4 with a piece each; only
+/// rank 0 deletes, and the run keeps steps 3 and 4. `all_gather` is the job's collective,
+/// if any, made for each rank (else the ranks coordinate through the store).
+fn two_ranks_save_four_steps(uri: &str, all_gather: Option<&(dyn Fn(u32) -> cairn::dist::AllGather + Sync)>) {
     use cairn::{DType, Piece, Tensor};
-    let uri = "memory://manager/ranks";
     std::thread::scope(|s| {
         for rank in 0..2u32 {
+            let all_gather = all_gather.map(|make| make(rank));
             s.spawn(move || {
-                let opts = options(1)
+                let mut opts = options(1)
                     .with_ranks(rank, 2)
                     .with_retention(Retention { keep_last: Some(2), ..Default::default() });
+                if let Some(all_gather) = all_gather {
+                    opts = opts.with_all_gather(all_gather);
+                }
                 let manager = CheckpointManager::open(uri, opts).unwrap();
                 for step in 1..=4u64 {
                     let mut state = common::model_state(step, 1, 2);
@@ -317,6 +342,35 @@ fn ranks_save_together_and_rank_zero_applies_retention() {
     assert_eq!(run.list().unwrap().iter().map(|c| c.step).collect::<Vec<_>>(), vec![3, 4]);
     let (state, _) = run.load_latest(&LoadOptions::default()).unwrap();
     assert_eq!(state.tensor("sharded").unwrap().data().as_ref(), &[4, 4, 4, 4, 8, 8, 8, 8]);
+}
+
+#[test]
+fn ranks_save_together_and_rank_zero_applies_retention() {
+    two_ranks_save_four_steps("memory://manager/ranks", None);
+}
+
+#[test]
+fn ranks_save_together_through_the_jobs_collective() {
+    use std::sync::{Barrier, Mutex};
+    // An in-process all-gather standing in for a torch.distributed group; it counts its
+    // calls, which happen on the managers' worker threads.
+    let barrier = Arc::new(Barrier::new(2));
+    let slots = Arc::new(Mutex::new(vec![Vec::new(); 2]));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let make = |rank: u32| -> cairn::dist::AllGather {
+        let (barrier, slots, calls) = (barrier.clone(), slots.clone(), calls.clone());
+        Arc::new(move |payload: Vec<u8>| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            slots.lock().unwrap()[rank as usize] = payload;
+            barrier.wait();
+            let all = slots.lock().unwrap().clone();
+            barrier.wait();
+            Ok(all)
+        })
+    };
+    two_ranks_save_four_steps("memory://manager/ranks-collective", Some(&make));
+    // Four saves of four rounds each, on each of the two ranks.
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2 * 4 * 4);
 }
 
 #[test]
