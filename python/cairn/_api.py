@@ -159,8 +159,10 @@ def save(
 
     Several processes save one checkpoint together by each calling `save` with its `rank`
     and the `world_size`: leaves that are `cairn.Piece`s are this rank's pieces of sharded
-    tensors, other tensors are replicated (written once overall, the work balanced across
-    ranks), plain values come from rank 0. The ranks coordinate through the store alone,
+    tensors; other tensors held by several ranks with the same contents are replicated
+    (written once overall, the work balanced across ranks), and with different contents
+    (an RNG state) each rank's own, as are plain values that differ from rank 0's
+    (`load(rank=)` gives each its own back). The ranks coordinate through the store alone,
     or through `all_gather` (e.g. `cairn.torch_all_gather()`); one commit makes the
     checkpoint visible once every rank's data is durable, and every rank gets the same
     outcome. A rank that does not show up within `timeout` seconds fails the save.

@@ -92,7 +92,7 @@ def test_the_old_names_shard_and_slices_still_work_and_warn(tmp_path):
         cairn.load(str(tmp_path / "run"), boxes={"w": ((0, 0), (1, 3))}, slices={"w": ((0, 0), (1, 3))})
 
 
-def test_each_rank_gets_back_its_own_plain_values(tmp_path):
+def test_each_rank_gets_back_its_own_plain_values_and_tensors(tmp_path):
     import threading
 
     run = tmp_path / "run"
@@ -101,7 +101,8 @@ def test_each_rank_gets_back_its_own_plain_values(tmp_path):
     def rank(r):
         try:
             state = {"w": cairn.Piece(np.full((1, 3), r, np.float32), offsets=(r, 0), global_shape=(2, 3)),
-                     "loader": {"pos": 100 + r}, "step": 5}
+                     "loader": {"pos": 100 + r}, "step": 5,
+                     "rng": np.full(4, 7 + r, np.uint8), "shared": np.arange(3.0)}
             if r == 1:
                 state["only_mine"] = "rank one"
             cairn.save(run, state, step=5, rank=r, world_size=2, timeout=60)
@@ -116,15 +117,19 @@ def test_each_rank_gets_back_its_own_plain_values(tmp_path):
     assert not errors, errors
     mine = cairn.load(run, rank=1)
     assert mine["loader"]["pos"] == 101 and mine["only_mine"] == "rank one"
+    assert mine["rng"].tolist() == [8] * 4 and mine["shared"].tolist() == [0.0, 1.0, 2.0]
     assert mine["w"].tolist() == [[0, 0, 0], [1, 1, 1]]
     first = cairn.load(run)
-    assert first["loader"]["pos"] == 100 and "only_mine" not in first
-    target = {"w": np.zeros((2, 3), np.float32), "loader": {"pos": 0}, "step": 0, "only_mine": ""}
+    assert first["loader"]["pos"] == 100 and "only_mine" not in first and first["rng"].tolist() == [7] * 4
+    target = {"w": np.zeros((2, 3), np.float32), "loader": {"pos": 0}, "step": 0, "only_mine": "",
+              "rng": np.zeros(4, np.uint8), "shared": np.zeros(3)}
     filled = cairn.load(run, target=target, rank=1, step=5)
     assert filled["loader"]["pos"] == 101 and filled["only_mine"] == "rank one" and target["w"][1].tolist() == [1, 1, 1]
+    assert target["rng"].tolist() == [8] * 4
     # The per-rank record follows the published schema.
     import jsonschema
     schema = json.loads((pathlib.Path(__file__).resolve().parents[2] / "docs" / "manifest.schema.json").read_text())
     manifest = json.loads((run / "step-000000000005" / "manifest.json").read_text())
     jsonschema.validate(manifest, schema)
     assert list(manifest["ranks"]) == ["1"]
+    assert list(manifest["ranks"]["1"]["tensors"]) == ["rng"]  # "shared" is written once

@@ -10,7 +10,11 @@
 //! extra service) or the caller's collectives ([`CallbackExchange`], e.g. an all-gather
 //! from `torch.distributed`).
 //!
-//! Plain values and the frontend structure are taken from rank 0.
+//! A whole tensor several ranks hold with the same content (its CRC-32C, declared in the
+//! plan) is replicated and written once; with different contents (an RNG state), or
+//! different shapes, it is each rank's own: the lowest-ranked holder's is shared and the
+//! other holders' are kept in their rank records, as are plain values and structure that
+//! differ from rank 0's. A load for rank r reads r's own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
@@ -374,6 +378,18 @@ struct Declared {
     global_shape: Vec<u64>,
     offsets: Vec<u64>,
     shape: Vec<u64>,
+    /// A whole tensor's CRC-32C (`None` for a piece of a sharded tensor): ranks holding
+    /// the same content hold a replicated tensor, written once; ranks holding different
+    /// contents (RNG states, say) each keep their own.
+    #[serde(default)]
+    content: Option<u32>,
+}
+
+impl Declared {
+    /// What tells this piece apart from the others: a whole tensor by its content.
+    fn id(&self) -> PieceId {
+        (self.key.clone(), self.offsets.clone(), self.shape.clone(), self.content.map(|crc| (self.dtype, crc)))
+    }
 }
 
 /// What every rank must agree on before anything is written.
@@ -439,20 +455,30 @@ struct Outcome {
     error: Option<(ErrorKind, String)>,
 }
 
-/// A distinct piece of a tensor: key, offsets, shape.
-type PieceId = (String, Vec<u64>, Vec<u64>);
+/// A distinct piece of a tensor: key, offsets, shape, and for a whole tensor its dtype
+/// and content.
+type PieceId = (String, Vec<u64>, Vec<u64>, Option<(DType, u32)>);
 
-/// Assigns every distinct box to one rank holding it, largest first, to the holder with
+/// Assigns every distinct piece to one rank holding it, largest first, to the holder with
 /// the fewest bytes so far (ties: lowest rank). Pure: every rank computes the same plan
 /// from the same gathered declarations. Fails, naming the key, when ranks disagree on a
-/// tensor's dtype or global shape.
+/// sharded tensor's dtype or global shape, or one holds whole what another holds in
+/// pieces (whole tensors of different contents, dtypes or shapes are each rank's own).
 fn plan_writers(declared: &[Vec<Declared>]) -> Result<HashMap<PieceId, u32>> {
-    let mut meta: BTreeMap<&str, (DType, &Vec<u64>, u32)> = BTreeMap::new();
+    let mut meta: BTreeMap<&str, (DType, &Vec<u64>, u32, bool)> = BTreeMap::new();
     let mut holders: BTreeMap<PieceId, (u64, Vec<u32>)> = BTreeMap::new();
     for (rank, list) in declared.iter().enumerate() {
         for held in list {
+            let whole = held.content.is_some();
             match meta.get(held.key.as_str()) {
-                Some((dtype, global, first)) if *dtype != held.dtype || *global != &held.global_shape => {
+                Some((_, _, first, was_whole)) if *was_whole != whole => {
+                    let (a, b) = if *was_whole { (*first, rank as u32) } else { (rank as u32, *first) };
+                    return Err(Error::invalid(format!(
+                        "rank {a} holds tensor key=`{}` whole, rank {b} holds pieces of it",
+                        held.key
+                    )));
+                }
+                Some((dtype, global, first, false)) if *dtype != held.dtype || *global != &held.global_shape => {
                     return Err(Error::invalid(format!(
                         "ranks disagree on tensor key=`{}`: rank {first} has {} {:?}, rank {rank} has {} {:?}",
                         held.key,
@@ -464,13 +490,11 @@ fn plan_writers(declared: &[Vec<Declared>]) -> Result<HashMap<PieceId, u32>> {
                 }
                 Some(_) => {}
                 None => {
-                    meta.insert(&held.key, (held.dtype, &held.global_shape, rank as u32));
+                    meta.insert(&held.key, (held.dtype, &held.global_shape, rank as u32, whole));
                 }
             }
             let bytes = checked_nbytes(held.dtype, &held.shape).unwrap_or(u64::MAX);
-            let entry = holders
-                .entry((held.key.clone(), held.offsets.clone(), held.shape.clone()))
-                .or_insert((bytes, Vec::new()));
+            let entry = holders.entry(held.id()).or_insert((bytes, Vec::new()));
             entry.1.push(rank as u32);
         }
     }
@@ -496,6 +520,7 @@ fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
             global_shape: t.shape().to_vec(),
             offsets: vec![0; t.shape().len()],
             shape: t.shape().to_vec(),
+            content: Some(checksum::crc32c(t.data())),
         })
         .collect();
     for (key, s) in pieces.iter().flat_map(|(key, held)| held.iter().map(move |s| (key, s))) {
@@ -523,6 +548,7 @@ fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
             global_shape: s.global_shape.clone(),
             offsets: s.offsets.clone(),
             shape: s.tensor.shape().to_vec(),
+            content: None,
         });
     }
     Ok(out)
@@ -533,6 +559,7 @@ fn held_by(state: &State) -> RankRecord {
     RankRecord {
         values: state.values().map(|(k, v)| (k.clone(), v.clone())).collect(),
         structure: state.structure().map(str::to_string),
+        tensors: BTreeMap::new(),
     }
 }
 
@@ -676,7 +703,7 @@ fn attempt_save(
     let mut share = State::new();
     let mut placement: BTreeMap<String, (String, Vec<u64>, Vec<u64>)> = BTreeMap::new();
     for held in mine {
-        if plan.get(&(held.key.clone(), held.offsets.clone(), held.shape.clone())) != Some(&rank) {
+        if plan.get(&held.id()) != Some(&rank) {
             continue;
         }
         let piece = state.pieces().get(&held.key).and_then(|pieces| {
@@ -730,7 +757,7 @@ fn attempt_save(
 
     let verdict = if rank == 0 {
         Outcome {
-            error: commit(dest, state, step, opts, attempt, &all, exchange.world_size())
+            error: commit(dest, state, step, opts, attempt, &declared, &all)
                 .err()
                 .map(|e| (e.kind(), e.full_message())),
         }
@@ -773,29 +800,44 @@ async fn confirm_files(dest: &Location, files: &BTreeMap<String, FileRecord>) ->
 }
 
 /// Rank 0: merges every rank's report into one manifest and commits it (create-only).
+/// A whole tensor held with different contents by several ranks is per rank: the content
+/// of its lowest-ranked holder is the shared one, every other holder keeps its own in its
+/// rank record.
 fn commit(
     dest: &Location,
     state: &State,
     step: u64,
     opts: &SaveOptions,
     attempt: &str,
+    declared: &[Vec<Declared>],
     reports: &[Vec<u8>],
-    world_size: u32,
 ) -> Result<()> {
+    // Per-rank keys: the ranks holding each distinct content, in rank order.
+    let mut contents: BTreeMap<&str, BTreeMap<PieceId, Vec<usize>>> = BTreeMap::new();
+    for (r, list) in declared.iter().enumerate() {
+        for held in list.iter().filter(|h| h.content.is_some()) {
+            contents.entry(&held.key).or_default().entry(held.id()).or_default().push(r);
+        }
+    }
+    contents.retain(|_, by_content| by_content.len() > 1);
+
     let mut tensors: BTreeMap<String, TensorRecord> = BTreeMap::new();
+    let mut own: BTreeMap<PieceId, TensorRecord> = BTreeMap::new();
     let mut files = BTreeMap::new();
-    let mut ranks = BTreeMap::new();
-    let rank0 = held_by(state);
+    let mut held = Vec::with_capacity(reports.len());
     for (r, bytes) in reports.iter().enumerate() {
         let (report, failure): (Written, Option<(ErrorKind, String)>) = decode(bytes, r)?;
         if let Some((kind, message)) = failure {
             return Err(Error::new(kind, message));
         }
         files.extend(report.files);
-        if r > 0 && report.held != rank0 {
-            ranks.insert(r.to_string(), report.held);
-        }
+        held.push(report.held);
         for (key, dtype, global, piece) in report.pieces {
+            if contents.contains_key(key.as_str()) {
+                let id = (key, piece.offsets.clone(), piece.shape.clone(), Some((dtype, piece.crc32c)));
+                own.insert(id, TensorRecord { dtype, shape: global, pieces: vec![piece] });
+                continue;
+            }
             tensors
                 .entry(key)
                 .or_insert_with(|| TensorRecord { dtype, shape: global, pieces: Vec::new() })
@@ -803,6 +845,31 @@ fn commit(
                 .push(piece);
         }
     }
+    let rank0 = held_by(state);
+    let mut ranks: BTreeMap<String, RankRecord> = BTreeMap::new();
+    for (key, by_content) in contents {
+        let mut by_first_holder: Vec<(PieceId, Vec<usize>)> = by_content.into_iter().collect();
+        by_first_holder.sort_by_key(|(_, holders)| holders[0]);
+        for (i, (id, holders)) in by_first_holder.into_iter().enumerate() {
+            let record = own.remove(&id).ok_or_else(|| {
+                Error::invalid(format!("no rank reported writing its own tensor key=`{key}` ranks={holders:?}"))
+            })?;
+            if i == 0 {
+                tensors.insert(key.to_string(), record);
+                continue;
+            }
+            for r in holders {
+                let mine = ranks.entry(r.to_string()).or_insert_with(|| held[r].clone());
+                mine.tensors.insert(key.to_string(), record.clone());
+            }
+        }
+    }
+    for (r, record) in held.into_iter().enumerate().skip(1) {
+        if record != rank0 {
+            ranks.entry(r.to_string()).or_insert(record);
+        }
+    }
+    let world_size = declared.len() as u32;
     let mut manifest = save::manifest_of(state, step, opts, attempt, world_size, tensors, files);
     manifest.ranks = ranks;
     block_on(confirm_files(dest, &manifest.files))?;

@@ -215,7 +215,7 @@ impl Checkpoint {
         let mut by_file: BTreeMap<&str, Vec<PieceRead>> = BTreeMap::new();
         for (key, _) in &selected {
             let first = owners.len();
-            if let Some(record) = self.manifest.tensors.get(*key) {
+            if let Some(record) = self.manifest.tensor_for(key, opts.rank) {
                 for (index, piece) in record.pieces.iter().enumerate() {
                     let overlaps = boxes.get(*key).is_none_or(|r| {
                         geometry::intersection(&r.offsets, &r.shape, &piece.offsets, &piece.shape).is_some()
@@ -239,7 +239,7 @@ impl Checkpoint {
 
         let mut state = State::new();
         for ((key, new_key), range) in selected.into_iter().zip(slots_of) {
-            let entry = if let Some(record) = self.manifest.tensors.get(key) {
+            let entry = if let Some(record) = self.manifest.tensor_for(key, opts.rank) {
                 let whole = TensorBox { offsets: vec![0; record.shape.len()], shape: record.shape.clone() };
                 let wanted = boxes.get(key).copied().unwrap_or(&whole);
                 let pieces = range.map(|slot| (owners[slot].1, std::mem::take(&mut slots[slot])));
@@ -259,7 +259,7 @@ impl Checkpoint {
     /// (and that shape against the one required, if any).
     fn boxes<'o>(&self, selected: &[(&str, String)], opts: &'o LoadOptions) -> Result<BTreeMap<String, &'o TensorBox>> {
         for (key, shape) in &opts.shapes {
-            match self.manifest.tensors.get(key) {
+            match self.manifest.tensor_for(key, opts.rank) {
                 Some(record) if &record.shape != shape => {
                     return Err(Error::invalid(format!(
                         "tensor has shape {:?} in the checkpoint, {shape:?} is required key=`{key}` checkpoint=`{}`",
@@ -284,7 +284,7 @@ impl Checkpoint {
         }
         let mut out = BTreeMap::new();
         for (key, wanted) in &opts.boxes {
-            let Some(record) = self.manifest.tensors.get(key) else {
+            let Some(record) = self.manifest.tensor_for(key, opts.rank) else {
                 return Err(Error::not_found(format!(
                     "tensor to load a box of is not in checkpoint key=`{key}` checkpoint=`{}`",
                     self.location.uri()
@@ -429,7 +429,7 @@ impl Checkpoint {
     pub async fn verify_async(&self) -> Result<Vec<Error>> {
         let mut problems = Vec::new();
         let mut by_file: BTreeMap<&str, Vec<(&str, &PieceRecord)>> = BTreeMap::new();
-        for (key, record) in &self.manifest.tensors {
+        for (key, record) in self.manifest.all_tensors() {
             for piece in &record.pieces {
                 by_file.entry(piece.file.as_str()).or_default().push((key.as_str(), piece));
             }

@@ -349,8 +349,12 @@ fn ranks_that_disagree_all_get_the_same_clear_error() {
             .map(|r| {
                 let dir = dir.clone();
                 s.spawn(move || {
+                    // Pieces of one sharded tensor whose global shapes differ (whole
+                    // tensors that differ are each rank's own, see below).
                     let mut state = State::new();
-                    state.insert_tensor("w", global(&[4 + r as u64]));
+                    let piece =
+                        Piece { tensor: global(&[2]), offsets: vec![2 * r as u64], global_shape: vec![4 + r as u64] };
+                    state.insert_piece("w", piece);
                     let mut ex = StoreExchange::new(&dir, r, 2, Duration::from_secs(30));
                     save_distributed(&dir, &state, 1, &SaveOptions::default(), &mut ex)
                 })
@@ -696,4 +700,78 @@ fn a_simulated_10000_rank_fsdp_manifest_is_within_every_limit() {
     let pieces: usize = read.tensors.values().map(|t| t.pieces.len()).sum();
     assert_eq!(pieces, 3 * (8000 * 2 + 2 * (7 * 4096 + 2 * 5504) + 4096));
     assert_eq!(read.files.len(), 8000);
+}
+
+#[test]
+fn each_rank_gets_back_its_own_tensors_and_replicated_ones_are_written_once() {
+    let uri = "memory://dist/per-rank-tensors";
+    let run = Run::create(uri).unwrap();
+    let dir = run.step_location(3);
+    let rng = |r: u64| Tensor::new(DType::U8, vec![4], vec![r as u8 * 10; 4]).unwrap();
+    std::thread::scope(|s| {
+        for r in 0..4u64 {
+            let dir = dir.clone();
+            s.spawn(move || {
+                let mut state = rank_state(r, 4);
+                // Ranks 0 and 3 happen to hold the same RNG state; 1 and 2 their own.
+                state.insert_tensor("rng", rng(if r == 3 { 0 } else { r }));
+                if r > 0 {
+                    // A buffer only ranks 1..3 hold, of another length on each.
+                    state.insert_tensor("buf", Tensor::new(DType::U8, vec![r], vec![r as u8; r as usize]).unwrap());
+                }
+                let mut ex = StoreExchange::new(&dir, r as u32, 4, Duration::from_secs(30));
+                save_distributed(&dir, &state, 3, &SaveOptions::default(), &mut ex).unwrap();
+            });
+        }
+    });
+    let ckpt = cairn::open(uri).unwrap();
+    let manifest = ckpt.manifest();
+    // Shared: rank 0's rng, and the lowest holder's buf (rank 1's).
+    assert_eq!(manifest.tensors["rng"].pieces.len(), 1);
+    assert_eq!(manifest.tensors["buf"].shape, vec![1]);
+    let own = |r: &str| manifest.ranks.get(r).map(|rec| rec.tensors.keys().cloned().collect::<Vec<_>>());
+    assert_eq!(own("1"), Some(vec!["rng".to_string()]));
+    assert_eq!(own("2"), Some(vec!["buf".to_string(), "rng".to_string()]));
+    assert_eq!(own("3"), Some(vec!["buf".to_string()]), "rank 3's rng is rank 0's: not kept twice");
+    // The replicated tensors (held by all four) are still written once.
+    assert_eq!(manifest.tensors["rep"].pieces.len(), 1);
+    for r in 0..4u64 {
+        let (state, _) = cairn::load(uri, &LoadOptions::default().with_rank(r as u32)).unwrap();
+        assert_eq!(state.tensor("rng").unwrap(), &rng(if r == 3 { 0 } else { r }), "rank {r}");
+        let buf = state.tensor("buf").unwrap();
+        assert_eq!(buf.shape(), [r.max(1)], "rank {r} (rank 0, which held none, reads rank 1's)");
+        assert_eq!(state.tensor("rep").unwrap(), &global(&[5]));
+    }
+    // A box of a rank's own tensor, and a required shape, are that rank's.
+    let opts = LoadOptions::default().with_rank(2).with_box("buf", vec![1], vec![1]).with_shape("buf", vec![2]);
+    assert_eq!(cairn::load(uri, &opts).unwrap().0.tensor("buf").unwrap().data().as_ref(), &[2]);
+    assert!(ckpt.verify().unwrap().is_empty());
+}
+
+#[test]
+fn a_tensor_whole_on_one_rank_and_in_pieces_on_another_is_refused_on_every_rank() {
+    let dir = Run::create("memory://dist/whole-and-pieces").unwrap().step_location(1);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u64)
+            .map(|r| {
+                let dir = dir.clone();
+                s.spawn(move || {
+                    let mut state = State::new();
+                    if r == 0 {
+                        state.insert_tensor("w", global(&[4]));
+                    } else {
+                        state
+                            .insert_piece("w", Piece { tensor: global(&[2]), offsets: vec![2], global_shape: vec![4] });
+                    }
+                    let mut ex = StoreExchange::new(&dir, r as u32, 2, Duration::from_secs(30));
+                    save_distributed(&dir, &state, 1, &SaveOptions::default(), &mut ex)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        let err = r.as_ref().unwrap_err();
+        assert!(err.to_string().contains("rank 0 holds tensor key=`w` whole, rank 1 holds pieces of it"), "{err}");
+    }
 }

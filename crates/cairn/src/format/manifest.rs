@@ -78,6 +78,10 @@ pub struct RankRecord {
     /// The rank's frontend structure, as JSON text.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "raw_json")]
     pub structure: Option<String>,
+    /// The rank's own whole tensors where they differ from the shared ones of the same
+    /// keys (per-rank RNG states, buffers): each key is also in the manifest's `tensors`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "unique_keys")]
+    pub tensors: BTreeMap<String, TensorRecord>,
 }
 
 /// Largest `metadata` and `metrics` accepted, each as JSON text (refused on save and on
@@ -324,6 +328,19 @@ impl Manifest {
         }
     }
 
+    /// The tensor `key` as rank `rank` saved it: its own if it has one, else the shared
+    /// one (`tensors`).
+    pub fn tensor_for(&self, key: &str, rank: Option<u32>) -> Option<&TensorRecord> {
+        rank.and_then(|r| self.ranks.get(&r.to_string()))
+            .and_then(|record| record.tensors.get(key))
+            .or_else(|| self.tensors.get(key))
+    }
+
+    /// Every tensor record with its key: the shared ones, then each rank's own.
+    pub fn all_tensors(&self) -> impl Iterator<Item = (&String, &TensorRecord)> {
+        self.tensors.iter().chain(self.ranks.values().flat_map(|r| r.tensors.iter()))
+    }
+
     /// Checks every internal reference: file names, byte ranges, shapes, offsets, keys,
     /// and the size limits of the free-form fields.
     pub fn validate(&self, file: &str) -> Result<()> {
@@ -358,6 +375,16 @@ impl Manifest {
                     "rank {rank} holds a value under a tensor's key key=`{}` file=`{file}`",
                     crate::error::escape_control(key)
                 )));
+            }
+            for (key, tensor) in &record.tensors {
+                if !self.tensors.contains_key(key) {
+                    return Err(Error::corrupt(format!(
+                        "rank {rank} holds its own tensor under a key no shared tensor has key=`{}` file=`{file}`",
+                        crate::error::escape_control(key)
+                    )));
+                }
+                validate_tensor(key, tensor, &self.files)
+                    .map_err(|msg| Error::corrupt(format!("{msg} tensor=`{key}` rank={rank} file=`{file}`")))?;
             }
         }
         for (name, record) in &self.files {
@@ -489,7 +516,11 @@ mod tests {
     fn rank_records_round_trip_and_bad_ones_are_corrupt() {
         let mut m = sample();
         m.writer.world_size = 4;
-        let record = RankRecord { values: BTreeMap::from([("pos".into(), Value::Int(3))]), structure: None };
+        let record = RankRecord {
+            values: BTreeMap::from([("pos".into(), Value::Int(3))]),
+            structure: None,
+            tensors: BTreeMap::new(),
+        };
         m.ranks.insert("2".into(), record.clone());
         assert_eq!(Manifest::decode(&m.encode().unwrap(), "m.json").unwrap(), m);
         assert_eq!(m.held_by(Some(2)).0["pos"], Value::Int(3));
@@ -509,6 +540,41 @@ mod tests {
         many.values.insert("a".into(), maps.clone());
         many.ranks.get_mut("2").unwrap().values.insert("a".into(), maps);
         assert!(many.validate("m.json").unwrap_err().to_string().contains("maps among the plain values"));
+    }
+
+    #[test]
+    fn a_ranks_own_tensors_are_read_for_it_and_bad_ones_are_corrupt() {
+        let mut m = sample();
+        m.writer.world_size = 3;
+        let mut own = m.tensors["w"].clone();
+        own.pieces[0].crc32c = 7;
+        m.ranks.insert(
+            "1".into(),
+            RankRecord {
+                values: BTreeMap::new(),
+                structure: None,
+                tensors: BTreeMap::from([("w".into(), own.clone())]),
+            },
+        );
+        let read = Manifest::decode(&m.encode().unwrap(), "m.json").unwrap();
+        assert_eq!(read.tensor_for("w", Some(1)), Some(&own));
+        assert_eq!(read.tensor_for("w", Some(2)), Some(&m.tensors["w"]));
+        assert_eq!(read.tensor_for("w", None), Some(&m.tensors["w"]));
+        assert_eq!(read.all_tensors().count(), 2);
+        // A rank's own tensor under a key no shared tensor has, or naming a file outside
+        // the checkpoint, or out of its shape: corrupt, naming the rank.
+        let mut stray = m.clone();
+        let w = stray.ranks.get_mut("1").unwrap().tensors.remove("w").unwrap();
+        stray.ranks.get_mut("1").unwrap().tensors.insert("x".into(), w);
+        assert!(decode_err(&stray).to_string().contains("under a key no shared tensor has key=`x`"));
+        let mut outside = m.clone();
+        outside.ranks.get_mut("1").unwrap().tensors.get_mut("w").unwrap().pieces[0].file = "../../etc/passwd".into();
+        let err = decode_err(&outside);
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.to_string().contains("rank=1"), "{err}");
+        let mut shifted = m.clone();
+        shifted.ranks.get_mut("1").unwrap().tensors.get_mut("w").unwrap().pieces[0].offsets = vec![1, 0];
+        assert!(decode_err(&shifted).to_string().contains("rank=1"));
     }
 
     #[test]
