@@ -87,7 +87,7 @@ def _torch_boxes(key: str, obj: Any) -> list[tuple[Any, list[int]]]:
         except ValueError as e:  # e.g. a Partial placement: the local data is not the value
             raise InvalidArgumentError(f"cannot save this DTensor ({e}) key=`{key}`") from None
         local = obj.to_local()
-        if len(chunks) != 1 or list(chunks[0].sizes) != list(local.shape):
+        if len(chunks) != 1 or list(chunks[0].sizes) != list(local.shape) or not _strided_is_box(obj):
             raise InvalidArgumentError(
                 f"a DTensor whose local data is {len(chunks)} boxes (placements {obj.placements}) "
                 f"is not supported yet key=`{key}`"
@@ -97,6 +97,26 @@ def _torch_boxes(key: str, obj: Any) -> list[tuple[Any, list[int]]]:
         (shard.tensor, [int(o) for o in shard.metadata.shard_offsets])
         for shard in obj.local_shards()
     ]
+
+
+def _strided_is_box(obj: Any) -> bool:
+    """Whether a DTensor's strided placements (`_StridedShard`, as FSDP2 over tensor
+    parallelism makes) leave its local data one box: each strided split must undo the
+    splits of the same tensor dimension on later mesh dimensions (its split factor their
+    product), so that the dimension is in effect split right to left, into contiguous
+    runs. Other strided layouts interleave rows from several places."""
+    placements = obj.placements
+    for i, placement in enumerate(placements):
+        factor = getattr(placement, "split_factor", None)
+        if factor is None:
+            continue
+        later = 1
+        for j in range(i + 1, len(placements)):
+            if placements[j].is_shard(placement.dim):
+                later *= obj.device_mesh.size(j)
+        if factor != later:
+            return False
+    return True
 
 
 class Devices:

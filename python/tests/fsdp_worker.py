@@ -10,7 +10,8 @@ optimizer stepped once), loads the checkpoint into its own state dict with
 `cairn.load(target=...)`, applies it with `set_state_dict`, checks every tensor and the
 param groups bit-exact against REF step 1, trains the same step and compares with REF
 step 2 (to float rounding: another world size reduces gradients in another order). MESH `2x2` shards the model over a 2-D mesh (HSDP: replicated over the first
-dimension, sharded over the second, so each box is held by two ranks and written once).
+dimension, sharded over the second, so each box is held by two ranks and written once);
+MESH `tp` over a (dp, tp) mesh: tensor parallel, then FSDP over dp (`_StridedShard`).
 """
 
 import pathlib
@@ -30,6 +31,13 @@ def build(seed, mesh):
     torch.manual_seed(seed)
     # 3 outputs: on 4 ranks the last layer's shards are uneven and one is empty
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    if mesh.mesh_dim_names == ("dp", "tp"):
+        # FSDP x TP: the first weight is split by rows over "tp", then FSDP splits each
+        # of those over "dp" (a _StridedShard); the second by columns over "tp".
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        mesh = mesh["dp"]
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -107,6 +115,24 @@ def managed(run, state):
     assert not left, left
 
 
+def strided(msd, mesh, run):
+    """FSDP over TP gives the first weight a _StridedShard placement whose local data is
+    one box; a strided layout that interleaves rows (several boxes per rank) is refused,
+    naming the key, on every rank, and nothing is committed."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    assert any(isinstance(p, _StridedShard) for t in msd.values() for p in t.placements), msd
+    local = torch.arange(2.0).reshape(2, 1) + 2 * dist.get_rank()
+    rows = DTensor.from_local(local, mesh, [Shard(0), _StridedShard(0, split_factor=2)], shape=(8, 1), stride=(1, 1))
+    try:
+        cairn.save(run, {"interleaved": rows}, step=1)
+        raise AssertionError("an interleaved strided DTensor was saved")
+    except cairn.InvalidArgumentError as e:
+        assert "key=`interleaved`" in str(e), e
+    assert not pathlib.Path(run).exists() or cairn.list_checkpoints(run) == []
+
+
 def sharded_tensor(run):
     """FSDP1's ShardedTensor: rows of a 10x3 tensor over the ranks (3, 3, 3, 1), saved,
     loaded whole and into another ShardedTensor of the same layout."""
@@ -137,12 +163,16 @@ def main():
     world = dist.get_world_size()
     if shape == "2x2":
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))  # HSDP
+    elif shape == "tp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))  # FSDP x TP
     else:
         mesh = init_device_mesh("cpu", (world,))
     if mode == "save":
         model, opt = build(0, mesh)
         train_step(model, opt, 0)
         msd, osd = get_state_dict(model, opt)
+        if shape == "tp":
+            strided(msd, mesh, run + "-strided")
         cairn.save(run, {"model": msd, "optim": osd}, step=1)  # ranks and collectives from the job
         first = full({"model": msd, "optim": osd})
         train_step(model, opt, 1)

@@ -55,6 +55,19 @@ def test_hsdp_on_a_two_by_two_mesh_writes_each_box_once_and_loads_on_a_plain_mes
     torchrun(2, "load", run, ref)
 
 
+def test_fsdp_over_tensor_parallel_on_a_two_by_two_mesh_loads_on_a_plain_mesh(tmp_path):
+    # FSDP2 over a tensor-parallel model: the first weight is sharded by rows over "tp"
+    # and each of those again over "dp" (a _StridedShard placement), the second by
+    # columns over "tp" and rows over "dp".
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    torchrun(4, "save", run, ref, "tp")
+    whole = cairn.load(run, framework="torch")
+    first = cairn.load(ref, step=1, framework="torch")
+    for name, tensor in first["model"].items():
+        assert whole["model"][name].equal(tensor), name
+    torchrun(2, "load", run, ref)
+
+
 JAX_SCRIPT = textwrap.dedent(
     """
     import sys
