@@ -140,7 +140,11 @@ def _jax_boxes(key: str, obj: Any) -> list[tuple[Any, list[int], list[int]]]:
     devices."""
     shape = [int(d) for d in obj.shape]
     by_box: dict[tuple[tuple[int, ...], tuple[int, ...]], list[Any]] = {}
-    for device, index in jax_sharding(obj).addressable_devices_indices_map(tuple(shape)).items():
+    try:
+        placed = jax_sharding(obj).addressable_devices_indices_map(tuple(shape))
+    except ValueError as e:  # a sharding that does not fit the shape
+        raise InvalidArgumentError(f"the target's sharding does not fit its shape {shape} ({e}) key=`{key}`") from None
+    for device, index in placed.items():
         offsets, sizes = [], []
         for dim, part in enumerate(tuple(index) + (slice(None),) * (len(shape) - len(index))):
             start, stop, step = part.indices(shape[dim])

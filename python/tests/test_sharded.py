@@ -141,6 +141,13 @@ JAX_RESTORE = textwrap.dedent(
                             (back["opt"].count, state["opt"].count, target["opt"].count)]:
         assert got.sharding == spec.sharding, (got.sharding, spec.sharding)
         assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+    # A target sharding that does not divide its shape: a typed error naming the key.
+    three = NamedSharding(Mesh(devices[:3], ("x",)), P("x", None))
+    try:
+        cairn.load(run, target={"params": {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=three)}}, step=1)
+        raise AssertionError("a sharding that does not fit was accepted")
+    except cairn.InvalidArgumentError as e:
+        assert "key=`params.w`" in str(e), e
     print("ok")
     """
 )
@@ -148,6 +155,63 @@ JAX_RESTORE = textwrap.dedent(
 
 def test_jax_state_restores_into_abstract_arrays_on_another_mesh_keeping_namedtuples(tmp_path):
     on_eight_devices(JAX_RESTORE, tmp_path / "run")
+
+
+JAX_PROCESSES = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import cairn
+
+    run, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    full = {"rows": np.arange(64 * 6, dtype=np.float32).reshape(64, 6),
+            "cols": np.arange(4 * 32, dtype=np.int32).reshape(4, 32),
+            "rep": np.linspace(0, 1, 5, dtype=np.float32)}
+    specs = {"rows": P("data", None), "cols": P(None, "model"), "rep": P()}
+    # Global arrays no process holds whole: each makes only its own devices' shards.
+    state = {k: jax.make_array_from_callback(v.shape, NamedSharding(mesh, specs[k]), lambda i, v=v: v[i])
+             for k, v in full.items()}
+    assert not state["rows"].is_fully_addressable
+    state["loader"] = {"pos": 100 + pid}
+    info = cairn.save(run, state, step=3)  # ranks from jax.distributed, coordinated through the store
+    assert info.tensor_bytes == sum(v.nbytes for v in full.values()), info
+
+    # Restored on another mesh from abstract arrays: each process reads its devices' boxes.
+    other = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    other_specs = {"rows": P("b", None), "cols": P("a", "b"), "rep": P()}
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(other, other_specs[k]))
+              for k, v in full.items()}
+    target["loader"] = {"pos": 0}
+    back = cairn.load(run, target=target, step=3)
+    assert back["loader"]["pos"] == 100 + pid, back["loader"]  # each process its own values
+    for k, v in full.items():
+        assert back[k].sharding == target[k].sharding, k
+        for shard in back[k].addressable_shards:
+            assert np.array_equal(np.asarray(shard.data), v[shard.index]), (k, shard.index)
+    print("ok")
+    """
+)
+
+
+def test_a_two_process_jax_job_saves_and_restores_arrays_no_process_holds_whole(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", JAX_PROCESSES, str(tmp_path / "run"), str(port), str(pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for pid in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "ok" in out, err[-4000:]
+    manifest = json.loads((tmp_path / "run" / "step-000000000003" / "manifest.json").read_text())
+    assert manifest["writer"]["world_size"] == 2
+    assert len(manifest["tensors"]["rows"]["pieces"]) == 4 and len(manifest["tensors"]["rep"]["pieces"]) == 1
 
 
 def test_a_target_of_another_shape_is_refused_naming_the_key(tmp_path):
