@@ -1,6 +1,7 @@
-"""Sharded state side by side: Cairn against torch DCP on an FSDP2 model.
+"""Sharded state side by side: Cairn against torch DCP on an FSDP2 model, and against
+Orbax on jax arrays sharded over 8 host devices.
 
-    .venv/bin/python bench/sharded.py [--size-mb 512] [--reps 3] [--save-ranks 4] [--load-ranks 2]
+    .venv/bin/python bench/sharded.py [--size-mb 512] [--reps 3] [--save-ranks 4] [--load-ranks 2] [--only torch|jax]
 
 Each repetition launches `torchrun --standalone` (gloo, CPU) twice per tool: N ranks build
 the same FSDP2 model with Adam state (parameters plus two moments, float32, about
@@ -10,8 +11,17 @@ fresh model and load into its own state dict (Cairn: `load(target=...)`; DCP: `d
 and apply it with `set_state_dict`. Times are the slowest rank's, from a barrier before
 to a barrier after (saves durable: DCP's writer fsyncs, Cairn always does); the tools
 alternate within each repetition; medians are reported with the ratio Cairn/DCP and each
-rank's peak RSS growth during the call (extra host memory). The page cache is warm for
-loads (both tools alike): this compares the tools' own costs, not the disk.
+rank's peak RSS growth during the call (extra host memory). Before each load the
+checkpoint's pages are dropped from the page cache (after a sync; the tools write through
+the cache differently: Cairn with direct I/O, DCP and Orbax buffered), so every load reads
+from the disk, as after a restart on another machine.
+
+jax: one process with 8 host devices (XLA_FLAGS) holds a state of the same size (three
+float32 arrays per layer, random, sharded by rows over a 4x2 mesh, plus a replicated
+one); Cairn `save(..., step=1)` against Orbax `StandardCheckpointer().save` (waited until
+finished), then a fresh process restores onto another mesh (2x4, sharded by columns) from
+abstract `ShapeDtypeStruct`s: Cairn `load(target=...)`, Orbax `restore(path, abstract)`.
+Orbax is given its defaults; it does not fsync what it writes, Cairn does.
 """
 
 from __future__ import annotations
@@ -77,6 +87,82 @@ dist.destroy_process_group()
 '''
 
 
+JAX_WORKER = r'''
+import json, os, resource, sys, time
+import numpy as np
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+tool, mode, path, size_mb = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+width = 1024
+layers = max(1, (size_mb << 20) // 3 // (4 * width * width))
+devices = np.array(jax.devices())
+if mode == "save":
+    mesh = Mesh(devices.reshape(4, 2), ("data", "model"))
+    rows = NamedSharding(mesh, P("data", None))
+    rng = np.random.default_rng(0)
+    def make(i):
+        return jax.device_put(rng.standard_normal((width, width), dtype=np.float32), rows)
+    state = {f"layer{i}": {"w": make(i), "mu": make(i), "nu": make(i)} for i in range(layers)}
+    state["step"] = jax.device_put(jnp.array(1, jnp.int32), NamedSharding(mesh, P()))
+    jax.block_until_ready(state)
+else:
+    mesh = Mesh(devices.reshape(2, 4), ("a", "b"))
+    cols = NamedSharding(mesh, P(None, "b"))
+    abstract = lambda: jax.ShapeDtypeStruct((width, width), jnp.float32, sharding=cols)
+    state = {f"layer{i}": {"w": abstract(), "mu": abstract(), "nu": abstract()} for i in range(layers)}
+    state["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+
+def rss_kb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+
+import cairn
+import orbax.checkpoint as ocp
+before = rss_kb()
+start = time.perf_counter()
+if mode == "save":
+    if tool == "cairn":
+        cairn.save(path, state, step=1)
+    else:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(path, "1"), state)
+        ckptr.wait_until_finished()
+else:
+    if tool == "cairn":
+        got = cairn.load(path, target=state, step=1)
+    else:
+        got = ocp.StandardCheckpointer().restore(os.path.join(path, "1"), state)
+    jax.block_until_ready(got)
+    assert got["layer0"]["w"].sharding == state["layer0"]["w"].sharding
+elapsed = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("RESULT " + json.dumps({"s": elapsed, "extra_mb": max(0, peak - before) / 1024}))
+'''
+
+
+def evict(path: str) -> None:
+    """Drops the pages of every file under `path` from the page cache (written back
+    first), so that the next load reads from the disk whoever wrote the files."""
+    os.sync()
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run_jax(tool: str, mode: str, path: str, size_mb: int, worker: str) -> dict:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, worker, tool, mode, path, str(size_mb)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{tool} {mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(lines[0][len("RESULT "):])
+
+
 def run(tool: str, mode: str, path: str, ranks: int, size_mb: int, worker: str) -> dict:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -90,38 +176,62 @@ def run(tool: str, mode: str, path: str, ranks: int, size_mb: int, worker: str) 
     return json.loads(lines[0][len("RESULT "):])
 
 
+def report(title: str, med: dict, peer: str) -> None:
+    print(title)
+    print(f"{'tool':8} {'save s':>8} {'load s':>8} {'save extra MB':>14} {'load extra MB':>14}")
+    for tool in ("cairn", peer):
+        m = med[tool]
+        print(f"{tool:8} {m['save']['s']:8.2f} {m['load']['s']:8.2f} {m['save']['extra_mb']:14.0f} {m['load']['extra_mb']:14.0f}")
+    print(f"save speedup ({peer} time / Cairn time): {med[peer]['save']['s'] / med['cairn']['save']['s']:.2f}x; "
+          f"load: {med[peer]['load']['s'] / med['cairn']['load']['s']:.2f}x")
+
+
+def medians(results: dict) -> dict:
+    return {t: {m: {k: statistics.median(r[k] for r in runs) for k in ("s", "extra_mb")} for m, runs in ms.items()}
+            for t, ms in results.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--save-ranks", type=int, default=4)
     ap.add_argument("--load-ranks", type=int, default=2)
+    ap.add_argument("--only", choices=["torch", "jax"], default=None)
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="cairn-sharded-", dir=args.dir or os.getcwd())
-    worker = os.path.join(root, "worker.py")
+    worker, jax_worker = os.path.join(root, "worker.py"), os.path.join(root, "jax_worker.py")
     with open(worker, "w") as f:
         f.write(WORKER)
-    results: dict[str, dict[str, list[dict]]] = {"cairn": {"save": [], "load": []}, "dcp": {"save": [], "load": []}}
+    with open(jax_worker, "w") as f:
+        f.write(JAX_WORKER)
+    torch_results = {"cairn": {"save": [], "load": []}, "dcp": {"save": [], "load": []}}
+    jax_results = {"cairn": {"save": [], "load": []}, "orbax": {"save": [], "load": []}}
     try:
         for rep in range(args.reps):
-            tools = ["cairn", "dcp"] if rep % 2 == 0 else ["dcp", "cairn"]
-            for tool in tools:
-                path = os.path.join(root, f"{tool}-{rep}")
-                results[tool]["save"].append(run(tool, "save", path, args.save_ranks, args.size_mb, worker))
-                results[tool]["load"].append(run(tool, "load", path, args.load_ranks, args.size_mb, worker))
-                shutil.rmtree(path, ignore_errors=True)
+            if args.only != "jax":
+                for tool in (["cairn", "dcp"] if rep % 2 == 0 else ["dcp", "cairn"]):
+                    path = os.path.join(root, f"{tool}-{rep}")
+                    torch_results[tool]["save"].append(run(tool, "save", path, args.save_ranks, args.size_mb, worker))
+                    evict(path)
+                    torch_results[tool]["load"].append(run(tool, "load", path, args.load_ranks, args.size_mb, worker))
+                    shutil.rmtree(path, ignore_errors=True)
+            if args.only != "torch":
+                for tool in (["cairn", "orbax"] if rep % 2 == 0 else ["orbax", "cairn"]):
+                    path = os.path.join(root, f"jax-{tool}-{rep}")
+                    jax_results[tool]["save"].append(run_jax(tool, "save", path, args.size_mb, jax_worker))
+                    evict(path)
+                    jax_results[tool]["load"].append(run_jax(tool, "load", path, args.size_mb, jax_worker))
+                    shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    med = {t: {m: {k: statistics.median(r[k] for r in runs) for k in ("s", "extra_mb")} for m, runs in ms.items()} for t, ms in results.items()}
-    print(f"FSDP2 + Adam, about {args.size_mb} MiB, save on {args.save_ranks} ranks, load on {args.load_ranks}; "
-          f"{args.reps} reps, medians (slowest rank)")
-    print(f"{'tool':8} {'save s':>8} {'load s':>8} {'save extra MB':>14} {'load extra MB':>14}")
-    for tool in ("cairn", "dcp"):
-        m = med[tool]
-        print(f"{tool:8} {m['save']['s']:8.2f} {m['load']['s']:8.2f} {m['save']['extra_mb']:14.0f} {m['load']['extra_mb']:14.0f}")
-    print(f"save speedup (DCP time / Cairn time): {med['dcp']['save']['s'] / med['cairn']['save']['s']:.2f}x; "
-          f"load: {med['dcp']['load']['s'] / med['cairn']['load']['s']:.2f}x")
+    if args.only != "jax":
+        report(f"FSDP2 + Adam, about {args.size_mb} MiB, save on {args.save_ranks} ranks, load on {args.load_ranks}; "
+               f"{args.reps} reps, medians (slowest rank)", medians(torch_results), "dcp")
+    if args.only != "torch":
+        report(f"jax, about {args.size_mb} MiB over 8 host devices, saved on a 4x2 mesh, restored onto 2x4; "
+               f"{args.reps} reps, medians", medians(jax_results), "orbax")
 
 
 if __name__ == "__main__":

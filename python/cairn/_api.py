@@ -281,7 +281,7 @@ def _load_into(
     their devices), one read of each box; returns the target's structure, its containers'
     types kept."""
     leaves = _tree.leaves_of(target)
-    places = {key: _sharded.targets(key, obj) for key, obj in leaves.items()}
+    places = {key: _reads(_sharded.targets(key, obj)) for key, obj in leaves.items()}
     shapes = {key: [int(d) for d in obj.shape] for key, obj in leaves.items() if places[key] is not None}
     filled: dict[str, Any] = {}
     on_devices: dict[str, list[Any]] = {}
@@ -304,12 +304,13 @@ def _load_into(
                 if places[key] is None:
                     filled[key] = got[key]
                     continue
-                dest = places[key][i][0]
-                if isinstance(dest, _sharded.Devices):
-                    on_devices.setdefault(key, []).extend(_to_devices(key, leaves[key], got[key], dest))
-                    continue
-                _fill(key, dest, got[key])
-                filled[key] = leaves[key]
+                for dest, within in places[key][i][0]:
+                    part = got[key] if within is None else got[key][within]
+                    if isinstance(dest, _sharded.Devices):
+                        on_devices.setdefault(key, []).extend(_to_devices(key, leaves[key], part, dest))
+                    else:
+                        _fill(key, dest, part)
+                        filled[key] = leaves[key]
             del native, got  # let this batch's mapping go before the next one is read
     for key, parts in on_devices.items():
         import jax
@@ -317,6 +318,24 @@ def _load_into(
         obj = leaves[key]
         filled[key] = jax.make_array_from_single_device_arrays(tuple(obj.shape), _sharded.jax_sharding(obj), parts)
     return _tree.rebuild(target, filled)
+
+
+def _reads(places: list[tuple[Any, list[int], list[int]]] | None) -> list[tuple[list[tuple[Any, Any]], list[int], list[int]]] | None:
+    """The reads of a load into one target leaf, from its places (`(destination, offsets,
+    shape)` per box, see `_sharded.targets`): `([(destination, slices within the read)],
+    offsets, shape)` per read. Boxes that tile their bounding box (the column blocks a
+    jax process's devices hold, a ShardedTensor's local shards) are read as that one box,
+    each piece of the checkpoint read and verified once, and then sliced; other boxes are
+    read one by one (`slices` None: the whole read)."""
+    if places is None or len(places) < 2:
+        return None if places is None else [([(dest, None)], offsets, shape) for dest, offsets, shape in places]
+    low = [min(o[d] for _, o, _ in places) for d in range(len(places[0][1]))]
+    high = [max(o[d] + s[d] for _, o, s in places) for d in range(len(places[0][1]))]
+    bounds = [h - lo for lo, h in zip(low, high)]
+    if sum(int(np.prod(s, dtype=np.int64)) for _, _, s in places) != int(np.prod(bounds, dtype=np.int64)):
+        return [([(dest, None)], offsets, shape) for dest, offsets, shape in places]
+    within = [(dest, tuple(slice(o - lo, o - lo + n) for o, lo, n in zip(offsets, low, shape))) for dest, offsets, shape in places]
+    return [(within, low, bounds)]
 
 
 # The most bytes of boxes one batch of a load into a target reads.

@@ -276,3 +276,26 @@ def test_a_load_into_a_target_reads_in_bounded_batches_bf16_included(tmp_path, m
     back = cairn.load(tmp_path / "run", target=target, step=1)
     assert back["w"] is target["w"] and torch.equal(target["w"], w)
     assert torch.equal(target["u"], state["u"]) and back["n"] == 3
+
+
+def test_boxes_that_tile_their_bounding_box_are_read_once_and_sliced(tmp_path):
+    from cairn import _api
+
+    a, b, c = object(), object(), object()
+    # Two column blocks of one array (two devices' boxes): one read of the 4x8 block.
+    reads = _api._reads([(a, [0, 0], [4, 4]), (b, [0, 4], [4, 4])])
+    assert reads == [([(a, (slice(0, 4), slice(0, 4))), (b, (slice(0, 4), slice(4, 8)))], [0, 0], [4, 8])]
+    # Boxes with a gap between them are read one by one (the gap is not read).
+    apart = _api._reads([(a, [0], [2]), (c, [6], [2])])
+    assert apart == [([(a, None)], [0], [2]), ([(c, None)], [6], [2])]
+    assert _api._reads(None) is None and _api._reads([]) == []
+    # Through a load: a numpy target's box and a ShardedTensor-like pair fill correctly.
+    full = np.arange(32, dtype=np.float32).reshape(4, 8)
+    cairn.save(tmp_path / "run", {"w": full}, step=1)
+    left, right = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float32)
+    places = {"w": _api._reads([(left, [0, 0], [4, 4]), (right, [0, 4], [4, 4])])}
+    opened = cairn._cairn.open(str(tmp_path / "run"), 1, None)
+    got = _api._raw(opened.load(None, ["w"], None, {"w": (places["w"][0][1], places["w"][0][2])}, None, None))
+    for dest, within in places["w"][0][0]:
+        _api._fill("w", dest, got["w"][within])
+    assert np.array_equal(left, full[:, :4]) and np.array_equal(right, full[:, 4:])
