@@ -171,8 +171,11 @@ def run(tool: str, mode: str, path: str, ranks: int, size_mb: int, worker: str) 
         capture_output=True, text=True, env=env, timeout=1200,
     )
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    if not lines:
         raise RuntimeError(f"{tool} {mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    if done.returncode != 0:
+        # Measured and reported, then a rank died tearing gloo down (seen once with DCP).
+        print(f"note: {tool} {mode} exited {done.returncode} after reporting its result", file=sys.stderr)
     return json.loads(lines[0][len("RESULT "):])
 
 
