@@ -434,10 +434,15 @@ def _job(
     return 0, 1, all_gather
 
 
-def _manager_job(rank: int | None, world_size: int | None, group: Any) -> tuple[int, int, Callable | None]:
+def _manager_job(
+    rank: int | None, world_size: int | None, group: Any, timeout: float
+) -> tuple[int, int, Callable | None]:
     """The rank, world size and all-gather of a manager: as given (coordinated through
     the store), else `group`'s or the `torch.distributed` job's (over a new gloo group of
-    the manager's own), else the multi-process jax job's, else one process alone."""
+    the manager's own, whose collectives give up after `timeout` seconds), else the
+    multi-process jax job's, else one process alone. A given group must be a gloo group
+    holding this process: the manager's collectives run on its background thread, where
+    an NCCL group would run on whatever device that thread sees."""
     if (rank is None) != (world_size is None):
         raise _cairn.InvalidArgumentError("pass rank and world_size together (or neither)")
     if rank is not None:
@@ -454,8 +459,19 @@ def _manager_job(rank: int | None, world_size: int | None, group: Any) -> tuple[
             return 0, 1, None
         if group is None:
             # Saves run on the manager's background thread: a group of their own keeps
-            # their collectives apart from the training loop's.
-            group = dist.new_group(backend="gloo")
+            # their collectives apart from the training loop's. A collective no other rank
+            # joins (a rank that died) fails after the manager's timeout, not gloo's 30 min.
+            group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout))
+        elif dist.get_rank(group) < 0:
+            raise _cairn.InvalidArgumentError(
+                f"this process (rank {dist.get_rank()}) is not in process_group; create the manager only "
+                "on the group's ranks"
+            )
+        elif dist.get_backend(group) != "gloo":
+            raise _cairn.InvalidArgumentError(
+                f"process_group has backend {dist.get_backend(group)!r}: a manager saves on a background "
+                "thread and needs a gloo group (torch.distributed.new_group(backend='gloo'))"
+            )
         return dist.get_rank(group), dist.get_world_size(group), torch_all_gather(group)
     if _jax_job():
         jax = sys.modules["jax"]
@@ -597,8 +613,9 @@ def _prepare(state: Any, metrics: dict[str, float] | None, metadata: Any, world_
             job_rank, job_world, _ = _job(None, None, None, True)
             if job_world > 1:
                 raise _cairn.InvalidArgumentError(
-                    f"a sharded state in a job of {job_world} processes: pass "
-                    f"rank={job_rank}, world_size={job_world} to CheckpointManager"
+                    f"a sharded state in a job of {job_world} processes (this is rank {job_rank}) in a manager "
+                    "saving alone: make the manager without rank and world_size (it takes the job's ranks), "
+                    f"or pass rank={job_rank}, world_size={job_world}"
                 )
         return leaves, _metrics(metrics), _metadata(metadata)
 
@@ -632,10 +649,14 @@ class CheckpointManager:
     together (rank 0 applies retention). In a `torch.distributed` job the ranks are the
     job's and they coordinate through a `gloo` group of their own, made here (every rank
     must construct the manager), so that the background saves never share a group with
-    the training loop's collectives; `process_group` chooses another group (one the loop
-    does not use from another thread). Elsewhere (or with `rank` and `world_size` given)
-    the ranks coordinate through the store, waiting at most `timeout` seconds for each
-    other; in a multi-process jax job the ranks are jax's. A process that saves alone in a
+    the training loop's collectives; `process_group` chooses another gloo group (one the
+    loop does not use from another thread), whose ranks are the manager's. Elsewhere (or
+    with `rank` and `world_size` given) the ranks coordinate through the store; in a
+    multi-process jax job the ranks are jax's. Either way a save waits at most `timeout`
+    seconds for the other ranks. Every rank must save the same steps (a time-based
+    `save_interval` is refused with several ranks); a rank whose state cannot be read
+    for a step still takes part, so that save fails on every rank at once, naming it,
+    and the next one works. A process that saves alone in a
     job passes `rank=0, world_size=1`. On opening, rank 0
     removes in the background what unfinished saves left once older than `orphan_grace`
     (seconds; None: never); cleanup problems never fail a save (`cleanup_errors()`)."""
@@ -665,7 +686,7 @@ class CheckpointManager:
     ) -> None:
         legacy = dict(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, metric=metric, mode=mode)
         last, every, best = _retention(keep, legacy)
-        rank, world_size, all_gather = _manager_job(rank, world_size, process_group)
+        rank, world_size, all_gather = _manager_job(rank, world_size, process_group, timeout)
         self._native = _cairn.Manager(
             _uri(run),
             None if policies is None else [(p.interval, p.until) for p in policies],
@@ -752,9 +773,10 @@ class CheckpointManager:
         Raises `CheckpointNotFoundError` when there is none. `target` fills the job's own
         state in place and `boxes` reads boxes of tensors, as `cairn.load` does (every
         process of a job reads the same step: the latest once this manager's saves in
-        flight are over). The plain
-        values are this manager's `rank`'s own; a rank that saved none of its own (or a
-        rank beyond those that saved) gets rank 0's."""
+        flight are over). Plain values, structure and whole tensors that ranks held with
+        contents of their own (an RNG state) are this manager's `rank`'s own; a rank that
+        saved none of its own (or a rank beyond those that saved) gets the shared ones:
+        rank 0's values and structure, the lowest-ranked holder's tensors."""
         if target is not None or boxes is not None:
             if step is None:
                 step = self._native.settled_latest_step()

@@ -201,7 +201,10 @@ impl Manager {
                                 }
                             })
                             .map_err(|err| {
-                                let shown = cairn::Error::new(cairn::ErrorKind::Invalid, "preparing the state failed");
+                                let shown = cairn::Error::new(
+                                    cairn::ErrorKind::Invalid,
+                                    format!("preparing the state failed: {err}"),
+                                );
                                 *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
                                 shown
                             })

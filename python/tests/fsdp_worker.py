@@ -110,7 +110,24 @@ def managed(run, state):
         assert info.step == 2
         for n, t in state["model"].items():
             assert torch.equal(restored["model"][n].to_local(), t.to_local()), n
-    assert [i.step for i in cairn.list_checkpoints(run)] == [1, 2]
+        # Rank 1 cannot read its state for step 3: it is told why, the other ranks' save
+        # of step 3 fails at once naming rank 1 (not after a timeout), and step 4 saves.
+        try:
+            mgr.on_step(3, dict(state, unreadable=object()) if dist.get_rank() == 1 else state)
+            mgr.wait()
+            raise AssertionError("step 3 was saved without rank 1's state")
+        except cairn.CheckpointError as e:
+            assert ("key=`unreadable`" if dist.get_rank() == 1 else "rank 1 could not take part") in str(e), e
+        assert mgr.on_step(4, state)
+    assert [i.step for i in cairn.list_checkpoints(run)] == [1, 2, 4]
+    # A group must hold this process, and be gloo (the manager saves on its own thread).
+    outside = dist.new_group(ranks=[0], backend="gloo")
+    if dist.get_rank() != 0:
+        try:
+            cairn.CheckpointManager(run, preemption_signal=None, process_group=outside)
+            raise AssertionError("a manager was made on a rank outside its group")
+        except cairn.InvalidArgumentError as e:
+            assert "not in process_group" in str(e), e
     left = [str(p) for p in pathlib.Path(run).rglob("*") if ".cairn-coord" in str(p)]
     assert not left, left
 

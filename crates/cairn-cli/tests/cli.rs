@@ -99,6 +99,32 @@ fn inspect_shows_tensors_shards_and_totals() {
 }
 
 #[test]
+fn inspect_shows_each_ranks_own_tensors() {
+    use cairn::dist::{save_as_rank, Ranks};
+    let dir = tempfile::tempdir().unwrap();
+    let run = cairn::Run::create(dir.path().join("run").to_str().unwrap()).unwrap();
+    // Two ranks, each with an RNG state of its own under one key.
+    std::thread::scope(|s| {
+        for rank in 0..2u32 {
+            let run = &run;
+            s.spawn(move || {
+                let mut state = State::new();
+                state.insert_tensor("rng", Tensor::new(DType::U8, vec![4], vec![rank as u8; 4]).unwrap());
+                let ranks = Ranks { rank, world_size: 2, timeout: std::time::Duration::from_secs(30) };
+                save_as_rank(run.location(), &state, &SaveOptions::default().with_step(1), ranks, None).unwrap();
+            });
+        }
+    });
+    let out = cairn(dir.path(), &["inspect", "run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("1 tensors, 8 B") && out.stdout.contains("OWN TENSOR"), "{}", out.stdout);
+    let json: serde_json::Value =
+        serde_json::from_str(&cairn(dir.path(), &["inspect", "run", "--json"]).stdout).unwrap();
+    assert_eq!(json["ranks"]["1"]["tensors"]["rng"]["bytes"], 4);
+    assert_eq!(json["totals"]["rng"], serde_json::json!({"tensors": 1, "bytes": 8}));
+}
+
+#[test]
 fn verify_passes_on_an_intact_run() {
     let dir = tempfile::tempdir().unwrap();
     make_run(dir.path());

@@ -10,7 +10,7 @@
 //! extra service) or the caller's collectives ([`CallbackExchange`], e.g. an all-gather
 //! from `torch.distributed`).
 //!
-//! A whole tensor several ranks hold with the same content (its CRC-32C, declared in the
+//! A whole tensor several ranks hold with the same content (its XXH3-128, declared in the
 //! plan) is replicated and written once; with different contents (an RNG state), or
 //! different shapes, it is each rank's own: the lowest-ranked holder's is shared and the
 //! other holders' are kept in their rank records, as are plain values and structure that
@@ -101,9 +101,7 @@ impl<F: FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>>> Exchange for CallbackExchange<F>
         let nonce = uuid::Uuid::new_v4().simple().to_string().into_bytes();
         let all = self.gather(nonce)?;
         // Every rank derives the same id from every rank's nonce.
-        let joined: Vec<u8> = all.concat();
-        let (a, b) = joined.split_at(joined.len() / 2);
-        Ok(format!("{:08x}{:08x}", checksum::crc32c(a), checksum::crc32c(b)))
+        Ok(format!("{:016x}", (checksum::content_id(&all.concat()) >> 64) as u64))
     }
     fn all_gather(&mut self, _round: &str, payload: Vec<u8>) -> Result<Gathered> {
         self.gather(payload).map(Gathered::Ready)
@@ -172,22 +170,35 @@ impl StoreExchange {
             .map(|m| m.location)
             .filter(|p| *p != kept && !p.prefix_matches(&current))
             .partition(|p| matches!(p.filename(), Some("over" | "abort")));
-        for path in rest.into_iter().chain(markers) {
-            self.delete(&path).await?;
-        }
-        Ok(())
+        self.delete_all(rest).await?;
+        self.delete_all(markers).await
     }
 
-    /// Deletes every coordination file, the attempt pointer last.
+    /// Deletes every coordination file, the attempt pointer first: no rank joins the
+    /// attempt afterwards, and a rank still waiting in it, finding the pointer gone,
+    /// learns the outcome from the committed manifest, whatever else is already gone.
     async fn clear_all(&self) -> Result<()> {
-        let listed: Vec<object_store::ObjectMeta> =
-            self.coord.store().list(Some(self.coord.prefix())).try_collect().await.map_err(|e| self.store_err(e))?;
-        let pointer = self.coord.path("attempt");
-        let (last, rest): (Vec<_>, Vec<_>) = listed.into_iter().map(|m| m.location).partition(|p| *p == pointer);
-        let deletes = rest.into_iter().map(|path| async move { self.delete(&path).await });
-        futures::stream::iter(deletes).buffer_unordered(16).try_collect::<Vec<()>>().await?;
-        for path in last {
-            self.delete(&path).await?;
+        self.delete(&self.coord.path("attempt")).await?;
+        let listed: Vec<object_store::path::Path> = self
+            .coord
+            .store()
+            .list(Some(self.coord.prefix()))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| self.store_err(e))?;
+        self.delete_all(listed).await
+    }
+
+    /// Deletes `paths` in bulk (one request per thousand on S3); a missing one is fine.
+    async fn delete_all(&self, paths: Vec<object_store::path::Path>) -> Result<()> {
+        let paths = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
+        let mut deleted = self.coord.store().delete_stream(paths);
+        while let Some(done) = deleted.next().await {
+            match done {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.store_err(e)),
+            }
         }
         Ok(())
     }
@@ -236,6 +247,11 @@ impl StoreExchange {
             tokio::time::sleep(pause(n)).await;
         }
         unreachable!("the loop above returns")
+    }
+
+    /// Whether the checkpoint is committed with this attempt's manifest.
+    async fn committed(&self) -> bool {
+        matches!(crate::commit::manifest_owner(&self.dest, &self.attempt).await, crate::commit::Owner::Us)
     }
 
     fn store_err(&self, e: object_store::Error) -> Error {
@@ -311,15 +327,15 @@ impl Exchange for StoreExchange {
                         Some(id) if id != self.attempt => return Ok(Gathered::Superseded),
                         Some(_) => {}
                         // Rank 0 clears the folder only after a commit: is it this attempt's?
-                        None => {
-                            let owner = crate::commit::manifest_owner(&self.dest, &self.attempt).await;
-                            if matches!(owner, crate::commit::Owner::Us) {
-                                return Ok(Gathered::Committed);
-                            }
-                        }
+                        None if self.committed().await => return Ok(Gathered::Committed),
+                        None => {}
                     }
                 }
                 if Instant::now() > deadline {
+                    // A last look: rank 0 may have committed while this rank was slow.
+                    if self.committed().await {
+                        return Ok(Gathered::Committed);
+                    }
                     let reason = format!(
                         "timed out waiting for rank 0 to gather round={round} dir=`{}`; nothing was committed",
                         self.coord.uri()
@@ -378,17 +394,17 @@ struct Declared {
     global_shape: Vec<u64>,
     offsets: Vec<u64>,
     shape: Vec<u64>,
-    /// A whole tensor's CRC-32C (`None` for a piece of a sharded tensor): ranks holding
-    /// the same content hold a replicated tensor, written once; ranks holding different
-    /// contents (RNG states, say) each keep their own.
+    /// A whole tensor's content id ([`checksum::content_id`]; `None` for a piece of a
+    /// sharded tensor): ranks holding the same content hold a replicated tensor, written
+    /// once; ranks holding different contents (RNG states, say) each keep their own.
     #[serde(default)]
-    content: Option<u32>,
+    content: Option<u128>,
 }
 
 impl Declared {
     /// What tells this piece apart from the others: a whole tensor by its content.
     fn id(&self) -> PieceId {
-        (self.key.clone(), self.offsets.clone(), self.shape.clone(), self.content.map(|crc| (self.dtype, crc)))
+        (self.key.clone(), self.offsets.clone(), self.shape.clone(), self.content.map(|id| (self.dtype, id)))
     }
 }
 
@@ -401,17 +417,23 @@ struct Terms {
     temporary: bool,
 }
 
-/// A rank's first message: the terms it saves on and the pieces it holds.
+/// A rank's first message: the terms it saves on and the pieces it holds, or why it
+/// cannot save (its state could not be made).
 #[derive(Debug, Serialize, Deserialize)]
 struct Plan {
     terms: Terms,
     pieces: Vec<Declared>,
+    #[serde(default)]
+    refused: Option<String>,
 }
 
 /// Refuses a save whose ranks disagree on its terms or whose number of ranks is not the
 /// world size. Every rank sees the same plans, so every rank fails the same way, in the
 /// same round, and nothing is written.
 fn check_terms(mine: &Terms, plans: &[Plan]) -> Result<()> {
+    if let Some((r, why)) = plans.iter().enumerate().find_map(|(r, p)| Some((r, p.refused.as_ref()?))) {
+        return Err(Error::invalid(format!("rank {r} could not take part: {why}; nothing was saved")));
+    }
     let rank0 = &plans.first().ok_or_else(|| Error::invalid("no rank took part in the save"))?.terms;
     for (r, plan) in plans.iter().enumerate() {
         let t = &plan.terms;
@@ -444,9 +466,20 @@ fn check_terms(mine: &Terms, plans: &[Plan]) -> Result<()> {
 /// and structure (kept per rank where they differ from rank 0's).
 #[derive(Debug, Serialize, Deserialize)]
 struct Written {
-    pieces: Vec<(String, DType, Vec<u64>, PieceRecord)>,
+    pieces: Vec<WrittenPiece>,
     files: BTreeMap<String, FileRecord>,
     held: RankRecord,
+}
+
+/// One piece a rank wrote: the tensor it belongs to and where it lies in its file.
+#[derive(Debug, Serialize, Deserialize)]
+struct WrittenPiece {
+    key: String,
+    dtype: DType,
+    global_shape: Vec<u64>,
+    /// The content id the rank declared for a whole tensor (see [`Declared`]).
+    content: Option<u128>,
+    record: PieceRecord,
 }
 
 /// Rank 0's verdict, returned by every rank.
@@ -457,7 +490,7 @@ struct Outcome {
 
 /// A distinct piece of a tensor: key, offsets, shape, and for a whole tensor its dtype
 /// and content.
-type PieceId = (String, Vec<u64>, Vec<u64>, Option<(DType, u32)>);
+type PieceId = (String, Vec<u64>, Vec<u64>, Option<(DType, u128)>);
 
 /// Assigns every distinct piece to one rank holding it, largest first, to the holder with
 /// the fewest bytes so far (ties: lowest rank). Pure: every rank computes the same plan
@@ -520,7 +553,7 @@ fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
             global_shape: t.shape().to_vec(),
             offsets: vec![0; t.shape().len()],
             shape: t.shape().to_vec(),
-            content: Some(checksum::crc32c(t.data())),
+            content: Some(checksum::content_id(t.data())),
         })
         .collect();
     for (key, s) in pieces.iter().flat_map(|(key, held)| held.iter().map(move |s| (key, s))) {
@@ -609,22 +642,84 @@ pub fn save_as_rank(
     if ranks.world_size == 1 && exchange.is_none() && state.pieces().is_empty() {
         return crate::save_at(location, state, opts);
     }
+    together(location, opts, ranks, exchange, |dest, step, exchange| {
+        save_distributed(dest, state, step, opts, exchange)
+    })
+}
+
+/// Takes part in the multi-rank save of `opts.step` as rank `ranks.rank` without a state,
+/// because this rank could not make its own (`reason`): the save fails on every rank in
+/// its first round, naming this rank and the reason, and nothing is written, so no rank
+/// is left waiting in a collective that this one would never join. Returns the error
+/// every rank gets (alone, `reason` itself).
+pub fn refuse_as_rank(
+    location: &Location,
+    opts: &SaveOptions,
+    ranks: Ranks,
+    exchange: Option<&mut dyn Exchange>,
+    reason: &Error,
+) -> Error {
+    if ranks.world_size == 1 && exchange.is_none() {
+        return Error::new(reason.kind(), reason.full_message());
+    }
+    let why = reason.full_message();
+    let outcome = together(location, opts, ranks, exchange, |dest, step, exchange| {
+        if block_on(crate::commit::is_committed(dest))? {
+            return Err(crate::commit::already_committed(step, dest));
+        }
+        loop {
+            exchange.begin()?;
+            let terms = Terms {
+                step,
+                dest: dest.uri().to_string(),
+                world_size: exchange.world_size(),
+                temporary: opts.temporary,
+            };
+            let plan = Plan { terms: terms.clone(), pieces: Vec::new(), refused: Some(why.clone()) };
+            let gathered = round(exchange, dest, "plan", encode(&plan)?);
+            if exchange.rank() == 0 {
+                let _ = exchange.end(false);
+            }
+            if let ControlFlow::Continue(all) = gathered? {
+                let plans: Vec<Plan> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect::<Result<_>>()?;
+                check_terms(&terms, &plans)?;
+            }
+            // Superseded: take part in rank 0's newer attempt. (Committed cannot happen:
+            // nothing commits past a refused plan.)
+        }
+    });
+    match outcome {
+        Err(err) => err,
+        Ok(()) => Error::new(reason.kind(), reason.full_message()),
+    }
+}
+
+/// Runs `save` with the exchange a multi-rank save of `opts` goes through, in the
+/// checkpoint folder it saves into: `exchange` (the job's own collectives), a job of one
+/// (one process holding pieces), or the store.
+fn together<T>(
+    location: &Location,
+    opts: &SaveOptions,
+    ranks: Ranks,
+    exchange: Option<&mut dyn Exchange>,
+    save: impl FnOnce(&Location, u64, &mut dyn Exchange) -> Result<T>,
+) -> Result<T> {
     let dest = match opts.step {
         Some(step) => location.child(&layout::step_dir(step)),
         None => location.clone(),
     };
     let step = opts.step.unwrap_or_default();
     match exchange {
-        Some(exchange) => save_distributed(&dest, state, step, opts, exchange),
+        Some(exchange) => save(&dest, step, exchange),
         // One process holding pieces (e.g. a jax array sharded over its devices): the
         // same plan, with nobody to talk to.
         None if ranks.world_size == 1 => {
             let mut alone = CallbackExchange::new(0, 1, |payload: Vec<u8>| Ok(vec![payload]));
-            save_distributed(&dest, state, step, opts, &mut alone)
+            save(&dest, step, &mut alone)
         }
         None => {
             let mut exchange = StoreExchange::new(&dest, ranks.rank, ranks.world_size, ranks.timeout);
-            save_distributed(&dest, state, step, opts, &mut exchange)
+            save(&dest, step, &mut exchange)
         }
     }
 }
@@ -688,7 +783,7 @@ fn attempt_save(
     let rank = exchange.rank();
     let terms =
         Terms { step, dest: dest.uri().to_string(), world_size: exchange.world_size(), temporary: opts.temporary };
-    let mine_plan = Plan { terms: terms.clone(), pieces: mine.to_vec() };
+    let mine_plan = Plan { terms: terms.clone(), pieces: mine.to_vec(), refused: None };
     let all = match round(exchange, dest, "plan", encode(&mine_plan)?)? {
         ControlFlow::Continue(all) => all,
         ControlFlow::Break(ended) => return Ok(ended),
@@ -701,7 +796,7 @@ fn attempt_save(
     // This rank's share: the pieces the plan gives it, as a state of dense tensors named
     // as in the shard files (`key`, or `key@o0,o1,...` for a piece of a sharded tensor).
     let mut share = State::new();
-    let mut placement: BTreeMap<String, (String, Vec<u64>, Vec<u64>)> = BTreeMap::new();
+    let mut placement: BTreeMap<String, &Declared> = BTreeMap::new();
     for held in mine {
         if plan.get(&held.id()) != Some(&rank) {
             continue;
@@ -724,7 +819,7 @@ fn attempt_save(
             name.push('~');
         }
         share.insert_tensor(name.clone(), tensor);
-        placement.insert(name, (held.key.clone(), held.offsets.clone(), held.global_shape.clone()));
+        placement.insert(name, held);
     }
     let written = block_on(save::write_share(dest, &share, rank, &attempt[..attempt.len().min(12)], opts));
     let report = match &written {
@@ -733,14 +828,14 @@ fn attempt_save(
                 .iter()
                 .flat_map(|s| s.pieces.iter())
                 .filter_map(|(name, piece)| {
-                    let (key, offsets, global) = placement.get(name)?;
-                    let dtype = share.tensor(name)?.dtype();
-                    Some((
-                        key.clone(),
-                        dtype,
-                        global.clone(),
-                        PieceRecord { offsets: offsets.clone(), ..piece.clone() },
-                    ))
+                    let held = placement.get(name)?;
+                    Some(WrittenPiece {
+                        key: held.key.clone(),
+                        dtype: held.dtype,
+                        global_shape: held.global_shape.clone(),
+                        content: held.content,
+                        record: PieceRecord { offsets: held.offsets.clone(), ..piece.clone() },
+                    })
                 })
                 .collect(),
             files: shards.iter().map(|s| (s.file.clone(), s.record.clone())).collect(),
@@ -832,17 +927,17 @@ fn commit(
         }
         files.extend(report.files);
         held.push(report.held);
-        for (key, dtype, global, piece) in report.pieces {
+        for WrittenPiece { key, dtype, global_shape, content, record } in report.pieces {
             if contents.contains_key(key.as_str()) {
-                let id = (key, piece.offsets.clone(), piece.shape.clone(), Some((dtype, piece.crc32c)));
-                own.insert(id, TensorRecord { dtype, shape: global, pieces: vec![piece] });
+                let id = (key, record.offsets.clone(), record.shape.clone(), content.map(|c| (dtype, c)));
+                own.insert(id, TensorRecord { dtype, shape: global_shape, pieces: vec![record] });
                 continue;
             }
             tensors
                 .entry(key)
-                .or_insert_with(|| TensorRecord { dtype, shape: global, pieces: Vec::new() })
+                .or_insert_with(|| TensorRecord { dtype, shape: global_shape, pieces: Vec::new() })
                 .pieces
-                .push(piece);
+                .push(record);
         }
     }
     let rank0 = held_by(state);

@@ -24,7 +24,7 @@ pub struct CheckpointInfo {
     pub uri: String,
     /// Number of tensors.
     pub num_tensors: usize,
-    /// Total bytes of tensor data.
+    /// Total bytes of tensor data stored: the shared tensors and every rank's own.
     pub tensor_bytes: u64,
 }
 
@@ -32,9 +32,8 @@ impl CheckpointInfo {
     /// Summarizes `manifest`, found at `uri`.
     pub fn from_manifest(manifest: &Manifest, uri: &str) -> CheckpointInfo {
         let tensor_bytes = manifest
-            .tensors
-            .values()
-            .flat_map(|t| &t.pieces)
+            .all_tensors()
+            .flat_map(|(_, t)| &t.pieces)
             .map(|p| p.range[1].saturating_sub(p.range[0]))
             .fold(0u64, u64::saturating_add);
         CheckpointInfo {

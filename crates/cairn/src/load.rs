@@ -74,8 +74,10 @@ pub struct LoadOptions {
     /// The global shape each of these tensors must have (by stored key), e.g. the shape
     /// of the tensor a load fills; another shape is [`ErrorKind::Invalid`], naming both.
     pub shapes: BTreeMap<String, Vec<u64>>,
-    /// The rank whose plain values and structure to read: a multi-rank save keeps each
-    /// rank's own where they differ from rank 0's (tensors are shared). `None`: rank 0's.
+    /// The rank whose own values, structure and tensors to read: a multi-rank save keeps
+    /// each rank's plain values and structure where they differ from rank 0's, and its
+    /// whole tensors where ranks held different contents under one key. `None`: the
+    /// shared ones (rank 0's values and structure, the lowest-ranked holder's tensors).
     pub rank: Option<u32>,
     /// Verify each piece's checksum (on by default).
     pub verify: bool,

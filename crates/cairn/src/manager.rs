@@ -237,6 +237,11 @@ enum Job {
         opts: SaveOptions,
     },
     Retain,
+    /// Take part in the other ranks' save without a state (see [`Shared::refuse`]).
+    Refuse {
+        opts: SaveOptions,
+        reason: Error,
+    },
     /// Remove leftovers of unfinished saves older than this.
     Prune(Duration),
 }
@@ -281,13 +286,27 @@ impl Shared {
 
     /// Saves and commits one checkpoint: alone, or together with the other ranks.
     fn save(&self, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
+        self.with_ranks(|ranks, exchange| dist::save_as_rank(self.run.location(), state, opts, ranks, exchange))
+    }
+
+    /// Takes part in the other ranks' save of `opts.step` with this rank's `reason` for
+    /// having no state: they fail it at once instead of waiting for this rank. Their
+    /// error, naming this rank, is theirs; this rank reports its own reason.
+    fn refuse(&self, opts: &SaveOptions, reason: &Error) {
+        drop(
+            self.with_ranks(|ranks, exchange| dist::refuse_as_rank(self.run.location(), opts, ranks, exchange, reason)),
+        );
+    }
+
+    /// Calls `f` with this manager's ranks and the exchange of the job's collectives, if any.
+    fn with_ranks<T>(&self, f: impl FnOnce(Ranks, Option<&mut dyn dist::Exchange>) -> T) -> T {
         let ranks = Ranks { rank: self.rank, world_size: self.world_size, timeout: self.coordination_timeout };
         match &self.all_gather {
             Some(all_gather) => {
                 let mut exchange = CallbackExchange::new(self.rank, self.world_size, |payload| all_gather(payload));
-                dist::save_as_rank(self.run.location(), state, opts, ranks, Some(&mut exchange))
+                f(ranks, Some(&mut exchange))
             }
-            None => dist::save_as_rank(self.run.location(), state, opts, ranks, None),
+            None => f(ranks, None),
         }
     }
 
@@ -629,13 +648,25 @@ impl CheckpointManager {
         MAKING.set(true);
         let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(&mut req)));
         MAKING.set(false);
-        let handover = match made {
-            Ok(made) => made?,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
         let mut opts = self.save_template.clone();
         opts.step = Some(step);
         opts.temporary = temporary;
+        let handover = match made {
+            Ok(Ok(handover)) => handover,
+            Ok(Err(err)) => {
+                // The other ranks save this step: they must not wait for this one. In
+                // turn with the saves before it (their collectives run in order).
+                if self.shared.world_size > 1 {
+                    let reason = Error::new(err.kind(), err.full_message());
+                    match self.async_save {
+                        true => self.enqueue(Job::Refuse { opts, reason }),
+                        false => self.shared.refuse(&opts, &reason),
+                    }
+                }
+                return Err(err);
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
         opts.metrics = req.metrics;
         opts.metadata = req.metadata;
         if self.async_save {
@@ -735,12 +766,13 @@ impl CheckpointManager {
         Ok(self.shared.run.latest()?.map(|c| c.manifest().step))
     }
 
-    /// The highest committed step once this manager's saves in flight are over (each
-    /// rank's save returns only once rank 0 committed or failed it, so every rank of a
-    /// job then finds the same step); returns the error of a failed one.
+    /// The highest committed step once this manager's saves in flight and queued work
+    /// are over (each rank's save returns only once rank 0 committed or failed it, so
+    /// every rank of a job then finds the same step); returns the error of a failed one
+    /// (the worker records it before it counts the job done).
     pub fn settled_latest_step(&self) -> Result<Option<u64>> {
         let mut inner = self.shared.lock();
-        while inner.saves_in_flight > 0 {
+        while inner.saves_in_flight > 0 || inner.busy > 0 {
             inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
         if let Some(err) = inner.error.take() {
@@ -814,6 +846,10 @@ fn work(shared: &Shared) {
         let saved = match job {
             Job::Save { step, state, opts } => shared.write(step, Handover::Give(state), &opts),
             Job::Retain => Ok(()),
+            Job::Refuse { opts, reason } => {
+                shared.refuse(&opts, &reason);
+                Ok(())
+            }
             Job::Prune(grace) => {
                 if let Err(err) = retried(|| shared.run.prune_orphans(grace)) {
                     shared.cleanup_failed(err);

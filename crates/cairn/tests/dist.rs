@@ -321,6 +321,43 @@ fn a_committed_save_leaves_no_coordination_files_and_a_late_rank_learns_the_outc
 }
 
 #[test]
+fn a_rank_without_a_state_fails_the_save_on_every_rank_at_once_and_a_retry_works() {
+    use cairn::dist::{refuse_as_rank, save_as_rank, Ranks};
+    let uri = "memory://dist/refused";
+    let run = Run::create(uri).unwrap();
+    let opts = SaveOptions::default().with_step(7);
+    let started = std::time::Instant::now();
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3u64)
+            .map(|r| {
+                let (run, opts) = (&run, &opts);
+                s.spawn(move || {
+                    let ranks = Ranks { rank: r as u32, world_size: 3, timeout: Duration::from_secs(60) };
+                    if r == 2 {
+                        let reason = cairn::Error::new(ErrorKind::Invalid, "cannot read tensor key=`opt.m`");
+                        return Err(refuse_as_rank(run.location(), opts, ranks, None, &reason).to_string());
+                    }
+                    save_as_rank(run.location(), &rank_state(r, 3), opts, ranks, None)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Every rank fails in the first round (not after the 60 s timeout), naming rank 2.
+    assert!(started.elapsed() < Duration::from_secs(30), "waited out the timeout");
+    for result in &results {
+        let err = result.as_ref().unwrap_err();
+        assert!(err.contains("rank 2 could not take part") && err.contains("key=`opt.m`"), "{err}");
+    }
+    assert!(run.list().unwrap().is_empty());
+    let again = save_with_store_exchange(uri, 3, 7);
+    assert!(again.iter().all(|r| r.is_ok()), "{again:?}");
+    check_loads_on(uri, 2);
+}
+
+#[test]
 fn a_stale_attempt_from_a_crashed_save_is_superseded() {
     let uri = "memory://dist/stale";
     let run = Run::create(uri).unwrap();

@@ -373,6 +373,73 @@ fn ranks_save_together_through_the_jobs_collective() {
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2 * 4 * 4);
 }
 
+/// An in-process collective for `n` ranks standing in for a torch.distributed group: the
+/// k-th call of every rank forms the k-th all-gather (so ranks that fall out of step
+/// pair the wrong calls, as a real collective would), and a call no other rank joins
+/// within 20 s fails instead of hanging the test.
+fn in_process_collective(n: usize) -> impl Fn(u32) -> cairn::dist::AllGather {
+    use std::collections::HashMap;
+    use std::sync::{Condvar, Mutex};
+    let rounds = Arc::new((Mutex::new(HashMap::<usize, Vec<Option<Vec<u8>>>>::new()), Condvar::new()));
+    move |rank: u32| -> cairn::dist::AllGather {
+        let rounds = rounds.clone();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        Arc::new(move |payload: Vec<u8>| {
+            let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (lock, changed) = &*rounds;
+            let mut all = lock.lock().unwrap();
+            all.entry(call).or_insert_with(|| vec![None; n])[rank as usize] = Some(payload);
+            changed.notify_all();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while all[&call].iter().any(Option::is_none) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(cairn::Error::new(ErrorKind::Unavailable, format!("rank {rank}: call {call} alone")));
+                }
+                all = changed.wait_timeout(all, left).unwrap().0;
+            }
+            Ok(all[&call].iter().flatten().cloned().collect())
+        })
+    }
+}
+
+#[test]
+fn a_rank_that_cannot_make_its_state_fails_that_save_on_every_rank_and_the_next_one_works() {
+    let collective = in_process_collective(2);
+    let uri = "memory://manager/ranks-refused";
+    let outcomes: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u32)
+            .map(|rank| {
+                let all_gather = collective(rank);
+                s.spawn(move || {
+                    let opts = options(1).with_ranks(rank, 2).with_all_gather(all_gather);
+                    let manager = CheckpointManager::open(uri, opts).unwrap();
+                    let state = common::model_state(1, 1, 2);
+                    manager.on_step(1, &state, SaveRequest::default()).unwrap();
+                    // Rank 1 cannot make step 2's state (a tensor it cannot read, say).
+                    let made = manager.on_step_with(2, SaveRequest::default(), |_| match rank {
+                        1 => Err(cairn::Error::new(ErrorKind::Invalid, "unreadable tensor key=`w`")),
+                        _ => Ok(Handover::Copy(&state)),
+                    });
+                    let step2 = (made.map_err(|e| e.to_string()), manager.wait().map_err(|e| e.to_string()));
+                    manager.on_step(3, &state, SaveRequest::default()).unwrap();
+                    manager.wait().unwrap();
+                    step2
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Rank 1 is told its own reason; rank 0's background save of step 2 fails naming
+    // rank 1 (no wait for a rank that never comes); step 3 saves on both.
+    assert!(outcomes[1].0.as_ref().unwrap_err().contains("unreadable tensor"), "{outcomes:?}");
+    assert_eq!(outcomes[0].0, Ok(true), "{outcomes:?}");
+    let rank0 = outcomes[0].1.as_ref().unwrap_err();
+    assert!(rank0.contains("rank 1 could not take part") && rank0.contains("unreadable tensor"), "{rank0}");
+    let run = Run::open(uri).unwrap();
+    assert_eq!(run.list().unwrap().iter().map(|c| c.step).collect::<Vec<_>>(), vec![1, 3]);
+}
+
 #[test]
 fn time_intervals_are_refused_with_several_ranks() {
     let policy = SavePolicy::steps(vec![Every::new(1)]).unwrap().with_time_interval(Duration::from_secs(5));

@@ -17,29 +17,53 @@ fn shard_names(tensor: &cairn::format::manifest::TensorRecord) -> String {
     }
 }
 
+/// Bytes stored for a tensor's pieces.
+fn stored_bytes(tensor: &cairn::format::manifest::TensorRecord) -> u64 {
+    tensor.pieces.iter().map(|p| p.range[1] - p.range[0]).sum()
+}
+
+/// Tensors as a JSON object: key to dtype, shape, bytes and files.
+fn tensors_json<'a>(
+    tensors: impl Iterator<Item = (&'a String, &'a cairn::format::manifest::TensorRecord)>,
+) -> serde_json::Map<String, serde_json::Value> {
+    tensors
+        .map(|(k, t)| {
+            let files: Vec<&str> = t.pieces.iter().map(|p| p.file.as_str()).collect();
+            let doc = serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "bytes": stored_bytes(t), "files": files});
+            (k.clone(), doc)
+        })
+        .collect()
+}
+
 pub fn run(uri: &str, json: bool) -> CommandResult {
     let ckpt = cairn::open(uri)?;
     let manifest = ckpt.manifest();
     let info = ckpt.info();
+    // Per top-level key: tensors (counted once) and bytes stored, each rank's own included.
     let mut totals: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     for (key, t) in &manifest.tensors {
-        let bytes: u64 = t.pieces.iter().map(|p| p.range[1] - p.range[0]).sum();
         let top = key.split('.').next().unwrap_or(key);
         let entry = totals.entry(top).or_default();
         entry.0 += 1;
-        entry.1 += bytes;
+        entry.1 += stored_bytes(t);
+    }
+    let own: Vec<(&String, &String, &cairn::format::manifest::TensorRecord)> =
+        manifest.ranks.iter().flat_map(|(r, record)| record.tensors.iter().map(move |(k, t)| (r, k, t))).collect();
+    for (_, key, t) in &own {
+        totals.entry(key.split('.').next().unwrap_or(key)).or_default().1 += stored_bytes(t);
     }
     if json {
-        let tensors: serde_json::Map<String, serde_json::Value> = manifest
-            .tensors
+        let tensors = tensors_json(manifest.tensors.iter());
+        // Each rank's own values and tensors (a multi-rank save's per-rank state).
+        let ranks: serde_json::Map<String, serde_json::Value> = manifest
+            .ranks
             .iter()
-            .map(|(k, t)| {
-                let files: Vec<&str> = t.pieces.iter().map(|p| p.file.as_str()).collect();
-                let bytes: u64 = t.pieces.iter().map(|p| p.range[1] - p.range[0]).sum();
-                (
-                    k.clone(),
-                    serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "bytes": bytes, "files": files}),
-                )
+            .map(|(r, record)| {
+                let doc = serde_json::json!({
+                    "values": record.values.keys().collect::<Vec<_>>(),
+                    "tensors": tensors_json(record.tensors.iter()),
+                });
+                (r.clone(), doc)
             })
             .collect();
         let totals: serde_json::Map<String, serde_json::Value> =
@@ -53,6 +77,7 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
             "values": manifest.values.keys().collect::<Vec<_>>(),
             "files": manifest.files.iter().map(|(f, r)| (f.clone(), r.size.into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "tensors": tensors,
+            "ranks": ranks,
             "totals": totals,
         });
         println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| CliError::msg(e.to_string()))?);
@@ -78,12 +103,36 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
         .tensors
         .iter()
         .map(|(k, t)| {
-            let bytes: u64 = t.pieces.iter().map(|p| p.range[1] - p.range[0]).sum();
-            vec![k.clone(), t.dtype.name().to_string(), format!("{:?}", t.shape), output::size(bytes), shard_names(t)]
+            vec![
+                k.clone(),
+                t.dtype.name().to_string(),
+                format!("{:?}", t.shape),
+                output::size(stored_bytes(t)),
+                shard_names(t),
+            ]
         })
         .collect();
     output::table(&["TENSOR", "DTYPE", "SHAPE", "SIZE", "SHARD"], &rows);
     println!();
+    if !own.is_empty() {
+        // Whole tensors some ranks held with contents of their own (an RNG state).
+        let rows: Vec<Vec<String>> = own
+            .iter()
+            .map(|(r, k, t)| {
+                let shape = format!("{:?}", t.shape);
+                vec![
+                    r.to_string(),
+                    k.to_string(),
+                    t.dtype.name().to_string(),
+                    shape,
+                    output::size(stored_bytes(t)),
+                    shard_names(t),
+                ]
+            })
+            .collect();
+        output::table(&["RANK", "OWN TENSOR", "DTYPE", "SHAPE", "SIZE", "SHARD"], &rows);
+        println!();
+    }
     let rows: Vec<Vec<String>> =
         totals.iter().map(|(k, (n, b))| vec![k.to_string(), n.to_string(), output::size(*b)]).collect();
     output::table(&["KEY", "TENSORS", "SIZE"], &rows);
