@@ -390,12 +390,33 @@ def _raw(native: tuple) -> dict[str, Any]:
 
 
 def _to_devices(key: str, obj: Any, loaded: np.ndarray, dest: Any) -> list[Any]:
-    """One box of a jax target, put on each of its devices; the dtypes must agree."""
+    """One box of a jax target, put on each of its devices; the dtypes must agree. On
+    host (CPU) devices the box is first made one writable, C-ordered, 64-byte aligned
+    array, which jax takes without a copy: one copy per box, not one per device holding
+    it (a replicated box), and no array aliasing the checkpoint's read-only mapping."""
     import jax
 
     if np.dtype(obj.dtype) != loaded.dtype:
         raise _cairn.InvalidArgumentError(f"dtype {loaded.dtype} in the checkpoint, {obj.dtype} in the target key=`{key}`")
+    if all(device.platform == "cpu" for device in dest.devices):
+        loaded = _host_owned(loaded)
     return [jax.device_put(loaded, device) for device in dest.devices]
+
+
+# The alignment jax's host devices need to take a numpy array without copying it.
+_HOST_ALIGN = 64
+
+
+def _host_owned(loaded: np.ndarray) -> np.ndarray:
+    """`loaded` as a writable, C-ordered, `_HOST_ALIGN`-aligned array: itself when it is
+    one, else one copy."""
+    if loaded.flags.c_contiguous and loaded.flags.writeable and loaded.ctypes.data % _HOST_ALIGN == 0:
+        return loaded
+    raw = np.empty(loaded.nbytes + _HOST_ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % _HOST_ALIGN
+    out = raw[start : start + loaded.nbytes].view(loaded.dtype).reshape(loaded.shape)
+    np.copyto(out, loaded)
+    return out
 
 
 def _fill(key: str, dest: Any, loaded: np.ndarray) -> None:
@@ -467,7 +488,7 @@ def _manager_job(
                 f"this process (rank {dist.get_rank()}) is not in process_group; create the manager only "
                 "on the group's ranks"
             )
-        elif dist.get_backend(group) != "gloo":
+        elif "gloo" not in str(dist.get_backend(group)):
             raise _cairn.InvalidArgumentError(
                 f"process_group has backend {dist.get_backend(group)!r}: a manager saves on a background "
                 "thread and needs a gloo group (torch.distributed.new_group(backend='gloo'))"
@@ -641,7 +662,8 @@ class CheckpointManager:
 
     Call `on_step(step, state)` every step. It returns once the state is copied; writing
     continues in the background (at most `max_in_flight` saves at once). A background
-    failure is raised by the next call and by `wait()`. Use as a context manager to wait
+    failure is raised by the next call and by `wait()` (in a job of several ranks, after
+    that call's own save is under way: every rank takes part in every save). Use as a context manager to wait
     on exit. After SIGTERM (`preemption_signal`) the next `on_step` saves and flushes, and
     `preempted` becomes true: stop the loop then.
 
@@ -653,7 +675,8 @@ class CheckpointManager:
     loop does not use from another thread), whose ranks are the manager's. Elsewhere (or
     with `rank` and `world_size` given) the ranks coordinate through the store; in a
     multi-process jax job the ranks are jax's. Either way a save waits at most `timeout`
-    seconds for the other ranks. Every rank must save the same steps (a time-based
+    seconds for the other ranks (a gloo collective that timed out may leave its group
+    unusable: restart the job then). Every rank must save the same steps (a time-based
     `save_interval` is refused with several ranks); a rank whose state cannot be read
     for a step still takes part, so that save fails on every rank at once, naming it,
     and the next one works. A process that saves alone in a

@@ -320,6 +320,10 @@ impl Exchange for StoreExchange {
                     });
                 }
                 if let Some(reason) = self.read(&format!("{}/abort", self.attempt)).await? {
+                    // Rank 0 gives up on a rank after its commit too (the last round).
+                    if self.committed().await {
+                        return Ok(Gathered::Committed);
+                    }
                     return Err(Error::new(ErrorKind::Unavailable, String::from_utf8_lossy(&reason).into_owned()));
                 }
                 if n % 4 == 3 {
@@ -664,33 +668,41 @@ pub fn refuse_as_rank(
     }
     let why = reason.full_message();
     let outcome = together(location, opts, ranks, exchange, |dest, step, exchange| {
-        if block_on(crate::commit::is_committed(dest))? {
-            return Err(crate::commit::already_committed(step, dest));
-        }
-        loop {
-            exchange.begin()?;
-            let terms = Terms {
-                step,
-                dest: dest.uri().to_string(),
-                world_size: exchange.world_size(),
-                temporary: opts.temporary,
-            };
-            let plan = Plan { terms: terms.clone(), pieces: Vec::new(), refused: Some(why.clone()) };
-            let gathered = round(exchange, dest, "plan", encode(&plan)?);
-            if exchange.rank() == 0 {
-                let _ = exchange.end(false);
-            }
-            if let ControlFlow::Continue(all) = gathered? {
-                let plans: Vec<Plan> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect::<Result<_>>()?;
-                check_terms(&terms, &plans)?;
-            }
-            // Superseded: take part in rank 0's newer attempt. (Committed cannot happen:
-            // nothing commits past a refused plan.)
-        }
+        Ok(match block_on(crate::commit::is_committed(dest)) {
+            Ok(true) => crate::commit::already_committed(step, dest),
+            _ => refuse_in(dest, step, opts, exchange, &why),
+        })
     });
-    match outcome {
-        Err(err) => err,
-        Ok(()) => Error::new(reason.kind(), reason.full_message()),
+    outcome.unwrap_or_else(|err| err)
+}
+
+/// This rank's side of a save it cannot take part in (`why`): it joins the attempt and
+/// the plan round with its refusal, so every rank fails there; returns that error.
+fn refuse_in(dest: &Location, step: u64, opts: &SaveOptions, exchange: &mut dyn Exchange, why: &str) -> Error {
+    loop {
+        if let Err(err) = exchange.begin() {
+            return err;
+        }
+        let terms =
+            Terms { step, dest: dest.uri().to_string(), world_size: exchange.world_size(), temporary: opts.temporary };
+        let plan = Plan { terms: terms.clone(), pieces: Vec::new(), refused: Some(why.to_string()) };
+        let gathered = encode(&plan).and_then(|plan| round(exchange, dest, "plan", plan));
+        if exchange.rank() == 0 {
+            let _ = exchange.end(false);
+        }
+        match gathered {
+            Err(err) => return err,
+            Ok(ControlFlow::Continue(all)) => {
+                let plans: Result<Vec<Plan>> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect();
+                return match plans.and_then(|plans| check_terms(&terms, &plans)) {
+                    Err(err) => err,
+                    Ok(()) => Error::invalid(format!("rank {} could not take part: {why}", exchange.rank())),
+                };
+            }
+            // Rank 0 started a newer attempt: refuse that one.
+            Ok(ControlFlow::Break(None)) => continue,
+            Ok(ControlFlow::Break(Some(_))) => return crate::commit::already_committed(step, dest),
+        }
     }
 }
 
@@ -736,10 +748,13 @@ pub fn save_distributed(
     opts: &SaveOptions,
     exchange: &mut dyn Exchange,
 ) -> Result<CheckpointInfo> {
-    if block_on(crate::commit::is_committed(dest))? {
-        return Err(crate::commit::already_committed(step, dest));
-    }
-    let mine = declared_pieces(state)?;
+    let mine = match block_on(crate::commit::is_committed(dest)) {
+        Ok(true) => return Err(crate::commit::already_committed(step, dest)),
+        Ok(false) => declared_pieces(state),
+        Err(err) => Err(err),
+    };
+    // A rank that cannot say what it holds still joins, so that no rank waits for it.
+    let mine = mine.map_err(|err| refuse_in(dest, step, opts, exchange, &err.full_message()))?;
     loop {
         let attempt = exchange.begin()?;
         let result = attempt_save(dest, state, step, opts, exchange, &attempt, &mine);
@@ -859,9 +874,14 @@ fn attempt_save(
     } else {
         Outcome { error: None }
     };
-    let all = match round(exchange, dest, "outcome", encode(&verdict)?)? {
-        ControlFlow::Continue(all) => all,
-        ControlFlow::Break(ended) => return Ok(ended),
+    let committed = rank == 0 && verdict.error.is_none();
+    let all = match round(exchange, dest, "outcome", encode(&verdict)?) {
+        Ok(ControlFlow::Continue(all)) => all,
+        Ok(ControlFlow::Break(ended)) => return Ok(ended),
+        // Rank 0 committed: the save stands, whatever became of the last round (a rank
+        // that died since finds the manifest when it looks).
+        Err(_) if committed => return Ok(Some(block_on(Checkpoint::open_async(dest.clone()))?.info())),
+        Err(err) => return Err(err),
     };
     let verdict: Outcome = decode(&all[0], 0)?;
     if let Some((kind, message)) = verdict.error {

@@ -31,11 +31,13 @@ pub struct CheckpointInfo {
 impl CheckpointInfo {
     /// Summarizes `manifest`, found at `uri`.
     pub fn from_manifest(manifest: &Manifest, uri: &str) -> CheckpointInfo {
-        let tensor_bytes = manifest
+        // Each stored piece once (ranks holding the same own tensor share its piece).
+        let pieces: std::collections::BTreeMap<(&str, u64), u64> = manifest
             .all_tensors()
             .flat_map(|(_, t)| &t.pieces)
-            .map(|p| p.range[1].saturating_sub(p.range[0]))
-            .fold(0u64, u64::saturating_add);
+            .map(|p| ((p.file.as_str(), p.range[0]), p.range[1].saturating_sub(p.range[0])))
+            .collect();
+        let tensor_bytes = pieces.values().fold(0u64, |a, &b| a.saturating_add(b));
         CheckpointInfo {
             step: manifest.step,
             created_unix_ms: manifest.created_unix_ms,

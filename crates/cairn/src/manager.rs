@@ -4,7 +4,10 @@
 //!
 //! Thread-safety: all methods take `&self` and may be called from any thread. One
 //! background worker runs saves and deletions in order. A background failure is kept and
-//! returned by the next call to `on_step`, `save`, `restore` or `wait`.
+//! returned by the next call to `on_step`, `save`, `restore` or `wait`. A rank of a job
+//! still takes part in the save of the call that reports it (every rank joins every save
+//! the policy gives it, or the others would wait for it), and a rank that cannot make its
+//! state joins that save to fail it on every rank.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -290,12 +293,10 @@ impl Shared {
     }
 
     /// Takes part in the other ranks' save of `opts.step` with this rank's `reason` for
-    /// having no state: they fail it at once instead of waiting for this rank. Their
-    /// error, naming this rank, is theirs; this rank reports its own reason.
-    fn refuse(&self, opts: &SaveOptions, reason: &Error) {
-        drop(
-            self.with_ranks(|ranks, exchange| dist::refuse_as_rank(self.run.location(), opts, ranks, exchange, reason)),
-        );
+    /// having no state: they fail it at once instead of waiting for this rank. Returns
+    /// the error every rank gets, naming this one.
+    fn refuse(&self, opts: &SaveOptions, reason: &Error) -> Error {
+        self.with_ranks(|ranks, exchange| dist::refuse_as_rank(self.run.location(), opts, ranks, exchange, reason))
     }
 
     /// Calls `f` with this manager's ranks and the exchange of the job's collectives, if any.
@@ -387,6 +388,12 @@ impl Booking<'_> {
     /// The writer takes the booking over (it releases it once the save is done).
     fn hand_over(mut self) {
         self.armed = false;
+    }
+
+    /// When dropped, gives back the step and the slot but leaves the policy's facts as
+    /// booked (the step counts as saved: the other ranks of a job saved it).
+    fn keep_decision(&mut self) {
+        self.before = self.booked;
     }
 }
 
@@ -605,35 +612,47 @@ impl CheckpointManager {
             )));
         }
         let preempted = self.preempted();
+        // A rank of a job takes part in every save the policy gives it, even when this
+        // call reports an earlier background failure (the other ranks would wait for it
+        // otherwise, or pair their collectives with its next save): the failure is
+        // returned once the save is under way. Alone, the call stops at the failure.
+        let together = self.shared.world_size > 1;
         let mut inner = self.shared.lock();
-        if let Some(err) = inner.error.take() {
+        let mut earlier = inner.error.take();
+        if let Some(err) = earlier.take_if(|_| !together) {
             return Err(err);
         }
+        let report = |earlier: Option<Error>, saved: bool| earlier.map_or(Ok(saved), Err);
         let taken = |inner: &Inner| inner.known.contains_key(&step) || inner.writing.contains(&step);
         if matches!(call, Call::OnStep) && taken(&inner) {
-            return Ok(false);
+            return report(earlier, false);
         }
         let temporary = match call {
             Call::Save => req.temporary,
             Call::OnStep => match self.decide(&inner, step, req.force, preempted) {
-                Decision::Skip => return Ok(false),
+                Decision::Skip => return report(earlier, false),
                 Decision::Save { temporary } => temporary,
             },
         };
-        while inner.saves_in_flight >= self.max_in_flight && inner.error.is_none() {
+        while inner.saves_in_flight >= self.max_in_flight && (together || inner.error.is_none()) {
             inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
         if let Some(err) = inner.error.take() {
-            return Err(err);
+            if !together {
+                return Err(err);
+            }
+            earlier.get_or_insert(err);
         }
         // Already committed or being written: nothing new to save, even when forced.
         if taken(&inner) {
             return match call {
-                Call::OnStep => Ok(false),
-                Call::Save => Err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("checkpoint already saved step={step} run=`{}`", self.shared.run.location().uri()),
-                )),
+                Call::OnStep => report(earlier, false),
+                Call::Save => Err(earlier.unwrap_or_else(|| {
+                    Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("checkpoint already saved step={step} run=`{}`", self.shared.run.location().uri()),
+                    )
+                })),
             };
         }
         let before = (inner.last_step, inner.last_save_at);
@@ -643,7 +662,7 @@ impl CheckpointManager {
         inner.saves_in_flight += 1;
         let booked = (inner.last_step, inner.last_save_at);
         drop(inner);
-        let booking = Booking { shared: &self.shared, step, before, booked, armed: true };
+        let mut booking = Booking { shared: &self.shared, step, before, booked, armed: true };
 
         MAKING.set(true);
         let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(&mut req)));
@@ -654,13 +673,19 @@ impl CheckpointManager {
         let handover = match made {
             Ok(Ok(handover)) => handover,
             Ok(Err(err)) => {
-                // The other ranks save this step: they must not wait for this one. In
-                // turn with the saves before it (their collectives run in order).
-                if self.shared.world_size > 1 {
+                if together {
+                    // The other ranks save this step: they must not wait for this one,
+                    // and their policy counts it as saved, so this rank's does too. In
+                    // turn with the saves before it (their collectives run in order);
+                    // the failure every rank gets is reported by the next call.
+                    booking.keep_decision();
                     let reason = Error::new(err.kind(), err.full_message());
                     match self.async_save {
                         true => self.enqueue(Job::Refuse { opts, reason }),
-                        false => self.shared.refuse(&opts, &reason),
+                        false => drop(self.shared.refuse(&opts, &reason)),
+                    }
+                    if let Some(earlier) = earlier {
+                        self.shared.lock().error.get_or_insert(earlier);
                     }
                 }
                 return Err(err);
@@ -685,7 +710,7 @@ impl CheckpointManager {
         if preempted && matches!(call, Call::OnStep) {
             self.wait()?;
         }
-        Ok(true)
+        report(earlier, true)
     }
 
     /// What the policy says of `step` at this moment.
@@ -846,10 +871,7 @@ fn work(shared: &Shared) {
         let saved = match job {
             Job::Save { step, state, opts } => shared.write(step, Handover::Give(state), &opts),
             Job::Retain => Ok(()),
-            Job::Refuse { opts, reason } => {
-                shared.refuse(&opts, &reason);
-                Ok(())
-            }
+            Job::Refuse { opts, reason } => Err(shared.refuse(&opts, &reason)),
             Job::Prune(grace) => {
                 if let Err(err) = retried(|| shared.run.prune_orphans(grace)) {
                     shared.cleanup_failed(err);

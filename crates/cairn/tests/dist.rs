@@ -312,6 +312,9 @@ fn a_committed_save_leaves_no_coordination_files_and_a_late_rank_learns_the_outc
         json["save_id"] = attempt.into();
         dir.store().put(&manifest, serde_json::to_vec(&json).unwrap().into()).await.unwrap();
         coord.store().delete(&coord.path("attempt")).await.unwrap();
+        // Rank 0 gave up on some other rank in the last round, after its commit.
+        let abort = coord.path(&format!("{attempt}/abort"));
+        coord.store().put(&abort, object_store::PutPayload::from_static(b"timed out")).await.unwrap();
         Ok(())
     })
     .unwrap();
@@ -355,6 +358,35 @@ fn a_rank_without_a_state_fails_the_save_on_every_rank_at_once_and_a_retry_works
     let again = save_with_store_exchange(uri, 3, 7);
     assert!(again.iter().all(|r| r.is_ok()), "{again:?}");
     check_loads_on(uri, 2);
+}
+
+#[test]
+fn a_rank_whose_pieces_are_invalid_fails_the_save_on_every_rank_at_once() {
+    let uri = "memory://dist/bad-piece";
+    let run = Run::create(uri).unwrap();
+    let started = std::time::Instant::now();
+    let results: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3u64)
+            .map(|r| {
+                let dir = run.location().child(&layout::step_dir(4));
+                s.spawn(move || {
+                    let mut state = rank_state(r, 3);
+                    if r == 1 {
+                        let outside = Piece { tensor: global(&[2]), offsets: vec![9], global_shape: vec![10] };
+                        state.insert_piece("bad", outside);
+                    }
+                    let mut ex = StoreExchange::new(&dir, r as u32, 3, Duration::from_secs(60));
+                    save_distributed(&dir, &state, 4, &SaveOptions::default(), &mut ex).unwrap_err().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(started.elapsed() < Duration::from_secs(30), "waited out the timeout");
+    for err in &results {
+        assert!(err.contains("rank 1 could not take part") && err.contains("key=`bad`"), "{err}");
+    }
+    assert!(run.list().unwrap().is_empty());
 }
 
 #[test]

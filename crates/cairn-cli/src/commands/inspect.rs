@@ -49,8 +49,12 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
     }
     let own: Vec<(&String, &String, &cairn::format::manifest::TensorRecord)> =
         manifest.ranks.iter().flat_map(|(r, record)| record.tensors.iter().map(move |(k, t)| (r, k, t))).collect();
+    // Each rank's own pieces, once each (ranks holding the same content share a piece).
+    let mut counted = std::collections::BTreeSet::new();
     for (_, key, t) in &own {
-        totals.entry(key.split('.').next().unwrap_or(key)).or_default().1 += stored_bytes(t);
+        for p in t.pieces.iter().filter(|p| counted.insert((p.file.as_str(), p.range[0]))) {
+            totals.entry(key.split('.').next().unwrap_or(key)).or_default().1 += p.range[1] - p.range[0];
+        }
     }
     if json {
         let tensors = tensors_json(manifest.tensors.iter());
