@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as _dt
 import functools
 import json
@@ -287,18 +288,28 @@ def _load_into(
     on_devices: dict[str, list[Any]] = {}
     # The checkpoint is opened once (its manifest read and validated once). One read per
     # batch: the i-th box of every key that has one (a ShardedTensor may hold several
-    # boxes of one tensor), at most `_LOAD_BATCH_BYTES` at a time (what a batch maps is
-    # let go before the next); plain values come with the first. The loaded bytes are
-    # copied once, into the target.
+    # boxes of one tensor), at most `_LOAD_BATCH_BYTES` at a time; plain values come with
+    # the first. The next batch is read (on a thread, without the GIL) while this one is
+    # copied into the target, so at most two batches are mapped at once, and each
+    # batch's mapping is let go once copied. The loaded bytes are copied once, into the
+    # target.
     for key in [k for k, p in places.items() if p == []]:
         # Nothing of this tensor lives in this process (no local shard): nothing to read.
         del places[key]
         filled[key] = leaves[key]
-    with _tree.gc_paused():
+    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cairn-load")
+    with _tree.gc_paused(), reader:
         opened = _cairn.open(uri, step, storage_options)
-        for keys in _batches(places, {k: _itemsize(leaves[k]) for k, p in places.items() if p is not None}):
+        batches = list(_batches(places, {k: _itemsize(leaves[k]) for k, p in places.items() if p is not None}))
+
+        def read(keys: dict[str, int]) -> tuple:
             boxes = {k: (places[k][i][1], places[k][i][2]) for k, i in keys.items() if places[k] is not None}
-            native = opened.load(None, list(keys), None, boxes, {k: shapes[k] for k in boxes}, rank)
+            return opened.load(None, list(keys), None, boxes, {k: shapes[k] for k in boxes}, rank)
+
+        ahead = reader.submit(read, batches[0]) if batches else None
+        for n, keys in enumerate(batches):
+            native = ahead.result()
+            ahead = reader.submit(read, batches[n + 1]) if n + 1 < len(batches) else None
             got = _raw(native)
             for key, i in keys.items():
                 if places[key] is None:
@@ -311,7 +322,7 @@ def _load_into(
                     else:
                         _fill(key, dest, part)
                         filled[key] = leaves[key]
-            del native, got  # let this batch's mapping go before the next one is read
+            del native, got  # let this batch's mapping go
     for key, parts in on_devices.items():
         import jax
 

@@ -7,7 +7,7 @@
 //! returned by the next call to `on_step`, `save`, `restore` or `wait`. A rank of a job
 //! still takes part in the save of the call that reports it (every rank joins every save
 //! the policy gives it, or the others would wait for it), and a rank that cannot make its
-//! state joins that save to fail it on every rank.
+//! state joins that save to fail it on every rank (its own call reports its reason).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -294,7 +294,7 @@ impl Shared {
 
     /// Takes part in the other ranks' save of `opts.step` with this rank's `reason` for
     /// having no state: they fail it at once instead of waiting for this rank. Returns
-    /// the error every rank gets, naming this one.
+    /// the error every rank gets, naming this one (this rank reports its own reason).
     fn refuse(&self, opts: &SaveOptions, reason: &Error) -> Error {
         self.with_ranks(|ranks, exchange| dist::refuse_as_rank(self.run.location(), opts, ranks, exchange, reason))
     }
@@ -676,8 +676,7 @@ impl CheckpointManager {
                 if together {
                     // The other ranks save this step: they must not wait for this one,
                     // and their policy counts it as saved, so this rank's does too. In
-                    // turn with the saves before it (their collectives run in order);
-                    // the failure every rank gets is reported by the next call.
+                    // turn with the saves before it (their collectives run in order).
                     booking.keep_decision();
                     let reason = Error::new(err.kind(), err.full_message());
                     match self.async_save {
@@ -871,7 +870,11 @@ fn work(shared: &Shared) {
         let saved = match job {
             Job::Save { step, state, opts } => shared.write(step, Handover::Give(state), &opts),
             Job::Retain => Ok(()),
-            Job::Refuse { opts, reason } => Err(shared.refuse(&opts, &reason)),
+            // The refusing rank's call already reported its reason.
+            Job::Refuse { opts, reason } => {
+                drop(shared.refuse(&opts, &reason));
+                Ok(())
+            }
             Job::Prune(grace) => {
                 if let Err(err) = retried(|| shared.run.prune_orphans(grace)) {
                     shared.cleanup_failed(err);
