@@ -22,6 +22,10 @@ one); Cairn `save(..., step=1)` against Orbax `StandardCheckpointer().save` (wai
 finished), then a fresh process restores onto another mesh (2x4, sharded by columns) from
 abstract `ShapeDtypeStruct`s: Cairn `load(target=...)`, Orbax `restore(path, abstract)`.
 Orbax is given its defaults; it does not fsync what it writes, Cairn does.
+
+Beside each: the disk's limit for the same number of bytes, measured in the same
+repetition (a VM's disk drifts over minutes): an O_DIRECT write of `--size-mb` MiB in 8 MiB
+blocks plus fsync, and an O_DIRECT read of it back from the disk ("raw").
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 WORKER = r'''
 import json, os, resource, sys, time
@@ -153,6 +158,31 @@ def evict(path: str) -> None:
                 os.close(fd)
 
 
+def raw(path: str, size_mb: int) -> dict:
+    """The disk's limit for these bytes: `size_mb` MiB written with O_DIRECT in 8 MiB
+    blocks and fsynced, then (page cache dropped) read back with O_DIRECT."""
+    import mmap
+
+    os.makedirs(path, exist_ok=True)
+    name, block = os.path.join(path, "raw.bin"), 8 << 20
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(block))
+    start = time.perf_counter()
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    for _ in range((size_mb << 20) // block):
+        os.write(fd, buf)
+    os.fsync(fd)
+    os.close(fd)
+    write_s = time.perf_counter() - start
+    evict(path)
+    start = time.perf_counter()
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECT)
+    while os.readv(fd, [buf]) == block:
+        pass
+    os.close(fd)
+    return {"save": {"s": write_s, "extra_mb": 0.0}, "load": {"s": time.perf_counter() - start, "extra_mb": 0.0}}
+
+
 def run_jax(tool: str, mode: str, path: str, size_mb: int, worker: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, worker, tool, mode, path, str(size_mb)],
@@ -182,11 +212,13 @@ def run(tool: str, mode: str, path: str, ranks: int, size_mb: int, worker: str) 
 def report(title: str, med: dict, peer: str) -> None:
     print(title)
     print(f"{'tool':8} {'save s':>8} {'load s':>8} {'save extra MB':>14} {'load extra MB':>14}")
-    for tool in ("cairn", peer):
+    for tool in ("cairn", peer, "raw"):
         m = med[tool]
         print(f"{tool:8} {m['save']['s']:8.2f} {m['load']['s']:8.2f} {m['save']['extra_mb']:14.0f} {m['load']['extra_mb']:14.0f}")
     print(f"save speedup ({peer} time / Cairn time): {med[peer]['save']['s'] / med['cairn']['save']['s']:.2f}x; "
-          f"load: {med[peer]['load']['s'] / med['cairn']['load']['s']:.2f}x")
+          f"load: {med[peer]['load']['s'] / med['cairn']['load']['s']:.2f}x; "
+          f"Cairn at {med['raw']['save']['s'] / med['cairn']['save']['s']:.2f}x / "
+          f"{med['raw']['load']['s'] / med['cairn']['load']['s']:.2f}x the raw O_DIRECT write / read of the same bytes")
 
 
 def medians(results: dict) -> dict:
@@ -209,8 +241,8 @@ def main() -> None:
         f.write(WORKER)
     with open(jax_worker, "w") as f:
         f.write(JAX_WORKER)
-    torch_results = {"cairn": {"save": [], "load": []}, "dcp": {"save": [], "load": []}}
-    jax_results = {"cairn": {"save": [], "load": []}, "orbax": {"save": [], "load": []}}
+    torch_results = {t: {"save": [], "load": []} for t in ("cairn", "dcp", "raw")}
+    jax_results = {t: {"save": [], "load": []} for t in ("cairn", "orbax", "raw")}
     try:
         for rep in range(args.reps):
             if args.only != "jax":
@@ -220,6 +252,10 @@ def main() -> None:
                     evict(path)
                     torch_results[tool]["load"].append(run(tool, "load", path, args.load_ranks, args.size_mb, worker))
                     shutil.rmtree(path, ignore_errors=True)
+                limit = raw(os.path.join(root, f"raw-{rep}"), args.size_mb)
+                shutil.rmtree(os.path.join(root, f"raw-{rep}"), ignore_errors=True)
+                for mode in ("save", "load"):
+                    torch_results["raw"][mode].append(limit[mode])
             if args.only != "torch":
                 for tool in (["cairn", "orbax"] if rep % 2 == 0 else ["orbax", "cairn"]):
                     path = os.path.join(root, f"jax-{tool}-{rep}")
@@ -227,6 +263,10 @@ def main() -> None:
                     evict(path)
                     jax_results[tool]["load"].append(run_jax(tool, "load", path, args.size_mb, jax_worker))
                     shutil.rmtree(path, ignore_errors=True)
+                limit = raw(os.path.join(root, f"raw-jax-{rep}"), args.size_mb)
+                shutil.rmtree(os.path.join(root, f"raw-jax-{rep}"), ignore_errors=True)
+                for mode in ("save", "load"):
+                    jax_results["raw"][mode].append(limit[mode])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.only != "jax":
