@@ -32,6 +32,7 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "U16": np.dtype(np.uint16),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
+    "C64": np.dtype(np.complex64),
 }
 _NAMES = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 # torch dtype name (without `torch.`) -> Cairn dtype name.
@@ -51,7 +52,18 @@ _TORCH_NAMES = {
     "uint16": "U16",
     "uint8": "U8",
     "bool": "BOOL",
+    "complex64": "C64",
 }
+# Why a dtype Cairn refuses has no safetensors counterpart, and what to do instead.
+_UNSUPPORTED = {
+    "complex128": "safetensors has no complex128: cast to complex64, or save the real and imaginary parts",
+}
+
+
+def _unsupported(key: str, dtype: Any) -> InvalidArgumentError:
+    name = str(dtype).removeprefix("torch.")
+    hint = _UNSUPPORTED.get(name)
+    return InvalidArgumentError(f"unsupported dtype `{dtype}` key=`{key}`" + (f" ({hint})" if hint else ""))
 
 
 def _torch():
@@ -106,7 +118,7 @@ def torch_dtype_name(key: str, dtype: Any) -> str:
     """The Cairn dtype name of a torch dtype (`torch.bfloat16` -> `"BF16"`)."""
     name = _TORCH_NAMES.get(str(dtype).removeprefix("torch."))
     if name is None:
-        raise InvalidArgumentError(f"unsupported dtype `{dtype}` key=`{key}`")
+        raise _unsupported(key, dtype)
     return name
 
 
@@ -128,7 +140,7 @@ def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:
         dtype = arr.dtype
     name = _NAMES.get(dtype)
     if name is None:
-        raise InvalidArgumentError(f"unsupported dtype `{dtype}` key=`{key}`")
+        raise _unsupported(key, dtype)
     shape = list(arr.shape)  # before ascontiguousarray, which turns 0-d into 1-d
     arr = np.ascontiguousarray(arr)
     return name, shape, arr.reshape(-1).view(np.uint8)

@@ -128,9 +128,20 @@ pub(crate) fn value_from_py(obj: &Bound<'_, PyAny>, key: &str) -> PyResult<Value
     } else if let Ok(b) = obj.cast::<PyBool>() {
         Ok(Value::Bool(b.is_true()))
     } else if obj.is_instance_of::<PyInt>() {
-        obj.extract::<i64>()
-            .map(Value::Int)
-            .map_err(|_| InvalidArgumentError::new_err(format!("integer does not fit in 64 bits key=`{key}`")))
+        if let Ok(small) = obj.extract::<i64>() {
+            return Ok(Value::Int(small));
+        }
+        // Wider ints (numpy's PCG64 state) exactly, as their decimal text.
+        let text = obj.str().and_then(|t| Ok(t.to_str()?.to_string())).map_err(|e| {
+            InvalidArgumentError::new_err(format!("cannot store an integer of this size key=`{key}`: {e}"))
+        })?;
+        Value::int(&text).ok_or_else(|| {
+            InvalidArgumentError::new_err(format!(
+                "an integer of {} digits is over the limit of {} key=`{key}`",
+                text.trim_start_matches('-').len(),
+                cairn::state::MAX_BIG_INT_DIGITS
+            ))
+        })
     } else if let Ok(f) = obj.cast::<PyFloat>() {
         Ok(Value::Float(f.value()))
     } else if let Ok(s) = obj.cast::<PyString>() {
@@ -161,6 +172,7 @@ pub(crate) fn value_to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound
         Value::Null => py.None().into_bound(py),
         Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
         Value::Int(i) => i.into_pyobject(py)?.into_any(),
+        Value::BigInt(text) => py.get_type::<PyInt>().call1((text.as_str(),))?,
         Value::Float(f) => PyFloat::new(py, *f).into_any(),
         Value::Str(s) => PyString::new(py, s).into_any(),
         Value::Bytes(b) => PyBytes::new(py, b).into_any(),

@@ -10,7 +10,7 @@ import cairn
 
 NUMPY_DTYPES = [
     np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2,
-    np.int64, np.int32, np.int16, np.int8, np.uint64, np.uint32, np.uint16, np.uint8, np.bool_,
+    np.int64, np.int32, np.int16, np.int8, np.uint64, np.uint32, np.uint16, np.uint8, np.bool_, np.complex64,
 ]
 SHAPES = [(), (0,), (3,), (2, 3), (2, 0, 4), (1, 2, 3, 2)]
 
@@ -143,6 +143,7 @@ def test_torch_tensors_of_every_dtype_round_trip(tmp_path):
         state[str(dtype)] = (torch.rand(3, 4, generator=gen) * 100).to(dtype)
     for dtype in [torch.float8_e4m3fn, torch.float8_e5m2]:
         state[str(dtype)] = torch.rand(5, generator=gen).to(dtype)
+    state["complex64"] = torch.randn(3, 4, dtype=torch.complex64, generator=gen)
     state["scalar"] = torch.tensor(3.5)
     state["grad"] = torch.ones(2, requires_grad=True)
     state["transposed"] = torch.arange(6.0).reshape(2, 3).t()
@@ -152,6 +153,31 @@ def test_torch_tensors_of_every_dtype_round_trip(tmp_path):
         got = loaded[key]
         assert isinstance(got, torch.Tensor) and got.dtype == tensor.dtype and got.shape == tensor.shape, key
         assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.detach().contiguous().reshape(-1).view(torch.uint8)), key
+
+
+def test_numpy_rng_state_with_128_bit_integers_round_trips_exactly(tmp_path):
+    rng = np.random.default_rng(1234)
+    rng.standard_normal(10)
+    state = {"rng": rng.bit_generator.state, "wide": [2**64, -(2**100), 2**63 - 1, -(2**63), 10**4299]}
+    assert state["rng"]["state"]["state"] >= 2**64 or state["rng"]["state"]["inc"] >= 2**64
+    cairn.save(tmp_path / "ckpt", state)
+    loaded = cairn.load(tmp_path / "ckpt")
+    assert loaded == state
+    resumed = np.random.default_rng()
+    resumed.bit_generator.state = loaded["rng"]
+    assert np.array_equal(resumed.standard_normal(5), rng.standard_normal(5))
+
+
+def test_complex128_and_integers_past_the_limit_are_refused_naming_the_key(tmp_path):
+    with pytest.raises(cairn.InvalidArgumentError, match=r"key=`z`.*cast to complex64"):
+        cairn.save(tmp_path / "a", {"z": np.zeros(2, np.complex128)})
+    import torch
+
+    with pytest.raises(cairn.InvalidArgumentError, match=r"key=`t`.*cast to complex64"):
+        cairn.save(tmp_path / "b", {"t": torch.zeros(2, dtype=torch.complex128)})
+    with pytest.raises(cairn.InvalidArgumentError, match=r"key=`n`"):
+        cairn.save(tmp_path / "c", {"n": 10**4300})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
 def test_torch_model_and_optimizer_state_dicts_round_trip(tmp_path):

@@ -47,11 +47,13 @@ pub enum DType {
     U8,
     /// Boolean, one byte per element (0 or 1).
     BOOL,
+    /// Complex with binary32 real and imaginary parts (real first), 8 bytes per element.
+    C64,
 }
 
 impl DType {
     /// Every supported dtype.
-    pub const ALL: [DType; 15] = [
+    pub const ALL: [DType; 16] = [
         DType::F64,
         DType::F32,
         DType::F16,
@@ -67,12 +69,13 @@ impl DType {
         DType::U16,
         DType::U8,
         DType::BOOL,
+        DType::C64,
     ];
 
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F64 | DType::I64 | DType::U64 | DType::C64 => 8,
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
             DType::F8_E4M3 | DType::F8_E5M2 | DType::I8 | DType::U8 | DType::BOOL => 1,
@@ -97,6 +100,7 @@ impl DType {
             DType::U16 => "U16",
             DType::U8 => "U8",
             DType::BOOL => "BOOL",
+            DType::C64 => "C64",
         }
     }
 
@@ -132,6 +136,7 @@ impl DType {
             DType::U16 => S::U16,
             DType::U8 => S::U8,
             DType::BOOL => S::BOOL,
+            DType::C64 => S::C64,
         }
     }
 }
@@ -303,6 +308,11 @@ pub enum Value {
     Bool(bool),
     /// Signed 64-bit integer.
     Int(i64),
+    /// An integer outside the 64-bit range (Python's ints are unbounded: numpy's PCG64
+    /// RNG state holds 128-bit ones), in canonical decimal: an optional `-`, then at most
+    /// [`MAX_BIG_INT_DIGITS`] digits without leading zeros. Use [`Value::int`] to make one.
+    #[serde(deserialize_with = "big_int::deserialize")]
+    BigInt(String),
     /// 64-bit float; non-finite values are stored by their bit pattern.
     #[serde(with = "float_bits")]
     Float(f64),
@@ -359,6 +369,7 @@ impl PartialEq for Value {
             (Value::Null, Value::Null) => true,
             (Value::Bool(a), Value::Bool(b)) => a == b,
             (Value::Int(a), Value::Int(b)) => a == b,
+            (Value::BigInt(a), Value::BigInt(b)) => a == b,
             (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
             (Value::Str(a), Value::Str(b)) => a == b,
             (Value::Bytes(a), Value::Bytes(b)) => a == b,
@@ -366,6 +377,50 @@ impl PartialEq for Value {
             (Value::Map(a), Value::Map(b)) => a == b,
             _ => false,
         }
+    }
+}
+
+/// The most digits of a [`Value::BigInt`] (Python's default limit on converting ints to
+/// and from text).
+pub const MAX_BIG_INT_DIGITS: usize = 4300;
+
+impl Value {
+    /// The integer written in decimal by `text` (an optional `-`, then digits): an
+    /// [`Value::Int`] when it fits in 64 bits, else a [`Value::BigInt`]. `None` when
+    /// `text` is not such a decimal or has more than [`MAX_BIG_INT_DIGITS`] digits.
+    pub fn int(text: &str) -> Option<Value> {
+        if let Ok(small) = text.parse::<i64>() {
+            return Some(Value::Int(small));
+        }
+        big_int::canonical(text).then(|| Value::BigInt(text.to_string()))
+    }
+}
+
+/// Big integers: refused on reading unless in the canonical form [`Value::int`] makes.
+mod big_int {
+    use serde::{Deserialize, Deserializer};
+
+    /// Whether `text` is a canonical decimal of at most `MAX_BIG_INT_DIGITS` digits that
+    /// does not fit in 64 bits.
+    pub fn canonical(text: &str) -> bool {
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        !digits.is_empty()
+            && digits.len() <= super::MAX_BIG_INT_DIGITS
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0')
+            && text.parse::<i64>().is_err()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let text = String::deserialize(d)?;
+        if !canonical(&text) {
+            let shown: String = text.chars().take(40).collect();
+            return Err(serde::de::Error::custom(format!(
+                "not a canonical big integer (decimal, outside 64 bits, at most {} digits): `{shown}`",
+                super::MAX_BIG_INT_DIGITS
+            )));
+        }
+        Ok(text)
     }
 }
 
@@ -609,6 +664,32 @@ impl FromIterator<(String, Entry)> for State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integers_wider_than_64_bits_are_kept_exactly_and_only_in_canonical_form() {
+        let wide = (1u128 << 127).to_string();
+        assert_eq!(Value::int("42"), Some(Value::Int(42)));
+        assert_eq!(Value::int(&i64::MIN.to_string()), Some(Value::Int(i64::MIN)));
+        assert_eq!(Value::int(&wide), Some(Value::BigInt(wide.clone())));
+        let json = serde_json::to_string(&Value::int(&format!("-{wide}")).unwrap()).unwrap();
+        assert_eq!(json, format!("{{\"big_int\":\"-{wide}\"}}"));
+        assert_eq!(serde_json::from_str::<Value>(&json).unwrap(), Value::BigInt(format!("-{wide}")));
+        let too_long = "9".repeat(MAX_BIG_INT_DIGITS + 1);
+        for bad in
+            ["", "-", "0", "42", "-0", "007", "+123456789012345678901", "1e30", " 123456789012345678901", &too_long]
+        {
+            assert_eq!(Value::int(bad).filter(|v| matches!(v, Value::BigInt(_))), None, "{bad}");
+            let json = serde_json::json!({ "big_int": bad }).to_string();
+            assert!(serde_json::from_str::<Value>(&json).is_err(), "accepted big_int {bad:?}");
+        }
+    }
+
+    #[test]
+    fn complex64_is_a_safetensors_dtype_of_eight_bytes() {
+        assert_eq!(DType::from_name("c64").unwrap(), DType::C64);
+        assert_eq!(DType::C64.size(), 8);
+        assert_eq!(DType::from_safetensors(safetensors::Dtype::C64), Some(DType::C64));
+    }
 
     #[test]
     fn tensor_rejects_wrong_byte_count() {
