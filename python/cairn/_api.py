@@ -118,7 +118,9 @@ def _prefixes(prefix: str | Sequence[str] | None) -> list[str] | None:
     return [prefix] if isinstance(prefix, str) else list(prefix)
 
 
-def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool) -> Any:
+def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool, device: Any = None) -> Any:
+    """A native load's result as the caller's state: tensors as `framework` arrays (on
+    `device`), floating-point ones cast to `dtype` (from `_arrays.resolve_dtype`)."""
     leaves, structure, info = native
     out: dict[str, Any] = {}
     for leaf in leaves:
@@ -129,7 +131,7 @@ def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool) -> Any:
                 arr = arr.copy()
             if dtype is not None:
                 arr = _arrays.cast(arr, dtype)
-            out[key] = _arrays.to_framework(arr, framework)
+            out[key] = _arrays.to_framework(arr, framework, device)
         else:
             key, _, value = leaf
             out[key] = value
@@ -149,8 +151,13 @@ def save(
     world_size: int | None = None,
     all_gather: Callable[[bytes], list[bytes]] | None = None,
     timeout: float = 600.0,
+    dtype: Any = None,
 ) -> CheckpointInfo:
     """Saves `state` and commits it; returns once it is durable.
+
+    `dtype` casts floating-point tensors before they are written, each on its own device
+    (`"bf16"`, `"fp16"`, `"fp32"`, `"fp8"`, or a numpy or torch dtype); integer, boolean
+    and complex tensors are saved as they are.
 
     `state` is nested dicts, lists and tuples of numpy arrays, torch tensors, jax arrays and
     plain values. With `step`, `path` is a run and the checkpoint goes to
@@ -174,7 +181,7 @@ def save(
     come from the job: `torch.distributed` (its collectives coordinate, never pickling,
     and every rank of the default group must call `save`; `timeout` does not apply) or
     `jax.distributed`; a single process holding every piece saves alone."""
-    leaves = _tree.flatten(state)
+    leaves = _tree.flatten(state, None if dtype is None else _arrays.resolve_dtype(dtype))
     rank, world_size, all_gather = _job(rank, world_size, all_gather, leaves.sharded)
     info = _cairn.save(
         _uri(path),
@@ -208,12 +215,17 @@ def load(
     target: Any = None,
     rank: int | None = None,
     slices: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+    device: Any = None,
+    map_location: Any = None,
 ) -> Any:
     """Loads a checkpoint folder, or the latest (or given `step`) checkpoint of a run.
 
     `prefix` / `keys` select flattened keys (`"model."`); `rename` is a list of
     `(regex, replacement)` applied to keys (the result is then a flat dict); `dtype` casts
-    floating-point tensors; `framework` is `"numpy"`, `"torch"` or `"jax"`. Every checksum
+    floating-point tensors (`"bf16"`, `"fp16"`, `"fp32"`, ... or a numpy or torch dtype);
+    `framework` is `"numpy"`, `"torch"` or `"jax"`, and `device` (or `map_location`, as
+    `torch.load` calls it) the device the tensors go to: a `torch.device` or its name
+    (`"cuda:0"`), or a `jax.Device`. Every checksum
     is verified; nothing is unpickled. `boxes` maps a (flattened) key to `(offsets,
     shape)`: only that box of the tensor is returned, read from the pieces that overlap it
     (a checkpoint saved by N ranks loads on M ranks). `slices` is its deprecated name.
@@ -234,10 +246,15 @@ def load(
     a `torch.distributed` (or multi-process jax) job, else rank 0's."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
+    device = _device(device, map_location, framework)
     if target is not None:
-        if any(x is not None for x in (prefix, keys, rename, dtype, boxes, slices)) or framework != "numpy":
-            raise _cairn.InvalidArgumentError("a load into `target` takes no prefix, keys, rename, dtype, boxes or framework")
+        if any(x is not None for x in (prefix, keys, rename, dtype, boxes, slices, device)) or framework != "numpy":
+            raise _cairn.InvalidArgumentError(
+                "a load into `target` takes no prefix, keys, rename, dtype, boxes, device or framework "
+                "(the target's tensors say where and how)"
+            )
         return _load_into(_uri(path), target, step, storage_options, _own_rank(rank))
+    dtype = None if dtype is None else _arrays.resolve_dtype(dtype)
     if slices is not None:
         if boxes is not None:
             raise _cairn.InvalidArgumentError("pass `boxes` only (`slices` is its deprecated name)")
@@ -252,7 +269,23 @@ def load(
             None,
             _own_rank(rank),
         )
-        return _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
+        return _build(native, dtype=dtype, framework=framework, renamed=rename is not None, device=device)
+
+
+def _device(device: Any, map_location: Any, framework: str) -> Any:
+    """The device a load puts tensors on: `device` or its `torch.load` name
+    `map_location` (not both), for the torch or jax framework."""
+    if device is not None and map_location is not None:
+        raise _cairn.InvalidArgumentError("pass `device` or `map_location`, not both")
+    device = map_location if device is None else device
+    if device is not None and framework == "numpy":
+        raise _cairn.InvalidArgumentError(f"device=`{device}` needs framework=\"torch\" or \"jax\" (numpy arrays live on the host)")
+    if device is not None and framework == "torch" and not isinstance(device, str):
+        import torch
+
+        if not isinstance(device, torch.device):
+            raise _cairn.InvalidArgumentError(f"device must be a torch.device or its name for torch, got `{device!r}`")
+    return device
 
 
 def _own_rank(rank: int | None) -> int | None:
@@ -634,13 +667,16 @@ def unregister_scheme(prefix: str) -> bool:
     return _cairn.unregister_scheme(prefix)
 
 
-def _prepare(state: Any, metrics: dict[str, float] | None, metadata: Any, world_size: int) -> Callable[[], tuple]:
-    """What the native manager calls, only when a step saves, to read the state. A state
-    of a framework's sharded arrays in a manager of one rank, inside a job of several, is
-    refused (each process would save its pieces alone)."""
+def _prepare(
+    state: Any, metrics: dict[str, float] | None, metadata: Any, world_size: int, dtype: Any
+) -> Callable[[], tuple]:
+    """What the native manager calls, only when a step saves, to read the state (its
+    floating-point tensors cast to `dtype` if given). A state of a framework's sharded
+    arrays in a manager of one rank, inside a job of several, is refused (each process
+    would save its pieces alone)."""
 
     def prepare() -> tuple:
-        leaves = _tree.flatten(state)
+        leaves = _tree.flatten(state, dtype)
         if leaves.sharded and world_size == 1:
             job_rank, job_world, _ = _job(None, None, None, True)
             if job_world > 1:
@@ -669,7 +705,9 @@ class CheckpointManager:
     `save_interval` adds a temporary checkpoint after that much time without a save);
     `keep` says what to keep (`cairn.KeepLast(3)`, `cairn.KeepEvery(10_000)`,
     `cairn.KeepBest(2, "loss", "min")`; default: everything). The flat `keep_last=`,
-    `keep_every=`, `keep_best=`, `metric=`, `mode=` flags are deprecated.
+    `keep_every=`, `keep_best=`, `metric=`, `mode=` flags are deprecated. `dtype`
+    (`"bf16"`, `"fp16"`, ...) casts the floating-point tensors of every save, as
+    `cairn.save(dtype=)` does.
 
     Call `on_step(step, state)` every step. It returns once the state is copied; writing
     continues in the background (at most `max_in_flight` saves at once). A background
@@ -712,6 +750,7 @@ class CheckpointManager:
         process_group: Any = None,
         timeout: float = 600.0,
         orphan_grace: float | _dt.timedelta | None = 3600.0,
+        dtype: Any = None,
         keep_last: int | None = None,
         keep_every: int | None = None,
         keep_best: int | None = None,
@@ -720,6 +759,7 @@ class CheckpointManager:
     ) -> None:
         legacy = dict(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, metric=metric, mode=mode)
         last, every, best = _retention(keep, legacy)
+        dtype = None if dtype is None else _arrays.resolve_dtype(dtype)
         rank, world_size, all_gather = _manager_job(rank, world_size, process_group, timeout)
         self._native = _cairn.Manager(
             _uri(run),
@@ -741,6 +781,7 @@ class CheckpointManager:
         self._world_size = world_size
         self._rank = rank
         self._storage_options = storage_options
+        self._dtype = dtype
         # Closes at interpreter exit (or when collected) without keeping `self` alive.
         self._closer = weakref.finalize(self, self._native.close)
 
@@ -770,7 +811,7 @@ class CheckpointManager:
         (no device copy; a bad one is reported on the first step that saves); a saved
         state is read once a save slot is free (`max_in_flight` copies at most), and
         reading it must not save through a manager."""
-        return self._native.on_step(step, _prepare(state, metrics, metadata, self._world_size), force)
+        return self._native.on_step(step, _prepare(state, metrics, metadata, self._world_size, self._dtype), force)
 
     @_typed
     def save(
@@ -784,7 +825,7 @@ class CheckpointManager:
     ) -> None:
         """Saves `state` as `step` now, whatever the policies. Raises `AlreadyExistsError`
         if the step is already saved."""
-        self._native.save(step, _prepare(state, metrics, metadata, self._world_size), temporary)
+        self._native.save(step, _prepare(state, metrics, metadata, self._world_size, self._dtype), temporary)
 
     def wait(self) -> None:
         """Blocks until every save and deletion is done; raises a background error."""
@@ -802,10 +843,13 @@ class CheckpointManager:
         framework: str = "numpy",
         target: Any = None,
         boxes: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+        device: Any = None,
+        map_location: Any = None,
     ) -> tuple[Any, CheckpointInfo]:
         """Loads the latest committed checkpoint (or `step`): `(state, info)`.
         Raises `CheckpointNotFoundError` when there is none. `target` fills the job's own
-        state in place and `boxes` reads boxes of tensors, as `cairn.load` does (every
+        state in place, `boxes` reads boxes of tensors and `dtype`, `device` (or
+        `map_location`) cast and place them, as `cairn.load` does (every
         process of a job reads the same step: the latest once this manager's saves in
         flight are over). Plain values, structure and whole tensors that ranks held with
         contents of their own (an RNG state) are this manager's `rank`'s own; a rank that
@@ -819,14 +863,17 @@ class CheckpointManager:
             state = load(
                 self.run, prefix=prefix, keys=keys, rename=rename, dtype=dtype, framework=framework,
                 step=step, storage_options=self._storage_options, boxes=boxes, target=target, rank=self._rank,
+                device=device, map_location=map_location,
             )
             info = next((i for i in self.list() if i.step == step), None)
             if info is None:
                 raise _cairn.CheckpointNotFoundError(f"checkpoint deleted while loading step={step} run=`{self.run}`")
             return state, info
+        device = _device(device, map_location, framework)
+        dtype = None if dtype is None else _arrays.resolve_dtype(dtype)
         with _tree.gc_paused():
             native = self._native.restore(step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename))
-            state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None)
+            state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None, device=device)
         return state, CheckpointInfo._from_native(native[2])
 
     def cleanup_errors(self) -> list[_cairn.CheckpointError]:

@@ -85,6 +85,26 @@ def is_array(obj: Any) -> bool:
     return jax is not None and isinstance(obj, jax.Array)
 
 
+def check_storable(key: str, obj: Any) -> None:
+    """Refuses, naming `key`, an array or tensor that is not one dense tensor of a dtype
+    Cairn stores: sparse and meta torch tensors, torch dtypes without a safetensors
+    counterpart (`float8_e4m3fnuz`, `complex128`, ...), and typed jax PRNG keys."""
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided:
+            raise InvalidArgumentError(f"a {obj.layout} tensor is not stored (only dense ones): save .to_dense() key=`{key}`")
+        if obj.is_meta:
+            raise InvalidArgumentError(f"a meta tensor has no data to store key=`{key}`")
+        torch_dtype_name(key, obj.dtype)
+        return
+    jax = _jax()
+    if jax is not None and isinstance(obj, jax.Array) and jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key):
+        raise InvalidArgumentError(
+            f"a typed jax PRNG key is not stored as it is: save jax.random.key_data(key) and restore it with "
+            f"jax.random.wrap_key_data key=`{key}`"
+        )
+
+
 def _torch_to_numpy(t) -> np.ndarray:
     torch = _torch()
     t = t.detach()
@@ -152,26 +172,76 @@ def from_buffer(dtype: str, shape: list[int], buffer: Any) -> np.ndarray:
     return raw.view(NUMPY_DTYPES[dtype]).reshape(shape)
 
 
-def cast(arr: np.ndarray, dtype: Any) -> np.ndarray:
-    """Casts floating-point arrays to `dtype` (a Cairn name, numpy dtype or torch dtype);
-    integer and boolean arrays are returned unchanged."""
-    if arr.dtype.kind != "f" and arr.dtype not in (NUMPY_DTYPES["BF16"], NUMPY_DTYPES["F8_E4M3"], NUMPY_DTYPES["F8_E5M2"]):
-        return arr
-    return arr.astype(resolve_dtype(dtype))
+# The floating-point dtypes a cast goes to or from.
+_FLOATS = {NUMPY_DTYPES[n] for n in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
+# The spellings of a cast's dtype people use (lowercase) -> Cairn name.
+_SPELLINGS = {
+    "fp64": "F64", "float64": "F64", "double": "F64", "f64": "F64",
+    "fp32": "F32", "float32": "F32", "float": "F32", "f32": "F32",
+    "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
+    "bf16": "BF16", "bfloat16": "BF16",
+    "fp8": "F8_E4M3", "fp8_e4m3": "F8_E4M3", "float8_e4m3fn": "F8_E4M3", "f8_e4m3": "F8_E4M3",
+    "fp8_e5m2": "F8_E5M2", "float8_e5m2": "F8_E5M2", "f8_e5m2": "F8_E5M2",
+}
+
+
+def is_float(dtype: Any) -> bool:
+    """Whether a numpy dtype is one of the floating-point dtypes a cast applies to."""
+    return dtype in _FLOATS
+
+
+def cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Casts a floating-point array to `dtype` (from `resolve_dtype`); integer, boolean
+    and complex arrays are returned unchanged."""
+    return arr.astype(dtype) if is_float(arr.dtype) and arr.dtype != dtype else arr
+
+
+def cast_leaf(obj: Any, dtype: np.dtype) -> Any:
+    """A numpy array, torch tensor or jax array cast to `dtype` (from `resolve_dtype`) on
+    its own device when it is floating point; anything else as it is."""
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        name = str(obj.dtype).removeprefix("torch.")
+        if _TORCH_NAMES.get(name) not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
+            return obj
+        target = getattr(torch, _NUMPY_TO_TORCH[dtype])
+        return obj if obj.dtype == target else obj.detach().to(target)
+    if hasattr(obj, "dtype") and hasattr(obj, "astype") and is_float(np.dtype(obj.dtype)):
+        return obj if np.dtype(obj.dtype) == dtype else obj.astype(dtype)  # numpy, jax
+    return obj
+
+
+# numpy dtype of a cast -> torch dtype name.
+_NUMPY_TO_TORCH = {
+    NUMPY_DTYPES["F64"]: "float64", NUMPY_DTYPES["F32"]: "float32", NUMPY_DTYPES["F16"]: "float16",
+    NUMPY_DTYPES["BF16"]: "bfloat16", NUMPY_DTYPES["F8_E4M3"]: "float8_e4m3fn", NUMPY_DTYPES["F8_E5M2"]: "float8_e5m2",
+}
 
 
 def resolve_dtype(dtype: Any) -> np.dtype:
-    """A numpy dtype from a Cairn name (`"BF16"`), a numpy dtype or name, or a torch dtype."""
-    if isinstance(dtype, str) and dtype.upper() in NUMPY_DTYPES:
-        return NUMPY_DTYPES[dtype.upper()]
-    torch = _torch()
-    if torch is not None and isinstance(dtype, torch.dtype):
-        name = str(dtype).removeprefix("torch.")
-        return np.dtype(getattr(ml_dtypes, name, None) or name)
-    try:
-        return np.dtype(dtype)
-    except TypeError:
-        return np.dtype(getattr(ml_dtypes, str(dtype)))
+    """The floating-point dtype of a cast, from a Cairn name (`"BF16"`), a common spelling
+    (`"bf16"`, `"fp16"`, `"half"`, `"float32"`, `"fp8"`), a numpy dtype or a torch dtype;
+    anything else is an `InvalidArgumentError`."""
+    resolved = None
+    if isinstance(dtype, str):
+        name = dtype.strip()
+        name = _SPELLINGS.get(name.lower(), name.upper())
+        resolved = NUMPY_DTYPES.get(name)
+    else:
+        torch = _torch()
+        if torch is not None and isinstance(dtype, torch.dtype):
+            resolved = NUMPY_DTYPES.get(_TORCH_NAMES.get(str(dtype).removeprefix("torch."), ""))
+        else:
+            try:
+                resolved = np.dtype(dtype)
+            except TypeError:
+                resolved = None
+    if resolved is None or not is_float(resolved):
+        raise InvalidArgumentError(
+            f"cannot cast to dtype `{dtype}`: a cast is to a floating-point dtype "
+            "(bf16, fp16, fp32, fp64, fp8 / fp8_e4m3, fp8_e5m2, or a numpy or torch dtype of these)"
+        )
+    return resolved
 
 
 def torch_source(arr: np.ndarray) -> Any:
@@ -194,10 +264,13 @@ def torch_source(arr: np.ndarray) -> Any:
         return torch.from_numpy(arr)
 
 
-def to_framework(arr: np.ndarray, framework: str) -> Any:
-    """Converts a numpy array to the requested framework's array type."""
+def to_framework(arr: np.ndarray, framework: str, device: Any = None) -> Any:
+    """Converts a numpy array to the requested framework's array type, on `device` if
+    given (torch: a `torch.device` or its name, e.g. `"cuda:0"`; jax: a `jax.Device`)."""
     if framework == "numpy":
         return arr
+    if framework == "torch" and device is not None:
+        return to_framework(arr, "torch").to(device)
     if framework == "torch":
         import torch
 
@@ -217,5 +290,5 @@ def to_framework(arr: np.ndarray, framework: str) -> Any:
 
         # On a CPU device, device_put uses a 64-byte-aligned array in place (Cairn's shards
         # align large tensors so); jnp.asarray would always copy.
-        return jax.device_put(arr)
+        return jax.device_put(arr, device)
     raise ValueError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')

@@ -16,6 +16,8 @@ import json
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+
 from . import _arrays, _sharded, _staging
 from ._cairn import CorruptCheckpointError, InvalidArgumentError
 
@@ -85,16 +87,20 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def flatten(state: Any) -> Leaves:
-    """Flattens `state` (a mapping, list/tuple, or a single leaf) into `Leaves`."""
+def flatten(state: Any, dtype: Any = None) -> Leaves:
+    """Flattens `state` (a mapping, list/tuple, or a single leaf) into `Leaves`, its
+    floating-point tensors cast to `dtype` (a numpy dtype from `_arrays.resolve_dtype`)
+    if given, each on its own device."""
     with gc_paused():
-        return _flatten_all(state)
+        return _flatten_all(state, dtype)
 
 
-def _flatten_all(state: Any) -> Leaves:
+def _flatten_all(state: Any, dtype: Any) -> Leaves:
     leaves = Leaves()
     node = _walk(state, (), lambda key, obj: _leaf(key, obj, leaves))
     leaves.structure = json.dumps(node, separators=(",", ":"))
+    if dtype is not None:
+        leaves._arrays = [(key, _arrays.cast_leaf(array, dtype), piece) for key, array, piece in leaves._arrays]
     items = [(key, array) for key, array, _ in leaves._arrays]
     if _staging.needed(array for _, array in items):
         leaves.staging, raws = _staging.stage(items)
@@ -147,6 +153,8 @@ def _leaf(key: str, obj: Any, leaves: Leaves) -> Any:
         return {"tensor": key}
     if _arrays.is_array(obj):
         leaves._claim(key)
+        if type(obj) is not np.ndarray:
+            _arrays.check_storable(key, obj)
         leaves._arrays.append((key, obj, None))
         return {"tensor": key}
     if isinstance(obj, _PLAIN):
