@@ -156,8 +156,10 @@ def save(
     """Saves `state` and commits it; returns once it is durable.
 
     `dtype` casts floating-point tensors before they are written, each on its own device
-    (`"bf16"`, `"fp16"`, `"fp32"`, `"fp8"`, or a numpy or torch dtype); integer, boolean
-    and complex tensors are saved as they are.
+    (`"bf16"`, `"fp16"`, `"fp32"`, `"fp8"`, or a numpy or torch dtype), or only those under
+    some key prefixes (`{"model.": "bf16"}`); integer, boolean, complex and 0-d tensors
+    are saved as they are. A cast loses precision: cast the weights you export, not the
+    optimizer state a run resumes from (a load into a target refuses another dtype).
 
     `state` is nested dicts, lists and tuples of numpy arrays, torch tensors, jax arrays and
     plain values. With `step`, `path` is a run and the checkpoint goes to
@@ -181,7 +183,7 @@ def save(
     come from the job: `torch.distributed` (its collectives coordinate, never pickling,
     and every rank of the default group must call `save`; `timeout` does not apply) or
     `jax.distributed`; a single process holding every piece saves alone."""
-    leaves = _tree.flatten(state, None if dtype is None else _arrays.resolve_dtype(dtype))
+    leaves = _tree.flatten(state, _arrays.cast_plan(dtype))
     rank, world_size, all_gather = _job(rank, world_size, all_gather, leaves.sharded)
     info = _cairn.save(
         _uri(path),
@@ -706,8 +708,9 @@ class CheckpointManager:
     `keep` says what to keep (`cairn.KeepLast(3)`, `cairn.KeepEvery(10_000)`,
     `cairn.KeepBest(2, "loss", "min")`; default: everything). The flat `keep_last=`,
     `keep_every=`, `keep_best=`, `metric=`, `mode=` flags are deprecated. `dtype`
-    (`"bf16"`, `"fp16"`, ...) casts the floating-point tensors of every save, as
-    `cairn.save(dtype=)` does.
+    (`"bf16"`, `{"model.": "bf16"}`, ...) casts the floating-point tensors of every save,
+    as `cairn.save(dtype=)` does (lossy: a run resumed into its own state needs the
+    optimizer state saved as it is).
 
     Call `on_step(step, state)` every step. It returns once the state is copied; writing
     continues in the background (at most `max_in_flight` saves at once). A background
@@ -759,7 +762,7 @@ class CheckpointManager:
     ) -> None:
         legacy = dict(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, metric=metric, mode=mode)
         last, every, best = _retention(keep, legacy)
-        dtype = None if dtype is None else _arrays.resolve_dtype(dtype)
+        dtype = _arrays.cast_plan(dtype)
         rank, world_size, all_gather = _manager_job(rank, world_size, process_group, timeout)
         self._native = _cairn.Manager(
             _uri(run),

@@ -107,7 +107,7 @@ def check_storable(key: str, obj: Any) -> None:
 
 def _torch_to_numpy(t) -> np.ndarray:
     torch = _torch()
-    t = t.detach()
+    t = t.detach().resolve_conj().resolve_neg()
     if t.device.type != "cpu":
         t = t.cpu()
     if not t.is_contiguous():
@@ -177,7 +177,7 @@ _FLOATS = {NUMPY_DTYPES[n] for n in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8
 # The spellings of a cast's dtype people use (lowercase) -> Cairn name.
 _SPELLINGS = {
     "fp64": "F64", "float64": "F64", "double": "F64", "f64": "F64",
-    "fp32": "F32", "float32": "F32", "float": "F32", "f32": "F32",
+    "fp32": "F32", "float32": "F32", "f32": "F32",
     "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
     "bf16": "BF16", "bfloat16": "BF16",
     "fp8": "F8_E4M3", "fp8_e4m3": "F8_E4M3", "float8_e4m3fn": "F8_E4M3", "f8_e4m3": "F8_E4M3",
@@ -196,9 +196,29 @@ def cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return arr.astype(dtype) if is_float(arr.dtype) and arr.dtype != dtype else arr
 
 
+def cast_plan(dtype: Any) -> dict[str, np.dtype] | None:
+    """A save's `dtype` as `{key prefix: dtype}`: one dtype casts every key (prefix
+    `""`); a mapping (`{"model.": "bf16"}`) casts the keys under each prefix, the longest
+    matching prefix deciding."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, dict):
+        return {str(prefix): resolve_dtype(d) for prefix, d in dtype.items()}
+    return {"": resolve_dtype(dtype)}
+
+
+def cast_for(plan: dict[str, np.dtype], key: str) -> np.dtype | None:
+    """The dtype `plan` (from `cast_plan`) casts `key` to, if any."""
+    prefix = max((p for p in plan if key.startswith(p)), key=len, default=None)
+    return None if prefix is None else plan[prefix]
+
+
 def cast_leaf(obj: Any, dtype: np.dtype) -> Any:
     """A numpy array, torch tensor or jax array cast to `dtype` (from `resolve_dtype`) on
-    its own device when it is floating point; anything else as it is."""
+    its own device when it is floating point and not 0-d (a scalar such as an optimizer's
+    step count stays exact); anything else as it is."""
+    if getattr(obj, "ndim", 1) == 0:
+        return obj
     torch = _torch()
     if torch is not None and isinstance(obj, torch.Tensor):
         name = str(obj.dtype).removeprefix("torch.")
@@ -220,7 +240,7 @@ _NUMPY_TO_TORCH = {
 
 def resolve_dtype(dtype: Any) -> np.dtype:
     """The floating-point dtype of a cast, from a Cairn name (`"BF16"`), a common spelling
-    (`"bf16"`, `"fp16"`, `"half"`, `"float32"`, `"fp8"`), a numpy dtype or a torch dtype;
+    (`"bf16"`, `"fp16"`, `"half"`, `"fp32"`, `"fp8"`), a numpy dtype or a torch dtype;
     anything else is an `InvalidArgumentError`."""
     resolved = None
     if isinstance(dtype, str):

@@ -87,20 +87,23 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def flatten(state: Any, dtype: Any = None) -> Leaves:
+def flatten(state: Any, casts: dict[str, Any] | None = None) -> Leaves:
     """Flattens `state` (a mapping, list/tuple, or a single leaf) into `Leaves`, its
-    floating-point tensors cast to `dtype` (a numpy dtype from `_arrays.resolve_dtype`)
-    if given, each on its own device."""
+    floating-point tensors cast as `casts` (from `_arrays.cast_plan`) says, if given,
+    each on its own device."""
     with gc_paused():
-        return _flatten_all(state, dtype)
+        return _flatten_all(state, casts)
 
 
-def _flatten_all(state: Any, dtype: Any) -> Leaves:
+def _flatten_all(state: Any, casts: dict[str, Any] | None) -> Leaves:
     leaves = Leaves()
     node = _walk(state, (), lambda key, obj: _leaf(key, obj, leaves))
     leaves.structure = json.dumps(node, separators=(",", ":"))
-    if dtype is not None:
-        leaves._arrays = [(key, _arrays.cast_leaf(array, dtype), piece) for key, array, piece in leaves._arrays]
+    if casts:
+        leaves._arrays = [
+            (key, array if (to := _arrays.cast_for(casts, key)) is None else _arrays.cast_leaf(array, to), piece)
+            for key, array, piece in leaves._arrays
+        ]
     items = [(key, array) for key, array, _ in leaves._arrays]
     if _staging.needed(array for _, array in items):
         leaves.staging, raws = _staging.stage(items)
@@ -143,12 +146,14 @@ def _leaf(key: str, obj: Any, leaves: Leaves) -> Any:
     """Records the leaf `obj` under `key` in `leaves`; returns its structure node."""
     if isinstance(obj, Piece):
         leaves._claim(key)
+        _arrays.check_storable(key, obj.local)
         leaves._arrays.append((key, obj.local, (obj.offsets, obj.global_shape)))
         return {"tensor": key}
     if _sharded.is_sharded(obj):
         leaves._claim(key)
         leaves.sharded = True
         for local, offsets, global_shape in _sharded.pieces(key, obj):
+            _arrays.check_storable(key, local)
             leaves._arrays.append((key, local, (offsets, global_shape)))
         return {"tensor": key}
     if _arrays.is_array(obj):

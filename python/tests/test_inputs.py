@@ -18,9 +18,26 @@ def test_save_casts_floating_point_tensors_and_keeps_the_rest(tmp_path):
     assert loaded["n"].dtype == torch.int64 and loaded["z"].dtype == torch.complex64 and loaded["step"] == 7
 
 
+def test_save_casts_only_the_keys_under_the_given_prefixes_and_keeps_scalars(tmp_path):
+    state = {"model": {"w": torch.ones(4)}, "optim": {"m": torch.ones(4), "step": torch.tensor(300.0)}}
+    cairn.save(tmp_path / "ckpt", state, dtype={"model.": "bf16"})
+    loaded = cairn.load(tmp_path / "ckpt", framework="torch")
+    assert loaded["model"]["w"].dtype == torch.bfloat16 and loaded["optim"]["m"].dtype == torch.float32
+    cairn.save(tmp_path / "all", state, dtype="bf16")
+    step = cairn.load(tmp_path / "all", framework="torch")["optim"]["step"]
+    assert step.dtype == torch.float32 and step.item() == 300.0  # a 0-d count stays exact
+
+
+def test_conjugated_and_negated_complex_views_are_saved_as_their_values(tmp_path):
+    x = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    cairn.save(tmp_path / "ckpt", {"conj": x.conj(), "neg_imag": x.conj().imag})
+    loaded = cairn.load(tmp_path / "ckpt", framework="torch")
+    assert torch.equal(loaded["conj"], x.conj().resolve_conj()) and torch.equal(loaded["neg_imag"], -x.imag)
+
+
 @pytest.mark.parametrize("spelling,expected", [
     ("fp16", np.float16), ("half", np.float16), ("float16", np.float16), ("F16", np.float16),
-    ("bf16", "bfloat16"), ("fp32", np.float32), ("float", np.float32), ("fp64", np.float64),
+    ("bf16", "bfloat16"), ("fp32", np.float32), ("double", np.float64), ("fp64", np.float64),
     ("fp8", "float8_e4m3fn"), ("fp8_e5m2", "float8_e5m2"), (np.float16, np.float16), (torch.bfloat16, "bfloat16"),
 ])
 def test_load_accepts_the_common_spellings_of_a_cast(tmp_path, spelling, expected):
@@ -74,6 +91,8 @@ def test_inputs_cairn_cannot_store_are_refused_naming_the_key(tmp_path):
         with pytest.raises(cairn.InvalidArgumentError, match=f"{why}.*key=`{key}`"):
             cairn.save(tmp_path / key, {key: value})
         assert not (tmp_path / key).exists(), key
+    with pytest.raises(cairn.InvalidArgumentError, match="to_dense.*key=`piece`"):
+        cairn.save(tmp_path / "piece", {"piece": cairn.Piece(torch.eye(2).to_sparse(), (0, 0), (4, 2))})
     # What the messages advise works.
     key = jax.random.key(3)
     cairn.save(tmp_path / "ok", {"sparse": torch.eye(3).to_sparse().to_dense(), "prng": jax.random.key_data(key)})

@@ -13,7 +13,7 @@ from cairn import _cairn, _staging, _tree
 def test_on_step_does_not_look_at_the_state_on_steps_that_save_nothing(run_dir, monkeypatch):
     flattened = []
     flatten = _tree.flatten
-    monkeypatch.setattr(_tree, "flatten", lambda state: flattened.append(state) or flatten(state))
+    monkeypatch.setattr(_tree, "flatten", lambda state, *casts: flattened.append(state) or flatten(state, *casts))
     with cairn.CheckpointManager(run_dir, policies=[cairn.Every(10)]) as mgr:
         saved = [s for s in range(1, 31) if mgr.on_step(s, {"w": torch.full((3,), float(s))})]
         assert mgr.on_step(31, {"w": torch.zeros(3)}, force=True)
@@ -131,7 +131,7 @@ def test_cuda_state_round_trips_through_the_manager_and_save(run_dir):
 
 def test_an_unsupported_dtype_is_refused_with_its_key_on_both_paths(run_dir):
     with pytest.raises(cairn.InvalidArgumentError, match="unsupported dtype .* key=`opt.c`"):
-        cairn.save(run_dir / "ckpt", {"opt": {"c": np.zeros(2, np.complex64)}})
+        cairn.save(run_dir / "ckpt", {"opt": {"c": np.zeros(2, np.complex128)}})
     with pytest.raises(cairn.InvalidArgumentError, match="unsupported dtype .* key=`c`"):
-        _staging.stage([("w", torch.zeros(2)), ("c", torch.zeros(2, dtype=torch.complex64))])
+        _staging.stage([("w", torch.zeros(2)), ("c", torch.zeros(2, dtype=torch.complex128))])
     assert not (run_dir / "ckpt").exists()

@@ -396,6 +396,20 @@ impl Value {
     }
 }
 
+impl Value {
+    /// The first [`Value::BigInt`] in this value (nested ones included) that
+    /// [`Value::int`] would not have made: such a value is refused on saving and corrupt
+    /// on reading.
+    pub fn non_canonical_big_int(&self) -> Option<&str> {
+        match self {
+            Value::BigInt(text) if !big_int::canonical(text) => Some(text),
+            Value::List(items) => items.iter().find_map(Value::non_canonical_big_int),
+            Value::Map(map) => map.values().find_map(Value::non_canonical_big_int),
+            _ => None,
+        }
+    }
+}
+
 /// Big integers: refused on reading unless in the canonical form [`Value::int`] makes.
 mod big_int {
     use serde::{Deserialize, Deserializer};
@@ -682,6 +696,17 @@ mod tests {
             let json = serde_json::json!({ "big_int": bad }).to_string();
             assert!(serde_json::from_str::<Value>(&json).is_err(), "accepted big_int {bad:?}");
         }
+    }
+
+    #[test]
+    fn a_non_canonical_big_integer_is_refused_on_saving() {
+        let mut state = State::new();
+        state.insert_value("rng", Value::List(vec![Value::BigInt("12".into())]));
+        let err =
+            crate::save("memory://state/big-int", &state, &crate::SaveOptions::default().with_step(1)).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Invalid);
+        assert!(err.to_string().contains("big integer") && err.to_string().contains("key=`rng`"), "{err}");
+        assert!(crate::Run::open("memory://state/big-int").unwrap().list().unwrap().is_empty());
     }
 
     #[test]

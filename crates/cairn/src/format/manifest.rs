@@ -354,6 +354,13 @@ impl Manifest {
                 "{maps} maps among the plain values of all ranks, more than {MAX_VALUE_MAPS} file=`{file}`"
             )));
         }
+        let mut values = self.values.iter().chain(self.ranks.values().flat_map(|r| r.values.iter()));
+        if let Some(key) = values.find_map(|(key, value)| value.non_canonical_big_int().map(|_| key)) {
+            return Err(Error::corrupt(format!(
+                "a big integer that is not a canonical decimal outside 64 bits key=`{}` file=`{file}`",
+                crate::error::escape_control(key)
+            )));
+        }
         let (tensor_count, tensor_bytes) = key_totals(self.tensors.keys());
         for (rank, record) in &self.ranks {
             let canonical =
