@@ -1,8 +1,13 @@
 """Stores from Python: S3 on a real SeaweedFS server (scripts/with-seaweedfs.sh sets
 CAIRN_TEST_S3_URI and the AWS_* environment), explicit storage options, user schemes,
-copies between stores, byte bundles and local directories."""
+copies between stores, byte bundles and local directories, plain HTTP."""
 
+import functools
+import http.server
+import io
 import os
+import re
+import threading
 import uuid
 
 import numpy as np
@@ -92,3 +97,40 @@ def test_bundle_and_as_directory(tmp_path):
     assert cairn.as_directory(tmp_path / "unpacked") == str(tmp_path / "unpacked")
     with pytest.raises(cairn.CorruptCheckpointError):
         cairn.from_bytes(bundle[: len(bundle) // 2], tmp_path / "half")
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that answers `Range: bytes=a-b` requests (206), as object
+    stores and CDNs do; `http.server` alone ignores them."""
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        path = self.translate_path(self.path)
+        if not ranged or not os.path.isfile(path):
+            return super().send_head()
+        size = os.path.getsize(path)
+        start, end = int(ranged[1]), min(int(ranged[2] or size - 1), size - 1)
+        f = open(path, "rb")
+        f.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Last-Modified", self.date_time_string(int(os.path.getmtime(path))))
+        self.end_headers()
+        return io.BytesIO(f.read(end - start + 1))
+
+
+def test_a_checkpoint_served_over_plain_http_loads_without_storage_options(tmp_path):
+    state = {"w": np.arange(1000, dtype=np.float32), "step": 3}
+    cairn.save(tmp_path / "ckpt", state)
+    handler = functools.partial(_RangeHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            loaded = cairn.load(f"http://127.0.0.1:{server.server_port}/ckpt")
+        finally:
+            server.shutdown()
+    assert np.array_equal(loaded["w"], state["w"]) and loaded["step"] == 3

@@ -196,9 +196,12 @@ impl Location {
             }
             ObjectStoreScheme::Http => {
                 let base = format!("{}://{}", url.scheme(), url.authority());
-                let builder = configure(HttpBuilder::new().with_url(base), options, uri, |b, k, v| {
-                    Ok(b.with_config(k.parse().map_err(|_| ())?, v))
-                })?;
+                // An `http://` uri asks for plain HTTP itself (an explicit `allow_http`
+                // option still overrides this).
+                let plain = object_store::ClientOptions::new().with_allow_http(url.scheme() == "http");
+                let builder = HttpBuilder::new().with_url(base).with_client_options(plain);
+                let builder =
+                    configure(builder, options, uri, |b, k, v| Ok(b.with_config(k.parse().map_err(|_| ())?, v)))?;
                 Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
             }
             _ => {
