@@ -221,8 +221,7 @@ def cast_leaf(obj: Any, dtype: np.dtype) -> Any:
         return obj
     torch = _torch()
     if torch is not None and isinstance(obj, torch.Tensor):
-        name = str(obj.dtype).removeprefix("torch.")
-        if _TORCH_NAMES.get(name) not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
+        if not is_float(NUMPY_DTYPES.get(_TORCH_NAMES.get(str(obj.dtype).removeprefix("torch."), ""))):
             return obj
         target = getattr(torch, _NUMPY_TO_TORCH[dtype])
         return obj if obj.dtype == target else obj.detach().to(target)
@@ -231,11 +230,8 @@ def cast_leaf(obj: Any, dtype: np.dtype) -> Any:
     return obj
 
 
-# numpy dtype of a cast -> torch dtype name.
-_NUMPY_TO_TORCH = {
-    NUMPY_DTYPES["F64"]: "float64", NUMPY_DTYPES["F32"]: "float32", NUMPY_DTYPES["F16"]: "float16",
-    NUMPY_DTYPES["BF16"]: "bfloat16", NUMPY_DTYPES["F8_E4M3"]: "float8_e4m3fn", NUMPY_DTYPES["F8_E5M2"]: "float8_e5m2",
-}
+# numpy dtype -> torch dtype name (the inverse of `_TORCH_NAMES`).
+_NUMPY_TO_TORCH = {NUMPY_DTYPES[name]: torch_name for torch_name, name in _TORCH_NAMES.items()}
 
 
 def resolve_dtype(dtype: Any) -> np.dtype:
