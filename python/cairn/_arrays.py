@@ -234,6 +234,17 @@ def cast_leaf(obj: Any, dtype: np.dtype) -> Any:
 _NUMPY_TO_TORCH = {NUMPY_DTYPES[name]: torch_name for torch_name, name in _TORCH_NAMES.items()}
 
 
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of the Cairn dtype `name` (`"BF16"` -> `torch.bfloat16`)."""
+    import torch
+
+    return getattr(torch, _CAIRN_TO_TORCH[name])
+
+
+# Cairn dtype name -> torch dtype name (the inverse of `_TORCH_NAMES`).
+_CAIRN_TO_TORCH = {name: torch_name for torch_name, name in _TORCH_NAMES.items()}
+
+
 def resolve_dtype(dtype: Any) -> np.dtype:
     """The floating-point dtype of a cast, from a Cairn name (`"BF16"`), a common spelling
     (`"bf16"`, `"fp16"`, `"half"`, `"fp32"`, `"fp8"`), a numpy dtype or a torch dtype;

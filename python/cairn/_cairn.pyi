@@ -52,7 +52,19 @@ class Opened:
         shapes: dict[str, list[int]] | None = None,
         rank: int | None = None,
     ) -> Loaded: ...
+    def describe(self, rank: int | None = None) -> tuple[list[tuple[str, str, list[int]]], list[str], str | None]: ...
 
+def write_part(uri: str, tensors: list[Any], rank: int, step: int | None = None, storage_options: Options = None) -> bytes: ...
+def commit_parts(
+    uri: str,
+    parts: list[bytes],
+    values: list[tuple[str, Any]],
+    structure: str | None,
+    world_size: int,
+    step: int | None = None,
+    metadata: str | None = None,
+    storage_options: Options = None,
+) -> dict[str, Any]: ...
 def list_checkpoints(uri: str, storage_options: Options = None) -> tuple[list[dict[str, Any]], list[str]]: ...
 def prune(
     uri: str,

@@ -104,6 +104,25 @@ def _flatten_all(state: Any, casts: dict[str, Any] | None) -> Leaves:
             (key, array if (to := _arrays.cast_for(casts, key)) is None else _arrays.cast_leaf(array, to), piece)
             for key, array, piece in leaves._arrays
         ]
+    _convert(leaves)
+    return leaves
+
+
+def from_pieces(pieces: Sequence[tuple[str, Any, tuple[list[int], list[int]]]]) -> Leaves:
+    """The leaves of `(key, array, (offsets, global_shape))` pieces that a framework
+    already flattened and planned (`cairn.dcp`), checked as `flatten` checks a state."""
+    leaves = Leaves()
+    with gc_paused():
+        for key, array, piece in pieces:
+            _arrays.check_storable(key, array)
+            leaves._arrays.append((key, array, piece))
+        _convert(leaves)
+    return leaves
+
+
+def _convert(leaves: Leaves) -> None:
+    """Converts the arrays of `leaves` for the native layer (staged to host first when
+    some are on a device)."""
     items = [(key, array) for key, array, _ in leaves._arrays]
     if _staging.needed(array for _, array in items):
         leaves.staging, raws = _staging.stage(items)
@@ -111,7 +130,6 @@ def _flatten_all(state: Any, casts: dict[str, Any] | None) -> Leaves:
         _arrays.prefetch(array for _, array in items)
         raws = [_arrays.to_raw(key, array) for key, array in items]
     leaves.tensors = [(key, dtype, shape, raw, piece) for (key, _, piece), (dtype, shape, raw) in zip(leaves._arrays, raws)]
-    return leaves
 
 
 def _key(path: tuple[str, ...]) -> str:

@@ -8,26 +8,41 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-create_exception!(_cairn, CheckpointError, PyException, "Base class of every Cairn error.");
+create_exception!(cairn._cairn, CheckpointError, PyException, "Base class of every Cairn error.");
 
-create_exception!(_cairn, InvalidArgumentError, CheckpointError, "The call passed something unusable.");
-create_exception!(_cairn, CheckpointNotFoundError, CheckpointError, "The run, checkpoint or key does not exist.");
+create_exception!(cairn._cairn, InvalidArgumentError, CheckpointError, "The call passed something unusable.");
+create_exception!(cairn._cairn, CheckpointNotFoundError, CheckpointError, "The run, checkpoint or key does not exist.");
 create_exception!(
-    _cairn,
+    cairn._cairn,
     AlreadyExistsError,
     CheckpointError,
     "The step is already committed; nothing was overwritten."
 );
 create_exception!(
-    _cairn,
+    cairn._cairn,
     CorruptCheckpointError,
     CheckpointError,
     "Stored bytes are damaged (checksum, truncation, impossible header)."
 );
-create_exception!(_cairn, IncompatibleError, CheckpointError, "Well-formed data this version of Cairn cannot use.");
-create_exception!(_cairn, PermissionDeniedError, CheckpointError, "The store refused access.");
-create_exception!(_cairn, StorageFullError, CheckpointError, "The store is out of space; free some and save again.");
-create_exception!(_cairn, UnavailableError, CheckpointError, "The store failed or timed out; retrying may succeed.");
+create_exception!(
+    cairn._cairn,
+    IncompatibleError,
+    CheckpointError,
+    "Well-formed data this version of Cairn cannot use."
+);
+create_exception!(cairn._cairn, PermissionDeniedError, CheckpointError, "The store refused access.");
+create_exception!(
+    cairn._cairn,
+    StorageFullError,
+    CheckpointError,
+    "The store is out of space; free some and save again."
+);
+create_exception!(
+    cairn._cairn,
+    UnavailableError,
+    CheckpointError,
+    "The store failed or timed out; retrying may succeed."
+);
 
 /// A duration given in seconds as the argument `name`; negative or non-finite is invalid.
 pub(crate) fn seconds(name: &str, value: f64) -> PyResult<Duration> {

@@ -7,6 +7,7 @@
 mod convert;
 mod errors;
 mod manager;
+mod parts;
 
 use std::collections::BTreeMap;
 
@@ -127,7 +128,30 @@ impl Opened {
             state_to_py(py, state, &self.ckpt.info(), self.ckpt.location().local_dir().is_some())
         })
     }
+
+    /// What the checkpoint holds, without reading it: `(tensors, value keys, structure)`,
+    /// each tensor as `(key, dtype name, global shape)`; rank 0's values and structure
+    /// unless `rank` is given.
+    #[pyo3(signature = (rank=None))]
+    fn describe(&self, rank: Option<u32>) -> Described {
+        let manifest = self.ckpt.manifest();
+        let own = rank.and_then(|r| manifest.ranks.get(&r.to_string()));
+        let mut tensors: BTreeMap<&String, (String, Vec<u64>)> =
+            manifest.tensors.iter().map(|(k, t)| (k, (t.dtype.name().to_string(), t.shape.clone()))).collect();
+        let mut values: Vec<String> = manifest.values.keys().cloned().collect();
+        let mut structure = manifest.structure.clone();
+        if let Some(own) = own {
+            tensors.extend(own.tensors.iter().map(|(k, t)| (k, (t.dtype.name().to_string(), t.shape.clone()))));
+            values = own.values.keys().cloned().collect();
+            structure = own.structure.clone();
+        }
+        let tensors = tensors.into_iter().map(|(k, (dtype, shape))| (k.clone(), dtype, shape)).collect();
+        (tensors, values, structure)
+    }
 }
+
+/// `Opened.describe()`: tensors as `(key, dtype, shape)`, value keys, structure.
+type Described = (Vec<(String, String, Vec<u64>)>, Vec<String>, Option<String>);
 
 /// Lists the readable committed checkpoints of the run at `uri` as info dicts, in step
 /// order, with the message of each damaged one skipped.
@@ -300,6 +324,8 @@ fn _cairn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(as_directory, m)?)?;
     m.add_function(wrap_pyfunction!(register_scheme, m)?)?;
     m.add_function(wrap_pyfunction!(unregister_scheme, m)?)?;
+    m.add_function(wrap_pyfunction!(parts::write_part, m)?)?;
+    m.add_function(wrap_pyfunction!(parts::commit_parts, m)?)?;
     m.add_class::<Manager>()?;
     m.add_class::<Opened>()?;
     m.add_class::<TensorBuffer>()?;

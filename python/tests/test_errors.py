@@ -26,6 +26,21 @@ def test_arbitrary_objects_are_refused_with_their_key(tmp_path):
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
+def test_errors_cross_process_boundaries(tmp_path):
+    # Frameworks send a rank's exception to the others pickled (torch DCP, Ray,
+    # multiprocessing): every Cairn error class must survive it, as itself.
+    import pickle
+
+    for cls in (cairn.CheckpointError, cairn.InvalidArgumentError, cairn.CheckpointNotFoundError,
+                cairn.AlreadyExistsError, cairn.CorruptCheckpointError, cairn.IncompatibleError,
+                cairn.PermissionDeniedError, cairn.StorageFullError, cairn.UnavailableError):
+        back = pickle.loads(pickle.dumps(cls("what key=`k`")))
+        assert type(back) is cls and str(back) == "what key=`k`"
+    with pytest.raises(cairn.CheckpointNotFoundError) as raised:
+        cairn.load(tmp_path / "nothing")
+    assert type(pickle.loads(pickle.dumps(raised.value))) is cairn.CheckpointNotFoundError
+
+
 def test_an_int_past_the_digit_limit_is_refused(tmp_path):
     # Ints wider than 64 bits are stored exactly (test_roundtrip), up to 4,300 digits.
     with pytest.raises(cairn.InvalidArgumentError, match="key=`big`"):

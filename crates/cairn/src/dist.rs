@@ -392,7 +392,7 @@ fn unframe(mut bytes: &[u8], ranks: usize) -> Option<Vec<Vec<u8>>> {
 /// One piece a rank holds (a whole tensor is the piece at offset zero), as declared to the
 /// other ranks.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct Declared {
+pub(crate) struct Declared {
     key: String,
     dtype: DType,
     global_shape: Vec<u64>,
@@ -477,13 +477,13 @@ struct Written {
 
 /// One piece a rank wrote: the tensor it belongs to and where it lies in its file.
 #[derive(Debug, Serialize, Deserialize)]
-struct WrittenPiece {
-    key: String,
-    dtype: DType,
-    global_shape: Vec<u64>,
+pub(crate) struct WrittenPiece {
+    pub(crate) key: String,
+    pub(crate) dtype: DType,
+    pub(crate) global_shape: Vec<u64>,
     /// The content id the rank declared for a whole tensor (see [`Declared`]).
-    content: Option<u128>,
-    record: PieceRecord,
+    pub(crate) content: Option<u128>,
+    pub(crate) record: PieceRecord,
 }
 
 /// Rank 0's verdict, returned by every rank.
@@ -547,7 +547,7 @@ fn plan_writers(declared: &[Vec<Declared>]) -> Result<HashMap<PieceId, u32>> {
     Ok(plan)
 }
 
-fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
+pub(crate) fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
     let pieces = state.pieces();
     let mut out: Vec<Declared> = state
         .tensors()
@@ -808,58 +808,16 @@ fn attempt_save(
     let declared: Vec<Vec<Declared>> = plans.into_iter().map(|p| p.pieces).collect();
     let plan = plan_writers(&declared)?;
 
-    // This rank's share: the pieces the plan gives it, as a state of dense tensors named
-    // as in the shard files (`key`, or `key@o0,o1,...` for a piece of a sharded tensor).
-    let mut share = State::new();
-    let mut placement: BTreeMap<String, &Declared> = BTreeMap::new();
-    for held in mine {
-        if plan.get(&held.id()) != Some(&rank) {
-            continue;
-        }
-        let piece = state.pieces().get(&held.key).and_then(|pieces| {
-            pieces.iter().find(|p| p.offsets == held.offsets && p.tensor.shape() == held.shape.as_slice())
-        });
-        let tensor = match piece {
-            Some(p) => p.tensor.clone(),
-            None => state
-                .tensor(&held.key)
-                .cloned()
-                .ok_or_else(|| Error::invalid(format!("missing tensor key=`{}`", held.key)))?,
-        };
-        let whole = held.shape == held.global_shape;
-        let mut name = shard::piece_name(&held.key, &held.offsets, whole);
-        // Names are informational: a key that looks like another's piece name (`w@2,0`)
-        // gets a suffix rather than overwriting it.
-        while share.get(&name).is_some() {
-            name.push('~');
-        }
-        share.insert_tensor(name.clone(), tensor);
-        placement.insert(name, held);
-    }
-    let written = block_on(save::write_share(dest, &share, rank, &attempt[..attempt.len().min(12)], opts));
-    let report = match &written {
-        Ok(shards) => Written {
-            pieces: shards
-                .iter()
-                .flat_map(|s| s.pieces.iter())
-                .filter_map(|(name, piece)| {
-                    let held = placement.get(name)?;
-                    Some(WrittenPiece {
-                        key: held.key.clone(),
-                        dtype: held.dtype,
-                        global_shape: held.global_shape.clone(),
-                        content: held.content,
-                        record: PieceRecord { offsets: held.offsets.clone(), ..piece.clone() },
-                    })
-                })
-                .collect(),
-            files: shards.iter().map(|s| (s.file.clone(), s.record.clone())).collect(),
-            held: held_by(state),
-        },
-        Err(_) => Written { pieces: Vec::new(), files: BTreeMap::new(), held: held_by(state) },
+    let held = held_by(state);
+    let chosen = mine.iter().filter(|held| plan.get(&held.id()) == Some(&rank));
+    let (report, failure) = match write_held(dest, state, rank, &attempt[..attempt.len().min(12)], opts, chosen) {
+        Ok((pieces, files)) => (Written { pieces, files, held }, None),
+        // A rank whose writes failed still takes part, so every rank learns the outcome.
+        Err(e) => (
+            Written { pieces: Vec::new(), files: BTreeMap::new(), held },
+            Some((e.kind(), format!("rank {rank}: {}", e.full_message()))),
+        ),
     };
-    // A rank whose writes failed still takes part, so every rank learns the outcome.
-    let failure = written.as_ref().err().map(|e| (e.kind(), format!("rank {rank}: {}", e.full_message())));
     let all = match round(exchange, dest, "written", encode(&(report, failure))?)? {
         ControlFlow::Continue(all) => all,
         ControlFlow::Break(ended) => return Ok(ended),
@@ -891,10 +849,63 @@ fn attempt_save(
     Ok(Some(ckpt.info()))
 }
 
+/// Writes the pieces `chosen` of `state` (whole tensors, or pieces of sharded ones) as
+/// this rank's shard files, durably, named in them `key` or `key@o0,o1,...`; returns
+/// where each piece lies and the files written.
+pub(crate) fn write_held<'a>(
+    dest: &Location,
+    state: &State,
+    rank: u32,
+    tag: &str,
+    opts: &SaveOptions,
+    chosen: impl Iterator<Item = &'a Declared>,
+) -> Result<(Vec<WrittenPiece>, BTreeMap<String, FileRecord>)> {
+    let mut share = State::new();
+    let mut placement: BTreeMap<String, &Declared> = BTreeMap::new();
+    for held in chosen {
+        let piece = state.pieces().get(&held.key).and_then(|pieces| {
+            pieces.iter().find(|p| p.offsets == held.offsets && p.tensor.shape() == held.shape.as_slice())
+        });
+        let tensor = match piece {
+            Some(p) => p.tensor.clone(),
+            None => state
+                .tensor(&held.key)
+                .cloned()
+                .ok_or_else(|| Error::invalid(format!("missing tensor key=`{}`", held.key)))?,
+        };
+        let whole = held.shape == held.global_shape;
+        let mut name = shard::piece_name(&held.key, &held.offsets, whole);
+        // Names are informational: a key that looks like another's piece name (`w@2,0`)
+        // gets a suffix rather than overwriting it.
+        while share.get(&name).is_some() {
+            name.push('~');
+        }
+        share.insert_tensor(name.clone(), tensor);
+        placement.insert(name, held);
+    }
+    let shards = block_on(save::write_share(dest, &share, rank, tag, opts))?;
+    let pieces = shards
+        .iter()
+        .flat_map(|s| s.pieces.iter())
+        .filter_map(|(name, piece)| {
+            let held = placement.get(name)?;
+            Some(WrittenPiece {
+                key: held.key.clone(),
+                dtype: held.dtype,
+                global_shape: held.global_shape.clone(),
+                content: held.content,
+                record: PieceRecord { offsets: held.offsets.clone(), ..piece.clone() },
+            })
+        })
+        .collect();
+    let files = shards.into_iter().map(|s| (s.file, s.record)).collect();
+    Ok((pieces, files))
+}
+
 /// Rank 0: checks that every file the ranks reported is where the manifest will say, with
 /// its size (a rank that wrote somewhere rank 0 cannot see must not commit a manifest
 /// naming missing files).
-async fn confirm_files(dest: &Location, files: &BTreeMap<String, FileRecord>) -> Result<()> {
+pub(crate) async fn confirm_files(dest: &Location, files: &BTreeMap<String, FileRecord>) -> Result<()> {
     let checks = files.iter().map(|(name, record)| async move {
         let shown = format!("file=`{}/{name}`", dest.uri());
         let meta = dest.store().head(&dest.path(name)).await.map_err(|e| match e {

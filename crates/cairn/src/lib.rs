@@ -31,6 +31,7 @@ pub mod load;
 mod local_store;
 mod local_write;
 pub mod manager;
+pub mod parts;
 pub mod policy;
 mod preemption;
 mod ranged_read;

@@ -1,0 +1,129 @@
+//! A checkpoint whose ranks a framework coordinates (torch DCP): the framework plans who
+//! writes what (each box of each tensor once), every rank writes its tensors with
+//! [`write_part`] and hands the returned [`Part`] to one coordinator, which commits all
+//! of them with [`commit_parts`] — the manifest written last, as for every save. Cairn's
+//! own multi-rank saves ([`crate::dist`]) plan and coordinate themselves; this is the
+//! same writing and the same commit, for a framework that already does the rest.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::commit;
+use crate::dist::{declared_pieces, write_held, WrittenPiece};
+use crate::error::{Error, Result};
+use crate::format::layout;
+use crate::format::manifest::{FileRecord, TensorRecord};
+use crate::info::CheckpointInfo;
+use crate::run::Run;
+use crate::runtime::block_on;
+use crate::save::{self, SaveOptions};
+use crate::state::State;
+use crate::store::Location;
+
+/// What one rank wrote into a checkpoint folder: where each of its pieces lies, and its
+/// files. Sent to the coordinator as bytes ([`Part::to_bytes`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Part {
+    rank: u32,
+    pieces: Vec<WrittenPiece>,
+    files: BTreeMap<String, FileRecord>,
+}
+
+impl Part {
+    /// The part as bytes, for the framework to carry to the coordinator.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| Error::invalid("cannot encode a written part").with_source(e))
+    }
+
+    /// A part from [`Part::to_bytes`]; `from` names its sender in errors.
+    pub fn from_bytes(bytes: &[u8], from: &str) -> Result<Part> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(format!("unreadable written part from {from}")).with_source(e))
+    }
+
+    /// The rank that wrote it.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+}
+
+/// The checkpoint folder a save of `opts` into `location` writes, and its step: the
+/// run's folder of `opts.step` when set, else `location` itself, whose step is the one
+/// its name says (`step-000000000100`) or 0.
+fn destination(location: &Location, opts: &SaveOptions) -> (Location, u64) {
+    match opts.step {
+        Some(step) => (Run::at(location.clone()).step_location(step), step),
+        None => {
+            let name = location.uri().trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+            (location.clone(), layout::parse_step_dir(name).unwrap_or(0))
+        }
+    }
+}
+
+/// Writes every tensor and piece of `state` (this rank's share, as the framework planned
+/// it) as rank `rank`'s shard files, durably, into the checkpoint folder `location` (or
+/// the step folder of the run `location` when `opts.step` is set); nothing is visible
+/// until [`commit_parts`]. Refused when that folder is already committed. Plain values
+/// and structure are the coordinator's (see [`commit_parts`]).
+pub fn write_part(location: &Location, state: &State, rank: u32, opts: &SaveOptions) -> Result<Part> {
+    let (dest, step) = destination(location, opts);
+    if block_on(commit::is_committed(&dest))? {
+        return Err(commit::already_committed(step, &dest));
+    }
+    let declared = declared_pieces(state)?;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (pieces, files) = write_held(&dest, state, rank, &tag[..12], opts, declared.iter())?;
+    Ok(Part { rank, pieces, files })
+}
+
+/// Commits the checkpoint folder that [`write_part`] wrote with the same `location` and
+/// `opts` from every rank's [`Part`] (`world_size` ranks; a rank that wrote nothing may
+/// send none): its tensors are the parts' pieces, its plain values and structure
+/// `skeleton`'s (which holds no tensors). Every
+/// reported file is checked to be there with its size, and the manifest is validated as
+/// a reader would (a hole or overlap in a tensor's pieces is refused, naming it) before
+/// the create-only commit.
+pub fn commit_parts(
+    location: &Location,
+    skeleton: &State,
+    opts: &SaveOptions,
+    world_size: u32,
+    parts: Vec<Part>,
+) -> Result<CheckpointInfo> {
+    if let Some((key, _)) = skeleton.tensors().next() {
+        return Err(Error::invalid(format!("the coordinator's state holds a tensor, not only values key=`{key}`")));
+    }
+    let mut tensors: BTreeMap<String, (u32, TensorRecord)> = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    for part in parts {
+        if part.rank >= world_size {
+            return Err(Error::invalid(format!("a part from rank {} in a job of {world_size} ranks", part.rank)));
+        }
+        files.extend(part.files);
+        for WrittenPiece { key, dtype, global_shape, record, .. } in part.pieces {
+            let (first, tensor) = tensors.entry(key.clone()).or_insert_with(|| {
+                (part.rank, TensorRecord { dtype, shape: global_shape.clone(), pieces: Vec::new() })
+            });
+            if tensor.dtype != dtype || tensor.shape != global_shape {
+                return Err(Error::invalid(format!(
+                    "ranks disagree on tensor key=`{key}`: rank {first} wrote {} {:?}, rank {} wrote {} {:?}",
+                    tensor.dtype.name(),
+                    tensor.shape,
+                    part.rank,
+                    dtype.name(),
+                    global_shape
+                )));
+            }
+            tensor.pieces.push(record);
+        }
+    }
+    let tensors = tensors.into_iter().map(|(key, (_, record))| (key, record)).collect();
+    let (dest, step) = destination(location, opts);
+    let dest = &dest;
+    let save_id = uuid::Uuid::new_v4().simple().to_string();
+    let manifest = save::manifest_of(skeleton, step, opts, &save_id, world_size, tensors, files);
+    block_on(crate::dist::confirm_files(dest, &manifest.files))?;
+    block_on(commit::create_manifest(dest, &manifest, step))?;
+    Ok(CheckpointInfo::from_manifest(&manifest, dest.uri()))
+}
