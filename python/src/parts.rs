@@ -1,8 +1,9 @@
-//! Checkpoints whose ranks a framework coordinates (`cairn.dcp`): each rank writes its
-//! part, the coordinator commits the parts (`cairn::parts`).
+//! What the framework integrations need beyond `save`/`load`: checkpoints whose ranks a
+//! framework coordinates (`cairn.dcp`: each rank writes its part, the coordinator
+//! commits the parts, `cairn::parts`), and removing a whole run (`cairn.lightning`).
 
 use cairn::parts::{commit_parts as commit_all, write_part as write_one, Part};
-use cairn::{Location, SaveOptions, StoreOptions};
+use cairn::{Location, Run, SaveOptions, StoreOptions};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -66,5 +67,16 @@ pub(crate) fn commit_parts<'py>(
             })
             .map_err(to_py_err)?;
         info_to_py(py, &info)
+    })
+}
+
+/// Removes the whole run at `uri`: every checkpoint (manifest first), what unfinished
+/// saves left, and on local disk its folder once empty (`cairn::Run::remove`).
+#[pyfunction]
+#[pyo3(signature = (uri, storage_options=None))]
+pub(crate) fn remove_run(py: Python<'_>, uri: &str, storage_options: Option<StoreOptions>) -> PyResult<()> {
+    guarded(|| {
+        py.detach(|| Run::at(Location::with_options(uri, false, &storage_options.unwrap_or_default())?).remove())
+            .map_err(to_py_err)
     })
 }

@@ -105,14 +105,22 @@ enum Command {
     Export {
         /// Checkpoint folder, or a run (its latest checkpoint).
         ckpt: String,
-        /// Output .safetensors file.
+        /// Output .safetensors file, or with --max-shard-size a Hugging Face folder.
         out: PathBuf,
         /// Only keys starting with this (repeatable).
         #[arg(long)]
         prefix: Vec<String>,
+        /// Drop the --prefix from the exported keys (`model.` of a training state).
+        #[arg(long, requires = "prefix")]
+        strip_prefix: bool,
         /// Convert floating-point tensors to this dtype (f32, f16, bf16, f64).
         #[arg(long)]
         dtype: Option<String>,
+        /// Write a Hugging Face sharded folder (model-0000i-of-0000n.safetensors and
+        /// model.safetensors.index.json, or model.safetensors when one shard holds it all)
+        /// with shards of at most this size: 5GB, 500MiB, ...
+        #[arg(long, value_parser = commands::convert::parse_size)]
+        max_shard_size: Option<u64>,
     },
     /// Import a safetensors file or a Hugging Face sharded folder as a checkpoint.
     Import {
@@ -146,8 +154,15 @@ fn main() -> ExitCode {
             .and_then(|mode| cairn::policy::Retention::from_flags(keep_last, keep_every, keep_best, metric, mode))
             .map_err(output::CliError::from)
             .and_then(|retention| commands::prune::run(&run, &retention, grace, dry_run)),
-        Command::Export { ckpt, out, prefix, dtype } => {
-            commands::convert::export(&ckpt, &out, prefix, dtype.as_deref())
+        Command::Export { ckpt, out, prefix, strip_prefix, dtype, max_shard_size } => {
+            commands::convert::export(commands::convert::Export {
+                uri: &ckpt,
+                out: &out,
+                prefixes: prefix,
+                strip_prefix,
+                dtype: dtype.as_deref(),
+                max_shard_bytes: max_shard_size,
+            })
         }
         Command::Import { src, run, step } => commands::convert::import(&src, &run, step),
     };

@@ -201,6 +201,28 @@ impl Run {
         block_on(commit::delete_checkpoint(&dir))
     }
 
+    /// Removes the whole run: every checkpoint (each manifest first, so none is ever seen
+    /// half-deleted; damaged ones too), then at once whatever unfinished saves left (so
+    /// only call it on a run nobody is saving into), then on local disk the run's folder
+    /// once empty — a user's own files stay, and their folder with them. The one way
+    /// Cairn deletes a run: `remove_checkpoint` of the Lightning plugin.
+    pub fn remove(&self) -> Result<()> {
+        for checkpoint in self.list()? {
+            self.delete(checkpoint.step)?;
+        }
+        self.prune_orphans(std::time::Duration::ZERO)?;
+        if let Some(dir) = self.location.local_dir() {
+            match std::fs::remove_dir(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(Error::from_io(e, "removing run folder", &format!("run=`{}`", self.location.uri())));
+                }
+                // Gone already, or it holds the user's own files (or is a symlink).
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the run's `LATEST` hint: the URI of `newest`, which the caller knows to be
     /// the newest checkpoint (like mmengine's `last_checkpoint`). Only a hint for other
     /// tools: Cairn itself always lists manifests.

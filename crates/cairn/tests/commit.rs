@@ -177,3 +177,26 @@ fn saving_refuses_what_loading_would_refuse_and_commits_nothing() {
         assert!(cairn::Run::open(uri).unwrap().list().unwrap().is_empty());
     }
 }
+
+#[test]
+fn removing_a_run_deletes_what_cairn_wrote_and_keeps_the_users_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uri, run) = run_in(&dir);
+    for step in [1, 2] {
+        run.save(&common::model_state(step, 1, 4), &SaveOptions::default().with_step(step)).unwrap();
+    }
+    // A killed save's leftovers go too.
+    std::fs::create_dir_all(dir.path().join("run/step-000000000009/shards")).unwrap();
+    std::fs::write(dir.path().join("run/step-000000000009/shards/x.safetensors"), b"partial").unwrap();
+    run.remove().unwrap();
+    assert!(!dir.path().join("run").exists());
+
+    // A user's own file stays, and its folder with it; nothing of Cairn's does.
+    let run = Run::create(&uri).unwrap();
+    run.save(&common::model_state(3, 1, 4), &SaveOptions::default().with_step(3)).unwrap();
+    std::fs::write(dir.path().join("run/notes.txt"), b"mine").unwrap();
+    run.remove().unwrap();
+    assert!(run.list().unwrap().is_empty());
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("run")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("notes.txt")]);
+}

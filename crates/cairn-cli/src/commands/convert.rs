@@ -1,5 +1,5 @@
-//! `cairn export` (one plain safetensors file) and `cairn import` (a safetensors file or a
-//! Hugging Face sharded folder into a checkpoint).
+//! `cairn export` (one plain safetensors file, or a Hugging Face sharded folder) and
+//! `cairn import` (a safetensors file or a Hugging Face sharded folder into a checkpoint).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -30,39 +30,141 @@ impl safetensors::View for View<'_> {
     }
 }
 
-pub fn export(uri: &str, out: &Path, prefixes: Vec<String>, dtype: Option<&str>) -> CommandResult {
-    let target = dtype.map(|d| DType::from_name(&normalize(d))).transpose()?;
-    let ckpt = cairn::open(uri)?;
-    let state = ckpt.load(&LoadOptions { prefixes, ..Default::default() })?;
+/// What `cairn export` writes and how.
+pub struct Export<'a> {
+    /// Checkpoint folder or run (its latest checkpoint).
+    pub uri: &'a str,
+    /// The safetensors file, or with `max_shard_bytes` the Hugging Face folder.
+    pub out: &'a Path,
+    /// Only keys starting with one of these.
+    pub prefixes: Vec<String>,
+    /// Drop the matching prefix from each key (`model.` of a training state).
+    pub strip_prefix: bool,
+    /// Floating-point tensors converted to this dtype.
+    pub dtype: Option<&'a str>,
+    /// Write a Hugging Face sharded folder with shards of at most this many bytes.
+    pub max_shard_bytes: Option<u64>,
+}
+
+pub fn export(job: Export<'_>) -> CommandResult {
+    let target = job.dtype.map(|d| DType::from_name(&normalize(d))).transpose()?;
+    let ckpt = cairn::open(job.uri)?;
+    let state = ckpt.load(&LoadOptions { prefixes: job.prefixes.clone(), ..Default::default() })?;
     let mut tensors = BTreeMap::new();
     for (key, t) in state.tensors() {
         let t = match target {
             Some(to) if t.to_f64s().is_some() => t.cast(to)?,
             _ => t.clone(),
         };
-        tensors.insert(key.clone(), t);
+        let name = match job.prefixes.iter().find(|p| job.strip_prefix && key.starts_with(p.as_str())) {
+            Some(prefix) => key[prefix.len()..].to_string(),
+            None => key.clone(),
+        };
+        if tensors.insert(name.clone(), t).is_some() {
+            return Err(CliError::msg(format!("two keys become key=`{name}` once their prefix is stripped")));
+        }
     }
     if tensors.contains_key("__metadata__") {
         return Err(CliError::msg("a tensor named `__metadata__` cannot be exported to safetensors"));
     }
-    let views: Vec<(String, View)> =
-        tensors.iter().map(|(k, t)| (k.clone(), View(t, t.shape().iter().map(|&d| d as usize).collect()))).collect();
+    let bytes: u64 = tensors.values().map(|t| t.data().len() as u64).sum();
+    let files = match job.max_shard_bytes {
+        None => {
+            write_file(&tensors, tensors.keys(), job.out)?;
+            1
+        }
+        Some(limit) => write_sharded(&tensors, limit, job.out)?,
+    };
+    println!(
+        "exported {} tensors ({}) from step {} to {}{}",
+        tensors.len(),
+        output::size(bytes),
+        ckpt.info().step,
+        job.out.display(),
+        if files > 1 { format!(" ({files} shards)") } else { String::new() }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the `keys` of `tensors` as one safetensors file `out`, readable by all (0644).
+fn write_file<'a>(
+    tensors: &BTreeMap<String, Tensor>,
+    keys: impl Iterator<Item = &'a String>,
+    out: &Path,
+) -> Result<(), CliError> {
+    let views: Vec<(String, View)> = keys
+        .map(|k| {
+            let t = &tensors[k];
+            (k.clone(), View(t, t.shape().iter().map(|&d| d as usize).collect()))
+        })
+        .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), out)
         .map_err(|e| CliError::msg(format!("cannot write file=`{}`: {e}", out.display())))?;
     // safetensors writes through a private temporary file (mode 0600): an exported model
     // is for others to read, like any file the user writes.
     std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .map_err(|e| CliError::msg(format!("cannot set the mode of file=`{}`: {e}", out.display())))?;
-    let bytes: u64 = tensors.values().map(|t| t.data().len() as u64).sum();
-    println!(
-        "exported {} tensors ({}) from step {} to {}",
-        tensors.len(),
-        output::size(bytes),
-        ckpt.info().step,
-        out.display()
-    );
-    Ok(ExitCode::SUCCESS)
+        .map_err(|e| CliError::msg(format!("cannot set the mode of file=`{}`: {e}", out.display())))
+}
+
+/// Writes a Hugging Face folder `out`: `model.safetensors` when everything fits in one
+/// shard of `limit` bytes, else `model-0000i-of-0000n.safetensors` shards filled in key
+/// order (a tensor larger than `limit` alone in its shard) and
+/// `model.safetensors.index.json`, written last. Returns the number of files.
+fn write_sharded(tensors: &BTreeMap<String, Tensor>, limit: u64, out: &Path) -> Result<usize, CliError> {
+    std::fs::create_dir_all(out).map_err(|e| CliError::msg(format!("cannot create dir=`{}`: {e}", out.display())))?;
+    let mut shards: Vec<Vec<&String>> = vec![Vec::new()];
+    let mut filled = 0u64;
+    for (key, t) in tensors {
+        let size = t.data().len() as u64;
+        if filled > 0 && filled + size > limit {
+            shards.push(Vec::new());
+            filled = 0;
+        }
+        shards.last_mut().expect("one shard at least").push(key);
+        filled += size;
+    }
+    if shards.len() == 1 {
+        write_file(tensors, shards[0].iter().copied(), &out.join("model.safetensors"))?;
+        return Ok(1);
+    }
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, keys) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        write_file(tensors, keys.iter().copied(), &out.join(&name))?;
+        weight_map.extend(keys.iter().map(|k| (k.to_string(), name.clone())));
+    }
+    let total: u64 = tensors.values().map(|t| t.data().len() as u64).sum();
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let path = out.join("model.safetensors.index.json");
+    let text =
+        serde_json::to_string_pretty(&index).map_err(|e| CliError::msg(format!("cannot encode the index: {e}")))?;
+    std::fs::write(&path, text + "\n")
+        .map_err(|e| CliError::msg(format!("cannot write file=`{}`: {e}", path.display())))?;
+    Ok(count)
+}
+
+/// A size as Hugging Face writes it: `5GB` (10^9), `500MiB` (2^20), `100KB`, or bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| format!("not a size: `{text}` (e.g. 5GB, 500MiB)"))?;
+    let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KIB" => 1 << 10,
+        "MIB" => 1 << 20,
+        "GIB" => 1 << 30,
+        _ => return Err(format!("unknown size unit in `{text}` (B, KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    match number.checked_mul(scale) {
+        Some(0) | None => Err(format!("not a usable shard size: `{text}`")),
+        Some(bytes) => Ok(bytes),
+    }
 }
 
 fn normalize(dtype: &str) -> String {
@@ -159,4 +261,20 @@ fn read_safetensors(path: &Path, state: &mut State) -> Result<(), CliError> {
         state.insert_tensor(name, Tensor::new(dtype, shape, base.slice(start..start + len))?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn shard_sizes_read_as_hugging_face_writes_them() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("40kb"), Ok(40_000));
+        assert_eq!(parse_size("123"), Ok(123));
+        for bad in ["", "GB", "5 parsecs", "0MB", "99999999999999999999GB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,0 +1,67 @@
+"""Hugging Face: a model trained with Cairn checkpoints becomes a sharded Hugging Face
+folder (`cairn export --max-shard-size`) that `from_pretrained` loads with identical
+logits."""
+
+import json
+import os
+import pathlib
+import stat
+import subprocess
+
+import pytest
+import torch
+import transformers
+
+import cairn
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cli() -> str:
+    binary = pathlib.Path(os.environ.get("CAIRN_CLI", ROOT / "target" / "debug" / "cairn"))
+    subprocess.run(["cargo", "build", "-q", "-p", "cairn-cli"], cwd=ROOT, check=True, timeout=1800)
+    return str(binary)
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=16)
+    return config, transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_cairn_export_writes_a_sharded_folder_from_pretrained_loads(tmp_path, cli):
+    config, model = tiny_gpt2()
+    cairn.save(tmp_path / "run", {"model": model.state_dict(), "step": 7}, step=7)
+    out = tmp_path / "hf"
+    done = subprocess.run(
+        [cli, "export", str(tmp_path / "run"), str(out), "--prefix", "model.", "--strip-prefix",
+         "--max-shard-size", "40KB"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted({*index["weight_map"].values()})
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05}.safetensors"
+    assert set(index["weight_map"]) == set(model.state_dict())
+    for name in shards + ["model.safetensors.index.json"]:
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    config.save_pretrained(out)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+    # Everything within one shard: a single model.safetensors, as save_pretrained writes.
+    one = tmp_path / "one"
+    done = subprocess.run([cli, "export", str(tmp_path / "run"), str(one), "--prefix", "model.", "--strip-prefix",
+                           "--max-shard-size", "5GB"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in one.iterdir()) == ["model.safetensors"]
+    config.save_pretrained(one)
+    with torch.no_grad():
+        assert torch.equal(transformers.GPT2LMHeadModel.from_pretrained(one).eval()(ids).logits, model(ids).logits)
+
+    bad = subprocess.run([cli, "export", str(tmp_path / "run"), str(tmp_path / "x"), "--max-shard-size", "5 parsecs"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "size" in bad.stderr
