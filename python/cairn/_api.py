@@ -646,14 +646,20 @@ def from_bytes(bundle: bytes, path: str | os.PathLike, *, storage_options: dict[
 
 
 @_typed
-def as_directory(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> str:
+def as_directory(
+    path: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> str:
     """A local read-only directory holding the checkpoint at `path` (any URI): its own
     folder when local, else a copy downloaded once into `cache_dir` (default
-    `$CAIRN_CACHE_DIR` or `~/.cache/cairn`), safe when several processes ask at once."""
+    `$CAIRN_CACHE_DIR` or `~/.cache/cairn`), safe when several processes ask at once.
+    `storage_options` are the store's settings, as for `load`."""
     if cache_dir is None:
         cache_dir = os.environ.get("CAIRN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cairn")
     os.makedirs(cache_dir, exist_ok=True)
-    return os.fspath(_cairn.as_directory(_uri(path), os.fspath(cache_dir)))
+    return os.fspath(_cairn.as_directory(_uri(path), os.fspath(cache_dir), storage_options))
 
 
 @_typed

@@ -20,6 +20,7 @@ pass); `SavePlanner` and `LoadPlanner` hand them over as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -98,10 +99,17 @@ class Writer(StorageWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if self.path is None:
             raise InvalidArgumentError("cairn.dcp.Writer needs a path (or dcp.save(checkpoint_id=...))")
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if kwargs.get("use_collectives") is False and world > 1:
+            # Each rank would then commit alone, a checkpoint holding only its own part.
+            raise InvalidArgumentError(
+                "cairn.dcp.Writer needs dcp.save's collectives in a job of several ranks "
+                "(use_collectives=False would commit each rank's part alone)"
+            )
         rank = kwargs.get("rank")
         if rank is None:
-            dist = torch.distributed
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            rank = dist.get_rank() if world > 1 else 0
         self._rank = int(rank)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
@@ -138,15 +146,20 @@ class Writer(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         parts: list[bytes] = []
         values: dict[str, Any] = {}
+        written: set[str] = set()
         for rank_results in results:
             for result in rank_results:
                 if result.storage_data is None:
+                    written.add(result.index.fqn)
                     continue
                 kind, payload = result.storage_data
                 if kind == "part":
                     parts.append(payload)
                 else:
                     values[result.index.fqn] = payload
+        for fqn, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata) and fqn not in written:
+                raise InvalidArgumentError(f"no rank wrote the tensor key=`{fqn}`; nothing was committed")
         mappings = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
         root: dict[Any, Any] = {}
         for fqn, md in metadata.state_dict_metadata.items():
@@ -154,8 +167,13 @@ class Writer(StorageWriter):
                 raise InvalidArgumentError(f"no rank wrote the value key=`{fqn}`; nothing was committed")
             _set(root, tuple(mappings.get(fqn, (fqn,))), values[fqn] if fqn in values else _TENSOR)
         plain: list[tuple[str, Any]] = []
+        keys: set[str] = set()
 
         def leaf(key: str, obj: Any) -> Any:
+            if key in keys:
+                # e.g. a tuple `t` (kept whole by DCP, its items `t.0`, ...) beside a key `t.0`
+                raise InvalidArgumentError(f"two entries flatten to the same key key=`{key}`; nothing was committed")
+            keys.add(key)
             if obj is _TENSOR:
                 return {"tensor": key}
             plain.append((key, obj))
@@ -189,6 +207,7 @@ class Reader(StorageReader):
         self.step = step
         self.storage_options = storage_options
         self._opened: Any = None
+        self._chosen: tuple[int, str] | None = None
         self._nodes: dict[str, Any] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -200,6 +219,7 @@ class Reader(StorageReader):
         if self.path is None:
             raise InvalidArgumentError("cairn.dcp.Reader needs a path (or dcp.load(checkpoint_id=...))")
         self._opened = _open(_api._uri(self.path), self.step, self.storage_options)
+        self._chosen = _identity(self._opened)
         tensors, value_keys, structure = self._opened.describe(_api._own_rank(None))
         shapes = {key: (dtype, shape) for key, dtype, shape in tensors}
         if structure is None:
@@ -234,10 +254,20 @@ class Reader(StorageReader):
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        # Every rank reads the checkpoint the coordinator opened (a run's latest may
+        # change while the ranks open it).
+        return [dataclasses.replace(plan, storage_data=self._chosen) for plan in plans]
 
     def read_data(self, plan: LoadPlan, planner: Any) -> Future[None]:
         rank = _api._own_rank(None)
+        if plan.storage_data is not None and plan.storage_data != self._chosen:
+            step, save_id = plan.storage_data
+            self._opened = _open(_api._uri(self.path), step, self.storage_options)
+            if _identity(self._opened) != plan.storage_data:
+                raise InvalidArgumentError(
+                    f"the checkpoint the coordinator loads (step {step}) is gone or was replaced path=`{self.path}`"
+                )
+            self._chosen = plan.storage_data
         boxes: dict[str, list[Any]] = {}
         values: list[Any] = []
         for item in plan.items:
@@ -254,8 +284,9 @@ class Reader(StorageReader):
             boxes = {fqn: items for fqn, items in boxes.items() if items}
             requests = {}
             for fqn, item in batch.items():
-                offsets = [int(a) + int(b) for a, b in zip(item.storage_index.offset or [], item.storage_offsets)]
-                requests[fqn] = (offsets or [0] * len(item.lengths), [int(n) for n in item.lengths])
+                base = item.storage_index.offset or [0] * len(item.lengths)
+                offsets = [int(a) + int(b) for a, b in zip(base, item.storage_offsets)]
+                requests[fqn] = (offsets, [int(n) for n in item.lengths])
             native = self._opened.load(None, list(batch), None, requests, None, rank)
             got = _api._raw(native)
             for fqn, item in batch.items():
@@ -305,6 +336,12 @@ class _Tensor:
 
 
 _TENSOR = _Tensor()
+
+
+def _identity(opened: Any) -> tuple[int, str]:
+    """The step and save id of an opened checkpoint."""
+    info = opened.load(None, [], None, None, None, None)[2]
+    return int(info["step"]), str(info["save_id"])
 
 
 def _plain(fqn: str, data: Any) -> Any:

@@ -274,8 +274,20 @@ fn from_bytes<'py>(
 
 /// A local directory holding the checkpoint at `uri` (downloaded once into `cache_dir`).
 #[pyfunction]
-fn as_directory(py: Python<'_>, uri: &str, cache_dir: std::path::PathBuf) -> PyResult<std::path::PathBuf> {
-    guarded(|| py.detach(|| cairn::transfer::as_directory(uri, &cache_dir)).map_err(to_py_err))
+#[pyo3(signature = (uri, cache_dir, storage_options=None))]
+fn as_directory(
+    py: Python<'_>,
+    uri: &str,
+    cache_dir: std::path::PathBuf,
+    storage_options: Option<StoreOptions>,
+) -> PyResult<std::path::PathBuf> {
+    guarded(|| {
+        py.detach(|| {
+            let location = Location::with_options(uri, false, &storage_options.unwrap_or_default())?;
+            cairn::transfer::as_directory(location, &cache_dir)
+        })
+        .map_err(to_py_err)
+    })
 }
 
 /// Registers a URI prefix resolved by a Python callable that maps such a URI to another

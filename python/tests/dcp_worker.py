@@ -6,7 +6,8 @@
 `save` trains one step of a small FSDP2 model and saves `get_state_dict` plus plain values
 with `dcp.save` twice: through `cairn.dcp.Writer` into the run RUN (step 1) and through
 DCP's own `FileSystemWriter` into REF. A save in which rank 1 holds a value Cairn cannot
-store fails on every rank and commits nothing; an `async_save` commits step 2. `load`
+store fails on every rank and commits nothing, as does one without DCP's collectives; an
+`async_save` commits step 2. `load`
 builds fresh models on another world size and fills one from RUN through
 `cairn.dcp.Reader`, one from REF through DCP's own reader: every tensor and value is
 equal.
@@ -89,6 +90,12 @@ def main():
             raise AssertionError("a save with an unstorable value succeeded")
         except BaseException as e:  # DCP wraps each rank's failure in a CheckpointException
             assert "rank1.loader" in str(e), e
+        # Without DCP's collectives each rank would commit alone: refused on every rank.
+        try:
+            dcp.save(state, storage_writer=cairn.dcp.Writer(run, step=4), use_collectives=False)
+            raise AssertionError("a save without collectives succeeded")
+        except BaseException as e:
+            assert "use_collectives" in str(e), e
         dcp.async_save(state_of(model, opt, 2), storage_writer=cairn.dcp.Writer(run, step=2)).result()
         dist.barrier()
         assert [i.step for i in cairn.list_checkpoints(run)] == [1, 2]

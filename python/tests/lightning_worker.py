@@ -1,12 +1,12 @@
 """A small real Lightning training run (run by test_lightning.py, not by pytest).
 
-    python lightning_worker.py ROOT IO [KILL_AT]
+    python lightning_worker.py ROOT IO [KILL_AT[!]]
 
 IO is `torch` (Lightning's default TorchCheckpointIO) or `cairn` (cairn.lightning's,
 asynchronous). Trains a deterministic model for 6 epochs with `ModelCheckpoint(monitor=
 "val_loss", save_top_k=2, save_last=True)` into ROOT/ckpts, resuming with
-`fit(ckpt_path="last")`; with KILL_AT, SIGKILLs itself at that global step (mid-epoch,
-an asynchronous save possibly still writing). At the end writes the final weights and
+`fit(ckpt_path="last")`; with KILL_AT, SIGKILLs itself at that global step (mid-epoch)
+once the background saves are done, or with `!` at once, a save possibly still writing. At the end writes the final weights and
 the names in ROOT/ckpts to ROOT/final.json.
 """
 
@@ -43,17 +43,24 @@ class Model(L.LightningModule):
 
 
 class KillAt(L.Callback):
-    def __init__(self, step):
+    """SIGKILLs the process at global step `step`: with `settled`, once the checkpoint IO
+    has finished its background saves (Lightning's synchronous IO always has), else at
+    once, whatever is still being written."""
+
+    def __init__(self, step, settled):
         self.step = step
+        self.settled = settled
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
+            if self.settled and hasattr(trainer.strategy.checkpoint_io, "wait"):
+                trainer.strategy.checkpoint_io.wait()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main():
     root, io = sys.argv[1], sys.argv[2]
-    kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    kill_at = sys.argv[3] if len(sys.argv) > 3 else None
     torch.manual_seed(0)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(1)
@@ -64,7 +71,7 @@ def main():
     ckpts = os.path.join(root, "ckpts")
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpts, monitor="val_loss", save_top_k=2, save_last=True)]
     if kill_at is not None:
-        callbacks.append(KillAt(kill_at))
+        callbacks.append(KillAt(int(kill_at.rstrip("!")), settled=not kill_at.endswith("!")))
     trainer = L.Trainer(
         max_epochs=6, callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
         plugins=[cairn.lightning.CheckpointIO()] if io == "cairn" else [], deterministic=True,

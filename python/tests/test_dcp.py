@@ -97,6 +97,15 @@ def test_a_value_that_would_need_pickle_is_refused_naming_it_and_nothing_is_comm
         dcp.save(state_of(model, opt), storage_writer=cairn.dcp.Writer(tmp_path / "run", step=1))
 
 
+def test_keys_that_would_collide_in_the_manifest_are_refused(tmp_path):
+    # DCP keeps a tuple whole (one value `t`); Cairn stores its items as `t.0`, `t.1`,
+    # which a sibling key `t.0` would overwrite.
+    state = {"w": torch.ones(2), "meta": {"t": (1, 2), "t.0": 5}}
+    with pytest.raises(BaseException, match="meta.t.0"):
+        dcp.save(state, storage_writer=cairn.dcp.Writer(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt" / "manifest.json").exists()
+
+
 def test_steps_saved_through_dcp_form_a_run_with_retention(tmp_path):
     model, opt = trained(0)
     run = tmp_path / "run"

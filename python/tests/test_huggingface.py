@@ -65,3 +65,8 @@ def test_cairn_export_writes_a_sharded_folder_from_pretrained_loads(tmp_path, cl
     bad = subprocess.run([cli, "export", str(tmp_path / "run"), str(tmp_path / "x"), "--max-shard-size", "5 parsecs"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "size" in bad.stderr
+    # A folder that holds something already is refused: its old files would mix in.
+    again = subprocess.run([cli, "export", str(tmp_path / "run"), str(out), "--prefix", "model.", "--strip-prefix",
+                            "--max-shard-size", "5GB"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "not empty" in again.stderr
+    assert not (out / "model.safetensors").exists()

@@ -3,11 +3,11 @@
 bit-exact with an uninterrupted run under Lightning's own TorchCheckpointIO, keeping the
 same checkpoints (`save_top_k=2` by `val_loss`, and `last`)."""
 
+import concurrent.futures
 import json
 import pathlib
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ WORKER = str(pathlib.Path(__file__).with_name("lightning_worker.py"))
 
 
 def train(root, io, kill_at=None):
-    args = [sys.executable, WORKER, str(root), io] + ([str(kill_at)] if kill_at is not None else [])
+    args = [sys.executable, WORKER, str(root), io] + ([kill_at] if kill_at is not None else [])
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     if kill_at is not None:
         assert done.returncode == -9, done.stderr[-3000:]
@@ -30,7 +30,12 @@ def train(root, io, kill_at=None):
 
 def test_a_killed_trainer_resumes_bit_exact_and_keeps_the_best_two(tmp_path):
     reference = train(tmp_path / "torch", "torch")
-    train(tmp_path / "cairn", "cairn", kill_at=14)  # in epoch 3, after epoch 2's saves
+    # Killed while epoch 2's saves may still be writing: whatever was committed resumes
+    # (last.ckpt of epoch 1 or 2), never a torn one, and the run ends bit-exact.
+    train(tmp_path / "torn", "cairn", kill_at="14!")
+    assert train(tmp_path / "torn", "cairn")["weights"] == reference["weights"]
+
+    train(tmp_path / "cairn", "cairn", kill_at="14")  # in epoch 3, after epoch 2's saves landed
     killed = sorted(p.name for p in (tmp_path / "cairn" / "ckpts").iterdir())
     assert "last.ckpt" in killed
     resumed = train(tmp_path / "cairn", "cairn")
@@ -64,22 +69,42 @@ def test_saves_run_in_the_background_bounded_and_failures_surface(tmp_path):
     assert back["global_step"] == 4 and torch.equal(back["w"], weights)
     assert [i.step for i in cairn.list_checkpoints(tmp_path / "a.ckpt")] == [4]
 
-    # A background failure is raised by the next save, and by teardown.
+    # Lightning removes the checkpoint a new one replaces right after asking for the new
+    # save: the removal queues behind it, so the new one is there before the old goes.
+    io.save_checkpoint({"w": weights, "global_step": 5}, tmp_path / "b.ckpt")
+    io.remove_checkpoint(tmp_path / "a.ckpt")
+    io.teardown()
+    assert not (tmp_path / "a.ckpt").exists()
+    assert cairn.load(tmp_path / "b.ckpt")["global_step"] == 5
+
+    # A background failure is raised by the next save, and by teardown; it stops the
+    # removals queued behind it.
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    io.save_checkpoint({"w": weights}, blocker / "b.ckpt")
-    deadline = time.monotonic() + 30
-    while io._in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
+    io.save_checkpoint({"w": weights}, blocker / "c.ckpt")
+    io.remove_checkpoint(tmp_path / "b.ckpt")
+    concurrent.futures.wait(list(io._pending))
     with pytest.raises(cairn.CheckpointError):
-        io.save_checkpoint({"w": weights}, tmp_path / "c.ckpt")
-    io.save_checkpoint({"w": weights}, blocker / "d.ckpt")
+        io.save_checkpoint({"w": weights}, tmp_path / "d.ckpt")
+    assert (tmp_path / "b.ckpt").exists()
+    io.save_checkpoint({"w": weights}, blocker / "e.ckpt")
     with pytest.raises(cairn.CheckpointError):
         io.teardown()
     io.teardown()  # reported once
 
-    io.remove_checkpoint(tmp_path / "a.ckpt")
-    assert not (tmp_path / "a.ckpt").exists()
     io.remove_checkpoint(tmp_path / "never-saved.ckpt")
     with pytest.raises(cairn.InvalidArgumentError, match="map_location"):
-        io.load_checkpoint(tmp_path / "c.ckpt", map_location=lambda storage, loc: storage)
+        io.load_checkpoint(tmp_path / "b.ckpt", map_location=lambda storage, loc: storage)
+    io.teardown()
+
+
+def test_synchronous_saves_write_before_returning(tmp_path):
+    io = cairn.lightning.CheckpointIO(async_save=False)
+    io.save_checkpoint({"w": torch.ones(3), "global_step": 1}, tmp_path / "a.ckpt")
+    assert [i.step for i in cairn.list_checkpoints(tmp_path / "a.ckpt")] == [1]
+    io.save_checkpoint({"w": torch.ones(3), "global_step": 1}, tmp_path / "a.ckpt")  # same step again
+    assert [i.step for i in cairn.list_checkpoints(tmp_path / "a.ckpt")] == [2]
+    io.remove_checkpoint(tmp_path / "a.ckpt")
+    assert not (tmp_path / "a.ckpt").exists()
+    with pytest.raises(cairn.CheckpointError):
+        io.save_checkpoint({"w": object()}, tmp_path / "b.ckpt")

@@ -51,7 +51,7 @@ def test_arrays_loaded_from_s3_are_writable_views_not_copies(s3_run):
     assert cairn.load(s3_run)["w0"][0] == saved["w0"][0]
 
 
-def test_explicit_storage_options_override_the_environment(s3_run, monkeypatch):
+def test_explicit_storage_options_override_the_environment(s3_run, monkeypatch, tmp_path):
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     options = {
         "aws_endpoint": endpoint,
@@ -66,6 +66,9 @@ def test_explicit_storage_options_override_the_environment(s3_run, monkeypatch):
     assert cairn.load(s3_run, storage_options=options)["step"] == 3
     with pytest.raises(cairn.InvalidArgumentError, match="no_such_option"):
         cairn.load(s3_run, storage_options={"no_such_option": "1"})
+    # as_directory takes them too (it had no way to before).
+    local = cairn.as_directory(s3_run, cache_dir=tmp_path / "cache", storage_options=options)
+    assert cairn.load(local)["step"] == 3
 
 
 def test_copy_local_to_s3_and_back_is_verified(tmp_path, s3_run):

@@ -156,8 +156,12 @@ impl Location {
                 uri: uri.trim_end_matches('/').to_string(),
             });
         }
-        let path = if let Some(rest) = uri.strip_prefix("file://") {
-            PathBuf::from(rest)
+        let path = if uri.starts_with("file://") {
+            // Percent-encoded as any URL (`file:///data/my%20run`).
+            let url =
+                url::Url::parse(uri).map_err(|e| Error::invalid(format!("invalid uri uri=`{uri}`")).with_source(e))?;
+            url.to_file_path()
+                .map_err(|()| Error::invalid(format!("a file:// uri names an absolute local path uri=`{uri}`")))?
         } else if uri.contains("://") {
             return Location::open_remote(uri, options);
         } else {
@@ -333,6 +337,18 @@ fn parse_prefix(prefix: &str, uri: &str) -> Result<Path> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_uris_are_percent_decoded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("my run#1")).unwrap();
+        let uri = url::Url::from_directory_path(dir.path().join("my run#1")).unwrap().to_string();
+        assert!(uri.contains("my%20run%231"), "{uri}");
+        let loc = Location::open(&uri).unwrap();
+        assert_eq!(loc.local_dir().unwrap(), dir.path().join("my run#1"));
+        let err = Location::open("file://relative/path").unwrap_err();
+        assert!(err.to_string().contains("absolute local path"), "{err}");
+    }
 
     #[test]
     fn memory_locations_share_a_store_by_name() {

@@ -174,12 +174,13 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
     })
 }
 
-/// A local directory holding the checkpoint at `uri`: the checkpoint's own folder when it
-/// is on local disk, else a copy downloaded once into `cache_dir` (keyed by save id).
-/// Safe when several processes ask at once: each downloads into a private folder and
-/// renames it into place; the first rename wins and the others use it.
-pub fn as_directory(uri: &str, cache_dir: &std::path::Path) -> Result<PathBuf> {
-    let ckpt = crate::open(uri)?;
+/// A local directory holding the checkpoint at `location` (a checkpoint folder, or a
+/// run's latest): the checkpoint's own folder when it is on local disk, else a copy
+/// downloaded once into `cache_dir` (keyed by save id). Safe when several processes ask
+/// at once: each downloads into a private folder and renames it into place; the first
+/// rename wins and the others use it.
+pub fn as_directory(location: Location, cache_dir: &std::path::Path) -> Result<PathBuf> {
+    let ckpt = crate::open_at(location)?;
     if let (Some(dir), Some(root)) = (ckpt.location().local_dir(), ckpt.location().local_root()) {
         // The caller reads this folder with its own tools, which follow symlinks: hand it
         // out only if every data file is a regular file inside it.

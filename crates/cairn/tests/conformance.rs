@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
 use cairn::policy::{Every, Retention, SavePolicy};
-use cairn::{transfer, ErrorKind, LoadOptions, Run, SaveOptions};
+use cairn::{transfer, ErrorKind, LoadOptions, Location, Run, SaveOptions};
 use object_store::{ObjectStoreExt, PutPayload};
 
 fn unique(name: &str) -> String {
@@ -231,7 +231,9 @@ fn as_directory_gives_a_cached_local_copy_of_a_remote_checkpoint() {
     cairn::save(&uri, &common::model_state(1, 1, 4), &opts(1)).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let dirs: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..3).map(|_| s.spawn(|| transfer::as_directory(&uri, cache.path()).unwrap())).collect();
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| transfer::as_directory(Location::open(&uri).unwrap(), cache.path()).unwrap()))
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(dirs.windows(2).all(|w| w[0] == w[1]));

@@ -60,6 +60,9 @@ pub fn export(job: Export<'_>) -> CommandResult {
             Some(prefix) => key[prefix.len()..].to_string(),
             None => key.clone(),
         };
+        if name.is_empty() {
+            return Err(CliError::msg(format!("key=`{key}` is empty once its prefix is stripped")));
+        }
         if tensors.insert(name.clone(), t).is_some() {
             return Err(CliError::msg(format!("two keys become key=`{name}` once their prefix is stripped")));
         }
@@ -113,6 +116,16 @@ fn write_file<'a>(
 /// `model.safetensors.index.json`, written last. Returns the number of files.
 fn write_sharded(tensors: &BTreeMap<String, Tensor>, limit: u64, out: &Path) -> Result<usize, CliError> {
     std::fs::create_dir_all(out).map_err(|e| CliError::msg(format!("cannot create dir=`{}`: {e}", out.display())))?;
+    // Files of an earlier export would mix in (a stale model.safetensors wins over a new
+    // index in from_pretrained): only an empty folder is written into.
+    let mut entries =
+        std::fs::read_dir(out).map_err(|e| CliError::msg(format!("cannot read dir=`{}`: {e}", out.display())))?;
+    if entries.next().is_some() {
+        return Err(CliError::msg(format!(
+            "dir=`{}` is not empty: export a Hugging Face folder into a new or empty one",
+            out.display()
+        )));
+    }
     let mut shards: Vec<Vec<&String>> = vec![Vec::new()];
     let mut filled = 0u64;
     for (key, t) in tensors {
