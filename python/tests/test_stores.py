@@ -126,14 +126,42 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         return io.BytesIO(f.read(end - start + 1))
 
 
-def test_a_checkpoint_served_over_plain_http_loads_without_storage_options(tmp_path):
-    state = {"w": np.arange(1000, dtype=np.float32), "step": 3}
+@pytest.mark.parametrize("ranges", [True, False], ids=["range_server", "plain_file_server"])
+def test_a_checkpoint_served_over_plain_http_loads_without_storage_options(tmp_path, ranges):
+    # A server without Range support (http.server as it is) answers with whole files:
+    # each file is then read once, in one pass, whatever parts of it are needed.
+    state = {"w": np.arange(1000, dtype=np.float32), "b": np.ones(7, np.int64), "step": 3}
     cairn.save(tmp_path / "ckpt", state)
-    handler = functools.partial(_RangeHandler, directory=str(tmp_path))
+    handler = functools.partial(_RangeHandler if ranges else http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             loaded = cairn.load(f"http://127.0.0.1:{server.server_port}/ckpt")
+            part = cairn.load(f"http://127.0.0.1:{server.server_port}/ckpt", keys=["w"], boxes={"w": ((10,), (5,))})
         finally:
             server.shutdown()
     assert np.array_equal(loaded["w"], state["w"]) and loaded["step"] == 3
+    assert np.array_equal(loaded["b"], state["b"])
+    assert np.array_equal(part["w"], state["w"][10:15])
+
+
+def test_the_latest_checkpoint_of_a_run_served_over_plain_http_is_the_one_its_hint_names(tmp_path):
+    # A plain file server cannot list a run: the LATEST hint (a folder name, relative to
+    # the run) names its newest checkpoint, which is then opened and checked as any other.
+    with cairn.CheckpointManager(tmp_path / "run", policies=[cairn.Every(1)], preemption_signal=None) as mgr:
+        for step in (1, 2):
+            mgr.on_step(step, {"w": np.full(4, step, np.float32)})
+    assert (tmp_path / "run" / "LATEST").read_text().strip() == "step-000000000002"
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_port}/run"
+        try:
+            assert cairn.load(base)["w"][0] == 2
+            assert cairn.load(base, step=1)["w"][0] == 1
+            # A hint naming a checkpoint that is not there is not believed.
+            (tmp_path / "run" / "LATEST").write_text("step-000000000009\n")
+            with pytest.raises(cairn.CheckpointError):
+                cairn.load(base)
+        finally:
+            server.shutdown()

@@ -16,7 +16,7 @@ use std::ops::Range;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{GetOptions, GetRange, ObjectStore};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
 use crate::error::{Error, Result};
 
@@ -52,11 +52,52 @@ pub(crate) async fn read_ranges(
         buffers.push(vec![0u8; len]);
     }
     let requests = plan(ranges, &mut buffers, REQUEST_BYTES, COALESCE_GAP_BYTES);
-    futures::stream::iter(requests.into_iter().map(|request| fetch(store, path, request, shown)))
+    let ranged = futures::stream::iter(requests.into_iter().map(|request| fetch(store, path, request, shown)))
         .buffer_unordered(REQUESTS_IN_FLIGHT)
         .try_collect::<Vec<()>>()
-        .await?;
+        .await;
+    match ranged {
+        Ok(_) => {}
+        // A server that ignores Range (a plain HTTP file server answers 200 with the
+        // whole file): one GET of the object, streamed into every buffer in one pass.
+        Err(Fetch::NoRange) => {
+            if let Some(request) = spanning(ranges, &mut buffers) {
+                fill(store.get(path).await.map_err(|e| shard_read_error(e, shown))?, request, true, shown).await?;
+            }
+        }
+        Err(Fetch::Failed(err)) => return Err(err),
+    }
     Ok(buffers)
+}
+
+/// How a ranged request failed.
+enum Fetch {
+    /// The server does not serve byte ranges.
+    NoRange,
+    /// Any other failure.
+    Failed(Error),
+}
+
+impl From<Error> for Fetch {
+    fn from(err: Error) -> Fetch {
+        Fetch::Failed(err)
+    }
+}
+
+/// Whether `err` says a ranged GET got the whole object instead: `object_store`'s HTTP
+/// store calls it not supported, its other clients say so by message only.
+fn range_ignored(err: &object_store::Error) -> bool {
+    if matches!(err, object_store::Error::NotSupported { .. }) {
+        return true;
+    }
+    let mut source: Option<&dyn std::error::Error> = Some(err);
+    while let Some(e) = source {
+        if e.to_string().contains("non-partial response when range requested") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// One ranged GET and where its bytes go.
@@ -94,19 +135,58 @@ fn plan<'a>(ranges: &[Range<u64>], buffers: &'a mut [Vec<u8>], request_bytes: us
     requests
 }
 
+/// One request for every buffer at once, spanning all the ranges (none if all are
+/// empty).
+fn spanning<'a>(ranges: &[Range<u64>], buffers: &'a mut [Vec<u8>]) -> Option<Request<'a>> {
+    let mut targets: Vec<(u64, &'a mut [u8])> = ranges
+        .iter()
+        .zip(buffers.iter_mut())
+        .filter(|(r, _)| !r.is_empty())
+        .map(|(r, b)| (r.start, &mut b[..]))
+        .collect();
+    targets.sort_by_key(|(offset, _)| *offset);
+    let start = targets.first()?.0;
+    let end = ranges.iter().map(|r| r.end).max()?;
+    Some(Request { range: start..end, targets })
+}
+
 /// Runs one request, copying its body into its targets as it arrives.
-async fn fetch(store: &dyn ObjectStore, path: &Path, request: Request<'_>, shown: &str) -> Result<()> {
+async fn fetch(
+    store: &dyn ObjectStore,
+    path: &Path,
+    request: Request<'_>,
+    shown: &str,
+) -> std::result::Result<(), Fetch> {
     let options = GetOptions { range: Some(GetRange::Bounded(request.range.clone())), ..Default::default() };
+    let got = match store.get_opts(path, options).await {
+        Ok(got) => got,
+        Err(e) if range_ignored(&e) => return Err(Fetch::NoRange),
+        Err(e) => return Err(shard_read_error(e, shown).into()),
+    };
+    Ok(fill(got, request, false, shown).await?)
+}
+
+/// Copies the body of `got` into the targets of `request` as it arrives: the body of a
+/// ranged GET (it must end with them), or with `whole` the whole object, read up to the
+/// end of the request only.
+async fn fill(got: object_store::GetResult, request: Request<'_>, whole: bool, shown: &str) -> Result<()> {
     let read_error = |e| shard_read_error(e, shown);
-    let mut body = store.get_opts(path, options).await.map_err(read_error)?.into_stream();
-    let mut scatter = Scatter::new(request.range.start, request.targets);
-    while let Some(chunk) = body.try_next().await.map_err(read_error)? {
-        scatter.write(&chunk).map_err(|()| too_long(&request.range, shown))?;
+    let mut body = got.into_stream();
+    let mut scatter = Scatter::new(if whole { 0 } else { request.range.start }, request.targets);
+    while !(whole && scatter.is_full()) {
+        let Some(chunk) = body.try_next().await.map_err(read_error)? else { break };
+        let chunk = if whole {
+            let wanted = usize::try_from(request.range.end.saturating_sub(scatter.at)).unwrap_or(usize::MAX);
+            &chunk[..chunk.len().min(wanted)]
+        } else {
+            &chunk[..]
+        };
+        scatter.write(chunk).map_err(|()| too_long(&request.range, shown))?;
     }
     if !scatter.is_full() {
         return Err(Error::corrupt(format!(
             "data file ended early: got {} of bytes {}..{} file=`{shown}`",
-            scatter.at - request.range.start,
+            scatter.at.saturating_sub(request.range.start),
             request.range.start,
             request.range.end
         )));
@@ -218,6 +298,22 @@ mod tests {
         // The range lies past the end: the store answers with an error or a short body.
         let err = read_ranges(&store, &path, &[0..10, 50..150], "run/shard").await.unwrap_err();
         assert!(err.to_string().contains("run/shard"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_whole_object_fills_every_range_in_one_pass() {
+        let store = InMemory::new();
+        let path = Path::from("shard");
+        let data = object(1000);
+        store.put(&path, PutPayload::from(data.clone())).await.unwrap();
+        let ranges = [600..700, 0..10, 10..10, 20..400];
+        let mut buffers: Vec<Vec<u8>> = ranges.iter().map(|r| vec![0; (r.end - r.start) as usize]).collect();
+        let request = spanning(&ranges, &mut buffers).unwrap();
+        assert_eq!(request.range, 0..700);
+        fill(store.get(&path).await.unwrap(), request, true, "shard").await.unwrap();
+        for (range, buffer) in ranges.iter().zip(&buffers) {
+            assert_eq!(buffer.as_slice(), &data[range.start as usize..range.end as usize]);
+        }
     }
 
     proptest! {

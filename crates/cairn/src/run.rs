@@ -8,6 +8,9 @@ use object_store::{ObjectStoreExt, PutPayload};
 use crate::commit;
 use crate::error::{Error, Result};
 use crate::format::layout::{self, LATEST_FILE, MANIFEST_FILE};
+
+/// Most bytes of the `LATEST` hint read (a folder name, or an older hint's URI).
+const MAX_HINT_BYTES: usize = 4096;
 use crate::info::CheckpointInfo;
 use crate::load::{Checkpoint, LoadOptions};
 use crate::policy::{self, Candidate, Retention};
@@ -169,8 +172,18 @@ impl Run {
     /// The readable committed checkpoint with the highest step, if any: newer ones whose
     /// manifest is damaged are passed over, so a run resumes from its newest healthy
     /// checkpoint.
+    ///
+    /// A store that cannot list (a plain HTTP server) is asked for the checkpoint the
+    /// `LATEST` hint names instead, opened and checked like any other.
     pub fn latest(&self) -> Result<Option<Checkpoint>> {
-        for c in self.list()?.iter().rev() {
+        let listed = match self.list() {
+            Ok(listed) => listed,
+            Err(err) if self.location.uri().starts_with("http://") || self.location.uri().starts_with("https://") => {
+                return self.hinted().map(Some).map_err(|_| err);
+            }
+            Err(err) => return Err(err),
+        };
+        for c in listed.iter().rev() {
             match c.open() {
                 Ok(ckpt) => return Ok(Some(ckpt)),
                 Err(e) if is_gone_or_damaged(&e) => {}
@@ -223,11 +236,12 @@ impl Run {
         Ok(())
     }
 
-    /// Writes the run's `LATEST` hint: the URI of `newest`, which the caller knows to be
-    /// the newest checkpoint (like mmengine's `last_checkpoint`). Only a hint for other
-    /// tools: Cairn itself always lists manifests.
+    /// Writes the run's `LATEST` hint: the folder name of `newest` (`step-000000000100`,
+    /// relative to the run, so it holds wherever the run is copied or served), which the
+    /// caller knows to be the newest checkpoint (like mmengine's `last_checkpoint`). Only
+    /// a hint: Cairn lists manifests, and reads the hint only where the store cannot list.
     pub fn write_latest_hint(&self, newest: &CheckpointInfo) -> Result<()> {
-        let body = PutPayload::from(format!("{}\n", newest.uri).into_bytes());
+        let body = PutPayload::from(format!("{}\n", layout::step_dir(newest.step)).into_bytes());
         block_on(async {
             self.location
                 .store()
@@ -246,6 +260,37 @@ impl Run {
                 Err(e) => Err(Error::from_store(e, "deleting hint", &self.hint_shown())),
             }
         })
+    }
+
+    /// The checkpoint the `LATEST` hint names (its last path part, so a hint holding a
+    /// URI is read too), opened and checked: its manifest must say the step its folder
+    /// does. The hint is read up to `MAX_HINT_BYTES`.
+    fn hinted(&self) -> Result<Checkpoint> {
+        let shown = self.hint_shown();
+        let text = block_on(async {
+            let failed = |e| Error::from_store(e, "reading hint", &shown);
+            // A whole GET (a plain HTTP server may not serve ranges), read no further than
+            // the limit.
+            let mut body =
+                self.location.store().get(&self.location.path(LATEST_FILE)).await.map_err(failed)?.into_stream();
+            let mut text = Vec::new();
+            while let Some(chunk) = body.try_next().await.map_err(failed)? {
+                text.extend_from_slice(&chunk[..chunk.len().min(MAX_HINT_BYTES - text.len())]);
+                if text.len() == MAX_HINT_BYTES {
+                    break;
+                }
+            }
+            Ok::<_, Error>(text)
+        })?;
+        let text = String::from_utf8_lossy(&text);
+        let name = text.trim().rsplit('/').next().unwrap_or_default();
+        let step = layout::parse_step_dir(name)
+            .ok_or_else(|| Error::corrupt(format!("the hint names no checkpoint folder {shown}")))?;
+        let ckpt = self.checkpoint(step)?;
+        if ckpt.info().step != step {
+            return Err(Error::corrupt(format!("the hint's checkpoint says step {} {shown}", ckpt.info().step)));
+        }
+        Ok(ckpt)
     }
 
     fn hint_shown(&self) -> String {
