@@ -626,11 +626,15 @@ def copy(
     *,
     src_options: dict[str, str] | None = None,
     dst_options: dict[str, str] | None = None,
+    progress: Callable[[str, int], Any] | None = None,
 ) -> list[CheckpointInfo]:
     """Copies a checkpoint folder, or every checkpoint of a run, between any two stores
     (e.g. local disk and `s3://`), verified at the destination. Running it again after
-    an interruption resumes; what is already there is kept."""
-    return [CheckpointInfo._from_native(d) for d in _cairn.copy(_uri(src), _uri(dst), src_options, dst_options)]
+    an interruption resumes; what is already there is kept. `progress(stage, nbytes)`
+    is told the bytes of the data files as they are copied (`"copying"`) and then
+    verified at the destination (`"verifying"`), in steps of a few MiB."""
+    copied = _cairn.copy(_uri(src), _uri(dst), src_options, dst_options, progress)
+    return [CheckpointInfo._from_native(d) for d in copied]
 
 
 @_typed

@@ -344,3 +344,58 @@ pub(crate) fn retention(
         .transpose()?;
     Ok(Retention { keep_last, keep_every, keep_best })
 }
+
+/// A Python progress callback, `progress(stage, bytes)`, told in steps of at least
+/// [`Told::STEP`] bytes (and at each change of stage), so that a copy of many small
+/// chunks takes the GIL a few hundred times, not once per chunk. A callback that raises
+/// is not called again.
+pub(crate) struct Told {
+    callback: Py<PyAny>,
+    pending: std::sync::Mutex<Option<(cairn::progress::Stage, u64)>>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Told {
+    const STEP: u64 = 8 << 20;
+
+    pub(crate) fn new(callback: Py<PyAny>) -> Told {
+        Told { callback, pending: std::sync::Mutex::new(None), broken: std::sync::atomic::AtomicBool::new(false) }
+    }
+
+    /// `bytes` more done in `stage`.
+    pub(crate) fn advance(&self, stage: cairn::progress::Stage, bytes: u64) {
+        let due = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match pending.as_mut() {
+                Some((now, sum)) if *now == stage => {
+                    *sum += bytes;
+                    (*sum >= Self::STEP).then(|| pending.take()).flatten()
+                }
+                _ => pending.replace((stage, bytes)),
+            }
+        };
+        if let Some((stage, sum)) = due {
+            self.call(stage, sum);
+        }
+    }
+
+    /// Tells what is still pending.
+    pub(crate) fn flush(&self) {
+        let due = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((stage, sum)) = due {
+            self.call(stage, sum);
+        }
+    }
+
+    fn call(&self, stage: cairn::progress::Stage, bytes: u64) {
+        if bytes == 0 || self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        Python::attach(|py| {
+            if let Err(err) = self.callback.call1(py, (stage.name(), bytes)) {
+                self.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+                err.print(py);
+            }
+        });
+    }
+}

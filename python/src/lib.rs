@@ -210,25 +210,36 @@ fn prune(
 /// Copies a checkpoint (a folder with a manifest) or a whole run from `src` to `dst`,
 /// verified at the destination; returns the info dicts of what was copied.
 #[pyfunction]
-#[pyo3(signature = (src, dst, src_options=None, dst_options=None))]
+#[pyo3(signature = (src, dst, src_options=None, dst_options=None, progress=None))]
 fn copy<'py>(
     py: Python<'py>,
     src: &str,
     dst: &str,
     src_options: Option<StoreOptions>,
     dst_options: Option<StoreOptions>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<Vec<Bound<'py, PyDict>>> {
     guarded(|| {
+        let told = progress.map(Told::new);
         let infos = py
             .detach(|| {
+                let tell = |stage, bytes| {
+                    if let Some(told) = &told {
+                        told.advance(stage, bytes);
+                    }
+                };
                 let from = Location::with_options(src, false, &src_options.unwrap_or_default())?;
                 let to = Location::with_options(dst, true, &dst_options.unwrap_or_default())?;
-                match cairn::resolve_at(from)? {
+                let copied = match cairn::resolve_at(from)? {
                     Target::Checkpoint(from) => {
-                        Ok(vec![cairn::transfer::copy_checkpoint(&Checkpoint::open_at(from)?, &to)?])
+                        cairn::transfer::copy_checkpoint(&Checkpoint::open_at(from)?, &to, &tell).map(|i| vec![i])
                     }
-                    Target::Run(from) => cairn::transfer::copy_run(&from, &Run::at(to)),
+                    Target::Run(from) => cairn::transfer::copy_run(&from, &Run::at(to), &tell),
+                };
+                if let Some(told) = &told {
+                    told.flush();
                 }
+                copied
             })
             .map_err(to_py_err)?;
         infos.iter().map(|i| info_to_py(py, i)).collect()

@@ -74,8 +74,13 @@ def test_explicit_storage_options_override_the_environment(s3_run, monkeypatch, 
 def test_copy_local_to_s3_and_back_is_verified(tmp_path, s3_run):
     for step in (1, 2):
         cairn.save(tmp_path / "run", state(step), step=step)
-    copied = cairn.copy(tmp_path / "run", s3_run)
+    told = []
+    copied = cairn.copy(tmp_path / "run", s3_run, progress=lambda stage, n: told.append((stage, n)))
     assert [i.step for i in copied] == [1, 2]
+    # Every byte of the data files was reported copied, then verified at the destination.
+    data = sum(f.stat().st_size for f in (tmp_path / "run").rglob("*.safetensors"))
+    assert sum(n for s, n in told if s == "copying") == data
+    assert sum(n for s, n in told if s == "verifying") == data
     cairn.copy(f"{s3_run}/step-000000000002", tmp_path / "back")
     assert cairn.load(tmp_path / "back")["step"] == 2
 

@@ -65,14 +65,31 @@ pub fn time(unix_ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
 }
 
-/// A progress bar over `len` units on stderr, hidden when stderr is not a terminal.
-pub fn progress(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})") {
+/// A progress bar over `bytes` on stderr, with the rate and time left, hidden when
+/// stderr is not a terminal.
+pub fn progress(bytes: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(bytes);
+    let template = "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ({eta})";
+    if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());
     bar
+}
+
+/// A library progress callback drawing on `bar`: each stage starts it over, its message
+/// `label` and the stage's name.
+pub fn follow<'a>(bar: &'a ProgressBar, label: &'a str) -> impl Fn(cairn::progress::Stage, u64) + Sync + 'a {
+    let stage = std::sync::Mutex::new(None);
+    move |now, bytes| {
+        let mut current = stage.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != Some(now) {
+            *current = Some(now);
+            bar.set_position(0);
+            bar.set_message(format!("{} {label}", now.name()));
+        }
+        bar.inc(bytes);
+    }
 }
 
 /// `text` safe to print (see [`cairn::error::escape_control`]).

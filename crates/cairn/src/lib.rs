@@ -34,6 +34,7 @@ pub mod manager;
 pub mod parts;
 pub mod policy;
 mod preemption;
+pub mod progress;
 mod ranged_read;
 pub mod run;
 pub mod runtime;

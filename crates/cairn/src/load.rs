@@ -429,6 +429,12 @@ impl Checkpoint {
     /// one error per problem found (empty when intact); fails only when the store
     /// itself cannot be read.
     pub async fn verify_async(&self) -> Result<Vec<Error>> {
+        self.verify_async_with(&crate::progress::quiet).await
+    }
+
+    /// [`Checkpoint::verify_async`], telling `progress` the bytes of each data file once
+    /// it is checked ([`Stage::Verifying`](crate::progress::Stage::Verifying)).
+    pub async fn verify_async_with(&self, progress: crate::progress::Progress<'_>) -> Result<Vec<Error>> {
         let mut problems = Vec::new();
         let mut by_file: BTreeMap<&str, Vec<(&str, &PieceRecord)>> = BTreeMap::new();
         for (key, record) in self.manifest.all_tensors() {
@@ -440,7 +446,10 @@ impl Checkpoint {
             let pieces = by_file.remove(file.as_str()).unwrap_or_default();
             let ranges = pieces.iter().map(|(_, p)| p.range[0]..p.range[1]).collect();
             let shown = format!("{}/{file}", self.location.uri());
-            let (record, chunks) = match self.fetch(file, ranges).await {
+            let size = self.manifest.files.get(file).map_or(0, |f| f.size);
+            let fetched = self.fetch(file, ranges).await;
+            progress(crate::progress::Stage::Verifying, size);
+            let (record, chunks) = match fetched {
                 Ok(fetched) => fetched,
                 Err(e) if e.kind() == ErrorKind::Corrupt => {
                     problems.push(e);
@@ -548,6 +557,12 @@ impl Checkpoint {
     /// problem found, empty when the checkpoint is intact. See [`Checkpoint::verify_async`].
     pub fn verify(&self) -> Result<Vec<Error>> {
         block_on(self.verify_async())
+    }
+
+    /// [`Checkpoint::verify`], telling `progress` how far it got (see
+    /// [`Checkpoint::verify_async_with`]).
+    pub fn verify_with(&self, progress: crate::progress::Progress<'_>) -> Result<Vec<Error>> {
+        block_on(self.verify_async_with(progress))
     }
 }
 

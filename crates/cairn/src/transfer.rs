@@ -9,6 +9,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use bytes::Bytes;
+use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 
 use crate::commit::{self, Owner};
@@ -17,6 +18,7 @@ use crate::format::layout::{self, MANIFEST_FILE};
 use crate::format::manifest::{Manifest, MAX_MANIFEST_BYTES};
 use crate::info::CheckpointInfo;
 use crate::load::Checkpoint;
+use crate::progress::{Progress, Stage};
 use crate::run::Run;
 use crate::runtime::block_on;
 use crate::save::{put_file, DEFAULT_MULTIPART_BYTES, DEFAULT_PART_BYTES};
@@ -27,11 +29,15 @@ use crate::store::Location;
 /// Resumable: data files already present at `dst` with the right size are kept, and a
 /// destination already committed by the same save (same `save_id`) is accepted as done.
 /// A destination committed by another save is [`ErrorKind::AlreadyExists`].
-pub fn copy_checkpoint(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> {
-    block_on(copy_async(src, dst))
+///
+/// `progress` is told the bytes of the data files as they are copied
+/// ([`Stage::Copying`]; files already at the destination count at once), then as they
+/// are verified there ([`Stage::Verifying`]); pass [`crate::progress::quiet`] to ignore.
+pub fn copy_checkpoint(src: &Checkpoint, dst: &Location, progress: Progress<'_>) -> Result<CheckpointInfo> {
+    block_on(copy_async(src, dst, progress))
 }
 
-async fn copy_async(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> {
+async fn copy_async(src: &Checkpoint, dst: &Location, progress: Progress<'_>) -> Result<CheckpointInfo> {
     let manifest = src.manifest();
     let copied_before = match commit::manifest_owner(dst, &manifest.save_id).await {
         Owner::Us => true,
@@ -53,36 +59,51 @@ async fn copy_async(src: &Checkpoint, dst: &Location) -> Result<CheckpointInfo> 
         for (file, record) in &manifest.files {
             let present = dst.store().head(&dst.path(file)).await.is_ok_and(|m| m.size == record.size);
             if present {
+                progress(Stage::Copying, record.size);
                 continue;
             }
-            let data = read_whole(src.location(), file, record.size).await?;
+            let data = read_whole(src.location(), file, record.size, &|n| progress(Stage::Copying, n)).await?;
             let part =
                 (dst.local_dir().is_none() && record.size >= DEFAULT_MULTIPART_BYTES).then_some(DEFAULT_PART_BYTES);
             put_file(dst, file, vec![data], part).await?;
         }
         commit::create_manifest(dst, manifest, manifest.step).await?;
+    } else {
+        progress(Stage::Copying, manifest.files.values().map(|f| f.size).sum());
     }
     let copied = Checkpoint::open_async(dst.clone()).await?;
-    let problems = copied.verify_async().await?;
+    let problems = copied.verify_async_with(progress).await?;
     if let Some(first) = problems.into_iter().next() {
         return Err(Error::corrupt(format!("copy failed verification at the destination: {}", first.message())));
     }
     Ok(copied.info())
 }
 
-async fn read_whole(loc: &Location, file: &str, size: u64) -> Result<Bytes> {
+/// The whole data file `file` of `size` bytes (as the manifest says), telling `read`
+/// the bytes as they arrive.
+async fn read_whole(loc: &Location, file: &str, size: u64, read: &(dyn Fn(u64) + Sync)) -> Result<Bytes> {
     let shown = format!("file=`{}/{file}`", loc.uri());
     let got = loc.store().get(&loc.path(file)).await.map_err(|e| Error::from_store(e, "reading", &shown))?;
     if got.meta.size != size {
         return Err(Error::corrupt(format!("data file has {} bytes, manifest says {size} {shown}", got.meta.size)));
     }
-    got.bytes().await.map_err(|e| Error::from_store(e, "reading", &shown))
+    let mut body = got.into_stream();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = body.try_next().await.map_err(|e| Error::from_store(e, "reading", &shown))? {
+        read(chunk.len() as u64);
+        chunks.push(chunk);
+    }
+    if chunks.len() == 1 {
+        return Ok(chunks.pop().unwrap_or_default());
+    }
+    Ok(Bytes::from(chunks.concat()))
 }
 
 /// Copies every committed checkpoint of `src` into `dst` (same step folders), each
 /// verified; returns what was copied. Re-running after an interruption resumes.
-pub fn copy_run(src: &Run, dst: &Run) -> Result<Vec<CheckpointInfo>> {
-    src.list()?.iter().map(|c| copy_checkpoint(&c.open()?, &dst.step_location(c.step))).collect()
+/// `progress` as for [`copy_checkpoint`], over all of them.
+pub fn copy_run(src: &Run, dst: &Run, progress: Progress<'_>) -> Result<Vec<CheckpointInfo>> {
+    src.list()?.iter().map(|c| copy_checkpoint(&c.open()?, &dst.step_location(c.step), progress)).collect()
 }
 
 /// Packs a checkpoint into one self-contained byte bundle (a tar archive of its folder,
@@ -91,7 +112,7 @@ pub fn to_bytes(src: &Checkpoint) -> Result<Vec<u8>> {
     block_on(async {
         let mut archive = tar::Builder::new(Vec::new());
         for (file, record) in &src.manifest().files {
-            let data = read_whole(src.location(), file, record.size).await?;
+            let data = read_whole(src.location(), file, record.size, &|_| {}).await?;
             append(&mut archive, file, &data)?;
         }
         append(&mut archive, MANIFEST_FILE, &src.manifest().encode()?)?;
@@ -197,7 +218,7 @@ pub fn as_directory(location: Location, cache_dir: &std::path::Path) -> Result<P
     }
     let staging = cache_dir.join(format!(".partial-{}", uuid::Uuid::new_v4().simple()));
     let staging_uri = staging.to_str().ok_or_else(|| Error::invalid("cache directory is not valid utf-8"))?;
-    copy_checkpoint(&ckpt, &Location::create(staging_uri)?)?;
+    copy_checkpoint(&ckpt, &Location::create(staging_uri)?, &crate::progress::quiet)?;
     match std::fs::rename(&staging, &target) {
         Ok(()) => Ok(target),
         Err(_) if target.join(MANIFEST_FILE).is_file() => {

@@ -193,13 +193,28 @@ macro_rules! conformance {
                 let (_, run) = run("copy-src");
                 run.save(&common::model_state(4, 2, 16), &opts(4)).unwrap();
                 let dst = Run::create(&local_uri("copy-dst")).unwrap();
-                let copied = transfer::copy_run(&run, &dst).unwrap();
+                let copied = transfer::copy_run(&run, &dst, &cairn::progress::quiet).unwrap();
                 assert_eq!(copied.len(), 1);
-                assert_eq!(transfer::copy_run(&run, &dst).unwrap().len(), 1, "re-running a copy is a no-op");
+                assert_eq!(
+                    transfer::copy_run(&run, &dst, &cairn::progress::quiet).unwrap().len(),
+                    1,
+                    "re-running a copy is a no-op"
+                );
                 let back = Run::create(&$uri("copy-back")).unwrap();
-                transfer::copy_run(&dst, &back).unwrap();
+                // Progress: every byte of the data files copied, then verified there.
+                let told = std::sync::Mutex::new(Vec::new());
+                let tell = |stage, bytes| told.lock().unwrap().push((stage, bytes));
+                transfer::copy_run(&dst, &back, &tell).unwrap();
                 let state = back.checkpoint(4).unwrap().load(&LoadOptions::default()).unwrap();
                 assert_eq!(state, common::model_state(4, 2, 16));
+                let data: u64 = back.checkpoint(4).unwrap().manifest().files.values().map(|f| f.size).sum();
+                let told = told.into_inner().unwrap();
+                for stage in [cairn::progress::Stage::Copying, cairn::progress::Stage::Verifying] {
+                    let sum: u64 = told.iter().filter(|(s, _)| *s == stage).map(|(_, b)| b).sum();
+                    assert_eq!(sum, data, "{stage:?}");
+                }
+                let first_verify = told.iter().position(|(s, _)| *s == cairn::progress::Stage::Verifying).unwrap();
+                assert!(told[first_verify..].iter().all(|(s, _)| *s == cairn::progress::Stage::Verifying));
             }
 
             #[test]

@@ -133,13 +133,13 @@ fn a_crash_at_every_io_boundary_of_a_copy_is_resumable() {
     let source = base(&[5]);
     let src = direct(&source).checkpoint(5).unwrap();
     let ops = count_ops(&Arc::new(InMemory::new()), |run| {
-        transfer::copy_checkpoint(&src, &run.location().child("step-000000000005")).unwrap();
+        transfer::copy_checkpoint(&src, &run.location().child("step-000000000005"), &cairn::progress::quiet).unwrap();
     });
     for at in 0..ops {
         for fault in FAULTS {
             let inner = Arc::new(InMemory::new());
             let dst = faulty(&inner, at, fault).location().child("step-000000000005");
-            let result = transfer::copy_checkpoint(&src, &dst);
+            let result = transfer::copy_checkpoint(&src, &dst, &cairn::progress::quiet);
             let run = direct(&inner);
             let visible = check_visible(&run);
             assert!(visible.is_empty() || visible == vec![5], "{visible:?}");
@@ -149,7 +149,8 @@ fn a_crash_at_every_io_boundary_of_a_copy_is_resumable() {
                 let spurious = visible == vec![5] && e.to_string().contains("committing manifest");
                 assert!(!spurious, "op {at} {fault:?}: committed copy reported failed: {e}");
             }
-            transfer::copy_checkpoint(&src, &run.location().child("step-000000000005")).unwrap();
+            transfer::copy_checkpoint(&src, &run.location().child("step-000000000005"), &cairn::progress::quiet)
+                .unwrap();
             assert_eq!(check_visible(&run), vec![5]);
         }
     }

@@ -71,13 +71,15 @@ pub fn export(job: Export<'_>) -> CommandResult {
         return Err(CliError::msg("a tensor named `__metadata__` cannot be exported to safetensors"));
     }
     let bytes: u64 = tensors.values().map(|t| t.data().len() as u64).sum();
+    let bar = output::progress(bytes, "writing");
     let files = match job.max_shard_bytes {
         None => {
             write_file(&tensors, tensors.keys(), job.out)?;
             1
         }
-        Some(limit) => write_sharded(&tensors, limit, job.out)?,
+        Some(limit) => write_sharded(&tensors, limit, job.out, &|n| bar.inc(n))?,
     };
+    bar.finish_and_clear();
     println!(
         "exported {} tensors ({}) from step {} to {}{}",
         tensors.len(),
@@ -114,7 +116,12 @@ fn write_file<'a>(
 /// shard of `limit` bytes, else `model-0000i-of-0000n.safetensors` shards filled in key
 /// order (a tensor larger than `limit` alone in its shard) and
 /// `model.safetensors.index.json`, written last. Returns the number of files.
-fn write_sharded(tensors: &BTreeMap<String, Tensor>, limit: u64, out: &Path) -> Result<usize, CliError> {
+fn write_sharded(
+    tensors: &BTreeMap<String, Tensor>,
+    limit: u64,
+    out: &Path,
+    written: &dyn Fn(u64),
+) -> Result<usize, CliError> {
     std::fs::create_dir_all(out).map_err(|e| CliError::msg(format!("cannot create dir=`{}`: {e}", out.display())))?;
     // Files of an earlier export would mix in (a stale model.safetensors wins over a new
     // index in from_pretrained): only an empty folder is written into.
@@ -146,6 +153,7 @@ fn write_sharded(tensors: &BTreeMap<String, Tensor>, limit: u64, out: &Path) -> 
     for (i, keys) in shards.iter().enumerate() {
         let name = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
         write_file(tensors, keys.iter().copied(), &out.join(&name))?;
+        written(keys.iter().map(|k| tensors[*k].data().len() as u64).sum());
         weight_map.extend(keys.iter().map(|k| (k.to_string(), name.clone())));
     }
     let total: u64 = tensors.values().map(|t| t.data().len() as u64).sum();
@@ -192,11 +200,12 @@ fn normalize(dtype: &str) -> String {
 
 pub fn import(src: &Path, uri: &str, step: u64) -> CommandResult {
     let files = source_files(src)?;
-    let bar = output::progress(files.len() as u64, "reading");
+    let sizes: Vec<u64> = files.iter().map(|f| std::fs::metadata(f).map_or(0, |m| m.len())).collect();
+    let bar = output::progress(sizes.iter().sum(), "reading");
     let mut state = State::new();
-    for file in &files {
+    for (file, size) in files.iter().zip(sizes) {
         read_safetensors(file, &mut state)?;
-        bar.inc(1);
+        bar.inc(size);
     }
     bar.finish_and_clear();
     let info = cairn::save(uri, &state, &SaveOptions::default().with_step(step))?;

@@ -12,16 +12,14 @@ pub fn run(src: &str, dst: &str) -> CommandResult {
     let dst_loc = cairn::Location::create(dst)?;
     let dst_run = cairn::Run::at(dst_loc.clone());
     let targets = super::targets(src)?;
-    let bar = output::progress(targets.checkpoints.len() as u64, "copying");
     for ckpt in targets.checkpoints {
         let ckpt = ckpt?;
         let to = if targets.single { dst_loc.clone() } else { dst_run.step_location(ckpt.info().step) };
-        let info = transfer::copy_checkpoint(&ckpt, &to)?;
-        bar.inc(1);
-        bar.suspend(|| {
-            println!("copied step {} -> {} ({}, verified)", info.step, info.uri, output::size(info.tensor_bytes))
-        });
+        let bar = output::progress(ckpt.manifest().files.values().map(|f| f.size).sum(), "copying");
+        let label = format!("step {}", ckpt.info().step);
+        let info = transfer::copy_checkpoint(&ckpt, &to, &output::follow(&bar, &label))?;
+        bar.finish_and_clear();
+        println!("copied step {} -> {} ({}, verified)", info.step, info.uri, output::size(info.tensor_bytes));
     }
-    bar.finish_and_clear();
     Ok(ExitCode::SUCCESS)
 }
