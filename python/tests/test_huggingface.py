@@ -70,3 +70,22 @@ def test_cairn_export_writes_a_sharded_folder_from_pretrained_loads(tmp_path, cl
                             "--max-shard-size", "5GB"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "not empty" in again.stderr
     assert not (out / "model.safetensors").exists()
+
+
+def test_export_casts_to_fp8_exactly_as_ml_dtypes(tmp_path, cli):
+    import ml_dtypes
+    import numpy as np
+    import safetensors.torch
+
+    edges = [448, 464, 465, 480, 1e9, -1e9, np.inf, -np.inf, 57344, 61440, 2**-9, 2**-10, 1.5 * 2**-10, -0.0, 0.1, -3.3]
+    w = np.concatenate([np.array(edges, np.float32), np.random.default_rng(0).normal(0, 30, 2000).astype(np.float32)])
+    cairn.save(tmp_path / "ckpt", {"w": w, "n": np.arange(5)})
+    for spelling, dtype in (("fp8", ml_dtypes.float8_e4m3fn), ("fp8_e5m2", ml_dtypes.float8_e5m2)):
+        out = tmp_path / f"{spelling}.safetensors"
+        done = subprocess.run([cli, "export", str(tmp_path / "ckpt"), str(out), "--dtype", spelling],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        got = safetensors.torch.load_file(str(out))
+        assert str(got["w"].dtype) == f"torch.{dtype.__name__}"
+        assert np.array_equal(got["w"].view(torch.uint8).numpy(), w.astype(dtype).view(np.uint8)), spelling
+        assert np.array_equal(got["n"].numpy(), np.arange(5))  # integers are not cast

@@ -113,7 +113,8 @@ enum Command {
         /// Drop the --prefix from the exported keys (`model.` of a training state).
         #[arg(long, requires = "prefix")]
         strip_prefix: bool,
-        /// Convert floating-point tensors to this dtype (f32, f16, bf16, f64).
+        /// Convert floating-point tensors to this dtype (f32, f16, bf16, f64, fp8 = fp8_e4m3,
+        /// fp8_e5m2).
         #[arg(long)]
         dtype: Option<String>,
         /// Write a Hugging Face sharded folder (model-0000i-of-0000n.safetensors and

@@ -25,6 +25,7 @@ mod entry;
 pub mod error;
 pub mod fault;
 pub mod format;
+mod fp8;
 pub mod geometry;
 pub mod info;
 pub mod load;

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fp8::Fp8;
 
 /// Element type of a tensor. Serialized with the safetensors names (`F32`, `BF16`,
 /// `F8_E4M3`, `BOOL`, ...).
@@ -236,8 +237,8 @@ impl Tensor {
         (self.dtype, self.shape, self.data)
     }
 
-    /// The elements as `f64`, for floating-point dtypes (F64, F32, F16, BF16); `None` for
-    /// others. Used to compare tensors numerically.
+    /// The elements as `f64`, for floating-point dtypes (F64, F32, F16, BF16, F8_E4M3,
+    /// F8_E5M2); `None` for others. Used to compare tensors numerically.
     pub fn to_f64s(&self) -> Option<Vec<f64>> {
         let data = self.data.as_ref();
         Some(match self.dtype {
@@ -247,19 +248,22 @@ impl Tensor {
             }
             DType::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
             DType::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+            DType::F8_E4M3 => data.iter().map(|&b| Fp8::E4M3.decode(b)).collect(),
+            DType::F8_E5M2 => data.iter().map(|&b| Fp8::E5M2.decode(b)).collect(),
             _ => return None,
         })
     }
 
-    /// This tensor converted to the floating-point dtype `to` (F64, F32, F16 or BF16),
-    /// rounding to nearest even; the same tensor when `to` is its dtype.
+    /// This tensor converted to the floating-point dtype `to` (F64, F32, F16, BF16,
+    /// F8_E4M3 or F8_E5M2), rounding to nearest even (past E4M3's range: NaN, as
+    /// `ml_dtypes` and torch); the same tensor when `to` is its dtype.
     pub fn cast(&self, to: DType) -> Result<Tensor> {
         if to == self.dtype {
             return Ok(self.clone());
         }
         let unsupported = || {
             Error::invalid(format!(
-                "cannot cast {} to {}: only F64, F32, F16 and BF16 convert",
+                "cannot cast {} to {}: only F64, F32, F16, BF16, F8_E4M3 and F8_E5M2 convert",
                 self.dtype.name(),
                 to.name()
             ))
@@ -270,6 +274,8 @@ impl Tensor {
             DType::F32 => values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
             DType::F16 => values.iter().flat_map(|v| half::f16::from_f64(*v).to_le_bytes()).collect(),
             DType::BF16 => values.iter().flat_map(|v| half::bf16::from_f64(*v).to_le_bytes()).collect(),
+            DType::F8_E4M3 => values.iter().map(|v| Fp8::E4M3.encode(*v)).collect(),
+            DType::F8_E5M2 => values.iter().map(|v| Fp8::E5M2.encode(*v)).collect(),
             _ => return Err(unsupported()),
         };
         Tensor::new(to, self.shape.clone(), bytes)

@@ -194,6 +194,8 @@ fn normalize(dtype: &str) -> String {
         "float16" | "fp16" | "half" => "F16".into(),
         "bfloat16" => "BF16".into(),
         "float64" | "double" => "F64".into(),
+        "fp8" | "fp8_e4m3" | "float8_e4m3fn" | "e4m3" => "F8_E4M3".into(),
+        "fp8_e5m2" | "float8_e5m2" | "e5m2" => "F8_E5M2".into(),
         other => other.to_ascii_uppercase(),
     }
 }
