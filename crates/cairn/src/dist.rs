@@ -902,6 +902,33 @@ pub(crate) fn write_held<'a>(
     Ok((pieces, files))
 }
 
+/// Adds the piece rank `rank` wrote to the record of its tensor in `tensors`; a rank
+/// that disagrees with the record on the tensor's dtype or global shape is refused,
+/// naming the tensor. The one place written pieces become tensor records.
+pub(crate) fn merge_piece(
+    tensors: &mut BTreeMap<String, TensorRecord>,
+    rank: usize,
+    piece: WrittenPiece,
+) -> Result<()> {
+    let WrittenPiece { key, dtype, global_shape, record, .. } = piece;
+    let tensor = tensors.entry(key.clone()).or_insert_with(|| TensorRecord {
+        dtype,
+        shape: global_shape.clone(),
+        pieces: Vec::new(),
+    });
+    if tensor.dtype != dtype || tensor.shape != global_shape {
+        return Err(Error::invalid(format!(
+            "ranks disagree on tensor key=`{key}`: {} {:?}, rank {rank} wrote {} {:?}",
+            tensor.dtype.name(),
+            tensor.shape,
+            dtype.name(),
+            global_shape
+        )));
+    }
+    tensor.pieces.push(record);
+    Ok(())
+}
+
 /// Rank 0: checks that every file the ranks reported is where the manifest will say, with
 /// its size (a rank that wrote somewhere rank 0 cannot see must not commit a manifest
 /// naming missing files).
@@ -964,11 +991,7 @@ fn commit(
                 own.insert(id, TensorRecord { dtype, shape: global_shape, pieces: vec![record] });
                 continue;
             }
-            tensors
-                .entry(key)
-                .or_insert_with(|| TensorRecord { dtype, shape: global_shape, pieces: Vec::new() })
-                .pieces
-                .push(record);
+            merge_piece(&mut tensors, r, WrittenPiece { key, dtype, global_shape, content, record })?;
         }
     }
     let rank0 = held_by(state);

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::commit;
-use crate::dist::{declared_pieces, write_held, WrittenPiece};
+use crate::dist::{declared_pieces, merge_piece, write_held, WrittenPiece};
 use crate::error::{Error, Result};
 use crate::format::layout;
 use crate::format::manifest::{FileRecord, TensorRecord};
@@ -94,31 +94,17 @@ pub fn commit_parts(
     if let Some((key, _)) = skeleton.tensors().next() {
         return Err(Error::invalid(format!("the coordinator's state holds a tensor, not only values key=`{key}`")));
     }
-    let mut tensors: BTreeMap<String, (u32, TensorRecord)> = BTreeMap::new();
+    let mut tensors: BTreeMap<String, TensorRecord> = BTreeMap::new();
     let mut files = BTreeMap::new();
     for part in parts {
         if part.rank >= world_size {
             return Err(Error::invalid(format!("a part from rank {} in a job of {world_size} ranks", part.rank)));
         }
         files.extend(part.files);
-        for WrittenPiece { key, dtype, global_shape, record, .. } in part.pieces {
-            let (first, tensor) = tensors.entry(key.clone()).or_insert_with(|| {
-                (part.rank, TensorRecord { dtype, shape: global_shape.clone(), pieces: Vec::new() })
-            });
-            if tensor.dtype != dtype || tensor.shape != global_shape {
-                return Err(Error::invalid(format!(
-                    "ranks disagree on tensor key=`{key}`: rank {first} wrote {} {:?}, rank {} wrote {} {:?}",
-                    tensor.dtype.name(),
-                    tensor.shape,
-                    part.rank,
-                    dtype.name(),
-                    global_shape
-                )));
-            }
-            tensor.pieces.push(record);
+        for piece in part.pieces {
+            merge_piece(&mut tensors, part.rank as usize, piece)?;
         }
     }
-    let tensors = tensors.into_iter().map(|(key, (_, record))| (key, record)).collect();
     let (dest, step) = destination(location, opts);
     let dest = &dest;
     let save_id = uuid::Uuid::new_v4().simple().to_string();
