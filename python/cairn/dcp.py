@@ -74,10 +74,9 @@ class LoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = value
 
 
-class Writer(StorageWriter):
-    """Writes a DCP save as a Cairn checkpoint: into the folder `path` (a `checkpoint_id`
-    passed to `dcp.save` replaces it), or with `step` into that step's folder of the run
-    `path`. `storage_options` are the store's settings, as for `cairn.save`."""
+class _Where:
+    """Where a `Writer` or `Reader` works: `path` (replaced by a `checkpoint_id` given to
+    `dcp.save` / `dcp.load`), `step`, and the store's `storage_options`."""
 
     def __init__(
         self,
@@ -90,15 +89,30 @@ class Writer(StorageWriter):
         self.path = path
         self.step = step
         self.storage_options = storage_options
-        self._rank = 0
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
             self.path = checkpoint_id
 
-    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+    def _uri(self) -> str:
         if self.path is None:
-            raise InvalidArgumentError("cairn.dcp.Writer needs a path (or dcp.save(checkpoint_id=...))")
+            raise InvalidArgumentError(f"cairn.dcp.{type(self).__name__} needs a path (or a checkpoint_id)")
+        return _api._uri(self.path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+class Writer(_Where, StorageWriter):
+    """Writes a DCP save as a Cairn checkpoint: into the folder `path` (a `checkpoint_id`
+    passed to `dcp.save` replaces it), or with `step` into that step's folder of the run
+    `path`. `storage_options` are the store's settings, as for `cairn.save`."""
+
+    _rank = 0
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._uri()  # a path is given
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if kwargs.get("use_collectives") is False and world > 1:
@@ -136,7 +150,7 @@ class Writer(StorageWriter):
             )
         if pieces:
             leaves = _tree.from_pieces(pieces)
-            part = _write_part(_api._uri(self.path), leaves.tensors, self._rank, self.step, self.storage_options)
+            part = _write_part(self._uri(), leaves.tensors, self._rank, self.step, self.storage_options)
             del leaves
             results.append(WriteResult(index=MetadataIndex(_PART), size_in_bytes=0, storage_data=("part", part)))
         done: Future[list[WriteResult]] = Future()
@@ -181,44 +195,26 @@ class Writer(StorageWriter):
 
         structure = json.dumps(_tree._walk(root, (), leaf), separators=(",", ":"))
         info = _commit_parts(
-            _api._uri(self.path), parts, plain, structure, len(results), self.step, None, self.storage_options
+            self._uri(), parts, plain, structure, len(results), self.step, None, self.storage_options
         )
         self.info = CheckpointInfo._from_native(info)
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike))
 
-
-class Reader(StorageReader):
+class Reader(_Where, StorageReader):
     """Reads a Cairn checkpoint into a DCP load: the checkpoint folder `path` (a
     `checkpoint_id` passed to `dcp.load` replaces it), or the latest (or `step`)
     checkpoint of the run `path`. Pass the same `step` on every rank of a job."""
 
-    def __init__(
-        self,
-        path: str | os.PathLike | None = None,
-        *,
-        step: int | None = None,
-        storage_options: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__()
-        self.path = path
-        self.step = step
-        self.storage_options = storage_options
-        self._opened: Any = None
-        self._chosen: tuple[int, str] | None = None
-        self._nodes: dict[str, Any] = {}
+    _opened: Any = None
+    _chosen: tuple[int, str] | None = None
+    _nodes: dict[str, Any]  # set by read_metadata
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None:
-            self.path = checkpoint_id
+        super().reset(checkpoint_id)
         self._opened = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if self.path is None:
-            raise InvalidArgumentError("cairn.dcp.Reader needs a path (or dcp.load(checkpoint_id=...))")
-        self._opened = _open(_api._uri(self.path), self.step, self.storage_options)
+        self._opened = _open(self._uri(), self.step, self.storage_options)
         self._chosen = _identity(self._opened)
         tensors, value_keys, structure = self._opened.describe(_api._own_rank(None))
         shapes = {key: (dtype, shape) for key, dtype, shape in tensors}
@@ -262,7 +258,7 @@ class Reader(StorageReader):
         rank = _api._own_rank(None)
         if plan.storage_data is not None and plan.storage_data != self._chosen:
             step, save_id = plan.storage_data
-            self._opened = _open(_api._uri(self.path), step, self.storage_options)
+            self._opened = _open(self._uri(), step, self.storage_options)
             if _identity(self._opened) != plan.storage_data:
                 raise InvalidArgumentError(
                     f"the checkpoint the coordinator loads (step {step}) is gone or was replaced path=`{self.path}`"
@@ -321,10 +317,6 @@ class Reader(StorageReader):
                 torch.save(value, buffer)
                 buffer.seek(0)
                 planner.load_bytes(item, buffer)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike))
 
 
 # The index of the result that carries a rank's written part (not a state key).

@@ -133,17 +133,19 @@ fn write_sharded(
             out.display()
         )));
     }
-    let mut shards: Vec<Vec<&String>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<&String>> = Vec::new();
+    let mut current: Vec<&String> = Vec::new();
     let mut filled = 0u64;
     for (key, t) in tensors {
         let size = t.data().len() as u64;
-        if filled > 0 && filled + size > limit {
-            shards.push(Vec::new());
+        if !current.is_empty() && filled + size > limit {
+            shards.push(std::mem::take(&mut current));
             filled = 0;
         }
-        shards.last_mut().expect("one shard at least").push(key);
+        current.push(key);
         filled += size;
     }
+    shards.push(current);
     if shards.len() == 1 {
         write_file(tensors, shards[0].iter().copied(), &out.join("model.safetensors"))?;
         return Ok(1);
