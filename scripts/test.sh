@@ -2,26 +2,35 @@
 # Runs every test of the project: Rust unit, integration, property, crash, doc and
 # storage-conformance tests (memory, local disk, and S3 on a real SeaweedFS server), then
 # the main job, the fuzz targets (bounded), then the Python package's tests (numpy,
-# torch, jax) with pytest.
+# torch, jax, and the frameworks Cairn plugs into) with pytest.
+#
+# The Rust tests, the Python package and the CLI are built once, in the `ci` profile
+# (optimised, debug assertions on; see Cargo.toml), and share their dependencies; the
+# Python binding (cairn-py, no Rust tests of its own) is built by the package build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+phase() { echo "== [$(( SECONDS / 60 ))m$(( SECONDS % 60 ))s] $*"; }
 
-echo "== formatting and lints (clippy, missing docs: warnings are errors)"
+phase "formatting and lints (clippy, missing docs: warnings are errors)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "== python environment (.venv: torch, jax, seaweedfs) and package build"
+phase "python environment (.venv: torch, jax, frameworks, seaweedfs) and package build"
+export MATURIN_PEP517_ARGS="--profile ci --features cairn/s3-tests"
 ./scripts/python-env.sh
 
-echo "== main job (train, SIGKILL, resume, bit-exact check)"
+phase "main job (train, SIGKILL, resume, bit-exact check)"
 .venv/bin/python examples/train_resume.py
 
-echo "== fuzz targets (bounded)"
+phase "fuzz targets (bounded)"
 FUZZ_SECONDS=${FUZZ_SECONDS:-20} ./scripts/fuzz.sh
 
-echo "== rust and python tests, with a SeaweedFS S3 server"
+phase "rust and python tests, with a SeaweedFS S3 server"
+export CAIRN_CLI="$PWD/target/ci/cairn"
 ./scripts/with-seaweedfs.sh bash -c '
   set -e
-  cargo test --workspace --features cairn/s3-tests
-  .venv/bin/python -m pytest -q python/tests
+  cargo test --profile ci --workspace --exclude cairn-py --features cairn/s3-tests
+  echo "== rust tests done after ${SECONDS}s of this phase; python tests"
+  .venv/bin/python -m pytest -q --durations=15 python/tests
 '
+phase "all tests passed"

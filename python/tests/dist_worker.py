@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import numpy as np
 

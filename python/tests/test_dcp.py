@@ -156,7 +156,7 @@ def torchrun(n, *args):
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-3000:] + done.stderr[-6000:]
 
 
-def test_fsdp2_saved_through_dcp_on_four_ranks_loads_on_two_as_dcps_own(tmp_path):
+def test_fsdp2_saved_through_dcp_on_four_ranks_loads_on_two_as_dcps_own(tmp_path, cli):
     run, ref = tmp_path / "run", tmp_path / "ref"
     torchrun(4, "save", run, ref)
     info = cairn.list_checkpoints(run)[0]
@@ -168,7 +168,5 @@ def test_fsdp2_saved_through_dcp_on_four_ranks_loads_on_two_as_dcps_own(tmp_path
     assert len({p["file"] for t in manifest["tensors"].values() for p in t["pieces"]}) > 1
     assert manifest["writer"]["world_size"] == 4
     torchrun(2, "load", run, ref)
-    cli = pathlib.Path(__file__).resolve().parents[2] / "target" / "debug" / "cairn"
-    if cli.exists():
-        done = subprocess.run([str(cli), "verify", str(run)], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+    done = subprocess.run([cli, "verify", str(run)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -1,7 +1,6 @@
 """Errors: refused objects name their key, corrupt files are detected, no pickle ever."""
 
 import json
-import pathlib
 import subprocess
 import sys
 import textwrap

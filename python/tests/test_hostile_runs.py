@@ -17,18 +17,9 @@ import pytest
 
 import cairn
 
-ROOT = Path(__file__).resolve().parents[2]
 CAP = "--as=4294967296"
 TIMEOUT = 120
 TWO_DAYS = 2 * 86400
-
-
-@pytest.fixture(scope="module")
-def cli() -> str:
-    binary = Path(os.environ.get("CAIRN_CLI", ROOT / "target" / "debug" / "cairn"))
-    if not binary.exists():
-        subprocess.run(["cargo", "build", "-q", "-p", "cairn-cli"], cwd=ROOT, check=True, timeout=1800)
-    return str(binary)
 
 
 class Canary:

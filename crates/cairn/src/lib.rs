@@ -19,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+mod cloud_store;
 mod commit;
 pub mod dist;
 mod entry;

@@ -17,13 +17,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
-use object_store::gcp::GoogleCloudStorageBuilder;
-use object_store::http::HttpBuilder;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreScheme, RetryConfig};
+use object_store::ObjectStore;
 
 use crate::error::{Error, Result};
 use crate::local_store::{LocalStore, Root};
@@ -87,11 +83,6 @@ fn registered_factory(uri: &str) -> Option<SchemeFactory> {
         .filter(|(prefix, _)| uri.starts_with(prefix.as_str()))
         .max_by_key(|(prefix, _)| prefix.len())
         .map(|(_, f)| f.clone())
-}
-
-/// Retries for transient failures (5xx, timeouts, connection resets), with backoff.
-fn retry_config() -> RetryConfig {
-    RetryConfig { max_retries: 8, retry_timeout: std::time::Duration::from_secs(120), ..Default::default() }
 }
 
 fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
@@ -171,48 +162,7 @@ impl Location {
     }
 
     fn open_remote(uri: &str, options: &StoreOptions) -> Result<Location> {
-        let url =
-            url::Url::parse(uri).map_err(|e| Error::invalid(format!("invalid uri uri=`{uri}`")).with_source(e))?;
-        let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|e| {
-            let scheme = uri.split("://").next().unwrap_or_default();
-            Error::invalid(format!("unsupported uri scheme `{scheme}` uri=`{uri}`")).with_source(e)
-        })?;
-        let built = |e: object_store::Error| Error::from_store(e, "configuring store", &format!("uri=`{uri}`"));
-        let store: Arc<dyn ObjectStore> = match scheme {
-            ObjectStoreScheme::AmazonS3 => {
-                let builder = configure(AmazonS3Builder::from_env().with_url(uri), options, uri, |b, k, v| {
-                    Ok(b.with_config(k.parse().map_err(|_| ())?, v))
-                })?;
-                Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
-            }
-            ObjectStoreScheme::GoogleCloudStorage => {
-                let builder =
-                    configure(GoogleCloudStorageBuilder::from_env().with_url(uri), options, uri, |b, k, v| {
-                        Ok(b.with_config(k.parse().map_err(|_| ())?, v))
-                    })?;
-                Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
-            }
-            ObjectStoreScheme::MicrosoftAzure => {
-                let builder = configure(MicrosoftAzureBuilder::from_env().with_url(uri), options, uri, |b, k, v| {
-                    Ok(b.with_config(k.parse().map_err(|_| ())?, v))
-                })?;
-                Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
-            }
-            ObjectStoreScheme::Http => {
-                let base = format!("{}://{}", url.scheme(), url.authority());
-                // An `http://` uri asks for plain HTTP itself (an explicit `allow_http`
-                // option still overrides this).
-                let plain = object_store::ClientOptions::new().with_allow_http(url.scheme() == "http");
-                let builder = HttpBuilder::new().with_url(base).with_client_options(plain);
-                let builder =
-                    configure(builder, options, uri, |b, k, v| Ok(b.with_config(k.parse().map_err(|_| ())?, v)))?;
-                Arc::new(builder.with_retry(retry_config()).build().map_err(built)?)
-            }
-            _ => {
-                let scheme = url.scheme();
-                return Err(Error::invalid(format!("unsupported uri scheme `{scheme}` uri=`{uri}`")));
-            }
-        };
+        let (store, prefix) = crate::cloud_store::open(uri, options)?;
         Ok(Location { store, prefix, local_dir: None, local_root: None, uri: uri.trim_end_matches('/').to_string() })
     }
 
@@ -312,23 +262,6 @@ pub(crate) fn create_dirs_durably(path: &std::path::Path) -> std::io::Result<()>
     }
 }
 
-/// Applies `options` to a builder with `set`, naming an unknown key in the error.
-fn configure<B>(
-    mut builder: B,
-    options: &StoreOptions,
-    uri: &str,
-    set: impl Fn(B, &str, &str) -> Result<B, ()>,
-) -> Result<B>
-where
-    B: Clone,
-{
-    for (key, value) in options {
-        builder = set(builder.clone(), key, value)
-            .map_err(|()| Error::invalid(format!("unknown store option option=`{key}` uri=`{uri}`")))?;
-    }
-    Ok(builder)
-}
-
 fn parse_prefix(prefix: &str, uri: &str) -> Result<Path> {
     Path::parse(prefix.trim_matches('/'))
         .map_err(|e| Error::invalid(format!("invalid path in uri=`{uri}`")).with_source(e))
@@ -356,17 +289,6 @@ mod tests {
         let b = Location::open("memory://shared-test/b").unwrap();
         assert!(Arc::ptr_eq(a.store(), b.store()));
         assert_eq!(b.prefix().as_ref(), "b");
-    }
-
-    #[test]
-    fn cloud_uris_resolve_to_their_bucket_prefix() {
-        let opts: StoreOptions = [("aws_region".to_string(), "us-east-1".to_string())].into();
-        let s3 = Location::with_options("s3://bucket/runs/job", false, &opts).unwrap();
-        assert_eq!(s3.prefix().as_ref(), "runs/job");
-        assert!(s3.local_dir().is_none());
-        let bad: StoreOptions = [("aws_no_such_key".to_string(), "x".to_string())].into();
-        let err = Location::with_options("s3://bucket/x", false, &bad).unwrap_err();
-        assert!(err.to_string().contains("aws_no_such_key"), "{err}");
     }
 
     #[test]
