@@ -12,7 +12,7 @@ import signal as _signal
 import sys
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -219,6 +219,7 @@ def load(
     slices: dict[str, tuple[Sequence[int], Sequence[int]]] | None = None,
     device: Any = None,
     map_location: Any = None,
+    progress: Callable[[str, int], Any] | None = None,
 ) -> Any:
     """Loads a checkpoint folder, or the latest (or given `step`) checkpoint of a run.
 
@@ -245,7 +246,10 @@ def load(
 
     A multi-process save keeps each rank's own plain values (and nesting) where they
     differ from rank 0's; `rank` chooses whose to read: by default this process's rank in
-    a `torch.distributed` (or multi-process jax) job, else rank 0's."""
+    a `torch.distributed` (or multi-process jax) job, else rank 0's.
+
+    `progress(stage, nbytes)` is told the bytes of the data files as they are read and
+    their checksums checked (`"reading"`), in steps of a few MiB."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
     device = _device(device, map_location, framework)
@@ -255,7 +259,7 @@ def load(
                 "a load into `target` takes no prefix, keys, rename, dtype, boxes, device or framework "
                 "(the target's tensors say where and how)"
             )
-        return _load_into(_uri(path), target, step, storage_options, _own_rank(rank))
+        return _load_into(_uri(path), target, step, storage_options, _own_rank(rank), progress)
     dtype = None if dtype is None else _arrays.resolve_dtype(dtype)
     if slices is not None:
         if boxes is not None:
@@ -270,6 +274,7 @@ def load(
             None if boxes is None else {k: ([int(o) for o in off], [int(d) for d in shp]) for k, (off, shp) in boxes.items()},
             None,
             _own_rank(rank),
+            progress,
         )
         return _build(native, dtype=dtype, framework=framework, renamed=rename is not None, device=device)
 
@@ -311,7 +316,12 @@ def _jax_job() -> bool:
 
 
 def _load_into(
-    uri: str, target: Any, step: int | None, storage_options: dict[str, str] | None, rank: int | None
+    uri: str,
+    target: Any,
+    step: int | None,
+    storage_options: dict[str, str] | None,
+    rank: int | None,
+    progress: Callable[[str, int], Any] | None,
 ) -> Any:
     """`load(target=...)`: fills the target's tensors in place (makes its jax arrays on
     their devices), one read of each box; returns the target's structure, its containers'
@@ -339,7 +349,7 @@ def _load_into(
 
         def read(keys: dict[str, int]) -> tuple:
             boxes = {k: (places[k][i][1], places[k][i][2]) for k, i in keys.items() if places[k] is not None}
-            return opened.load(None, list(keys), None, boxes, {k: shapes[k] for k in boxes}, rank)
+            return opened.load(None, list(keys), None, boxes, {k: shapes[k] for k in boxes}, rank, progress)
 
         ahead = reader.submit(read, batches[0]) if batches else None
         for n, keys in enumerate(batches):

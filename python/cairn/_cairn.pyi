@@ -51,6 +51,7 @@ class Opened:
         boxes: dict[str, tuple[list[int], list[int]]] | None = None,
         shapes: dict[str, list[int]] | None = None,
         rank: int | None = None,
+        progress: Callable[[str, int], Any] | None = None,
     ) -> Loaded: ...
     def describe(self, rank: int | None = None) -> tuple[list[tuple[str, str, list[int]]], list[str], str | None]: ...
 

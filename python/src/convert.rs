@@ -379,6 +379,15 @@ impl Told {
         }
     }
 
+    /// A progress callback telling `told`, if there is one.
+    pub(crate) fn tell(told: &Option<Told>) -> impl Fn(cairn::progress::Stage, u64) + Sync + '_ {
+        move |stage, bytes| {
+            if let Some(told) = told {
+                told.advance(stage, bytes);
+            }
+        }
+    }
+
     /// Tells what is still pending.
     pub(crate) fn flush(&self) {
         let due = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();

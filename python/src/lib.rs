@@ -103,7 +103,8 @@ struct Opened {
 #[pymethods]
 impl Opened {
     /// Loads the selected tensors and values: `(tensors, values, info, structure)`.
-    #[pyo3(signature = (prefix=None, keys=None, rename=None, boxes=None, shapes=None, rank=None))]
+    /// `progress(stage, nbytes)` is told the tensor bytes read (`"reading"`).
+    #[pyo3(signature = (prefix=None, keys=None, rename=None, boxes=None, shapes=None, rank=None, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn load<'py>(
         &self,
@@ -114,6 +115,7 @@ impl Opened {
         boxes: Option<BTreeMap<String, BoxRequest>>,
         shapes: Option<BTreeMap<String, Vec<u64>>>,
         rank: Option<u32>,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<PyLeaves<'py>> {
         guarded(|| {
             let mut opts = load_options(prefix, keys, rename)?;
@@ -124,7 +126,16 @@ impl Opened {
                 opts = opts.with_shape(key, shape);
             }
             opts.rank = rank;
-            let state = py.detach(|| self.ckpt.load(&opts)).map_err(to_py_err)?;
+            let told = progress.map(Told::new);
+            let state = py
+                .detach(|| {
+                    let state = self.ckpt.load_with(&opts, &Told::tell(&told));
+                    if let Some(told) = &told {
+                        told.flush();
+                    }
+                    state
+                })
+                .map_err(to_py_err)?;
             state_to_py(py, state, &self.ckpt.info(), self.ckpt.location().local_dir().is_some())
         })
     }
@@ -223,11 +234,7 @@ fn copy<'py>(
         let told = progress.map(Told::new);
         let infos = py
             .detach(|| {
-                let tell = |stage, bytes| {
-                    if let Some(told) = &told {
-                        told.advance(stage, bytes);
-                    }
-                };
+                let tell = Told::tell(&told);
                 let from = Location::with_options(src, false, &src_options.unwrap_or_default())?;
                 let to = Location::with_options(dst, true, &dst_options.unwrap_or_default())?;
                 let copied = match cairn::resolve_at(from)? {

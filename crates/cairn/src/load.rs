@@ -192,7 +192,14 @@ impl Checkpoint {
 
     /// Loads the selected keys. Checksums are verified unless `opts.verify` is off.
     pub async fn load_async(&self, opts: &LoadOptions) -> Result<State> {
-        match self.read_selected(opts).await {
+        self.load_async_with(opts, &crate::progress::quiet).await
+    }
+
+    /// [`Checkpoint::load_async`], telling `progress` the bytes of the tensors of each
+    /// data file once they are read and checked
+    /// ([`Stage::Reading`](crate::progress::Stage::Reading)).
+    pub async fn load_async_with(&self, opts: &LoadOptions, progress: crate::progress::Progress<'_>) -> Result<State> {
+        match self.read_selected(opts, progress).await {
             Err(e) if e.kind() == ErrorKind::Corrupt && !self.still_committed().await => Err(Error::not_found(
                 format!("checkpoint was deleted while it was being read checkpoint=`{}`", self.location.uri()),
             )),
@@ -206,7 +213,7 @@ impl Checkpoint {
         crate::commit::is_committed(&self.location).await.unwrap_or(true)
     }
 
-    async fn read_selected(&self, opts: &LoadOptions) -> Result<State> {
+    async fn read_selected(&self, opts: &LoadOptions, progress: crate::progress::Progress<'_>) -> Result<State> {
         let (values, structure) = self.manifest.held_by(opts.rank);
         let selected = self.select(opts)?;
         let boxes = self.boxes(&selected, opts)?;
@@ -231,7 +238,11 @@ impl Checkpoint {
             }
             slots_of.push(first..owners.len());
         }
-        let jobs = by_file.into_iter().map(|(file, pieces)| self.read_file(file, pieces, opts.verify, &owners));
+        let jobs = by_file.into_iter().map(|(file, pieces)| async {
+            let read = self.read_file(file, pieces, opts.verify, &owners).await?;
+            progress(crate::progress::Stage::Reading, read.iter().map(|(_, bytes)| bytes.len() as u64).sum());
+            Ok::<_, Error>(read)
+        });
         let read: Vec<Vec<(usize, Bytes)>> =
             futures::stream::iter(jobs).buffer_unordered(opts.concurrency.max(1)).try_collect().await?;
         let mut slots: Vec<Bytes> = vec![Bytes::new(); owners.len()];
@@ -551,6 +562,12 @@ impl Checkpoint {
     /// Loads the selected keys; see [`Checkpoint::load_async`].
     pub fn load(&self, opts: &LoadOptions) -> Result<State> {
         block_on(self.load_async(opts))
+    }
+
+    /// [`Checkpoint::load`], telling `progress` how far it got (see
+    /// [`Checkpoint::load_async_with`]).
+    pub fn load_with(&self, opts: &LoadOptions, progress: crate::progress::Progress<'_>) -> Result<State> {
+        block_on(self.load_async_with(opts, progress))
     }
 
     /// Reads every byte and checks every size and checksum; returns one error per

@@ -8,6 +8,8 @@ pub enum Stage {
     Copying,
     /// Data files read back and checked against their checksums.
     Verifying,
+    /// Tensors read by a load (and checked against their checksums).
+    Reading,
 }
 
 impl Stage {
@@ -16,6 +18,7 @@ impl Stage {
         match self {
             Stage::Copying => "copying",
             Stage::Verifying => "verifying",
+            Stage::Reading => "reading",
         }
     }
 }
