@@ -2,13 +2,12 @@
 # Creates .venv (ignored by git) with the Python test/demo dependencies, and builds and
 # installs the cairn package into it. Safe to run again: it only adds what is missing.
 # The package is built in the release profile, or as MATURIN_PEP517_ARGS says
-# (scripts/test.sh: the `ci` profile its Rust tests share). Modules are compiled to
-# bytecode when first imported, not all at install.
+# (scripts/test.sh: the `ci` profile its Rust tests share).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q --no-compile -r python/requirements-dev.txt
+.venv/bin/python -m pip install -q -r python/requirements-dev.txt
 .venv/bin/python -m pip install -q .
