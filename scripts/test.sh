@@ -7,6 +7,8 @@
 # The Rust tests, the Python package and the CLI are built once, in the `ci` profile
 # (optimised, debug assertions on; see Cargo.toml), and share their dependencies; the
 # Python binding (cairn-py, no Rust tests of its own) is built by the package build.
+# pytest runs on two workers (pytest-xdist): most of its time is spent in subprocesses
+# (torchrun, Ray, killed trainers) waiting on each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase() { echo "== [$(( SECONDS / 60 ))m$(( SECONDS % 60 ))s] $*"; }
@@ -16,8 +18,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
 phase "python environment (.venv: torch, jax, frameworks, seaweedfs) and package build"
-export MATURIN_PEP517_ARGS="--profile ci --features cairn/s3-tests"
-./scripts/python-env.sh
+CAIRN_PACKAGE_BUILD="--profile ci --features cairn/s3-tests" ./scripts/python-env.sh
 
 phase "main job (train, SIGKILL, resume, bit-exact check)"
 .venv/bin/python examples/train_resume.py
@@ -31,6 +32,6 @@ export CAIRN_CLI="$PWD/target/ci/cairn"
   set -e
   cargo test --profile ci --workspace --exclude cairn-py --features cairn/s3-tests
   echo "== rust tests done after ${SECONDS}s of this phase; python tests"
-  .venv/bin/python -m pytest -q --durations=15 python/tests
+  .venv/bin/python -m pytest -q -n 2 --durations=15 python/tests
 '
 phase "all tests passed"

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _arrays, _cairn, _sharded, _tree
-from ._policy import Every, Keep, retention as _retention
+from ._policy import Every, Keep, KeepLast, retention as _retention
 
 
 @dataclass(frozen=True)
@@ -248,8 +248,9 @@ def load(
     differ from rank 0's; `rank` chooses whose to read: by default this process's rank in
     a `torch.distributed` (or multi-process jax) job, else rank 0's.
 
-    `progress(stage, nbytes)` is told the bytes of the data files as they are read and
-    their checksums checked (`"reading"`), in steps of a few MiB."""
+    `progress(stage, nbytes)` is told the tensor bytes read and checked (`"reading"`),
+    as each data file (at most 512 MiB as Cairn writes them) is done, in steps of at
+    least a few MiB; the total is the selected tensors' bytes."""
     if framework not in ("numpy", "torch", "jax"):
         raise _cairn.InvalidArgumentError(f'framework must be "numpy", "torch" or "jax", got framework=`{framework}`')
     device = _device(device, map_location, framework)
@@ -627,6 +628,30 @@ def prune(
         _uri(path), last, every, best, _seconds(grace), dry_run, storage_options
     )
     return PruneReport(deleted, kept, damaged, removed)
+
+
+def _newest_step(path: str | os.PathLike, storage_options: dict[str, str] | None = None) -> int | None:
+    """The step of the newest committed checkpoint of the run `path`; None if it holds
+    none (or is not there)."""
+    try:
+        return max((info.step for info in list_checkpoints(path, storage_options=storage_options)), default=None)
+    except _cairn.CheckpointNotFoundError:
+        return None
+
+
+def _replace_newest(
+    path: str | os.PathLike, state: Any, step: int, storage_options: dict[str, str] | None = None, **job: Any
+) -> None:
+    """Commits `state` as the newest checkpoint of the run `path` (a path that names one
+    checkpoint to its framework: Lightning's `last.ckpt`, the Trainer's
+    `checkpoint-500`), then drops the older ones. Its step is `step`, or one past the
+    newest already there: the older checkpoint stays whole until the new one is
+    committed. `job` is `save`'s rank, world_size and all_gather; rank 0 drops."""
+    newest = _newest_step(path, storage_options)
+    step = step if newest is None else max(step, newest + 1)
+    save(path, state, step=step, storage_options=storage_options, **job)
+    if job.get("rank", 0) == 0:
+        prune(path, keep=KeepLast(1), storage_options=storage_options)
 
 
 @_typed

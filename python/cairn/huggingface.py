@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -35,12 +36,23 @@ import transformers
 
 from . import _api
 from ._cairn import CheckpointNotFoundError, InvalidArgumentError
-from ._cairn import remove_run as _remove_run
 
 __all__ = ["CheckpointMixin", "Trainer", "last_checkpoint"]
 
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"cairn.huggingface needs transformers 5 or newer, found {transformers.__version__}")
+
 _FOLDER = re.compile(rf"^{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _TRAINER_STATE = transformers.trainer.TRAINER_STATE_NAME
+# The weight files the plain Trainer writes into a checkpoint folder.
+_TRAINER_WEIGHTS = {
+    transformers.utils.SAFE_WEIGHTS_NAME,
+    transformers.utils.SAFE_WEIGHTS_INDEX_NAME,
+    transformers.utils.WEIGHTS_NAME,
+    transformers.utils.WEIGHTS_INDEX_NAME,
+    transformers.utils.ADAPTER_SAFE_WEIGHTS_NAME,
+    transformers.utils.ADAPTER_WEIGHTS_NAME,
+}
 
 
 class CheckpointMixin:
@@ -63,15 +75,27 @@ class CheckpointMixin:
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         self._cairn_refuse_unsupported()
+        # The Trainer's own steps fill the state; its rotation waits until the new
+        # checkpoint is committed (an older one must not go before).
+        limit = self.args.save_total_limit
         self._cairn_state, self._cairn_folder = {}, None
+        self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
             state, folder = self._cairn_state, self._cairn_folder
         finally:
             self._cairn_state, self._cairn_folder = None, None
+            self.args.save_total_limit = limit
         if folder is None:
             raise InvalidArgumentError("the Trainer saved a checkpoint without saving its model; Cairn has nothing to commit")
         self._cairn_commit(folder, state)
+        if self.args.should_save:
+            transformers.trainer_utils.rotate_checkpoints(
+                output_dir=os.path.dirname(folder),
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self._cairn_state is None:  # `save_model` outside a checkpoint: the Trainer's own files
@@ -108,17 +132,12 @@ class CheckpointMixin:
 
     def _cairn_commit(self, folder: str, state: dict[str, Any]) -> None:
         """Commits `state` as the checkpoint of `folder` at the Trainer's global step,
-        every process taking part. A checkpoint of the same step already committed there
-        (left by a run this one resumed from before it) is replaced."""
-        step = self.state.global_step
+        every process taking part. A checkpoint already committed there (a run this one
+        resumed from before it got this far) is replaced once the new one is."""
         job: dict[str, Any] = {}
         if self.args.world_size > 1:
             job = {"rank": self.args.process_index, "world_size": self.args.world_size, "all_gather": _api.torch_all_gather()}
-        if self.args.should_save and _committed_step(folder) == step:
-            _remove_run(_api._uri(folder), None)
-        if self.args.world_size > 1:
-            torch.distributed.barrier()
-        _api.save(folder, state, step=step, metadata={"saved_by": "transformers.Trainer"}, **job)
+        _api._replace_newest(folder, state, self.state.global_step, **job)
 
     # ---- resuming: Cairn folders through Cairn, any other through the Trainer ----
 
@@ -164,14 +183,26 @@ class CheckpointMixin:
             _set_rng_state(loaded["rng"])
 
     def _cairn_refuse_unsupported(self) -> None:
-        """DeepSpeed, FSDP and XLA runs save through their own engines, not the steps
-        this mixin takes over."""
-        for flag in ("is_deepspeed_enabled", "is_fsdp_enabled", "is_fsdp_xla_v1_enabled"):
-            if getattr(self, flag, False):
+        """DeepSpeed, FSDP, XLA and SageMaker runs save through their own engines, not
+        the steps this mixin takes over; pushing checkpoints to the Hub would push no
+        weights."""
+        engines = {
+            "DeepSpeed": getattr(self, "is_deepspeed_enabled", False),
+            "FSDP": getattr(self, "is_fsdp_enabled", False),
+            "XLA": transformers.utils.is_torch_xla_available(),
+            "SageMaker model parallel": transformers.utils.is_sagemaker_mp_enabled(),
+        }
+        for name, used in engines.items():
+            if used:
                 raise InvalidArgumentError(
-                    f"cairn.huggingface checkpoints plain and DDP runs; this Trainer has `{flag}` "
+                    f"cairn.huggingface checkpoints plain and DDP runs; this one uses {name} "
                     "(use cairn.dcp for FSDP state, or the Trainer's own checkpoints)"
                 )
+        if self.args.push_to_hub:
+            raise InvalidArgumentError(
+                "cairn.huggingface does not push checkpoints to the Hub (push_to_hub=True): "
+                "export one with `cairn export` and push that folder"
+            )
 
 
 class Trainer(CheckpointMixin, transformers.Trainer):
@@ -180,7 +211,7 @@ class Trainer(CheckpointMixin, transformers.Trainer):
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest `checkpoint-<step>` folder in `output_dir` that can be resumed from: its
-    Cairn checkpoint committed (or, a folder of the plain Trainer, its files written) and
+    Cairn checkpoint committed (or, a folder of the plain Trainer, its weights there) and
     its `trainer_state.json` whole. None if there is none."""
     try:
         names = os.listdir(output_dir)
@@ -194,7 +225,7 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
         folder = os.path.join(output_dir, name)
         if not os.path.isdir(folder) or not _whole_json(os.path.join(folder, _TRAINER_STATE)):
             continue
-        if _committed_step(folder) is not None or not _holds_cairn_files(folder):
+        if _committed_step(folder) is not None or _holds_trainer_weights(folder):
             return folder
     return None
 
@@ -202,15 +233,12 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
 def _committed_step(folder: str | os.PathLike) -> int | None:
     """The step of the newest committed Cairn checkpoint in `folder`; None if it holds
     none (a folder of the plain Trainer, or one whose save never committed)."""
-    try:
-        return max((info.step for info in _api.list_checkpoints(folder)), default=None)
-    except CheckpointNotFoundError:
-        return None
+    return _api._newest_step(folder)
 
 
-def _holds_cairn_files(folder: str) -> bool:
-    """Whether Cairn began writing a checkpoint in `folder` (committed or not)."""
-    return any(name.startswith("step-") for name in os.listdir(folder))
+def _holds_trainer_weights(folder: str) -> bool:
+    """Whether `folder` is one the plain Trainer wrote: its model weights are there."""
+    return any(name in _TRAINER_WEIGHTS for name in os.listdir(folder))
 
 
 def _whole_json(path: str) -> bool:
@@ -250,4 +278,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.random.set_rng_state(state["cpu"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.random.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        try:
+            torch.cuda.random.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        except (IndexError, RuntimeError) as e:  # fewer GPUs than the run saved with
+            warnings.warn(f"the CUDA random generators were not restored ({e}); the run is not reproducible from here")

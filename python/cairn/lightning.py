@@ -28,7 +28,6 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as _LightningCheckpointIO
 
 from . import _api
-from ._policy import KeepLast
 from ._cairn import CheckpointNotFoundError, InvalidArgumentError
 from ._cairn import remove_run as _remove_run
 
@@ -105,13 +104,7 @@ class CheckpointIO(_LightningCheckpointIO):
         """Commits `checkpoint` as the newest checkpoint of the run `path`, then drops
         the older ones. Its step is Lightning's global step, or one past the newest
         already there."""
-        try:
-            newest = max((i.step for i in _api.list_checkpoints(path, storage_options=self.storage_options)), default=-1)
-        except CheckpointNotFoundError:
-            newest = -1
-        step = max(int(checkpoint.get("global_step", 0) or 0), newest + 1)
-        _api.save(path, checkpoint, step=step, storage_options=self.storage_options)
-        _api.prune(path, keep=KeepLast(1), storage_options=self.storage_options)
+        _api._replace_newest(path, checkpoint, int(checkpoint.get("global_step", 0) or 0), self.storage_options)
 
     def _remove(self, path: Any, before: list[concurrent.futures.Future]) -> None:
         """Removes the run `path`, unless some of the work queued `before` it failed

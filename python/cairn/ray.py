@@ -38,13 +38,16 @@ def report(
     **report_options: Any,
 ) -> None:
     """Commits `state` as this report's checkpoint (every worker calls it, as
-    `ray.train.report`), then reports `metrics` with it. The checkpoint folder is
-    `checkpoint_dir_name` (by default `checkpoint_<step>`, the same on every worker) under
-    the run's storage; `storage_options` are the store's settings, as for `cairn.save`;
-    `report_options` go on to `ray.train.report`."""
+    `ray.train.report`), then reports `metrics` with it. The checkpoint folder is the one
+    Ray names (or `checkpoint_dir_name`) under the run's storage, holding the checkpoint
+    of `step`; `storage_options` are the store's settings, as for `cairn.save`;
+    `report_options` go on to `ray.train.report`. The commit is synchronous: Ray's
+    asynchronous upload would write the state while training changes it."""
+    mode = report_options.get("checkpoint_upload_mode", ray.train.CheckpointUploadMode.SYNC)
+    if mode != ray.train.CheckpointUploadMode.SYNC:
+        raise InvalidArgumentError(f"cairn.ray.report commits synchronously; checkpoint_upload_mode={mode} is refused")
     context = ray.train.get_context()
     storage = context.get_storage()
-    name = checkpoint_dir_name or f"checkpoint_{step:09d}"
     rank, world_size = context.get_world_rank(), context.get_world_size()
     job: dict[str, Any] = {}
     if world_size > 1:
@@ -63,7 +66,7 @@ def report(
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(empty),
-            checkpoint_dir_name=name,
+            checkpoint_dir_name=checkpoint_dir_name,
             checkpoint_upload_fn=commit,
             **report_options,
         )
@@ -72,12 +75,15 @@ def report(
 def load(checkpoint: ray.train.Checkpoint, *, storage_options: dict[str, str] | None = None, **options: Any) -> Any:
     """Loads the Cairn checkpoint a `ray.train.Checkpoint` points at (from
     `ray.train.get_checkpoint()` or `result.checkpoint`); `options` are `cairn.load`'s
-    (`framework="torch"`, `target=...`). Every worker reads the same step."""
+    (`framework="torch"`, `target=...`). Every worker reads the same step, and in a
+    training worker its own rank's values and RNG states (unless `rank=` says whose)."""
     where = uri(checkpoint)
-    steps = [info.step for info in _api.list_checkpoints(where, storage_options=storage_options)]
-    if not steps:
+    step = _api._newest_step(where, storage_options)
+    if step is None:
         raise CheckpointNotFoundError(f"no committed Cairn checkpoint in the Ray checkpoint `{where}`")
-    return _api.load(where, step=max(steps), storage_options=storage_options, **options)
+    if "rank" not in options:
+        options["rank"] = _worker_rank()
+    return _api.load(where, step=step, storage_options=storage_options, **options)
 
 
 def uri(checkpoint: ray.train.Checkpoint) -> str:
@@ -91,6 +97,14 @@ def uri(checkpoint: ray.train.Checkpoint) -> str:
     raise InvalidArgumentError(
         f"cairn.ray reads and writes local, s3:// and gs:// storage; this run's storage is `{kind}`"
     )
+
+
+def _worker_rank() -> int | None:
+    """This training worker's rank; None outside a Ray Train worker (the driver)."""
+    try:
+        return ray.train.get_context().get_world_rank()
+    except RuntimeError:  # not in a training worker: Ray refuses the call
+        return None
 
 
 def _torch_distributed() -> bool:

@@ -110,6 +110,7 @@ def main():
         assert ours["progress"] == {"epoch": 1, "seen": [8, 2**70]}, ours["progress"]
     dist.barrier()
     print("ok")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

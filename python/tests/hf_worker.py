@@ -59,6 +59,7 @@ def main():
         logging_steps=100,
         report_to=[],
         use_cpu=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         seed=0,
         disable_tqdm=True,
     )

@@ -4,6 +4,7 @@ sharded Hugging Face folder (`cairn export --max-shard-size`) that `from_pretrai
 with identical logits."""
 
 import json
+import os
 import pathlib
 import stat
 import subprocess
@@ -91,12 +92,16 @@ def test_export_casts_to_fp8_exactly_as_ml_dtypes(tmp_path, cli):
 WORKER = str(pathlib.Path(__file__).with_name("hf_worker.py"))
 
 
-def trainer_run(output_dir, kind, kill_at=None):
-    """Runs hf_worker.py; returns its final weights (None when it was to be killed)."""
-    args = [sys.executable, WORKER, str(output_dir), kind] + ([str(kill_at)] if kill_at else [])
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+def trainer_run(output_dir, kind, kill_at=None, processes=1):
+    """Runs hf_worker.py (under torchrun with several `processes`: DDP); returns its final
+    weights (None when it was to be killed)."""
+    launch = [sys.executable] if processes == 1 else [
+        str(pathlib.Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={processes}"]
+    args = launch + [WORKER, str(output_dir), kind] + ([str(kill_at)] if kill_at else [])
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     if kill_at:
-        assert done.returncode == -9, done.stderr[-3000:]
+        assert done.returncode == (-9 if processes == 1 else 1), done.stderr[-3000:]
         return None
     assert done.returncode == 0, done.stderr[-4000:]
     return safetensors.torch.load_file(output_dir / "final.safetensors")
@@ -124,7 +129,11 @@ def test_a_killed_trainer_resumes_bit_exact_from_the_newest_committed_checkpoint
     (torn / "step-000000000009" / "shards").mkdir(parents=True)
     (torn / "step-000000000009" / "shards" / "r00000-00000-of-00001-0.safetensors").write_bytes(b"\0" * 100)
     (torn / "trainer_state.json").write_text((out / "checkpoint-6" / "trainer_state.json").read_text())
-    assert transformers.trainer_utils.get_last_checkpoint(str(out)) == str(torn)
+    # Killed after the Trainer's json files, before Cairn's first file: no weights at all.
+    (out / "checkpoint-10").mkdir()
+    (out / "checkpoint-10" / "trainer_state.json").write_text(
+        (out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert transformers.trainer_utils.get_last_checkpoint(str(out)) == str(out / "checkpoint-10")
     assert cairn.huggingface.last_checkpoint(out) == str(out / "checkpoint-6")
 
     final = trainer_run(out, "cairn")
@@ -138,6 +147,15 @@ def test_a_killed_trainer_resumes_bit_exact_from_the_newest_committed_checkpoint
     saved = cairn.load(out / "checkpoint-12", framework="torch")
     assert set(saved) == {"model", "optimizer", "scheduler", "rng"}
     assert_same({k: v for k, v in saved["model"].items() if k != "lm_head.weight"}, final)
+
+
+def test_ddp_ranks_save_together_and_resume_bit_exact(tmp_path):
+    reference = trainer_run(tmp_path / "plain", "plain", processes=2)
+    out = tmp_path / "out"
+    trainer_run(out, "cairn", kill_at=7, processes=2)
+    assert_same(trainer_run(out, "cairn", processes=2), reference)
+    manifest = json.loads(next((out / "checkpoint-12").glob("step-*/manifest.json")).read_text())
+    assert manifest["writer"]["world_size"] == 2
 
 
 def test_a_plain_trainer_checkpoint_resumes_under_cairn(tmp_path, uninterrupted):

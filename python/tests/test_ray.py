@@ -90,16 +90,21 @@ def test_a_failed_worker_group_resumes_from_the_cairn_checkpoint_bit_exact(tmp_p
     for key, tensor in expected["model"].items():
         assert torch.equal(final["model"][key], tensor), key
     # Each worker's RNG state is its own; the checkpoint keeps both.
-    rngs = [cairn.load(cairn.ray.uri(resumed.checkpoint), framework="torch", rank=r)["rng"] for r in (0, 1)]
+    rngs = [cairn.ray.load(resumed.checkpoint, framework="torch", rank=r)["rng"] for r in (0, 1)]
     assert not torch.equal(rngs[0], rngs[1])
 
     # Ray kept the newest two; each is one committed Cairn checkpoint of its step, with
     # the metrics it was reported with, and nothing pickled.
     run = tmp_path / "results" / "failed"
-    kept = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
-    assert kept == [f"checkpoint_{EPOCHS - 2:09d}", f"checkpoint_{EPOCHS - 1:09d}"]
-    for name in kept:
-        infos = cairn.list_checkpoints(run / name)
-        assert [i.step for i in infos] == [int(name.split("_")[1])]
-        assert "loss" in infos[0].metrics
-        assert {p.suffix for p in (run / name).rglob("*") if p.is_file()} <= {".json", ".safetensors"}
+    kept = [p for p in run.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    steps = sorted(i.step for p in kept for i in cairn.list_checkpoints(p))
+    assert steps == [EPOCHS - 2, EPOCHS - 1]
+    for folder in kept:
+        assert "loss" in cairn.list_checkpoints(folder)[0].metrics
+        assert {p.suffix for p in folder.rglob("*") if p.is_file()} <= {".json", ".safetensors"}
+
+
+def test_an_asynchronous_upload_is_refused():
+    # Ray would run the commit on a thread while training changes the state.
+    with pytest.raises(cairn.InvalidArgumentError, match="synchronously"):
+        cairn.ray.report({}, {}, step=0, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
