@@ -25,16 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import warnings
 from typing import Any
 
-import numpy as np
-import torch
 import transformers
 
-from . import _api
+from . import _api, _torch_rng
 from ._cairn import CheckpointNotFoundError, InvalidArgumentError
 
 __all__ = ["CheckpointMixin", "Trainer", "last_checkpoint"]
@@ -128,7 +124,7 @@ class CheckpointMixin:
     def _save_rng_state(self, output_dir: str) -> None:
         if self._cairn_state is None:
             return super()._save_rng_state(output_dir)
-        self._cairn_state["rng"] = _rng_state()
+        self._cairn_state["rng"] = _torch_rng.get()
 
     def _cairn_commit(self, folder: str, state: dict[str, Any]) -> None:
         """Commits `state` as the checkpoint of `folder` at the Trainer's global step,
@@ -180,7 +176,7 @@ class CheckpointMixin:
         rank = self.args.process_index if self.args.world_size > 1 else 0
         loaded = _api.load(checkpoint, step=step, prefix="rng.", framework="torch", rank=rank)
         if "rng" in loaded:
-            _set_rng_state(loaded["rng"])
+            _torch_rng.set(loaded["rng"])
 
     def _cairn_refuse_unsupported(self) -> None:
         """DeepSpeed, FSDP, XLA and SageMaker runs save through their own engines, not
@@ -253,32 +249,3 @@ def _whole_json(path: str) -> bool:
 def _load_weights(folder: str, step: int, model: Any) -> None:
     """Fills `model`'s parameters and buffers in place from the checkpoint's weights."""
     _api.load(folder, step=step, target={"model": model.state_dict()})
-
-
-def _rng_state() -> dict[str, Any]:
-    """This process's random generators: Python's, numpy's global one, torch's CPU and
-    CUDA ones."""
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": list(words), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": keys, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "cpu": torch.random.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.random.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what `_rng_state` recorded."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.random.set_rng_state(state["cpu"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        try:
-            torch.cuda.random.set_rng_state_all([s.cpu() for s in state["cuda"]])
-        except (IndexError, RuntimeError) as e:  # fewer GPUs than the run saved with
-            warnings.warn(f"the CUDA random generators were not restored ({e}); the run is not reproducible from here")
