@@ -168,8 +168,7 @@ def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:
 
 def from_buffer(dtype: str, shape: list[int], buffer: Any) -> np.ndarray:
     """A numpy array over a loaded tensor buffer (no copy)."""
-    raw = np.frombuffer(buffer, dtype=np.uint8)
-    return raw.view(NUMPY_DTYPES[dtype]).reshape(shape)
+    return np.frombuffer(buffer, dtype=NUMPY_DTYPES[dtype]).reshape(shape)
 
 
 # The floating-point dtypes a cast goes to or from.

@@ -250,6 +250,9 @@ _MISSING = object()
 
 
 def _unflatten(node: Any, leaves: dict[str, Any]) -> Any:
+    key = node.get("tensor")  # leaves first: most nodes are
+    if key is not None:
+        return leaves.get(key, _MISSING)
     if "dict" in node:
         out = {}
         for k, child in node["dict"]:

@@ -376,10 +376,13 @@ impl Checkpoint {
     async fn read_file(
         &self,
         file: &str,
-        pieces: Vec<PieceRead>,
+        mut pieces: Vec<PieceRead>,
         verify: bool,
         owners: &[(&str, usize)],
     ) -> Result<Vec<(usize, Bytes)>> {
+        // In file order: a cold file is then read front to back, as the kernel's readahead
+        // expects, whatever the order of the keys.
+        pieces.sort_unstable_by_key(|p| p.range[0]);
         let ranges: Vec<std::ops::Range<u64>> = pieces.iter().map(|p| p.range[0]..p.range[1]).collect();
         let (record, chunks) = self.fetch(file, ranges).await?;
         let shown = format!("{}/{file}", self.location.uri());
