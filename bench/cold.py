@@ -1,6 +1,7 @@
 """Cold loads as a restart sees them: each tool's files written once, then for every load
 the page cache dropped (posix_fadvise DONTNEED after a sync; nothing read beforehand), a
-fresh process, the methods alternated within each repetition; medians. A plain O_DIRECT
+fresh process (that has touched and freed 4 GiB first, see `back_memory`), the methods
+alternated within each repetition; medians. A plain O_DIRECT
 read of a file of the same size runs beside them (the disk's read limit), and a primed
 warm load of each tool (its files read once just before) is kept, labelled as such.
 
@@ -161,11 +162,22 @@ IMPORTS = {"cairn": ["cairn"], "safetensors_np": ["safetensors.numpy"], "safeten
            "torch_load_mmap": ["torch"]}
 
 
+def back_memory() -> None:
+    """Touches and frees 4 GiB, so that what the measurement then allocates (page cache,
+    buffers) is memory this VM's host has backed, as on a machine that keeps its memory
+    (see bench/run.py's `back_memory`: touching memory the VM gave back costs about 1 s per
+    GB, which would otherwise fall on the loaders that use the page cache and not on the
+    O_DIRECT read)."""
+    buf = np.ones(4 << 30, dtype=np.uint8)
+    del buf
+
+
 def worker(op: str, method: str, where: str, name: str) -> None:
     """One timed save or load in this fresh process; prints the seconds."""
     for module in IMPORTS.get(method, []):
         __import__(module)
     state = make_state(name) if op == "save" else None
+    back_memory()
     t0 = time.perf_counter()
     save(method, state, where) if op == "save" else load(method, where)
     print(json.dumps({"seconds": time.perf_counter() - t0}))

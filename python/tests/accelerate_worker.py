@@ -54,6 +54,8 @@ def main():
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     seen = Seen()
     accelerator.register_for_checkpointing(seen)
+    # Each process's own dropout draws (its RNG state then differs from the others').
+    torch.manual_seed(100 + accelerator.process_index)
 
     step = cairn.accelerate.load_state(accelerator, run) or 0
     per_epoch = len(loader)

@@ -48,21 +48,39 @@ def test_a_killed_accelerate_loop_resumes_bit_exact(tmp_path, processes):
     steps = [info.step for info in cairn.list_checkpoints(run)]
     assert steps == [steps[0], steps[0] + 5] and steps[-1] == (35 if processes == 1 else 15)
     newest = cairn.load(run, framework="torch")
-    assert set(newest) == {"models", "optimizers", "schedulers", "dataloaders", "custom", "step", "rng"}
+    assert set(newest) == {"models", "optimizers", "schedulers", "dataloaders", "custom", "num_models", "step", "rng"}
     assert newest["custom"] == [{"samples": steps[-1] * 4}]
     assert not [p for p in run.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     manifest = json.loads((run / f"step-{steps[-1]:012d}" / "manifest.json").read_text())
     assert manifest["writer"]["world_size"] == processes
+    if processes == 2:  # each process's RNG state is its own
+        other = cairn.load(run, framework="torch", prefix="rng.", rank=1)["rng"]
+        assert not torch.equal(other["cpu"], newest["rng"]["cpu"])
 
 
-def test_a_run_without_checkpoints_starts_fresh_and_a_mismatched_state_is_refused(tmp_path):
+def test_a_run_without_checkpoints_starts_fresh_and_what_does_not_match_is_refused(tmp_path):
     accelerator = accelerate.Accelerator(cpu=True)
-    model, optimizer = accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
-    assert cairn.accelerate.load_state(accelerator, tmp_path / "run") is None
-    cairn.accelerate.save_state(accelerator, tmp_path / "run", step=3)
-    assert cairn.accelerate.load_state(accelerator, tmp_path / "run") == 3
-    other = accelerate.Accelerator(cpu=True)  # a second optimizer the save did not have
-    params = list(other.prepare(torch.nn.Linear(2, 2)).parameters())
-    other.prepare(torch.optim.SGD(params, lr=0.1), torch.optim.SGD(params, lr=0.2))
-    with pytest.raises(cairn.InvalidArgumentError, match="1 optimizers.*has 2"):
-        cairn.accelerate.load_state(other, tmp_path / "run")
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    run = tmp_path / "run"
+    assert cairn.accelerate.load_state(accelerator, run) is None
+    cairn.accelerate.save_state(accelerator, run, step=3)
+    assert cairn.accelerate.load_state(accelerator, run) == 3
+    # Going back: a save at or below the newest step would be shadowed by it on resume.
+    with pytest.raises(cairn.InvalidArgumentError, match="step 3, at or after step=2"):
+        cairn.accelerate.save_state(accelerator, run, step=2)
+    assert [info.step for info in cairn.list_checkpoints(run)] == [3]
+
+    # Another set of prepared objects: refused before anything is changed.
+    other = accelerate.Accelerator(cpu=True)
+    models = [other.prepare(torch.nn.Linear(2, 2)) for _ in range(2)]
+    before = [p.detach().clone() for p in models[0].parameters()]
+    other.prepare(torch.optim.SGD(models[0].parameters(), lr=0.1))
+    with pytest.raises(cairn.InvalidArgumentError, match="holds 1 models, this accelerator has 2"):
+        cairn.accelerate.load_state(other, run)
+    assert all(torch.equal(a, b) for a, b in zip(before, models[0].parameters()))
+
+    # State hooks would not run: refused, on save and on load.
+    accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: None)
+    with pytest.raises(cairn.InvalidArgumentError, match="register_save_state_pre_hook"):
+        cairn.accelerate.save_state(accelerator, run, step=4)
