@@ -168,7 +168,7 @@ def to_raw(key: str, obj: Any) -> tuple[str, list[int], np.ndarray]:
 
 def from_buffer(dtype: str, shape: list[int], buffer: Any) -> np.ndarray:
     """A numpy array over a loaded tensor buffer (no copy)."""
-    return np.frombuffer(buffer, dtype=NUMPY_DTYPES[dtype]).reshape(shape)
+    return np.ndarray(shape, NUMPY_DTYPES[dtype], buffer)
 
 
 # The floating-point dtypes a cast goes to or from.
