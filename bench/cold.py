@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from run import fsync_tree  # bench/run.py, beside this file
+
 LOADERS = ["raw_odirect", "cairn", "safetensors_np", "safetensors_torch", "torch_load_mmap"]
 PEERS = ["safetensors_np", "safetensors_torch", "torch_load_mmap"]
 SAVERS = ["cairn", "safetensors_np"]  # timed on the tiny layout only
@@ -61,17 +63,6 @@ def layout(name: str) -> dict[str, tuple[int, ...]]:
 def make_state(name: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {k: rng.random(s, dtype=np.float32) for k, s in layout(name).items()}
-
-
-def fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
 
 
 def paths(path: str) -> list[str]:
@@ -114,12 +105,12 @@ def save(method: str, state: dict[str, np.ndarray], where: str) -> None:
         import safetensors.numpy
 
         safetensors.numpy.save_file(state, where)
-        fsync_tree(where)
+        fsync_tree(os.path.dirname(where))
     elif method == "torch_load_mmap":
         import torch
 
         torch.save({k: torch.from_numpy(v) for k, v in state.items()}, where)
-        fsync_tree(where)
+        fsync_tree(os.path.dirname(where))
     elif method == "raw_odirect":
         total = sum(a.nbytes for a in state.values())
         chunk = 16 << 20
