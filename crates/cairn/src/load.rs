@@ -222,9 +222,12 @@ impl Checkpoint {
         let mut owners: Vec<(&str, usize)> = Vec::new();
         let mut slots_of: Vec<std::ops::Range<usize>> = Vec::with_capacity(selected.len());
         let mut by_file: BTreeMap<&str, Vec<PieceRead>> = BTreeMap::new();
-        for (key, _) in &selected {
+        // Each selected key's tensor record (None: a plain value), looked up once.
+        let records: Vec<Option<&TensorRecord>> =
+            selected.iter().map(|(key, _)| self.manifest.tensor_for(key, opts.rank)).collect();
+        for ((key, _), record) in selected.iter().zip(&records) {
             let first = owners.len();
-            if let Some(record) = self.manifest.tensor_for(key, opts.rank) {
+            if let Some(record) = record {
                 for (index, piece) in record.pieces.iter().enumerate() {
                     let overlaps = boxes.get(*key).is_none_or(|r| {
                         geometry::intersection(&r.offsets, &r.shape, &piece.offsets, &piece.shape).is_some()
@@ -250,9 +253,9 @@ impl Checkpoint {
             slots[slot] = bytes;
         }
 
-        let mut state = State::new();
-        for ((key, new_key), range) in selected.into_iter().zip(slots_of) {
-            let entry = if let Some(record) = self.manifest.tensor_for(key, opts.rank) {
+        let mut entries = Vec::with_capacity(selected.len());
+        for (((key, new_key), range), record) in selected.into_iter().zip(slots_of).zip(records) {
+            let entry = if let Some(record) = record {
                 let whole = TensorBox { offsets: vec![0; record.shape.len()], shape: record.shape.clone() };
                 let wanted = boxes.get(key).copied().unwrap_or(&whole);
                 let pieces = range.map(|slot| (owners[slot].1, std::mem::take(&mut slots[slot])));
@@ -262,8 +265,9 @@ impl Checkpoint {
             } else {
                 continue;
             };
-            state.insert(new_key, entry);
+            entries.push((new_key, entry));
         }
+        let mut state: State = entries.into_iter().collect();
         state.set_structure(structure.map(str::to_string));
         Ok(state)
     }
@@ -357,6 +361,9 @@ impl Checkpoint {
         };
         chosen.sort_unstable();
         chosen.dedup();
+        if opts.rename.is_empty() {
+            return Ok(chosen.into_iter().map(|key| (key, key.to_string())).collect());
+        }
         let mut seen: HashMap<String, &str> = HashMap::with_capacity(chosen.len());
         let mut out = Vec::with_capacity(chosen.len());
         for key in chosen {
