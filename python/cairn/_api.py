@@ -34,6 +34,9 @@ class CheckpointInfo:
     uri: str
     num_tensors: int
     tensor_bytes: int
+    #: Bytes of the data files in the checkpoint's own folder: what its save wrote (less
+    #: than `tensor_bytes` when an incremental save found tensors already stored).
+    written_bytes: int
 
     @classmethod
     def _from_native(cls, d: dict) -> "CheckpointInfo":
@@ -48,6 +51,7 @@ class CheckpointInfo:
             uri=d["uri"],
             num_tensors=d["num_tensors"],
             tensor_bytes=d["tensor_bytes"],
+            written_bytes=d["written_bytes"],
         )
 
 
@@ -152,8 +156,13 @@ def save(
     all_gather: Callable[[bytes], list[bytes]] | None = None,
     timeout: float = 600.0,
     dtype: Any = None,
+    incremental: bool = False,
 ) -> CheckpointInfo:
     """Saves `state` and commits it; returns once it is durable.
+
+    With `incremental` (and a `step`), only the tensors whose content no committed
+    checkpoint of the run already holds are written; the others are referred to (see
+    `CheckpointManager`). A multi-process save writes everything.
 
     `dtype` casts floating-point tensors before they are written, each on its own device
     (`"bf16"`, `"fp16"`, `"fp32"`, `"fp8"`, or a numpy or torch dtype), or only those under
@@ -198,6 +207,7 @@ def save(
         world_size,
         all_gather,
         timeout,
+        incremental,
     )
     return CheckpointInfo._from_native(info)
 
@@ -779,7 +789,14 @@ class CheckpointManager:
     and the next one works. A process that saves alone in a
     job passes `rank=0, world_size=1`. On opening, rank 0
     removes in the background what unfinished saves left once older than `orphan_grace`
-    (seconds; None: never); cleanup problems never fail a save (`cleanup_errors()`)."""
+    (seconds; None: never); cleanup problems never fail a save (`cleanup_errors()`).
+
+    Saves are `incremental` by default: a save writes only the tensors whose content
+    (XXH3-128 and length) no committed checkpoint of the run holds, and its manifest
+    refers to the stored copies, so a frozen backbone, an adapter fine-tune or an EMA
+    that has not moved costs nothing to save again. Deleting a checkpoint keeps the data
+    others still refer to; `cairn cp` of one checkpoint copies what it refers to. A job of
+    several processes writes everything."""
 
     @_typed
     def __init__(
@@ -799,6 +816,7 @@ class CheckpointManager:
         timeout: float = 600.0,
         orphan_grace: float | _dt.timedelta | None = 3600.0,
         dtype: Any = None,
+        incremental: bool = True,
         keep_last: int | None = None,
         keep_every: int | None = None,
         keep_best: int | None = None,
@@ -825,6 +843,7 @@ class CheckpointManager:
             _seconds(orphan_grace),
             all_gather,
             timeout,
+            incremental,
         )
         self._world_size = world_size
         self._rank = rank

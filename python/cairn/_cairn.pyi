@@ -37,6 +37,7 @@ def save(
     world_size: int = 1,
     all_gather: Callable[[bytes], list[bytes]] | None = None,
     timeout: float = 600.0,
+    incremental: bool = False,
 ) -> dict[str, Any]: ...
 def open(uri: str, step: int | None = None, storage_options: Options = None) -> Opened: ...
 
@@ -108,6 +109,7 @@ class Manager:
         orphan_grace: float | None = 3600.0,
         all_gather: Callable[[bytes], list[bytes]] | None = None,
         timeout: float = 600.0,
+        incremental: bool = True,
     ) -> None: ...
     # `prepare()` returns `(leaves, metrics, metadata)`; called only when the step saves.
     def on_step(self, step: int, prepare: Callable[[], tuple[Any, Any, Any]], force: bool = False) -> bool: ...

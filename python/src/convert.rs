@@ -292,6 +292,7 @@ pub(crate) fn info_to_py<'py>(py: Python<'py>, info: &CheckpointInfo) -> PyResul
     dict.set_item("uri", &info.uri)?;
     dict.set_item("num_tensors", info.num_tensors)?;
     dict.set_item("tensor_bytes", info.tensor_bytes)?;
+    dict.set_item("written_bytes", info.written_bytes)?;
     Ok(dict)
 }
 

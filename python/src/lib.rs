@@ -22,7 +22,7 @@ use crate::manager::Manager;
 
 /// Saves flattened leaves to `uri` (a run when `step` is given, else a checkpoint folder).
 #[pyfunction]
-#[pyo3(signature = (uri, tensors, values, structure=None, step=None, metrics=None, metadata=None, storage_options=None, rank=0, world_size=1, all_gather=None, timeout=600.0))]
+#[pyo3(signature = (uri, tensors, values, structure=None, step=None, metrics=None, metadata=None, storage_options=None, rank=0, world_size=1, all_gather=None, timeout=600.0, incremental=false))]
 #[allow(clippy::too_many_arguments)]
 fn save<'py>(
     py: Python<'py>,
@@ -38,6 +38,7 @@ fn save<'py>(
     world_size: u32,
     all_gather: Option<Py<PyAny>>,
     timeout: f64,
+    incremental: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     guarded(|| {
         let state = state_from_py(tensors, values, structure, None)?;
@@ -45,6 +46,7 @@ fn save<'py>(
             step,
             metrics: metrics_from_py(metrics)?,
             metadata: metadata_from_json(metadata)?,
+            incremental,
             ..Default::default()
         };
         let storage = storage_options.unwrap_or_default();

@@ -36,7 +36,7 @@ impl Drop for Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0))]
+    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0, incremental=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -55,6 +55,7 @@ impl Manager {
         orphan_grace: Option<f64>,
         all_gather: Option<Py<PyAny>>,
         timeout: f64,
+        incremental: bool,
     ) -> PyResult<Manager> {
         guarded(|| {
             let mut policy = match policies {
@@ -78,6 +79,7 @@ impl Manager {
                 .with_ranks(rank, world_size)
                 .with_coordination_timeout(seconds("timeout", timeout)?)
                 .with_orphan_grace(orphan_grace);
+            opts.save = opts.save.with_incremental(incremental);
             if let Some(f) = all_gather {
                 opts = opts.with_all_gather(std::sync::Arc::new(move |payload| crate::call_all_gather(&f, payload)));
             }

@@ -195,7 +195,7 @@ fn prune_applies_retention_and_removes_unfinished_saves() {
     let dry = cairn(dir.path(), &["prune", "run", "--keep-last", "1", "--dry-run"]);
     assert_eq!(dry.code, 0, "{}", dry.stderr);
     snapshot!("prune_dry_run", dry.stdout);
-    assert_eq!(cairn(dir.path(), &["ls", "run"]).stdout.lines().count(), 4);
+    assert_eq!(cairn(dir.path(), &["ls", "run"]).stdout.lines().count(), 5);
     let out = cairn(dir.path(), &["prune", "run", "--keep-last", "1", "--grace", "0s"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     snapshot!("prune", out.stdout);

@@ -44,6 +44,7 @@ fn big_manifest(tensors: usize) -> Manifest {
                     offsets: vec![0, 0],
                     shape: vec![4, 4],
                     crc32c: i as u32,
+                    xxh3: None,
                 }],
             },
         );

@@ -8,8 +8,10 @@
 //!   commit whose acknowledgement was lost, another's is a conflict (*already exists*), and
 //!   none at all means the write did not land, so it is tried again (create-only: it can
 //!   never overwrite anyone's);
-//! - deletion removes the manifest first (the checkpoint stops existing), then the files
-//!   Cairn writes in the folder ([`delete_checkpoint`]); a user's own files stay.
+//! - deletion removes the manifest first (the checkpoint stops existing,
+//!   [`remove_manifest`]), then the files Cairn writes in the folder that no committed
+//!   checkpoint or save in flight still refers to ([`remove_written_files`], called by
+//!   `Run::delete`); a user's own files stay.
 //!
 //! docs/format.md ("Commit protocol") states the same contract for other implementations.
 
@@ -121,14 +123,20 @@ pub(crate) async fn manifest_owner(dest: &Location, save_id: &str) -> Owner {
     }
 }
 
-/// Deletes the checkpoint folder `dir`: manifest first, then every other file Cairn
-/// writes there (a user's own file in the folder stays, and with it the folder).
-pub(crate) async fn delete_checkpoint(dir: &Location) -> Result<()> {
-    let shown = |what: &str| format!("{what}=`{}`", dir.uri());
+/// Removes the manifest of the checkpoint folder `dir`: the checkpoint stops existing.
+/// The first step of every deletion; a missing manifest is not an error.
+pub(crate) async fn remove_manifest(dir: &Location) -> Result<()> {
     match dir.store().delete(&dir.path(MANIFEST_FILE)).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => return Err(Error::from_store(e, "deleting manifest", &shown("checkpoint"))),
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(Error::from_store(e, "deleting manifest", &format!("checkpoint=`{}`", dir.uri()))),
     }
+}
+
+/// Removes the files Cairn writes in the folder `dir` (see [`layout::is_written_by_cairn`])
+/// except those `keep` keeps (given the path inside the folder): a user's own file stays,
+/// and with it the folder. Called once the manifest is gone ([`remove_manifest`]).
+pub(crate) async fn remove_written_files(dir: &Location, keep: &(dyn Fn(&str) -> bool + Sync)) -> Result<()> {
+    let shown = |what: &str| format!("{what}=`{}`", dir.uri());
     let objects: Vec<object_store::ObjectMeta> = dir
         .store()
         .list(Some(dir.prefix()))
@@ -138,7 +146,8 @@ pub(crate) async fn delete_checkpoint(dir: &Location) -> Result<()> {
     let depth = dir.prefix().parts().count();
     let ours = objects.into_iter().filter(|meta| {
         let parts: Vec<_> = meta.location.parts().skip(depth).map(|p| p.as_ref().to_string()).collect();
-        layout::is_written_by_cairn(&parts.join("/"))
+        let file = parts.join("/");
+        layout::is_written_by_cairn(&file) && !keep(&file)
     });
     for meta in ours {
         match dir.store().delete(&meta.location).await {

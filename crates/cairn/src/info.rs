@@ -24,8 +24,13 @@ pub struct CheckpointInfo {
     pub uri: String,
     /// Number of tensors.
     pub num_tensors: usize,
-    /// Total bytes of tensor data stored: the shared tensors and every rank's own.
+    /// Total bytes of tensor data stored: the shared tensors and every rank's own (its
+    /// logical size, whether the data is in its own folder or referred to).
     pub tensor_bytes: u64,
+    /// Bytes of the data files in its own folder, headers included: what its save wrote.
+    /// An incremental save that found tensors already stored wrote less than
+    /// `tensor_bytes`; a full save writes slightly more (the shard headers).
+    pub written_bytes: u64,
 }
 
 impl CheckpointInfo {
@@ -48,6 +53,7 @@ impl CheckpointInfo {
             uri: uri.to_string(),
             num_tensors: manifest.tensors.len(),
             tensor_bytes,
+            written_bytes: manifest.own_file_bytes(),
         }
     }
 

@@ -28,6 +28,7 @@ pub mod fault;
 pub mod format;
 mod fp8;
 pub mod geometry;
+mod incremental;
 pub mod info;
 pub mod load;
 mod local_store;

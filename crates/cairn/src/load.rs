@@ -14,7 +14,7 @@ use regex::Regex;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
-use crate::format::layout::{self, MANIFEST_FILE};
+use crate::format::layout::{self, DataFile, MANIFEST_FILE};
 use crate::format::manifest::{FileRecord, Manifest, PieceRecord, TensorRecord, MAX_MANIFEST_BYTES};
 use crate::geometry::{self, TensorBox};
 use crate::info::CheckpointInfo;
@@ -143,6 +143,8 @@ impl LoadOptions {
 pub struct Checkpoint {
     location: Location,
     manifest: Manifest,
+    /// The run around the checkpoint, when its manifest names files of other checkpoints.
+    run: Option<Location>,
 }
 
 impl Checkpoint {
@@ -172,7 +174,32 @@ impl Checkpoint {
                 manifest.step
             )));
         }
-        Ok(Checkpoint { location, manifest })
+        let run = match manifest.has_references() {
+            true => Some(location.parent().ok_or_else(|| {
+                Error::corrupt(format!(
+                    "manifest names other checkpoints' files but has no run around it file=`{file}`"
+                ))
+            })?),
+            false => None,
+        };
+        Ok(Checkpoint { location, manifest, run })
+    }
+
+    /// Where the data file `file` of the manifest lives: the folder that holds it (this
+    /// checkpoint's, or for a reference another checkpoint's of the same run) and its
+    /// path there. Only names the manifest's validation accepted reach here.
+    pub(crate) fn data_file(&self, file: &str) -> Result<(Location, String)> {
+        match (layout::parse_data_file(file), &self.run) {
+            (Some(DataFile::Own(shard)), _) => Ok((self.location.clone(), shard.to_string())),
+            (Some(DataFile::Sibling { step, shard }), Some(run)) => {
+                Ok((run.child(&layout::step_dir(step)), shard.to_string()))
+            }
+            _ => Err(Error::corrupt(format!(
+                "data file outside the run data_file=`{}` checkpoint=`{}`",
+                crate::error::escape_control(file),
+                self.location.uri()
+            ))),
+        }
     }
 
     /// The validated manifest.
@@ -391,7 +418,13 @@ impl Checkpoint {
         // expects, whatever the order of the keys.
         pieces.sort_unstable_by_key(|p| p.range[0]);
         let ranges: Vec<std::ops::Range<u64>> = pieces.iter().map(|p| p.range[0]..p.range[1]).collect();
-        let (record, chunks) = self.fetch(file, ranges).await?;
+        // A file that is missing or of the wrong size: say which tensor needed it.
+        let (record, chunks) = self.fetch(file, ranges).await.map_err(|e| match (e.kind(), pieces.first()) {
+            (ErrorKind::Corrupt, Some(first)) => {
+                Error::corrupt(format!("{} tensor=`{}`", e.message(), owners[first.slot].0))
+            }
+            _ => e,
+        })?;
         let shown = format!("{}/{file}", self.location.uri());
         let header_crc = record.header_crc32c;
         // Err(None): the header's checksum failed; Err(Some(slot)): that piece's.
@@ -427,21 +460,22 @@ impl Checkpoint {
                 self.location.uri()
             ))
         })?;
-        let shown = format!("{}/{file}", self.location.uri());
+        let (folder, inner) = self.data_file(file)?;
+        let shown = format!("{}/{inner}", folder.uri());
         let mut all = Vec::with_capacity(ranges.len() + 1);
         all.push(0..record.header_len);
         all.extend(ranges);
-        let chunks = match self.location.local_root() {
+        let chunks = match folder.local_root() {
             Some(root) => {
                 let root = root.clone();
-                let path = self.location.path(file);
+                let path = folder.path(&inner);
                 let record = record.clone();
                 let task = tokio::task::spawn_blocking(move || map_local(&root, &path, &record, &all, &shown));
                 task.await.map_err(|e| {
                     Error::new(ErrorKind::Internal, format!("read task failed file=`{file}`")).with_source(e)
                 })??
             }
-            None => self.get_remote(file, &record, &all, &shown).await?,
+            None => get_remote(&folder.path(&inner), folder.store().as_ref(), &record, &all, &shown).await?,
         };
         Ok((record, chunks))
     }
@@ -489,35 +523,6 @@ impl Checkpoint {
             }
         }
         Ok(problems)
-    }
-
-    /// Reads `ranges` of a remote data file after checking its size against the manifest:
-    /// each range into a buffer of its own (see `ranged_read`).
-    async fn get_remote(
-        &self,
-        file: &str,
-        record: &FileRecord,
-        ranges: &[std::ops::Range<u64>],
-        shown: &str,
-    ) -> Result<Vec<Bytes>> {
-        let path = self.location.path(file);
-        let meta = self.location.store().head(&path).await.map_err(|e| ranged_read::shard_read_error(e, shown))?;
-        check_size(meta.size, record.size, shown)?;
-        let store = self.location.store();
-        if ranged_read::disjoint(ranges) {
-            let buffers = ranged_read::read_ranges(store.as_ref(), &path, ranges, shown).await?;
-            return Ok(buffers.into_iter().map(Bytes::from).collect());
-        }
-        // Ranges that share bytes (no Cairn writer makes them; a hand-made file may): read
-        // once per coalesced span and sliced, so memory stays within the file's size.
-        // Stores reject empty ranges: fetch the others and put empty buffers back in place.
-        let wanted: Vec<std::ops::Range<u64>> = ranges.iter().filter(|r| !r.is_empty()).cloned().collect();
-        let mut fetched =
-            store.get_ranges(&path, &wanted).await.map_err(|e| ranged_read::shard_read_error(e, shown))?.into_iter();
-        Ok(ranges
-            .iter()
-            .map(|r| if r.is_empty() { Bytes::new() } else { fetched.next().unwrap_or_default() })
-            .collect())
     }
 
     /// Builds the box `wanted` of the tensor `key` from its read pieces (`(index among the
@@ -591,6 +596,30 @@ impl Checkpoint {
     pub fn verify_with(&self, progress: crate::progress::Progress<'_>) -> Result<Vec<Error>> {
         block_on(self.verify_async_with(progress))
     }
+}
+
+/// Reads `ranges` of the remote data file at `path` after checking its size against the
+/// manifest: each range into a buffer of its own (see `ranged_read`).
+async fn get_remote(
+    path: &object_store::path::Path,
+    store: &dyn object_store::ObjectStore,
+    record: &FileRecord,
+    ranges: &[std::ops::Range<u64>],
+    shown: &str,
+) -> Result<Vec<Bytes>> {
+    let meta = store.head(path).await.map_err(|e| ranged_read::shard_read_error(e, shown))?;
+    check_size(meta.size, record.size, shown)?;
+    if ranged_read::disjoint(ranges) {
+        let buffers = ranged_read::read_ranges(store, path, ranges, shown).await?;
+        return Ok(buffers.into_iter().map(Bytes::from).collect());
+    }
+    // Ranges that share bytes (no Cairn writer makes them; a hand-made file may): read
+    // once per coalesced span and sliced, so memory stays within the file's size.
+    // Stores reject empty ranges: fetch the others and put empty buffers back in place.
+    let wanted: Vec<std::ops::Range<u64>> = ranges.iter().filter(|r| !r.is_empty()).cloned().collect();
+    let mut fetched =
+        store.get_ranges(path, &wanted).await.map_err(|e| ranged_read::shard_read_error(e, shown))?.into_iter();
+    Ok(ranges.iter().map(|r| if r.is_empty() { Bytes::new() } else { fetched.next().unwrap_or_default() }).collect())
 }
 
 fn check_size(actual: u64, expected: u64, shown: &str) -> Result<()> {

@@ -7,7 +7,10 @@ use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::commit;
 use crate::error::{Error, Result};
-use crate::format::layout::{self, LATEST_FILE, MANIFEST_FILE};
+use std::collections::BTreeSet;
+
+use crate::format::layout::{self, DataFile, LATEST_FILE, MANIFEST_FILE};
+use crate::incremental;
 
 /// Most bytes of the `LATEST` hint read (a folder name, or an older hint's URI).
 const MAX_HINT_BYTES: usize = 4096;
@@ -55,6 +58,9 @@ pub struct Survey {
     pub checkpoints: Vec<CheckpointInfo>,
     /// One error (naming the manifest) per committed checkpoint that cannot be read.
     pub damaged: Vec<Error>,
+    /// Bytes of the distinct data files the readable checkpoints name: what the run
+    /// occupies (less than the sum of their sizes when incremental saves share data).
+    pub stored_bytes: u64,
 }
 
 /// Whether `err` says a checkpoint itself is unusable (damaged, or written by a newer
@@ -67,6 +73,31 @@ fn is_damaged(err: &Error) -> bool {
 /// passed over, never an error of the whole run.
 fn is_gone_or_damaged(err: &Error) -> bool {
     err.kind() == crate::ErrorKind::NotFound || is_damaged(err)
+}
+
+/// How long a pin keeps the data an incremental save refers to when a checkpoint is
+/// deleted (prune uses its grace period instead): the time a save may take between
+/// pinning and committing.
+pub const PIN_LIFETIME: std::time::Duration = crate::manager::DEFAULT_ORPHAN_GRACE;
+
+/// What deletions must keep (see [`Run::live_files`]).
+pub(crate) struct Live {
+    /// The data files (`step-<n>/shards/<name>`, relative to the run) that committed
+    /// checkpoints or pins name; `None` when some manifest or pin cannot be read, so
+    /// every data file must stay.
+    files: Option<BTreeSet<String>>,
+    /// The committed checkpoints whose manifests were read.
+    readable: BTreeSet<u64>,
+}
+
+impl Live {
+    /// Whether `file` (a path inside the folder of `step`) must stay.
+    fn keeps(&self, step: u64, file: &str) -> bool {
+        match &self.files {
+            Some(files) => files.contains(&format!("{}/{file}", layout::step_dir(step))),
+            None => file.starts_with(layout::SHARDS_DIR),
+        }
+    }
 }
 
 /// The checkpoints of one training run.
@@ -152,14 +183,23 @@ impl Run {
     /// elsewhere) is skipped.
     pub fn survey(&self) -> Result<Survey> {
         let mut survey = Survey::default();
+        let mut files = std::collections::BTreeMap::new();
         for c in self.list()? {
             match c.open() {
-                Ok(ckpt) => survey.checkpoints.push(ckpt.info()),
+                Ok(ckpt) => {
+                    for (file, record) in &ckpt.manifest().files {
+                        if let Some(data) = layout::parse_data_file(file) {
+                            files.insert(data.in_run(c.step), record.size);
+                        }
+                    }
+                    survey.checkpoints.push(ckpt.info());
+                }
                 Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
                 Err(e) if is_damaged(&e) => survey.damaged.push(e),
                 Err(e) => return Err(e),
             }
         }
+        survey.stored_bytes = files.values().fold(0u64, |total, &size| total.saturating_add(size));
         Ok(survey)
     }
 
@@ -208,10 +248,104 @@ impl Run {
     }
 
     /// Deletes the checkpoint of `step`: its manifest first (it stops existing), then its
-    /// data. Deleting a step that does not exist is not an error.
+    /// data that nothing else refers to: the files in its folder and the files of other
+    /// folders it referred to, unless a remaining committed checkpoint or a save in flight
+    /// (pinned within the last [`PIN_LIFETIME`]) names them. While some committed
+    /// manifest cannot be read, no data file is deleted (its references are unknown).
+    /// Deleting a step that does not exist is not an error.
     pub fn delete(&self, step: u64) -> Result<()> {
+        block_on(self.delete_async(step))
+    }
+
+    async fn delete_async(&self, step: u64) -> Result<()> {
         let dir = self.step_location(step);
-        block_on(commit::delete_checkpoint(&dir))
+        // What it refers to in other folders, read before it goes.
+        let referred: Vec<(u64, String)> = match Checkpoint::open_async(dir.clone()).await {
+            Ok(ckpt) => ckpt
+                .manifest()
+                .files
+                .keys()
+                .filter_map(|f| match layout::parse_data_file(f)? {
+                    DataFile::Sibling { step, shard } => Some((step, shard.to_string())),
+                    DataFile::Own(_) => None,
+                })
+                .collect(),
+            Err(e) if is_gone_or_damaged(&e) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        commit::remove_manifest(&dir).await?;
+        let live = self.live_files(PIN_LIFETIME).await?;
+        let kept = |step: u64, file: &str| live.keeps(step, file);
+        commit::remove_written_files(&dir, &|file| kept(step, file)).await?;
+        // Best effort, and only where no manifest is (a committed folder's files are its
+        // own to keep): what stays is a leftover that prune removes.
+        for (other, shard) in referred.iter().filter(|(other, shard)| !kept(*other, shard)) {
+            let folder = self.step_location(*other);
+            if matches!(commit::is_committed(&folder).await, Ok(false)) {
+                let _ = self.location.store().delete(&folder.path(shard)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The data files that must stay: those the committed checkpoints name (read first),
+    /// then those the pins of saves in flight younger than `pin_lifetime` name (read
+    /// after: see `incremental` for why this order keeps a save's references alive).
+    pub(crate) async fn live_files(&self, pin_lifetime: std::time::Duration) -> Result<Live> {
+        let mut live = Live { files: Some(BTreeSet::new()), readable: BTreeSet::new() };
+        for c in self.list_async().await? {
+            match Checkpoint::open_async(c.location.clone()).await {
+                Ok(ckpt) => {
+                    live.readable.insert(c.step);
+                    let named = ckpt.manifest().files.keys().filter_map(|f| layout::parse_data_file(f));
+                    if let Some(files) = &mut live.files {
+                        files.extend(named.map(|d| d.in_run(c.step)));
+                    }
+                }
+                Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
+                Err(e) if is_damaged(&e) => live.files = None,
+                Err(e) => return Err(e),
+            }
+        }
+        let (depth, objects) = self.objects().await?;
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        for meta in &objects {
+            let parts: Vec<String> = meta.location.parts().skip(depth).map(|p| p.as_ref().to_string()).collect();
+            let [dir, rest @ ..] = parts.as_slice() else { continue };
+            let young = now_ms - meta.last_modified.timestamp_millis() < pin_lifetime.as_millis() as i64;
+            if layout::parse_step_dir(dir).is_none() || !incremental::is_pin(&rest.join("/")) || !young {
+                continue;
+            }
+            match self.read_pin(meta).await? {
+                Some(pin) => {
+                    if let Some(files) = &mut live.files {
+                        files.extend(pin.files);
+                    }
+                }
+                // A pin that cannot be read names unknown files: keep every data file.
+                None => live.files = None,
+            }
+        }
+        Ok(live)
+    }
+
+    /// The pin at `meta`, if it can be read and decoded (gone: an empty one).
+    async fn read_pin(&self, meta: &object_store::ObjectMeta) -> Result<Option<incremental::Pin>> {
+        if meta.size > incremental::MAX_PIN_BYTES {
+            return Ok(None);
+        }
+        let got = match self.location.store().get(&meta.location).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Some(incremental::Pin { files: BTreeSet::new() })),
+            Err(e) => return Err(Error::from_store(e, "reading pin", &format!("file=`{}`", meta.location))),
+        };
+        if got.meta.size > incremental::MAX_PIN_BYTES {
+            return Ok(None);
+        }
+        let bytes =
+            got.bytes().await.map_err(|e| Error::from_store(e, "reading pin", &format!("file=`{}`", meta.location)))?;
+        Ok(serde_json::from_slice(&bytes).ok())
     }
 
     /// Removes the whole run: every checkpoint (each manifest first, so none is ever seen
@@ -341,6 +475,7 @@ impl Run {
     }
 
     async fn prune_orphans_async(&self, grace: std::time::Duration, dry_run: bool) -> Result<Vec<String>> {
+        let live = self.live_files(grace).await?;
         let (depth, objects) = self.objects().await?;
         let now_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
@@ -361,31 +496,21 @@ impl Run {
             }
         }
         for (step, files) in &by_step {
-            let referenced: Option<std::collections::BTreeSet<String>> =
-                if files.iter().any(|(f, _)| f == MANIFEST_FILE) {
-                    match Checkpoint::open_async(self.step_location(*step)).await {
-                        Ok(ckpt) => Some(ckpt.manifest().files.keys().cloned().collect()),
-                        // A damaged checkpoint is the user's to inspect: leave all of it.
-                        Err(e) if is_gone_or_damaged(&e) => continue,
-                        Err(e) => return Err(e),
-                    }
-                } else {
-                    None
-                };
-            // Only what Cairn writes is ever removed: a user's own file in a step folder stays.
-            let leftovers = files.iter().filter(|(f, _)| layout::is_written_by_cairn(f));
-            match &referenced {
-                Some(keep) => {
-                    orphans.extend(leftovers.filter(|(f, m)| !keep.contains(f) && old_enough(m)).map(|(_, m)| *m))
+            // Only what Cairn writes and nothing refers to is ever removed: a user's own
+            // file in a step folder stays, and so does data another checkpoint names.
+            let leftovers = files.iter().filter(|(f, _)| layout::is_written_by_cairn(f) && !live.keeps(*step, f));
+            if files.iter().any(|(f, _)| f == MANIFEST_FILE) {
+                // A damaged checkpoint is the user's to inspect (leave all of it); one
+                // committed after the manifests were read is left for the next prune.
+                if live.readable.contains(step) {
+                    orphans.extend(leftovers.filter(|(_, m)| old_enough(m)).map(|(_, m)| *m));
                 }
+            } else if files.iter().all(|(_, m)| old_enough(m))
+                && !commit::is_committed(&self.step_location(*step)).await?
+            {
                 // A save still writing keeps making new files: all must be old. And the
                 // folder must still have no manifest (one may have landed since listing).
-                None if files.iter().all(|(_, m)| old_enough(m))
-                    && !commit::is_committed(&self.step_location(*step)).await? =>
-                {
-                    orphans.extend(leftovers.map(|(_, m)| *m))
-                }
-                None => {}
+                orphans.extend(leftovers.map(|(_, m)| *m));
             }
         }
         if dry_run {

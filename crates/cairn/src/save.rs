@@ -21,9 +21,10 @@ use crate::format::checksum;
 use crate::format::layout;
 use crate::format::manifest::{
     check_structure_size, count_value_maps, FileRecord, Manifest, PieceRecord, TensorRecord, Writer, FORMAT_NAME,
-    FORMAT_VERSION, MAX_METADATA_BYTES, MAX_VALUE_MAPS,
+    FORMAT_VERSION_STANDALONE, MAX_METADATA_BYTES, MAX_VALUE_MAPS,
 };
 use crate::format::shard::{self, ShardEntry, DATA_ALIGN};
+use crate::incremental::Reuse;
 use crate::info::CheckpointInfo;
 use crate::local_write;
 use crate::state::{Entry, State, Tensor, Value};
@@ -65,6 +66,11 @@ pub struct SaveOptions {
     pub multipart_bytes: u64,
     /// Part size of multipart uploads.
     pub part_bytes: u64,
+    /// Save into a run incrementally: write only the tensors whose content no committed
+    /// checkpoint of the run holds, and refer to the stored copies (see
+    /// `docs/format.md`, "Incremental saves"). Needs a step; multi-rank saves write
+    /// everything.
+    pub incremental: bool,
 }
 
 impl Default for SaveOptions {
@@ -78,6 +84,7 @@ impl Default for SaveOptions {
             concurrency: std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(2, 16),
             multipart_bytes: DEFAULT_MULTIPART_BYTES,
             part_bytes: DEFAULT_PART_BYTES,
+            incremental: false,
         }
     }
 }
@@ -110,6 +117,12 @@ impl SaveOptions {
     /// Sets the shard size bound.
     pub fn with_shard_bytes(mut self, shard_bytes: u64) -> Self {
         self.shard_bytes = shard_bytes.max(1);
+        self
+    }
+
+    /// Turns incremental saving on or off (see [`SaveOptions::incremental`]).
+    pub fn with_incremental(mut self, incremental: bool) -> Self {
+        self.incremental = incremental;
         self
     }
 
@@ -199,9 +212,28 @@ pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &S
     }
 
     let save_id = uuid::Uuid::new_v4().simple().to_string();
-    let written = write_share(dest, state, 0, &save_id[..12], opts).await?;
+    let reuse = match opts.incremental && opts.step.is_some() {
+        true => Reuse::plan(dest, state, step, &save_id).await?,
+        false => Reuse::default(),
+    };
+    let committed = write_and_commit(dest, state, step, opts, &save_id, &reuse).await;
+    reuse.unpin(dest).await;
+    committed
+}
+
+/// Writes what `reuse` leaves to write of `state`, then commits the manifest.
+async fn write_and_commit(
+    dest: &Location,
+    state: &State,
+    step: u64,
+    opts: &SaveOptions,
+    save_id: &str,
+    reuse: &Reuse,
+) -> Result<CheckpointInfo> {
+    let fresh = reuse.fresh(state);
+    let written = write_share(dest, fresh.as_ref().unwrap_or(state), 0, &save_id[..12], opts).await?;
     let files: Vec<String> = written.iter().map(|w| w.file.clone()).collect();
-    let manifest = build_manifest(state, step, opts, &save_id, written);
+    let manifest = build_manifest(state, step, opts, save_id, written, reuse);
     match commit::create_manifest(dest, &manifest, step).await {
         Ok(()) => Ok(CheckpointInfo::from_manifest(&manifest, dest.uri())),
         // Another writer committed this step: ours never landed, so our files can go.
@@ -373,6 +405,7 @@ async fn write_shard(
                     offsets: vec![0; rank],
                     shape: tensor.shape().to_vec(),
                     crc32c,
+                    xxh3: None,
                 },
             )
         })
@@ -428,15 +461,32 @@ pub fn split_into_parts(chunks: Vec<Bytes>, part_bytes: u64) -> Vec<PutPayload> 
     parts
 }
 
-fn build_manifest(state: &State, step: u64, opts: &SaveOptions, save_id: &str, written: Vec<WrittenShard>) -> Manifest {
+/// The manifest of a one-process save: the `written` shards, and the tensors `reuse`
+/// found stored; every piece carries its content id when the save computed them.
+fn build_manifest(
+    state: &State,
+    step: u64,
+    opts: &SaveOptions,
+    save_id: &str,
+    written: Vec<WrittenShard>,
+    reuse: &Reuse,
+) -> Manifest {
     let mut files = BTreeMap::new();
     let mut tensors = BTreeMap::new();
     for shard in written {
         files.insert(shard.file, shard.record);
-        for (key, piece) in shard.pieces {
+        for (key, mut piece) in shard.pieces {
             if let Some(t) = state.tensor(&key) {
+                piece.xxh3 = reuse.ids.get(&key).copied();
                 tensors.insert(key, TensorRecord { dtype: t.dtype(), shape: t.shape().to_vec(), pieces: vec![piece] });
             }
+        }
+    }
+    for (key, t) in state.tensors() {
+        if let Some((piece, record)) = reuse.reused_piece(key, t.shape(), step) {
+            files.insert(piece.file.clone(), record);
+            tensors
+                .insert(key.clone(), TensorRecord { dtype: t.dtype(), shape: t.shape().to_vec(), pieces: vec![piece] });
         }
     }
     manifest_of(state, step, opts, save_id, 1, tensors, files)
@@ -453,9 +503,9 @@ pub(crate) fn manifest_of(
     tensors: BTreeMap<String, TensorRecord>,
     files: BTreeMap<String, FileRecord>,
 ) -> Manifest {
-    Manifest {
+    let mut manifest = Manifest {
         format: FORMAT_NAME.to_string(),
-        format_version: FORMAT_VERSION,
+        format_version: FORMAT_VERSION_STANDALONE,
         step,
         created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         temporary: opts.temporary,
@@ -468,7 +518,9 @@ pub(crate) fn manifest_of(
         tensors,
         files,
         ranks: BTreeMap::new(),
-    }
+    };
+    manifest.format_version = manifest.required_version();
+    manifest
 }
 
 /// Flushes the entries of the local folder `dir` to disk.

@@ -200,6 +200,26 @@ impl Location {
         }
     }
 
+    /// The location that holds this one (a checkpoint folder's run): the same store one
+    /// level up; for a local folder opened directly (at its store's root), its parent
+    /// folder opened as a store of its own, confined to it like any local run. `None` at
+    /// the root of a store, or when the parent cannot be opened.
+    pub fn parent(&self) -> Option<Location> {
+        let mut parts: Vec<_> = self.prefix.parts().collect();
+        if parts.pop().is_none() {
+            let parent = self.local_dir.as_deref()?.parent()?;
+            return Location::open_local(parent.to_path_buf(), false).ok();
+        }
+        let uri = self.uri.trim_end_matches('/');
+        Some(Location {
+            store: self.store.clone(),
+            prefix: Path::from_iter(parts),
+            local_dir: self.local_dir.as_deref().and_then(std::path::Path::parent).map(std::path::Path::to_path_buf),
+            local_root: self.local_root.clone(),
+            uri: uri.rsplit_once('/').map_or(uri, |(parent, _)| parent).to_string(),
+        })
+    }
+
     /// The store path of `name` below this location.
     pub fn path(&self, name: &str) -> Path {
         name.split('/').fold(self.prefix.clone(), |p, part| p.join(part))
@@ -306,6 +326,21 @@ mod tests {
         let err = Location::open("ftp://x/y").unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Invalid);
         assert!(err.to_string().contains("ftp"));
+    }
+
+    #[test]
+    fn parent_undoes_child_and_a_local_folder_opened_directly_has_its_own() {
+        let run = Location::open("memory://store-parent/run").unwrap();
+        let parent = run.child("step-000000000001").parent().unwrap();
+        assert_eq!((parent.prefix(), parent.uri()), (run.prefix(), run.uri()));
+        assert!(Location::open("memory://store-parent").unwrap().parent().is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let inner = dir.path().join("step-000000000001");
+        std::fs::create_dir(&inner).unwrap();
+        let opened = Location::open(inner.to_str().unwrap()).unwrap();
+        let parent = opened.parent().unwrap();
+        assert_eq!(parent.local_dir().unwrap(), std::fs::canonicalize(dir.path()).unwrap());
+        assert_eq!(parent.prefix().parts().count(), 0);
     }
 
     #[test]

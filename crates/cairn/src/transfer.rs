@@ -24,7 +24,9 @@ use crate::runtime::block_on;
 use crate::save::{put_file, DEFAULT_MULTIPART_BYTES, DEFAULT_PART_BYTES};
 use crate::store::Location;
 
-/// Copies `src` into the checkpoint folder `dst` and verifies every byte there.
+/// Copies `src` into the checkpoint folder `dst` and verifies every byte there. The copy
+/// stands alone: data `src` refers to in other checkpoints of its run (an incremental
+/// save's) is copied into the copy's own folder.
 ///
 /// Resumable: data files already present at `dst` with the right size are kept, and a
 /// destination already committed by the same save (same `save_id`) is accepted as done.
@@ -38,7 +40,7 @@ pub fn copy_checkpoint(src: &Checkpoint, dst: &Location, progress: Progress<'_>)
 }
 
 async fn copy_async(src: &Checkpoint, dst: &Location, progress: Progress<'_>) -> Result<CheckpointInfo> {
-    let manifest = src.manifest();
+    let manifest = &src.manifest().standalone()?;
     let copied_before = match commit::manifest_owner(dst, &manifest.save_id).await {
         Owner::Us => true,
         Owner::Nobody => false,
@@ -56,16 +58,17 @@ async fn copy_async(src: &Checkpoint, dst: &Location, progress: Progress<'_>) ->
         }
     };
     if !copied_before {
-        for (file, record) in &manifest.files {
-            let present = dst.store().head(&dst.path(file)).await.is_ok_and(|m| m.size == record.size);
+        for (file, record) in &src.manifest().files {
+            let (folder, inner) = src.data_file(file)?;
+            let present = dst.store().head(&dst.path(&inner)).await.is_ok_and(|m| m.size == record.size);
             if present {
                 progress(Stage::Copying, record.size);
                 continue;
             }
-            let data = read_whole(src.location(), file, record.size, &|n| progress(Stage::Copying, n)).await?;
+            let data = read_whole(&folder, &inner, record.size, &|n| progress(Stage::Copying, n)).await?;
             let part =
                 (dst.local_dir().is_none() && record.size >= DEFAULT_MULTIPART_BYTES).then_some(DEFAULT_PART_BYTES);
-            put_file(dst, file, vec![data], part).await?;
+            put_file(dst, &inner, vec![data], part).await?;
         }
         commit::create_manifest(dst, manifest, manifest.step).await?;
     } else {
@@ -107,15 +110,18 @@ pub fn copy_run(src: &Run, dst: &Run, progress: Progress<'_>) -> Result<Vec<Chec
 }
 
 /// Packs a checkpoint into one self-contained byte bundle (a tar archive of its folder,
-/// manifest last), e.g. to send it over the wire or keep it in a database.
+/// manifest last; data it refers to in other checkpoints included, as by
+/// [`copy_checkpoint`]), e.g. to send it over the wire or keep it in a database.
 pub fn to_bytes(src: &Checkpoint) -> Result<Vec<u8>> {
     block_on(async {
+        let standalone = src.manifest().standalone()?;
         let mut archive = tar::Builder::new(Vec::new());
         for (file, record) in &src.manifest().files {
-            let data = read_whole(src.location(), file, record.size, &|_| {}).await?;
-            append(&mut archive, file, &data)?;
+            let (folder, inner) = src.data_file(file)?;
+            let data = read_whole(&folder, &inner, record.size, &|_| {}).await?;
+            append(&mut archive, &inner, &data)?;
         }
-        append(&mut archive, MANIFEST_FILE, &src.manifest().encode()?)?;
+        append(&mut archive, MANIFEST_FILE, &standalone.encode()?)?;
         archive.into_inner().map_err(|e| Error::invalid("cannot finish bundle").with_source(e))
     })
 }
@@ -202,7 +208,9 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
 /// rename wins and the others use it.
 pub fn as_directory(location: Location, cache_dir: &std::path::Path) -> Result<PathBuf> {
     let ckpt = crate::open_at(location)?;
-    if let (Some(dir), Some(root)) = (ckpt.location().local_dir(), ckpt.location().local_root()) {
+    // A local checkpoint is handed out as it is, unless it refers to other folders.
+    let own_folder = (ckpt.location().local_dir(), ckpt.location().local_root(), ckpt.manifest().has_references());
+    if let (Some(dir), Some(root), false) = own_folder {
         // The caller reads this folder with its own tools, which follow symlinks: hand it
         // out only if every data file is a regular file inside it.
         for file in ckpt.manifest().files.keys() {

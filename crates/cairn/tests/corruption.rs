@@ -164,8 +164,8 @@ fn truncated_manifest_is_detected() {
 #[test]
 fn unknown_format_version_is_incompatible() {
     let f = fixture();
-    edit_manifest(&f, |m| m["format_version"] = 2.into());
-    assert_err(load_err(&f), ErrorKind::Incompatible, &["format version 2", "manifest.json"]);
+    edit_manifest(&f, |m| m["format_version"] = 3.into());
+    assert_err(load_err(&f), ErrorKind::Incompatible, &["format version 3", "manifest.json"]);
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn manifest_pointing_outside_the_checkpoint_is_refused() {
             t["pieces"][0]["file"] = "../../../etc/passwd".into();
         }
     });
-    assert_err(load_err(&f), ErrorKind::Corrupt, &["outside the checkpoint", "../../../etc/passwd"]);
+    assert_err(load_err(&f), ErrorKind::Corrupt, &["outside the run", "../../../etc/passwd"]);
 }
 
 #[test]

@@ -79,6 +79,7 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
             "temporary": info.temporary,
             "metadata": info.metadata,
             "values": manifest.values.keys().collect::<Vec<_>>(),
+            "written_bytes": info.written_bytes,
             "files": manifest.files.iter().map(|(f, r)| (f.clone(), r.size.into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "tensors": tensors,
             "ranks": ranks,
@@ -95,6 +96,17 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
         output::size(info.tensor_bytes),
         manifest.files.len(),
         manifest.values.len()
+    );
+    let referred = manifest
+        .files
+        .keys()
+        .filter(|f| {
+            matches!(cairn::format::layout::parse_data_file(f), Some(cairn::format::layout::DataFile::Sibling { .. }))
+        })
+        .count();
+    println!(
+        "stored: {} written by this save, {referred} files referred to in earlier checkpoints",
+        output::size(info.written_bytes)
     );
     if !info.metadata.is_null() {
         println!("metadata {}", output::clean(&info.metadata.to_string()));

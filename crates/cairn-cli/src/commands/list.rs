@@ -23,6 +23,7 @@ pub fn ls(uri: &str, json: bool) -> CommandResult {
                     "uri": i.uri,
                     "created": output::time(i.created_unix_ms),
                     "bytes": i.tensor_bytes,
+                    "written_bytes": i.written_bytes,
                     "tensors": i.num_tensors,
                     "temporary": i.temporary,
                     "metrics": metrics,
@@ -39,12 +40,23 @@ pub fn ls(uri: &str, json: bool) -> CommandResult {
                 i.step.to_string(),
                 output::time(i.created_unix_ms),
                 output::size(i.tensor_bytes),
+                output::size(i.written_bytes),
                 if i.temporary { "yes" } else { "no" }.to_string(),
                 output::metrics(i),
             ]
         })
         .collect();
-    output::table(&["STEP", "CREATED", "SIZE", "TEMPORARY", "METRICS"], &rows);
+    output::table(&["STEP", "CREATED", "SIZE", "WRITTEN", "TEMPORARY", "METRICS"], &rows);
+    if !infos.is_empty() {
+        let logical = infos.iter().fold(0u64, |total, i| total.saturating_add(i.tensor_bytes));
+        let saved = (100.0 * (1.0 - survey.stored_bytes as f64 / logical.max(1) as f64)).max(0.0);
+        println!(
+            "{} checkpoints: {} of tensors, {} stored ({saved:.0}% saved by incremental saves)",
+            infos.len(),
+            output::size(logical),
+            output::size(survey.stored_bytes),
+        );
+    }
     Ok(if survey.damaged.is_empty() { ExitCode::SUCCESS } else { super::found_problems() })
 }
 

@@ -62,6 +62,51 @@ pub fn is_staged_hint(name: &str) -> bool {
         .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Where a data file named in a manifest lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataFile<'a> {
+    /// In the checkpoint's own folder: `shards/<name>`.
+    Own(&'a str),
+    /// In the folder of the checkpoint of `step` of the same run (an incremental save's
+    /// reference to data already stored): `../step-<step>/shards/<name>`; `shard` is the
+    /// path inside that folder.
+    Sibling {
+        /// The step whose folder holds the file.
+        step: u64,
+        /// `shards/<name>`.
+        shard: &'a str,
+    },
+}
+
+impl DataFile<'_> {
+    /// The file's path relative to the run (`step-<step>/shards/<name>`), given the
+    /// step of the checkpoint that names it.
+    pub fn in_run(&self, own_step: u64) -> String {
+        match *self {
+            DataFile::Own(shard) => format!("{}/{shard}", step_dir(own_step)),
+            DataFile::Sibling { step, shard } => format!("{}/{shard}", step_dir(step)),
+        }
+    }
+}
+
+/// What the data file `file` of a manifest names, if it has an acceptable shape:
+/// `shards/<name>` (see [`is_valid_shard_file`]) or `../step-<12+ digits>/shards/<name>`.
+/// Nothing else is ever turned into a path.
+pub fn parse_data_file(file: &str) -> Option<DataFile<'_>> {
+    if is_valid_shard_file(file) {
+        return Some(DataFile::Own(file));
+    }
+    let (dir, shard) = file.strip_prefix("../")?.split_once('/')?;
+    let step = parse_step_dir(dir)?;
+    is_valid_shard_file(shard).then_some(DataFile::Sibling { step, shard })
+}
+
+/// The name a manifest of the same run gives the data file `shard` (`shards/<name>`) of
+/// the checkpoint of `step`.
+pub fn sibling_file(step: u64, shard: &str) -> String {
+    format!("../{}/{shard}", step_dir(step))
+}
+
 /// Whether `file` is an acceptable shard reference in a manifest: `shards/<name>` where
 /// `<name>` is 1..=200 characters of `[A-Za-z0-9._-]`, not starting with a dot.
 pub fn is_valid_shard_file(file: &str) -> bool {
@@ -107,6 +152,29 @@ mod tests {
             "shards\\a",
         ] {
             assert!(!is_valid_shard_file(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sibling_references_name_a_step_folder_of_the_run_and_nothing_else() {
+        let own = shard_file(0, 0, 1, "abcd");
+        assert_eq!(parse_data_file(&own), Some(DataFile::Own(&own)));
+        let sibling = sibling_file(7, &own);
+        assert_eq!(parse_data_file(&sibling), Some(DataFile::Sibling { step: 7, shard: &own }));
+        assert_eq!(parse_data_file(&sibling).unwrap().in_run(9), format!("step-000000000007/{own}"));
+        assert_eq!(DataFile::Own(&own).in_run(9), format!("step-000000000009/{own}"));
+        for bad in [
+            "../step-7/shards/a",
+            "../../step-000000000007/shards/a",
+            "../step-000000000007/../shards/a",
+            "../step-000000000007/shards/../x",
+            "../step-000000000007/manifest.json",
+            "..//step-000000000007/shards/a",
+            "./shards/a",
+            "../x/shards/a",
+            "../step-000000000007/shards/a/b",
+        ] {
+            assert_eq!(parse_data_file(bad), None, "{bad}");
         }
     }
 }

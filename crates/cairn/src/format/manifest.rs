@@ -8,14 +8,20 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::format::layout;
+use crate::format::layout::{self, DataFile};
 use crate::geometry;
 use crate::state::{checked_nbytes, checked_numel, map_budget, DType, Value};
 
 /// The value of the manifest's `format` field.
 pub const FORMAT_NAME: &str = "cairn";
-/// The format version this library writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+/// The newest format version this library reads and writes: 2, whose manifests may name
+/// data files in other checkpoint folders of the same run (incremental saves).
+pub const FORMAT_VERSION: u64 = 2;
+/// The oldest format version this library reads, and the one it writes for every
+/// manifest that names only its own files (so that older readers still read them).
+pub const FORMAT_VERSION_STANDALONE: u64 = 1;
+/// Every format version this library reads.
+const READ_VERSIONS: std::ops::RangeInclusive<u64> = FORMAT_VERSION_STANDALONE..=FORMAT_VERSION;
 /// Largest manifest accepted, checked before reading it.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 /// Pieces of one tensor are checked for overlaps by a sweep whose comparisons are capped
@@ -30,7 +36,8 @@ pub const MAX_RANK: usize = 64;
 pub struct Manifest {
     /// Always [`FORMAT_NAME`].
     pub format: String,
-    /// Always [`FORMAT_VERSION`] for manifests this library writes.
+    /// [`FORMAT_VERSION_STANDALONE`], or [`FORMAT_VERSION`] when the manifest names data
+    /// files of other checkpoints (see [`Manifest::required_version`]).
     pub format_version: u64,
     /// Training step of the checkpoint.
     pub step: u64,
@@ -241,6 +248,32 @@ pub struct PieceRecord {
     pub shape: Vec<u64>,
     /// CRC-32C (Castagnoli) of the piece's bytes.
     pub crc32c: u32,
+    /// XXH3-128 of the piece's bytes (32 lowercase hex digits), written by incremental
+    /// saves so that a later save can find the piece by its content; readers that do not
+    /// deduplicate ignore it (an optional field, allowed in version 1 too).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex128")]
+    pub xxh3: Option<u128>,
+}
+
+/// A 128-bit content hash as 32 lowercase hex digits; anything else is refused.
+mod hex128 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(hash: &Option<u128>, serializer: S) -> Result<S::Ok, S::Error> {
+        match hash {
+            Some(hash) => serializer.serialize_str(&format!("{hash:032x}")),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u128>, D::Error> {
+        let text = <&str>::deserialize(deserializer)?;
+        let canonical = text.len() == 32 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !canonical {
+            return Err(serde::de::Error::custom("xxh3 must be 32 lowercase hex digits"));
+        }
+        u128::from_str_radix(text, 16).map(Some).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A data file of the checkpoint.
@@ -281,25 +314,25 @@ impl Manifest {
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(Error::corrupt(format!("manifest larger than {MAX_MANIFEST_BYTES} bytes file=`{file}`")));
         }
-        // One parse in the common case; only a manifest that is not v1 is parsed again, by
-        // the probe, to say what it is instead.
+        // One parse in the common case; only a manifest of no version this library reads
+        // is parsed again, by the probe, to say what it is instead.
         let parsed: Result<Manifest, _> = map_budget::with(MAX_VALUE_MAPS, || serde_json::from_slice(bytes));
         let manifest = parsed.map_err(|e| {
-            Self::not_v1(bytes, file).unwrap_or_else(|| {
-                Error::corrupt(format!("manifest does not match format v1 file=`{file}`")).with_source(e)
+            Self::unreadable(bytes, file).unwrap_or_else(|| {
+                Error::corrupt(format!("manifest does not match the cairn format file=`{file}`")).with_source(e)
             })
         })?;
-        if manifest.format != FORMAT_NAME || manifest.format_version != FORMAT_VERSION {
-            return Err(Self::not_v1(bytes, file)
-                .unwrap_or_else(|| Error::corrupt(format!("not a cairn v1 manifest file=`{file}`"))));
+        if manifest.format != FORMAT_NAME || !READ_VERSIONS.contains(&manifest.format_version) {
+            return Err(Self::unreadable(bytes, file)
+                .unwrap_or_else(|| Error::corrupt(format!("not a cairn manifest file=`{file}`"))));
         }
         manifest.validate(file)?;
         Ok(manifest)
     }
 
-    /// Why `bytes` is not a v1 Cairn manifest, if its `format` or `format_version` says:
-    /// not JSON, not Cairn's, or another version.
-    fn not_v1(bytes: &[u8], file: &str) -> Option<Error> {
+    /// Why `bytes` is not a Cairn manifest this library reads, if its `format` or
+    /// `format_version` says: not JSON, not Cairn's, or a version it does not know.
+    fn unreadable(bytes: &[u8], file: &str) -> Option<Error> {
         let probe: VersionProbe = match serde_json::from_slice(bytes) {
             Ok(probe) => probe,
             Err(e) => return Some(Error::corrupt(format!("manifest is not valid json file=`{file}`")).with_source(e)),
@@ -308,15 +341,67 @@ impl Manifest {
             return Some(Error::corrupt(format!("not a cairn manifest file=`{file}`")));
         }
         match probe.format_version.as_ref().and_then(|v| v.as_u64()) {
-            Some(FORMAT_VERSION) => None,
+            Some(version) if READ_VERSIONS.contains(&version) => None,
             Some(other) => Some(Error::incompatible(format!(
-                "unsupported format version {other} (this cairn reads {FORMAT_VERSION}) file=`{file}`"
+                "unsupported format version {other} (this cairn reads {FORMAT_VERSION_STANDALONE} to {FORMAT_VERSION}) file=`{file}`"
             ))),
             None => Some(Error::corrupt(match &probe.format_version {
                 Some(other) => format!("format_version must be an integer, not {other} file=`{file}`"),
                 None => format!("manifest has no format_version file=`{file}`"),
             })),
         }
+    }
+
+    /// The lowest format version that describes this manifest: [`FORMAT_VERSION`] if it
+    /// names a data file of another checkpoint, else [`FORMAT_VERSION_STANDALONE`].
+    pub fn required_version(&self) -> u64 {
+        let sibling = self.files.keys().any(|f| matches!(layout::parse_data_file(f), Some(DataFile::Sibling { .. })));
+        if sibling {
+            FORMAT_VERSION
+        } else {
+            FORMAT_VERSION_STANDALONE
+        }
+    }
+
+    /// Whether some data file lives in another checkpoint's folder.
+    pub fn has_references(&self) -> bool {
+        self.required_version() > FORMAT_VERSION_STANDALONE
+    }
+
+    /// The bytes of the data files in the checkpoint's own folder: what its save wrote.
+    pub fn own_file_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .filter(|(f, _)| matches!(layout::parse_data_file(f), Some(DataFile::Own(_))))
+            .fold(0u64, |total, (_, r)| total.saturating_add(r.size))
+    }
+
+    /// This manifest as it reads with every data file in its own folder: each reference
+    /// `../step-<n>/shards/<name>` becomes `shards/<name>` (what a copy that stands alone
+    /// holds), at the lowest version that describes it. Two files that would get one
+    /// name are refused (no Cairn writer makes them).
+    pub fn standalone(&self) -> Result<Manifest> {
+        let local = |file: &str| match layout::parse_data_file(file) {
+            Some(DataFile::Sibling { shard, .. }) => shard.to_string(),
+            _ => file.to_string(),
+        };
+        let mut out = self.clone();
+        out.files = BTreeMap::new();
+        for (file, record) in &self.files {
+            if out.files.insert(local(file), record.clone()).is_some() {
+                return Err(Error::corrupt(format!(
+                    "two data files of the checkpoint have one name data_file=`{}` step={}",
+                    crate::error::escape_control(&local(file)),
+                    self.step
+                )));
+            }
+        }
+        let records = out.tensors.values_mut().chain(out.ranks.values_mut().flat_map(|r| r.tensors.values_mut()));
+        for piece in records.flat_map(|t| t.pieces.iter_mut()) {
+            piece.file = local(&piece.file);
+        }
+        out.format_version = out.required_version();
+        Ok(out)
     }
 
     /// The plain values and structure rank `rank` saved: its own record if it has one,
@@ -395,10 +480,28 @@ impl Manifest {
             }
         }
         for (name, record) in &self.files {
-            if !layout::is_valid_shard_file(name) {
-                return Err(Error::corrupt(format!(
-                    "manifest names a file outside the checkpoint's shards folder data_file=`{name}` file=`{file}`"
-                )));
+            match layout::parse_data_file(name) {
+                Some(DataFile::Own(_)) => {}
+                Some(DataFile::Sibling { step, .. }) if step == self.step => {
+                    return Err(Error::corrupt(format!(
+                        "manifest refers to its own folder as another checkpoint's (a cycle) data_file=`{}` file=`{file}`",
+                        crate::error::escape_control(name)
+                    )));
+                }
+                Some(DataFile::Sibling { .. }) if self.format_version >= FORMAT_VERSION => {}
+                Some(DataFile::Sibling { .. }) => {
+                    return Err(Error::corrupt(format!(
+                        "a version {} manifest names another checkpoint's file data_file=`{}` file=`{file}`",
+                        self.format_version,
+                        crate::error::escape_control(name)
+                    )));
+                }
+                None => {
+                    return Err(Error::corrupt(format!(
+                        "manifest names a file outside the run's shards folders data_file=`{}` file=`{file}`",
+                        crate::error::escape_control(name)
+                    )));
+                }
             }
             if record.header_len < 8 || record.header_len > record.size {
                 return Err(Error::corrupt(format!(
@@ -488,12 +591,19 @@ mod tests {
             TensorRecord {
                 dtype: DType::F32,
                 shape: vec![2, 2],
-                pieces: vec![PieceRecord { file, range: [72, 88], offsets: vec![0, 0], shape: vec![2, 2], crc32c: 0 }],
+                pieces: vec![PieceRecord {
+                    file,
+                    range: [72, 88],
+                    offsets: vec![0, 0],
+                    shape: vec![2, 2],
+                    crc32c: 0,
+                    xxh3: None,
+                }],
             },
         );
         Manifest {
             format: FORMAT_NAME.into(),
-            format_version: FORMAT_VERSION,
+            format_version: FORMAT_VERSION_STANDALONE,
             step: 5,
             created_unix_ms: 1,
             temporary: false,
@@ -587,10 +697,54 @@ mod tests {
     #[test]
     fn unknown_format_version_is_incompatible() {
         let mut m = sample();
-        m.format_version = 2;
+        m.format_version = 3;
         let err = decode_err(&m);
         assert_eq!(err.kind(), crate::ErrorKind::Incompatible);
-        assert!(err.to_string().contains("format version 2"), "{err}");
+        assert!(err.to_string().contains("format version 3"), "{err}");
+    }
+
+    /// `sample` with its data file moved to the folder of step `step` of the run.
+    fn referencing(step: u64) -> Manifest {
+        let mut m = sample();
+        let (own, record) = m.files.pop_first().unwrap();
+        let sibling = layout::sibling_file(step, &own);
+        m.files.insert(sibling.clone(), record);
+        m.tensors.get_mut("w").unwrap().pieces[0].file = sibling;
+        m.format_version = m.required_version();
+        m
+    }
+
+    #[test]
+    fn references_need_version_2_and_never_point_at_their_own_folder() {
+        let m = referencing(3);
+        assert_eq!(m.format_version, FORMAT_VERSION);
+        assert!(m.has_references());
+        assert_eq!(m.own_file_bytes(), 0);
+        assert_eq!(Manifest::decode(&m.encode().unwrap(), "m.json").unwrap(), m);
+        assert_eq!(sample().required_version(), FORMAT_VERSION_STANDALONE);
+
+        let mut old = referencing(3);
+        old.format_version = FORMAT_VERSION_STANDALONE;
+        let err = decode_err(&old);
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.to_string().contains("version 1 manifest names another checkpoint's file"), "{err}");
+
+        let err = decode_err(&referencing(5));
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.to_string().contains("its own folder") && err.to_string().contains("step-000000000005"), "{err}");
+    }
+
+    #[test]
+    fn content_hashes_are_32_lowercase_hex_digits() {
+        let mut m = sample();
+        m.tensors.get_mut("w").unwrap().pieces[0].xxh3 = Some(0xabc);
+        let text = String::from_utf8(m.encode().unwrap()).unwrap();
+        assert!(text.contains("\"xxh3\":\"00000000000000000000000000000abc\""), "{text}");
+        assert_eq!(Manifest::decode(text.as_bytes(), "m.json").unwrap(), m);
+        for bad in ["ABC", "00000000000000000000000000000ABC", "+0000000000000000000000000000abc", ""] {
+            let err = decode_text_err(&text.replace("00000000000000000000000000000abc", bad));
+            assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "{bad}");
+        }
     }
 
     #[test]
