@@ -4,13 +4,19 @@
 //!
 //! A tensor's content is its XXH3-128 with its length. A save finds the stored pieces by
 //! reading the manifests of the run's committed checkpoints (newest first, so it refers
-//! to the copies retention deletes last) and *pins* what it will refer to before it
+//! to the copies retention deletes last) and *pins* what it may refer to before it
 //! relies on it: it writes the list of those files into its own folder, then checks that
-//! each manifest it found them in is still committed. Deletions remove a manifest first,
-//! then read the remaining manifests, then the pins, and keep every file either names
-//! (see `Run::live_files`). So either the deletion sees the pin or the save sees the
-//! manifest gone and writes those tensors itself: a committed checkpoint never refers to
-//! deleted data. Pins live as long as the grace period of unfinished saves.
+//! each manifest it found them in is still committed. Its tensors are then hashed shard
+//! by shard as the shards are written (see `save`), so hashing overlaps the writes. It
+//! removes its pin once committed (or failed).
+//!
+//! Deletions remove a manifest first, then read the remaining manifests, then the pins,
+//! then the manifests committed meanwhile, and keep every file any of them names (see
+//! `Run::live_files`). A save that found a source still committed after pinning is seen
+//! by every later deletion of it (its pin is read after that source went); a save whose
+//! pin is gone by then had committed before, and its manifest is read after the pins. So
+//! a committed checkpoint never refers to deleted data. Pins live as long as the grace
+//! period of unfinished saves.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -20,17 +26,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::commit::{self, Owner};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::checksum;
 use crate::format::layout::{self, DataFile, COORD_DIR};
 use crate::format::manifest::{FileRecord, Manifest, PieceRecord};
 use crate::run::Run;
-use crate::state::{State, Tensor};
+use crate::state::Tensor;
 use crate::store::Location;
 
 /// Largest pin read back (a pin lists files, not tensors: a few per checkpoint).
 pub(crate) const MAX_PIN_BYTES: u64 = 16 << 20;
-/// Below this many bytes of tensors, content ids are computed on one thread.
-const PARALLEL_MIN_BYTES: u64 = 16 << 20;
 
 /// The name of the pin of save `save_id`, relative to its checkpoint folder.
 pub(crate) fn pin_file(save_id: &str) -> String {
@@ -140,79 +143,31 @@ impl Stored {
     }
 }
 
-/// The content id of every tensor of `state`, by key, computed on up to as many threads
-/// as there are cores (each takes a contiguous run of about equal bytes).
-pub(crate) fn content_ids(state: &State) -> HashMap<String, u128> {
-    let tensors: Vec<(&String, &Tensor)> = state.tensors().collect();
-    let total = state.tensor_bytes();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    if threads == 1 || total < PARALLEL_MIN_BYTES {
-        return tensors.into_iter().map(|(k, t)| (k.clone(), checksum::content_id(t.data()))).collect();
-    }
-    let share = total.div_ceil(threads as u64);
-    let mut runs: Vec<Vec<(&String, &Tensor)>> = vec![Vec::new()];
-    let mut filled = 0u64;
-    for tensor in tensors {
-        if filled >= share {
-            runs.push(Vec::new());
-            filled = 0;
-        }
-        filled += tensor.1.data().len() as u64;
-        if let Some(run) = runs.last_mut() {
-            run.push(tensor);
-        }
-    }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = runs
-            .into_iter()
-            .map(|run| {
-                scope.spawn(move || {
-                    run.into_iter().map(|(k, t)| (k.clone(), checksum::content_id(t.data()))).collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-    })
-}
-
-/// What an incremental save reuses, and the content ids of everything it saves.
+/// What an incremental save may refer to: the stored pieces whose source manifests were
+/// still committed once every file they lie in was pinned.
 #[derive(Debug, Default)]
-pub(crate) struct Reuse {
-    /// Content id of every tensor of the state.
-    pub(crate) ids: HashMap<String, u128>,
-    /// The tensors already stored, by key.
-    pub(crate) reused: BTreeMap<String, StoredPiece>,
-    /// The pin this save wrote, if it reuses anything.
+pub(crate) struct Dedup {
+    stored: Stored,
+    /// The pin this save wrote, if the run stores anything.
     pin: Option<String>,
 }
 
-impl Reuse {
-    /// Finds which tensors of `state` the run around `dest` (the folder of the checkpoint
-    /// of `step`) already stores, pins their files, and keeps only those whose source
-    /// manifests are still committed once the pin is written (see the module docs).
-    pub(crate) async fn plan(dest: &Location, state: &State, step: u64, save_id: &str) -> Result<Reuse> {
-        let hashed = state.clone();
-        let ids = tokio::task::spawn_blocking(move || content_ids(&hashed))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, "content id task failed").with_source(e))?;
+impl Dedup {
+    /// Reads what the run around `dest` (the folder of the checkpoint of `step`) stores,
+    /// pins every file of it, then keeps only the pieces whose source manifests are still
+    /// committed (see the module docs). The save then hashes its tensors shard by shard,
+    /// while other shards are being written, and refers to whatever is found here.
+    pub(crate) async fn prepare(dest: &Location, step: u64, save_id: &str) -> Result<Dedup> {
         let Some(run) = dest.parent() else {
-            return Ok(Reuse { ids, ..Reuse::default() });
+            return Ok(Dedup::default());
         };
         let run = Run::at(run);
-        let stored = Stored::of_run(&run, step).await?;
-        let mut reused: BTreeMap<String, StoredPiece> = state
-            .tensors()
-            .filter(|(_, t)| !t.data().is_empty())
-            .filter_map(|(key, t)| {
-                let found = stored.find(*ids.get(key)?, t.data().len() as u64)?;
-                Some((key.clone(), found.clone()))
-            })
-            .collect();
-        if reused.is_empty() {
-            return Ok(Reuse { ids, reused, pin: None });
+        let mut stored = Stored::of_run(&run, step).await?;
+        if stored.by_content.is_empty() {
+            return Ok(Dedup::default());
         }
         let pin = pin_file(save_id);
-        let files: BTreeSet<String> = reused.values().map(StoredPiece::in_run).collect();
+        let files: BTreeSet<String> = stored.by_content.values().map(StoredPiece::in_run).collect();
         let body = serde_json::to_vec(&Pin { files })
             .map_err(|e| Error::invalid("cannot encode the pin of an incremental save").with_source(e))?;
         let shown = format!("file=`{}/{pin}`", dest.uri());
@@ -221,47 +176,38 @@ impl Reuse {
                 .and_then(|()| crate::store::create_dirs_durably(&dir.join(COORD_DIR)))
                 .map_err(|e| Error::from_io(e, "writing pin", &shown))?;
         }
-        dest.store()
-            .put(&dest.path(&pin), PutPayload::from(body))
-            .await
-            .map_err(|e| Error::from_store(e, "writing pin", &shown))?;
-        let mut this = Reuse { ids, reused: BTreeMap::new(), pin: Some(pin) };
+        let put = dest.store().put(&dest.path(&pin), PutPayload::from(body)).await;
+        put.map_err(|e| Error::from_store(e, "writing pin", &shown))?;
         // The pin is in place: a source still committed now is deleted, if ever, after it,
         // and that deletion keeps what the pin names.
-        let sources: BTreeSet<(u64, Arc<str>)> = reused.values().map(|p| p.source.clone()).collect();
+        let sources: BTreeSet<(u64, Arc<str>)> = stored.by_content.values().map(|p| p.source.clone()).collect();
         for (source_step, save_id) in sources {
             let owner = commit::manifest_owner(&run.step_location(source_step), &save_id).await;
             if !matches!(owner, Owner::Us) {
-                reused.retain(|_, p| p.source.0 != source_step || *p.source.1 != *save_id);
+                stored.by_content.retain(|_, p| p.source.0 != source_step || *p.source.1 != *save_id);
             }
         }
-        this.reused = reused;
-        Ok(this)
+        Ok(Dedup { stored, pin: Some(pin) })
     }
 
-    /// The part of `state` this save writes itself: what it does not reuse.
-    pub(crate) fn fresh(&self, state: &State) -> Option<State> {
-        if self.reused.is_empty() {
+    /// The manifest records that refer to the stored copy of `tensor`, whose content id is
+    /// `id`, in the checkpoint of `step`: its piece and its file's name and record. `None`
+    /// if nothing stored holds that content at an offset that suits its element size.
+    pub(crate) fn refer(&self, id: u128, tensor: &Tensor, step: u64) -> Option<(PieceRecord, FileRecord)> {
+        let len = tensor.data().len() as u64;
+        if len == 0 {
             return None;
         }
-        let mut fresh = State::new();
-        for (key, tensor) in state.tensors().filter(|(k, _)| !self.reused.contains_key(*k)) {
-            fresh.insert_tensor(key.clone(), tensor.clone());
-        }
-        Some(fresh)
-    }
-
-    /// The piece record of the reused tensor `key` of shape `shape`, and its file's name
-    /// and record in the manifest of the checkpoint of `step`.
-    pub(crate) fn reused_piece(&self, key: &str, shape: &[u64], step: u64) -> Option<(PieceRecord, FileRecord)> {
-        let stored = self.reused.get(key)?;
+        let shape = tensor.shape();
+        // Bytes stored for another dtype may start where this one's elements cannot.
+        let stored = self.stored.find(id, len).filter(|p| p.range[0] % tensor.dtype().size() as u64 == 0)?;
         let piece = PieceRecord {
             file: stored.name_from(step),
             range: stored.range,
             offsets: vec![0; shape.len()],
             shape: shape.to_vec(),
             crc32c: stored.crc32c,
-            xxh3: self.ids.get(key).copied(),
+            xxh3: Some(id),
         };
         Some((piece, stored.record.clone()))
     }
@@ -278,7 +224,6 @@ impl Reuse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::DType;
 
     #[test]
     fn pins_are_named_in_the_coordination_folder() {
@@ -286,20 +231,6 @@ mod tests {
         assert!(layout::is_written_by_cairn(&pin_file("0123abcd")));
         for other in [".cairn-coord/pin-.json", ".cairn-coord/pin-a/b.json", "shards/pin-a.json", ".cairn-coord/x"] {
             assert!(!is_pin(other), "{other}");
-        }
-    }
-
-    #[test]
-    fn content_ids_match_on_one_thread_and_on_many() {
-        let mut state = State::new();
-        for i in 0..40u8 {
-            let len = if i % 2 == 0 { 1 << 20 } else { 3 };
-            state.insert_tensor(format!("t{i}"), Tensor::new(DType::U8, vec![len], vec![i; len as usize]).unwrap());
-        }
-        let ids = content_ids(&state);
-        assert_eq!(ids.len(), 40);
-        for (key, tensor) in state.tensors() {
-            assert_eq!(ids[key], checksum::content_id(tensor.data()), "{key}");
         }
     }
 }

@@ -227,7 +227,13 @@ impl Root {
         let Some(start) = self.real_dir(prefix).map_err(|e| store_error(e, prefix))? else { return Ok(out) };
         let mut pending = vec![(start, prefix.clone(), 0usize)];
         while let Some((dir, location, depth)) = pending.pop() {
-            for listed in read_folder(&dir, &location).map_err(|e| store_error(e, &location))? {
+            let listed = match read_folder(&dir, &location) {
+                Ok(listed) => listed,
+                // A folder below the start removed while listing (a deletion emptied it).
+                Err(e) if e.kind() == io::ErrorKind::NotFound && depth > 0 => continue,
+                Err(e) => return Err(store_error(e, &location)),
+            };
+            for listed in listed {
                 match listed {
                     Listed::Folder(path, child) if depth < MAX_LIST_DEPTH => pending.push((path, child, depth + 1)),
                     Listed::Folder(..) => {}

@@ -250,8 +250,9 @@ impl Run {
     /// Deletes the checkpoint of `step`: its manifest first (it stops existing), then its
     /// data that nothing else refers to: the files in its folder and the files of other
     /// folders it referred to, unless a remaining committed checkpoint or a save in flight
-    /// (pinned within the last [`PIN_LIFETIME`]) names them. While some committed
-    /// manifest cannot be read, no data file is deleted (its references are unknown).
+    /// (pinned within the last [`PIN_LIFETIME`]) names them. A damaged manifest keeps
+    /// what its bytes still name; while one of an unknown version or a pin cannot be
+    /// read, no data file is deleted (their references are unknown).
     /// Deleting a step that does not exist is not an error.
     pub fn delete(&self, step: u64) -> Result<()> {
         block_on(self.delete_async(step))
@@ -289,24 +290,13 @@ impl Run {
     }
 
     /// The data files that must stay: those the committed checkpoints name (read first),
-    /// then those the pins of saves in flight younger than `pin_lifetime` name (read
-    /// after: see `incremental` for why this order keeps a save's references alive).
+    /// then those the pins of saves in flight younger than `pin_lifetime` name, then those
+    /// of checkpoints committed meanwhile (a save removes its pin once committed: read
+    /// again, its manifest is seen). See `incremental` for why this order keeps every
+    /// reference of a committed checkpoint alive.
     pub(crate) async fn live_files(&self, pin_lifetime: std::time::Duration) -> Result<Live> {
         let mut live = Live { files: Some(BTreeSet::new()), readable: BTreeSet::new() };
-        for c in self.list_async().await? {
-            match Checkpoint::open_async(c.location.clone()).await {
-                Ok(ckpt) => {
-                    live.readable.insert(c.step);
-                    let named = ckpt.manifest().files.keys().filter_map(|f| layout::parse_data_file(f));
-                    if let Some(files) = &mut live.files {
-                        files.extend(named.map(|d| d.in_run(c.step)));
-                    }
-                }
-                Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
-                Err(e) if is_damaged(&e) => live.files = None,
-                Err(e) => return Err(e),
-            }
-        }
+        self.read_manifests(&mut live).await?;
         let (depth, objects) = self.objects().await?;
         let now_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
@@ -327,7 +317,59 @@ impl Run {
                 None => live.files = None,
             }
         }
+        self.read_manifests(&mut live).await?;
         Ok(live)
+    }
+
+    /// Adds to `live` what the committed checkpoints it has not read yet name. A damaged
+    /// manifest keeps every reference that can still be read in its bytes; one of a
+    /// newer format, whose references are unknown, keeps every data file.
+    async fn read_manifests(&self, live: &mut Live) -> Result<()> {
+        let mut seen = live.readable.clone();
+        for c in self.list_async().await?.into_iter().filter(|c| !live.readable.contains(&c.step)) {
+            match Checkpoint::open_async(c.location.clone()).await {
+                Ok(ckpt) => {
+                    seen.insert(c.step);
+                    let named = ckpt.manifest().files.keys().filter_map(|f| layout::parse_data_file(f));
+                    if let Some(files) = &mut live.files {
+                        files.extend(named.map(|d| d.in_run(c.step)));
+                    }
+                }
+                Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == crate::ErrorKind::Corrupt => match self.references_in(&c.location).await? {
+                    Some(named) => {
+                        if let Some(files) = &mut live.files {
+                            files.extend(named);
+                        }
+                    }
+                    None => live.files = None,
+                },
+                Err(e) if is_damaged(&e) => live.files = None,
+                Err(e) => return Err(e),
+            }
+        }
+        live.readable = seen;
+        Ok(())
+    }
+
+    /// The references (`step-<n>/shards/<name>`, relative to the run) written in the bytes
+    /// of the damaged manifest of the folder `dir`; `None` if it is too large to read.
+    async fn references_in(&self, dir: &Location) -> Result<Option<Vec<String>>> {
+        let shown = format!("file=`{}/{MANIFEST_FILE}`", dir.uri());
+        let got = match dir.store().get(&dir.path(MANIFEST_FILE)).await {
+            Ok(got) if got.meta.size <= crate::format::manifest::MAX_MANIFEST_BYTES => got,
+            Ok(_) => return Ok(None),
+            Err(object_store::Error::NotFound { .. }) => return Ok(Some(Vec::new())),
+            Err(e) => return Err(Error::from_store(e, "reading manifest", &shown)),
+        };
+        let bytes = got.bytes().await.map_err(|e| Error::from_store(e, "reading manifest", &shown))?;
+        static REFERENCE: std::sync::OnceLock<regex::bytes::Regex> = std::sync::OnceLock::new();
+        let pattern = REFERENCE.get_or_init(|| {
+            regex::bytes::Regex::new(r"\.\./(step-[0-9]{12,}/shards/[A-Za-z0-9_-][A-Za-z0-9._-]{0,199})")
+                .unwrap_or_else(|_| unreachable!("a fixed pattern"))
+        });
+        let named = pattern.captures_iter(&bytes).filter_map(|c| c.get(1));
+        Ok(Some(named.map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned()).collect()))
     }
 
     /// The pin at `meta`, if it can be read and decoded (gone: an empty one).

@@ -24,7 +24,7 @@ use crate::format::manifest::{
     FORMAT_VERSION_STANDALONE, MAX_METADATA_BYTES, MAX_VALUE_MAPS,
 };
 use crate::format::shard::{self, ShardEntry, DATA_ALIGN};
-use crate::incremental::Reuse;
+use crate::incremental::Dedup;
 use crate::info::CheckpointInfo;
 use crate::local_write;
 use crate::state::{Entry, State, Tensor, Value};
@@ -212,28 +212,33 @@ pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &S
     }
 
     let save_id = uuid::Uuid::new_v4().simple().to_string();
-    let reuse = match opts.incremental && opts.step.is_some() {
-        true => Reuse::plan(dest, state, step, &save_id).await?,
-        false => Reuse::default(),
+    // Only a step folder of a run refers to its siblings (a folder saved as a checkpoint
+    // of its own has none that deletions would see).
+    let in_run = dest.uri().rsplit('/').next().and_then(layout::parse_step_dir) == Some(step);
+    let dedup = match opts.incremental && in_run {
+        true => Some(Dedup::prepare(dest, step, &save_id).await?),
+        false => None,
     };
-    let committed = write_and_commit(dest, state, step, opts, &save_id, &reuse).await;
-    reuse.unpin(dest).await;
+    let committed = write_and_commit(dest, state, step, opts, &save_id, dedup.as_ref()).await;
+    if let Some(dedup) = &dedup {
+        dedup.unpin(dest).await;
+    }
     committed
 }
 
-/// Writes what `reuse` leaves to write of `state`, then commits the manifest.
+/// Writes what is not stored yet of `state` (everything without `dedup`), then commits
+/// the manifest.
 async fn write_and_commit(
     dest: &Location,
     state: &State,
     step: u64,
     opts: &SaveOptions,
     save_id: &str,
-    reuse: &Reuse,
+    dedup: Option<&Dedup>,
 ) -> Result<CheckpointInfo> {
-    let fresh = reuse.fresh(state);
-    let written = write_share(dest, fresh.as_ref().unwrap_or(state), 0, &save_id[..12], opts).await?;
-    let files: Vec<String> = written.iter().map(|w| w.file.clone()).collect();
-    let manifest = build_manifest(state, step, opts, save_id, written, reuse);
+    let shares = write_share_with(dest, state, 0, &save_id[..12], opts, dedup.map(|d| (d, step))).await?;
+    let files: Vec<String> = shares.written.iter().map(|w| w.file.clone()).collect();
+    let manifest = build_manifest(state, step, opts, save_id, shares);
     match commit::create_manifest(dest, &manifest, step).await {
         Ok(()) => Ok(CheckpointInfo::from_manifest(&manifest, dest.uri())),
         // Another writer committed this step: ours never landed, so our files can go.
@@ -253,6 +258,16 @@ async fn write_and_commit(
     }
 }
 
+/// A tensor an incremental save found stored: its key, its piece, and the file that piece
+/// names (its name in the manifest, and its record).
+pub(crate) type Referred = (String, PieceRecord, (String, FileRecord));
+
+/// What the shards of a save produced: the files written, and the tensors found stored.
+pub(crate) struct Shares {
+    pub(crate) written: Vec<WrittenShard>,
+    pub(crate) referred: Vec<Referred>,
+}
+
 /// Writes the tensors of `state` as this rank's shard files (names carry `rank` and
 /// `attempt`), durably; on failure removes what it wrote.
 pub(crate) async fn write_share(
@@ -262,6 +277,20 @@ pub(crate) async fn write_share(
     attempt: &str,
     opts: &SaveOptions,
 ) -> Result<Vec<WrittenShard>> {
+    Ok(write_share_with(dest, state, rank, attempt, opts, None).await?.written)
+}
+
+/// [`write_share`], and with `dedup` (what is stored, and the step of the checkpoint
+/// being saved) each shard's tensors are hashed as it is written (other shards are being
+/// written meanwhile): those found stored are referred to instead of written.
+async fn write_share_with(
+    dest: &Location,
+    state: &State,
+    rank: u32,
+    attempt: &str,
+    opts: &SaveOptions,
+    dedup: Option<(&Dedup, u64)>,
+) -> Result<Shares> {
     let plans = plan_shards(state, opts.shard_bytes, opts.concurrency, rank, attempt);
     let written = async {
         let shards_dir = dest.local_dir().map(|dir| dir.join(layout::SHARDS_DIR));
@@ -271,7 +300,7 @@ pub(crate) async fn write_share(
             store::create_dirs_durably(dir)
                 .map_err(|e| Error::from_io(e, "creating shard folder", &format!("dir=`{}`", dir.display())))?;
         }
-        let written = write_shards(dest, state, &plans, opts).await?;
+        let written = write_shards(dest, state, &plans, opts, dedup).await?;
         // The new files' names become durable with their folder's fsync.
         if let Some(dir) = &shards_dir {
             sync_dir(dir)
@@ -333,24 +362,70 @@ async fn write_shards(
     state: &State,
     plans: &[ShardPlan],
     opts: &SaveOptions,
-) -> Result<Vec<WrittenShard>> {
+    dedup: Option<(&Dedup, u64)>,
+) -> Result<Shares> {
     let files_at_once = opts.concurrency.max(1).min(plans.len());
-    futures::stream::iter(plans.iter().map(|plan| write_shard(dest, state, plan, files_at_once, opts)))
-        .buffer_unordered(files_at_once.max(1))
-        .try_collect()
-        .await
+    let outcomes: Vec<(Option<WrittenShard>, Vec<Referred>)> =
+        futures::stream::iter(plans.iter().map(|plan| write_shard(dest, state, plan, files_at_once, opts, dedup)))
+            .buffer_unordered(files_at_once.max(1))
+            .try_collect()
+            .await?;
+    let mut shares = Shares { written: Vec::new(), referred: Vec::new() };
+    for (written, referred) in outcomes {
+        shares.written.extend(written);
+        shares.referred.extend(referred);
+    }
+    Ok(shares)
 }
 
-/// Writes one shard file while `files_at_once - 1` others are being written.
+/// Hashes `tensors` (off the async threads) and takes out those `dedup` finds stored;
+/// returns the content id of each one left, and the records of those taken out.
+async fn take_stored(
+    tensors: &mut Vec<(String, Tensor)>,
+    dedup: &Dedup,
+    step: u64,
+) -> Result<(HashMap<String, u128>, Vec<Referred>)> {
+    let hashed = tensors.clone();
+    let ids: Vec<u128> =
+        tokio::task::spawn_blocking(move || hashed.iter().map(|(_, t)| checksum::content_id(t.data())).collect())
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, "content id task failed").with_source(e))?;
+    let mut kept = HashMap::new();
+    let mut referred = Vec::new();
+    for ((key, tensor), id) in std::mem::take(tensors).into_iter().zip(ids) {
+        match dedup.refer(id, &tensor, step) {
+            Some((piece, record)) => {
+                let file = piece.file.clone();
+                referred.push((key, piece, (file, record)));
+            }
+            None => {
+                kept.insert(key.clone(), id);
+                tensors.push((key, tensor));
+            }
+        }
+    }
+    Ok((kept, referred))
+}
+
+/// Writes one shard file while `files_at_once - 1` others are being written; with
+/// `dedup`, only its tensors not stored yet (no file at all if every one is).
 async fn write_shard(
     dest: &Location,
     state: &State,
     plan: &ShardPlan,
     files_at_once: usize,
     opts: &SaveOptions,
-) -> Result<WrittenShard> {
-    let tensors: Vec<(String, Tensor)> =
+    dedup: Option<(&Dedup, u64)>,
+) -> Result<(Option<WrittenShard>, Vec<Referred>)> {
+    let mut tensors: Vec<(String, Tensor)> =
         plan.keys.iter().filter_map(|k| state.tensor(k).map(|t| (k.clone(), t.clone()))).collect();
+    let (ids, referred) = match dedup {
+        Some((dedup, step)) => take_stored(&mut tensors, dedup, step).await?,
+        None => (HashMap::new(), Vec::new()),
+    };
+    if tensors.is_empty() && dedup.is_some() {
+        return Ok((None, referred));
+    }
     let file = plan.file.clone();
     let shown = format!("file=`{}/{file}`", dest.uri());
     let entries: Vec<ShardEntry> = tensors
@@ -397,6 +472,7 @@ async fn write_shard(
         .zip(header.ranges)
         .map(|(((key, tensor), &crc32c), range)| {
             let rank = tensor.shape().len();
+            let xxh3 = ids.get(&key).copied();
             (
                 key,
                 PieceRecord {
@@ -405,12 +481,14 @@ async fn write_shard(
                     offsets: vec![0; rank],
                     shape: tensor.shape().to_vec(),
                     crc32c,
-                    xxh3: None,
+                    xxh3,
                 },
             )
         })
         .collect();
-    Ok(WrittenShard { file, record: FileRecord { size: header.file_size, header_len, header_crc32c }, pieces })
+    let written =
+        WrittenShard { file, record: FileRecord { size: header.file_size, header_len, header_crc32c }, pieces };
+    Ok((Some(written), referred))
 }
 
 /// Writes `chunks` as the file `file` under `dest`: one PUT, or a multipart upload with
@@ -461,32 +539,22 @@ pub fn split_into_parts(chunks: Vec<Bytes>, part_bytes: u64) -> Vec<PutPayload> 
     parts
 }
 
-/// The manifest of a one-process save: the `written` shards, and the tensors `reuse`
-/// found stored; every piece carries its content id when the save computed them.
-fn build_manifest(
-    state: &State,
-    step: u64,
-    opts: &SaveOptions,
-    save_id: &str,
-    written: Vec<WrittenShard>,
-    reuse: &Reuse,
-) -> Manifest {
+/// The manifest of a one-process save: the shards written, and the tensors found stored.
+fn build_manifest(state: &State, step: u64, opts: &SaveOptions, save_id: &str, shares: Shares) -> Manifest {
     let mut files = BTreeMap::new();
-    let mut tensors = BTreeMap::new();
-    for shard in written {
+    let mut pieces = Vec::new();
+    for shard in shares.written {
         files.insert(shard.file, shard.record);
-        for (key, mut piece) in shard.pieces {
-            if let Some(t) = state.tensor(&key) {
-                piece.xxh3 = reuse.ids.get(&key).copied();
-                tensors.insert(key, TensorRecord { dtype: t.dtype(), shape: t.shape().to_vec(), pieces: vec![piece] });
-            }
-        }
+        pieces.extend(shard.pieces);
     }
-    for (key, t) in state.tensors() {
-        if let Some((piece, record)) = reuse.reused_piece(key, t.shape(), step) {
-            files.insert(piece.file.clone(), record);
-            tensors
-                .insert(key.clone(), TensorRecord { dtype: t.dtype(), shape: t.shape().to_vec(), pieces: vec![piece] });
+    for (key, piece, (file, record)) in shares.referred {
+        files.insert(file, record);
+        pieces.push((key, piece));
+    }
+    let mut tensors = BTreeMap::new();
+    for (key, piece) in pieces {
+        if let Some(t) = state.tensor(&key) {
+            tensors.insert(key, TensorRecord { dtype: t.dtype(), shape: t.shape().to_vec(), pieces: vec![piece] });
         }
     }
     manifest_of(state, step, opts, save_id, 1, tensors, files)

@@ -179,6 +179,11 @@ pub fn from_bytes(bundle: &[u8], dst: &Location) -> Result<CheckpointInfo> {
     }
     let manifest_bytes = manifest_bytes.ok_or_else(|| Error::corrupt("bundle has no manifest.json"))?;
     let manifest = Manifest::decode(&manifest_bytes, "bundle:manifest.json")?;
+    if manifest.has_references() {
+        // A bundle stands alone (`to_bytes` writes no reference): one that refers to the
+        // destination's neighbours would read, and keep alive, data that is not its own.
+        return Err(Error::corrupt("bundle manifest refers to other checkpoints' files"));
+    }
     block_on(async {
         if commit::is_committed(dst).await? {
             return Err(Error::new(

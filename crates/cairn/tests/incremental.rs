@@ -203,6 +203,8 @@ fn hostile_references_are_refused_naming_the_tensor_and_the_file_and_nothing_out
     let mut missing = good.clone();
     missing.step = 3;
     missing.save_id = "missing".into();
+    let adapter = missing.tensors.remove("adapter.w").unwrap();
+    missing.files.remove(&adapter.pieces[0].file);
     let gone = base.replace("shards/", "shards/x");
     let record = missing.files.remove(&base).unwrap();
     missing.files.insert(gone.clone(), record);
@@ -334,5 +336,81 @@ proptest! {
         }
         run.prune_orphans(Duration::ZERO).unwrap();
         prop_assert_eq!(shard_files(&path), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn a_damaged_manifest_keeps_what_it_still_names_and_frees_the_rest() {
+    let (_dir, path, run) = new_run();
+    run.save(&state(1, 1), &opts(1)).unwrap();
+    run.save(&state(1, 2), &opts(2)).unwrap();
+    let base = run.checkpoint(2).unwrap().manifest().tensors["base.w"].pieces[0].file.clone();
+    // Step 2's manifest is damaged, but still names step 1's file.
+    let manifest = path.join("step-000000000002/manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replacen("\"tensors\"", "\"tensorz\"", 1)).unwrap();
+    assert_eq!(run.checkpoint(2).unwrap_err().kind(), ErrorKind::Corrupt);
+    // A crashed save's leftovers are still pruned.
+    run.save(&state(7, 3), &opts(3)).unwrap();
+    std::fs::remove_file(path.join("step-000000000003/manifest.json")).unwrap();
+    run.delete(1).unwrap();
+    run.prune_orphans(Duration::ZERO).unwrap();
+    assert!(path.join(base.trim_start_matches("../")).is_file(), "a file a damaged manifest names was deleted");
+    assert!(shard_files(&path).iter().all(|f| !f.starts_with("step-000000000003")), "{:?}", shard_files(&path));
+}
+
+#[test]
+fn a_bundle_that_refers_to_other_checkpoints_is_refused() {
+    let (dir, _path, run) = new_run();
+    run.save(&state(1, 1), &opts(1)).unwrap();
+    run.save(&state(1, 2), &opts(2)).unwrap();
+    let manifest = run.checkpoint(2).unwrap().manifest().encode().unwrap();
+    let mut archive = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(manifest.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    archive.append_data(&mut header, "manifest.json", &manifest[..]).unwrap();
+    let bundle = archive.into_inner().unwrap();
+    let target = run.step_location(3);
+    let err = transfer::from_bytes(&bundle, &target).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(run.checkpoint(3).is_err());
+    // A checkpoint saved into a folder of its own (not a step folder of a run) refers to
+    // nothing, whatever the options say.
+    let alone = Location::create(dir.path().join("alone").to_str().unwrap()).unwrap();
+    let info = cairn::runtime::block_on(cairn::save::save_checkpoint(&alone, &state(1, 1), 9, &opts(9))).unwrap();
+    assert!(info.written_bytes >= (BASE + ADAPTER) as u64);
+}
+
+#[test]
+fn saves_racing_deletions_never_commit_a_reference_to_deleted_data() {
+    let (_dir, _path, run) = new_run();
+    let saver = run.clone();
+    let saves = std::thread::spawn(move || {
+        // The base goes back and forth between two contents, so most saves refer to a
+        // checkpoint the deleter is about to remove.
+        for step in 1..=60u64 {
+            let expected = state(step % 2, step);
+            saver.save(&expected, &opts(step)).unwrap();
+            match saver.checkpoint(step).and_then(|c| c.load(&LoadOptions::default())) {
+                Ok(loaded) => assert!(loaded == expected, "step {step} differs"),
+                Err(e) => assert_eq!(e.kind(), ErrorKind::NotFound, "step {step}: {e}"),
+            }
+        }
+    });
+    let mut rounds = 0;
+    while !saves.is_finished() {
+        let listed = run.list().unwrap();
+        for c in listed.iter().rev().skip(1) {
+            run.delete(c.step).unwrap();
+        }
+        run.prune_orphans(Duration::from_secs(3600)).unwrap();
+        rounds += 1;
+    }
+    saves.join().unwrap();
+    assert!(rounds > 5, "the deleter hardly ran: {rounds}");
+    for c in run.list().unwrap() {
+        assert!(c.open().unwrap().load(&LoadOptions::default()).unwrap() == state(c.step % 2, c.step));
     }
 }

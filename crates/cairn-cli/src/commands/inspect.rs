@@ -105,7 +105,7 @@ pub fn run(uri: &str, json: bool) -> CommandResult {
         })
         .count();
     println!(
-        "stored: {} written by this save, {referred} files referred to in earlier checkpoints",
+        "stored: {} written by this save, {referred} files referred to in other checkpoints' folders",
         output::size(info.written_bytes)
     );
     if !info.metadata.is_null() {
