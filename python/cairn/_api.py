@@ -791,11 +791,12 @@ class CheckpointManager:
     removes in the background what unfinished saves left once older than `orphan_grace`
     (seconds; None: never); cleanup problems never fail a save (`cleanup_errors()`).
 
-    With `incremental=True` a save writes only the tensors whose content (XXH3-128 and
-    length) no committed checkpoint of the run holds, and its manifest refers to the
-    stored copies, so a frozen backbone, an adapter fine-tune or an EMA that has not
-    moved costs almost nothing to save again (hashing the state costs about 15% of a
-    save where everything changed, so it is off by default). Deleting a checkpoint keeps the data
+    Saves are `incremental` by default: a save writes only the tensors whose content
+    (XXH3-128 and length) no committed checkpoint of the run holds, and its manifest
+    refers to the stored copies, so a frozen backbone, an adapter fine-tune or an EMA
+    that has not moved costs almost nothing to save again. A tensor whose sparse sample
+    changed is written without being hashed whole, so a save where everything changes
+    costs what a full one does. Deleting a checkpoint keeps the data
     others still refer to; `cairn cp` of one checkpoint copies what it refers to. A job of
     several processes writes everything."""
 
@@ -817,7 +818,7 @@ class CheckpointManager:
         timeout: float = 600.0,
         orphan_grace: float | _dt.timedelta | None = 3600.0,
         dtype: Any = None,
-        incremental: bool = False,
+        incremental: bool = True,
         keep_last: int | None = None,
         keep_every: int | None = None,
         keep_best: int | None = None,

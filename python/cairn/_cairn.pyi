@@ -109,7 +109,7 @@ class Manager:
         orphan_grace: float | None = 3600.0,
         all_gather: Callable[[bytes], list[bytes]] | None = None,
         timeout: float = 600.0,
-        incremental: bool = False,
+        incremental: bool = True,
     ) -> None: ...
     # `prepare()` returns `(leaves, metrics, metadata)`; called only when the step saves.
     def on_step(self, step: int, prepare: Callable[[], tuple[Any, Any, Any]], force: bool = False) -> bool: ...

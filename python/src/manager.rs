@@ -36,7 +36,7 @@ impl Drop for Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0, incremental=false))]
+    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0, incremental=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,

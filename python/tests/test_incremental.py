@@ -26,7 +26,7 @@ def fine_tuning(step: int, base: torch.Tensor) -> dict:
 
 def test_a_frozen_base_is_written_once_and_every_kept_checkpoint_resumes_bit_exact(run_dir, cli):
     base = torch.randn(BASE, generator=torch.Generator().manual_seed(0))
-    with cairn.CheckpointManager(run_dir, keep=cairn.KeepLast(2), async_save=True, incremental=True) as manager:
+    with cairn.CheckpointManager(run_dir, keep=cairn.KeepLast(2), async_save=True) as manager:  # the default
         for step in range(1, 7):
             manager.save(step, fine_tuning(step, base))
             manager.wait()
@@ -62,7 +62,7 @@ def test_a_frozen_base_is_written_once_and_every_kept_checkpoint_resumes_bit_exa
 
 def test_a_manager_without_incremental_saves_writes_everything(run_dir):
     base = torch.randn(BASE // 4, generator=torch.Generator().manual_seed(1))
-    with cairn.CheckpointManager(run_dir) as manager:  # the default
+    with cairn.CheckpointManager(run_dir, incremental=False) as manager:
         manager.save(1, fine_tuning(1, base))
         manager.save(2, fine_tuning(2, base))
     assert all(i.written_bytes >= i.tensor_bytes for i in cairn.list_checkpoints(run_dir))

@@ -45,6 +45,7 @@ fn big_manifest(tensors: usize) -> Manifest {
                     shape: vec![4, 4],
                     crc32c: i as u32,
                     xxh3: None,
+                    sample: None,
                 }],
             },
         );

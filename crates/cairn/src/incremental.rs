@@ -18,7 +18,7 @@
 //! a committed checkpoint never refers to deleted data. Pins live as long as the grace
 //! period of unfinished saves.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use object_store::{ObjectStoreExt, PutPayload};
@@ -91,6 +91,8 @@ impl StoredPiece {
 #[derive(Debug, Default)]
 pub(crate) struct Stored {
     by_content: HashMap<(u128, u64), StoredPiece>,
+    /// The content samples and lengths of every stored piece that has one.
+    samples: HashSet<(u64, u64)>,
 }
 
 impl Stored {
@@ -121,12 +123,15 @@ impl Stored {
             files.insert(name, place);
         }
         for piece in manifest.tensors.values().flat_map(|t| &t.pieces) {
+            let len = piece.range[1] - piece.range[0];
+            if let Some(sample) = piece.sample {
+                self.samples.insert((sample, len));
+            }
             let (Some(id), Some((step, shard)), Some(record)) =
                 (piece.xxh3, files.get(piece.file.as_str()), manifest.files.get(&piece.file))
             else {
                 continue;
             };
-            let len = piece.range[1] - piece.range[0];
             self.by_content.entry((id, len)).or_insert_with(|| StoredPiece {
                 step: *step,
                 shard: shard.clone(),
@@ -164,7 +169,7 @@ impl Dedup {
         let run = Run::at(run);
         let mut stored = Stored::of_run(&run, step).await?;
         if stored.by_content.is_empty() {
-            return Ok(Dedup::default());
+            return Ok(Dedup { stored, pin: None });
         }
         let pin = pin_file(save_id);
         let files: BTreeSet<String> = stored.by_content.values().map(StoredPiece::in_run).collect();
@@ -190,10 +195,20 @@ impl Dedup {
         Ok(Dedup { stored, pin: Some(pin) })
     }
 
+    /// Whether a tensor of `len` bytes with content sample `sample` must be hashed whole:
+    /// when some stored piece has that sample (it may hold the same content, or be about
+    /// to stop changing), and in a run that stores no samples yet (its first such save
+    /// records the ids of everything). Otherwise the tensor changed, certainly: it is
+    /// written without its id, which costs a pass over its bytes.
+    pub(crate) fn needs_id(&self, sample: u64, len: u64) -> bool {
+        self.stored.samples.is_empty() || self.stored.samples.contains(&(sample, len))
+    }
+
     /// The manifest records that refer to the stored copy of `tensor`, whose content id is
-    /// `id`, in the checkpoint of `step`: its piece and its file's name and record. `None`
-    /// if nothing stored holds that content at an offset that suits its element size.
-    pub(crate) fn refer(&self, id: u128, tensor: &Tensor, step: u64) -> Option<(PieceRecord, FileRecord)> {
+    /// `id` and sample `sample`, in the checkpoint of `step`: its piece and its file's
+    /// name and record. `None` if nothing stored holds that content at an offset that
+    /// suits its element size.
+    pub(crate) fn refer(&self, id: u128, sample: u64, tensor: &Tensor, step: u64) -> Option<(PieceRecord, FileRecord)> {
         let len = tensor.data().len() as u64;
         if len == 0 {
             return None;
@@ -208,6 +223,7 @@ impl Dedup {
             shape: shape.to_vec(),
             crc32c: stored.crc32c,
             xxh3: Some(id),
+            sample: Some(sample),
         };
         Some((piece, stored.record.clone()))
     }

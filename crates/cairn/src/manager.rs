@@ -82,7 +82,7 @@ pub struct ManagerOptions {
     pub preemption_signal: Option<i32>,
     /// Clock for time-based policies.
     pub clock: Arc<dyn Clock>,
-    /// Template for every save (shard size, concurrency, incremental: see
+    /// Template for every save (shard size, concurrency); incremental by default (see
     /// [`SaveOptions::incremental`]).
     pub save: SaveOptions,
     /// This process's rank in a multi-rank job (0 for a single process).
@@ -116,7 +116,7 @@ impl Default for ManagerOptions {
             max_in_flight: 1,
             preemption_signal: Some(signal_hook::consts::SIGTERM),
             clock: Arc::new(SystemClock::default()),
-            save: SaveOptions::default(),
+            save: SaveOptions::default().with_incremental(true),
             rank: 0,
             world_size: 1,
             coordination_timeout: Duration::from_secs(600),

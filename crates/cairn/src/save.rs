@@ -378,28 +378,41 @@ async fn write_shards(
     Ok(shares)
 }
 
-/// Hashes `tensors` (off the async threads) and takes out those `dedup` finds stored;
-/// returns the content id of each one left, and the records of those taken out.
+/// The content id (when it was computed) and sample of a tensor an incremental save writes.
+type Identity = (Option<u128>, u64);
+
+/// Runs `f` over the tensors of `work` off the async threads.
+async fn over_tensors<T: Send + 'static>(work: Vec<(String, Tensor)>, f: fn(&[u8]) -> T) -> Result<Vec<T>> {
+    tokio::task::spawn_blocking(move || work.iter().map(|(_, t)| f(t.data())).collect())
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, "content hashing task failed").with_source(e))
+}
+
+/// Takes out of `tensors` those `dedup` finds stored: each tensor's sample is taken, and
+/// only those whose sample some stored piece has are hashed whole (off the async
+/// threads). Returns the identity of each one left, and the records of those taken out.
 async fn take_stored(
     tensors: &mut Vec<(String, Tensor)>,
     dedup: &Dedup,
     step: u64,
-) -> Result<(HashMap<String, u128>, Vec<Referred>)> {
-    let hashed = tensors.clone();
-    let ids: Vec<u128> =
-        tokio::task::spawn_blocking(move || hashed.iter().map(|(_, t)| checksum::content_id(t.data())).collect())
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, "content id task failed").with_source(e))?;
+) -> Result<(HashMap<String, Identity>, Vec<Referred>)> {
+    let samples = over_tensors(tensors.clone(), checksum::content_sample).await?;
+    let needs: Vec<bool> =
+        tensors.iter().zip(&samples).map(|((_, t), &sample)| dedup.needs_id(sample, t.data().len() as u64)).collect();
+    let to_hash: Vec<(String, Tensor)> =
+        tensors.iter().zip(&needs).filter(|(_, &need)| need).map(|(t, _)| t.clone()).collect();
+    let mut ids = over_tensors(to_hash, checksum::content_id).await?.into_iter();
     let mut kept = HashMap::new();
     let mut referred = Vec::new();
-    for ((key, tensor), id) in std::mem::take(tensors).into_iter().zip(ids) {
-        match dedup.refer(id, &tensor, step) {
+    for (((key, tensor), sample), need) in std::mem::take(tensors).into_iter().zip(samples).zip(needs) {
+        let id = if need { ids.next() } else { None };
+        match id.and_then(|id| dedup.refer(id, sample, &tensor, step)) {
             Some((piece, record)) => {
                 let file = piece.file.clone();
                 referred.push((key, piece, (file, record)));
             }
             None => {
-                kept.insert(key.clone(), id);
+                kept.insert(key.clone(), (id, sample));
                 tensors.push((key, tensor));
             }
         }
@@ -472,7 +485,7 @@ async fn write_shard(
         .zip(header.ranges)
         .map(|(((key, tensor), &crc32c), range)| {
             let rank = tensor.shape().len();
-            let xxh3 = ids.get(&key).copied();
+            let (xxh3, sample) = ids.get(&key).map_or((None, None), |&(id, sample)| (id, Some(sample)));
             (
                 key,
                 PieceRecord {
@@ -482,6 +495,7 @@ async fn write_shard(
                     shape: tensor.shape().to_vec(),
                     crc32c,
                     xxh3,
+                    sample,
                 },
             )
         })

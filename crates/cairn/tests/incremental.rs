@@ -414,3 +414,28 @@ fn saves_racing_deletions_never_commit_a_reference_to_deleted_data() {
         assert!(c.open().unwrap().load(&LoadOptions::default()).unwrap() == state(c.step % 2, c.step));
     }
 }
+
+#[test]
+fn changed_tensors_are_written_without_hashing_and_a_tensor_that_stops_changing_is_shared_again() {
+    let (_dir, _path, run) = new_run();
+    let piece = |step: u64, key: &str| run.checkpoint(step).unwrap().manifest().tensors[key].pieces[0].clone();
+    // The first save of a run hashes everything.
+    run.save(&state(1, 1), &opts(1)).unwrap();
+    assert!(piece(1, "adapter.w").xxh3.is_some() && piece(1, "adapter.w").sample.is_some());
+    // A tensor whose sample changed is written without hashing it whole.
+    run.save(&state(1, 2), &opts(2)).unwrap();
+    assert_eq!(piece(2, "adapter.w").xxh3, None);
+    assert!(piece(2, "adapter.w").sample.is_some());
+    assert!(piece(2, "base.w").file.starts_with("../"));
+    // The adapter stops changing: its sample matches, it is hashed and written once with
+    // its id, then shared.
+    let third = run.save(&state(1, 2), &opts(3)).unwrap();
+    assert!(piece(3, "adapter.w").xxh3.is_some() && !piece(3, "adapter.w").file.starts_with("../"));
+    assert!(third.written_bytes >= ADAPTER as u64);
+    let fourth = run.save(&state(1, 2), &opts(4)).unwrap();
+    assert!(piece(4, "adapter.w").file.starts_with("../step-000000000003/"), "{}", piece(4, "adapter.w").file);
+    assert!(fourth.written_bytes < 1024, "wrote {}", fourth.written_bytes);
+    for step in 1..=4 {
+        assert!(loaded(&run, step) == state(1, step.min(2)), "step {step}");
+    }
+}

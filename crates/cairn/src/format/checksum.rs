@@ -25,6 +25,28 @@ pub fn content_id(data: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(data)
 }
 
+/// Bytes of `data` between two sampled lines of [`content_sample`].
+pub const SAMPLE_STRIDE: usize = 64 << 10;
+/// Bytes of each sampled line of [`content_sample`].
+pub const SAMPLE_LINE: usize = 64;
+
+/// A sparse fingerprint of `data`: the XXH3-64 of its first [`SAMPLE_LINE`] bytes at
+/// every multiple of [`SAMPLE_STRIDE`], then of its last [`SAMPLE_LINE`] bytes (all of
+/// `data` when it holds no more than that). Equal contents have equal samples, so a
+/// sample that differs proves a change at the cost of reading one byte in a thousand;
+/// an equal one proves nothing (compare [`content_id`]s then).
+pub fn content_sample(data: &[u8]) -> u64 {
+    if data.len() <= SAMPLE_STRIDE {
+        return xxhash_rust::xxh3::xxh3_64(data);
+    }
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for line in data.chunks(SAMPLE_STRIDE) {
+        hasher.update(&line[..line.len().min(SAMPLE_LINE)]);
+    }
+    hasher.update(&data[data.len() - SAMPLE_LINE..]);
+    hasher.digest()
+}
+
 /// A CRC-32C over data given in parts.
 pub struct Crc32c(Digest);
 
@@ -71,6 +93,20 @@ mod tests {
         assert_eq!(content_id(&[7u8; 4096]), content_id(&[7u8; 4096]));
         assert_ne!(content_id(&[0u8; 8]), content_id(&[0u8; 9]));
         assert_ne!(content_id(b"rank 1 rng"), content_id(b"rank 2 rng"));
+    }
+
+    #[test]
+    fn samples_are_equal_for_equal_contents_and_see_changes_at_the_sampled_bytes() {
+        let mut data: Vec<u8> = (0..3 * SAMPLE_STRIDE + 100).map(|i| (i % 251) as u8).collect();
+        let sample = content_sample(&data);
+        assert_eq!(sample, content_sample(&data.clone()));
+        data[SAMPLE_STRIDE + 1] ^= 1; // a sampled byte
+        assert_ne!(content_sample(&data), sample);
+        data[SAMPLE_STRIDE + 1] ^= 1;
+        data[SAMPLE_STRIDE + SAMPLE_LINE] ^= 1; // between two sampled lines
+        assert_eq!(content_sample(&data), sample, "a sample reads only its lines");
+        assert_ne!(content_sample(&data[..data.len() - 1]), sample);
+        assert_ne!(content_sample(b"a"), content_sample(b"b"));
     }
 
     proptest! {

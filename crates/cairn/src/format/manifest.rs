@@ -253,6 +253,32 @@ pub struct PieceRecord {
     /// deduplicate ignore it (an optional field, allowed in version 1 too).
     #[serde(default, skip_serializing_if = "Option::is_none", with = "hex128")]
     pub xxh3: Option<u128>,
+    /// The piece's content sample (`checksum::content_sample`, 16 lowercase hex digits),
+    /// written by incremental saves: a later save whose tensor has another sample knows
+    /// it changed without hashing all of it. Optional like `xxh3`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex64")]
+    pub sample: Option<u64>,
+}
+
+/// A 64-bit content sample as 16 lowercase hex digits; anything else is refused.
+mod hex64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(sample: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
+        match sample {
+            Some(sample) => serializer.serialize_str(&format!("{sample:016x}")),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+        let text = <&str>::deserialize(deserializer)?;
+        let canonical = text.len() == 16 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !canonical {
+            return Err(serde::de::Error::custom("sample must be 16 lowercase hex digits"));
+        }
+        u64::from_str_radix(text, 16).map(Some).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A 128-bit content hash as 32 lowercase hex digits; anything else is refused.
@@ -598,6 +624,7 @@ mod tests {
                     shape: vec![2, 2],
                     crc32c: 0,
                     xxh3: None,
+                    sample: None,
                 }],
             },
         );

@@ -117,6 +117,7 @@ pub fn simulated_fsdp_manifest(ranks: u64, layers: usize, adam: bool) -> Manifes
                         shape: vec![len, cols],
                         crc32c: (r as u32).wrapping_mul(2_654_435_761),
                         xxh3: None,
+                        sample: None,
                     }
                 })
             })
