@@ -796,7 +796,8 @@ class CheckpointManager:
     refers to the stored copies, so a frozen backbone, an adapter fine-tune or an EMA
     that has not moved costs almost nothing to save again. A tensor whose sparse sample
     changed is written without being hashed whole, so a save where everything changes
-    costs what a full one does. Deleting a checkpoint keeps the data
+    costs what a full one does; a tensor that stops changing is written once more (with
+    its content id), then shared. Deleting a checkpoint keeps the data
     others still refer to; `cairn cp` of one checkpoint copies what it refers to. A job of
     several processes writes everything."""
 

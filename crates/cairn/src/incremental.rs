@@ -14,9 +14,10 @@
 //! then the manifests committed meanwhile, and keep every file any of them names (see
 //! `Run::live_files`). A save that found a source still committed after pinning is seen
 //! by every later deletion of it (its pin is read after that source went); a save whose
-//! pin is gone by then had committed before, and its manifest is read after the pins. So
-//! a committed checkpoint never refers to deleted data. Pins live as long as the grace
-//! period of unfinished saves.
+//! pin is gone by then had committed before (a commit whose outcome is unknown keeps its
+//! pin), and its manifest is read after the pins. So a committed checkpoint never refers
+//! to deleted data. Once its tensors are hashed, a save narrows its pin to what it refers
+//! to. Pins live as long as the grace period of unfinished saves.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -228,8 +229,26 @@ impl Dedup {
         Some((piece, stored.record.clone()))
     }
 
-    /// Removes the pin, if any (once the save committed or failed); best effort, prune
-    /// removes a pin left behind.
+    /// Rewrites the pin to name only the files the save refers to (`files`, as its
+    /// manifest names them, for the checkpoint of `step`), once its tensors are all
+    /// hashed: what it pinned besides may go. No pin is written when it refers to nothing.
+    pub(crate) async fn narrow_pin<'f>(
+        &self,
+        dest: &Location,
+        step: u64,
+        files: impl Iterator<Item = &'f str>,
+    ) -> Result<()> {
+        let Some(pin) = &self.pin else { return Ok(()) };
+        let in_run = files.filter_map(|f| layout::parse_data_file(f).map(|d| d.in_run(step))).collect();
+        let body = serde_json::to_vec(&Pin { files: in_run })
+            .map_err(|e| Error::invalid("cannot encode the pin of an incremental save").with_source(e))?;
+        let shown = format!("file=`{}/{pin}`", dest.uri());
+        let put = dest.store().put(&dest.path(pin), PutPayload::from(body)).await;
+        put.map(drop).map_err(|e| Error::from_store(e, "writing pin", &shown))
+    }
+
+    /// Removes the pin, if any (once the save committed or failed for certain); best
+    /// effort, prune removes a pin left behind.
     pub(crate) async fn unpin(&self, dest: &Location) {
         if let Some(pin) = &self.pin {
             let _ = dest.store().delete(&dest.path(pin)).await;

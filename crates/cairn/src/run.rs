@@ -321,12 +321,14 @@ impl Run {
         Ok(live)
     }
 
-    /// Adds to `live` what the committed checkpoints it has not read yet name. A damaged
+    /// Adds to `live` what the committed checkpoints name. A damaged
     /// manifest keeps every reference that can still be read in its bytes; one of a
     /// newer format, whose references are unknown, keeps every data file.
     async fn read_manifests(&self, live: &mut Live) -> Result<()> {
-        let mut seen = live.readable.clone();
-        for c in self.list_async().await?.into_iter().filter(|c| !live.readable.contains(&c.step)) {
+        // Every manifest, each time: one read before may have been replaced since (its
+        // step deleted and saved again).
+        let mut seen = BTreeSet::new();
+        for c in self.list_async().await? {
             match Checkpoint::open_async(c.location.clone()).await {
                 Ok(ckpt) => {
                     seen.insert(c.step);

@@ -215,19 +215,22 @@ pub async fn save_checkpoint(dest: &Location, state: &State, step: u64, opts: &S
     // Only a step folder of a run refers to its siblings (a folder saved as a checkpoint
     // of its own has none that deletions would see).
     let in_run = dest.uri().rsplit('/').next().and_then(layout::parse_step_dir) == Some(step);
+    // What is stored could not be read or pinned: the save writes everything instead.
     let dedup = match opts.incremental && in_run {
-        true => Some(Dedup::prepare(dest, step, &save_id).await?),
+        true => Dedup::prepare(dest, step, &save_id).await.ok(),
         false => None,
     };
-    let committed = write_and_commit(dest, state, step, opts, &save_id, dedup.as_ref()).await;
-    if let Some(dedup) = &dedup {
+    let (committed, may_land) = write_and_commit(dest, state, step, opts, &save_id, dedup.as_ref()).await;
+    // A commit whose outcome is unknown may still land: its pin stays (prune removes it
+    // once older than the grace period), so deletions keep what it refers to meanwhile.
+    if let (Some(dedup), false) = (&dedup, may_land) {
         dedup.unpin(dest).await;
     }
     committed
 }
 
 /// Writes what is not stored yet of `state` (everything without `dedup`), then commits
-/// the manifest.
+/// the manifest. Also says whether a failed commit may still land (its outcome unknown).
 async fn write_and_commit(
     dest: &Location,
     state: &State,
@@ -235,11 +238,22 @@ async fn write_and_commit(
     opts: &SaveOptions,
     save_id: &str,
     dedup: Option<&Dedup>,
-) -> Result<CheckpointInfo> {
-    let shares = write_share_with(dest, state, 0, &save_id[..12], opts, dedup.map(|d| (d, step))).await?;
+) -> (Result<CheckpointInfo>, bool) {
+    let shares = match write_share_with(dest, state, 0, &save_id[..12], opts, dedup.map(|d| (d, step))).await {
+        Ok(shares) => shares,
+        Err(e) => return (Err(e), false),
+    };
+    if let Some(dedup) = dedup {
+        // Pinned now: only what this save refers to (a pin left by a killed save then
+        // keeps no more than that).
+        let referred = shares.referred.iter().map(|(_, piece, _)| piece.file.as_str());
+        if let Err(e) = dedup.narrow_pin(dest, step, referred).await {
+            return (Err(e), false);
+        }
+    }
     let files: Vec<String> = shares.written.iter().map(|w| w.file.clone()).collect();
     let manifest = build_manifest(state, step, opts, save_id, shares);
-    match commit::create_manifest(dest, &manifest, step).await {
+    let outcome = match commit::create_manifest(dest, &manifest, step).await {
         Ok(()) => Ok(CheckpointInfo::from_manifest(&manifest, dest.uri())),
         // Another writer committed this step: ours never landed, so our files can go.
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
@@ -254,8 +268,9 @@ async fn write_and_commit(
         }
         // Unknown outcome (the request may still land): keep the data a manifest may
         // point at; if nothing was committed, prune removes it as orphans.
-        Err(e) => Err(e),
-    }
+        Err(e) => return (Err(e), true),
+    };
+    (outcome, false)
 }
 
 /// A tensor an incremental save found stored: its key, its piece, and the file that piece

@@ -439,3 +439,48 @@ fn changed_tensors_are_written_without_hashing_and_a_tensor_that_stops_changing_
         assert!(loaded(&run, step) == state(1, step.min(2)), "step {step}");
     }
 }
+
+#[test]
+fn a_fault_at_any_io_of_an_incremental_save_leaves_every_committed_checkpoint_whole() {
+    use cairn::fault::{Fault, FaultStore};
+    use std::sync::Arc;
+    let fresh = || {
+        let inner: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let run = Run::at(Location::from_store(inner.clone(), "memory://matrix").child("run"));
+        run.save(&state(1, 1), &opts(1)).unwrap();
+        (inner, run)
+    };
+    let (inner, _) = fresh();
+    let counting = Arc::new(FaultStore::counting(inner));
+    Run::at(Location::from_store(counting.clone(), "memory://matrix").child("run"))
+        .save(&state(1, 2), &opts(2))
+        .unwrap();
+    let ops = counting.ops();
+    assert!(ops > 5, "{ops}");
+    for fault in [Fault::Crash, Fault::Fail, Fault::LostAck, Fault::Tear] {
+        for at in 0..ops {
+            let (inner, run) = fresh();
+            let faulty = Location::from_store(Arc::new(FaultStore::new(inner, at, fault)), "memory://matrix");
+            let saved = Run::at(faulty.child("run")).save(&state(1, 2), &opts(2));
+            let committed = match run.checkpoint(2) {
+                Ok(ckpt) => {
+                    assert!(ckpt.load(&LoadOptions::default()).unwrap() == state(1, 2), "{fault:?} at {at}");
+                    true
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::NotFound, "{fault:?} at {at}: {e}");
+                    false
+                }
+            };
+            if saved.is_ok() {
+                assert!(committed, "{fault:?} at {at}: reported committed, not visible");
+            }
+            // The source goes and leftovers are pruned: what committed still loads.
+            run.delete(1).unwrap();
+            run.prune_orphans(Duration::ZERO).unwrap();
+            if committed {
+                assert!(loaded(&run, 2) == state(1, 2), "{fault:?} at {at}");
+            }
+        }
+    }
+}
