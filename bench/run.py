@@ -169,7 +169,10 @@ def save(method: str, state, path: str) -> dict:
 
         # The first on_step snapshots into fresh memory; later ones reuse it, as in a
         # training loop that checkpoints again and again. Each save finishes before the next.
-        with cairn.CheckpointManager(os.path.join(path, "run"), policies=[cairn.Every(1)], preemption_signal=None) as mgr:
+        # Full saves, as the other tools make: the state does not change between these
+        # steps, so incremental saves (bench/incremental.py) would write nothing.
+        with cairn.CheckpointManager(os.path.join(path, "run"), policies=[cairn.Every(1)], preemption_signal=None,
+                                     incremental=False) as mgr:
             blocked = []
             for step in range(1, 4):
                 b0 = time.perf_counter()
