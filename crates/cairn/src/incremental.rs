@@ -3,7 +3,7 @@
 //! 2's references to other checkpoints' files; docs/format.md, "Incremental saves").
 //!
 //! A tensor's content is its XXH3-128 with its length. A save finds the stored pieces by
-//! reading the manifests of the run's committed checkpoints (newest first, so it refers
+//! reading the manifests of the run's newest committed checkpoints (newest first, so it refers
 //! to the copies retention deletes last) and *pins* what it may refer to before it
 //! relies on it: it writes the list of those files into its own folder, then checks that
 //! each manifest it found them in is still committed. Its tensors are then hashed shard
@@ -33,6 +33,11 @@ use crate::run::Run;
 use crate::state::Tensor;
 use crate::store::Location;
 
+/// How many of the newest committed checkpoints a save looks in for stored content. The
+/// newest names everything still shared (each save refers to what it reuses), so a save
+/// costs the same however many checkpoints the run keeps; content that comes back after
+/// two saves without it is written again.
+const SOURCES: usize = 2;
 /// Largest pin read back (a pin lists files, not tensors: a few per checkpoint).
 pub(crate) const MAX_PIN_BYTES: u64 = 16 << 20;
 
@@ -97,13 +102,21 @@ pub(crate) struct Stored {
 }
 
 impl Stored {
-    /// Reads the manifests of the committed checkpoints of `run` other than `except`,
-    /// newest first. Damaged checkpoints, and those deleted meanwhile, are passed over.
+    /// Reads the manifests of the [`SOURCES`] newest readable committed checkpoints of
+    /// `run` other than `except`. Damaged checkpoints, and those deleted meanwhile, are
+    /// passed over.
     pub(crate) async fn of_run(run: &Run, except: u64) -> Result<Stored> {
         let mut stored = Stored::default();
+        let mut read = 0;
         for found in run.list_async().await?.iter().rev().filter(|c| c.step != except) {
+            if read == SOURCES {
+                break;
+            }
             match crate::load::Checkpoint::open_async(found.location.clone()).await {
-                Ok(ckpt) => stored.add(ckpt.manifest()),
+                Ok(ckpt) => {
+                    stored.add(ckpt.manifest());
+                    read += 1;
+                }
                 Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Corrupt | ErrorKind::Incompatible) => {}
                 Err(e) => return Err(e),
             }
