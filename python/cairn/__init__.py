@@ -11,6 +11,7 @@
 """
 
 from ._api import (
+    Cadence,
     CheckpointInfo,
     CheckpointManager,
     DamagedCheckpointWarning,
@@ -45,6 +46,7 @@ from ._state_dict import LoadReport, Mismatch, StateDictMismatchError, load_stat
 
 __all__ = [
     "AlreadyExistsError",
+    "Cadence",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",

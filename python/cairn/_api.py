@@ -755,12 +755,28 @@ def _seconds(interval: float | _dt.timedelta | None) -> float | None:
     return float(interval)
 
 
+@dataclass(frozen=True)
+class Cadence:
+    """What recent saves cost and the interval `save_interval="auto"` chose from it, in
+    seconds: `blocking` is how long a save stalls the loop, `writing` how long it takes
+    to commit (running averages); both, and `interval`, are None until a save is
+    measured."""
+
+    interval: float | None
+    blocking: float | None
+    writing: float | None
+    mtbf: float
+
+
 class CheckpointManager:
     """Decides when to save, saves in the background, keeps what retention says, resumes.
 
     `policies` say when to save (default: every 500 steps until 5,000, then every 1,000;
     `save_interval` adds a temporary checkpoint after that much time without a save);
-    `keep` says what to keep (`cairn.KeepLast(3)`, `cairn.KeepEvery(10_000)`,
+    `save_interval="auto"` with `mtbf=` (the mean time between failures, seconds or a
+    timedelta) chooses that interval from what saves cost: Daly's optimum for the
+    measured stall of recent saves, never shorter than a save's write time, re-estimated
+    after every save (`cadence()` tells the figures); the first is due at once. `keep` says what to keep (`cairn.KeepLast(3)`, `cairn.KeepEvery(10_000)`,
     `cairn.KeepBest(2, "loss", "min")`; default: everything). The flat `keep_last=`,
     `keep_every=`, `keep_best=`, `metric=`, `mode=` flags are deprecated. `dtype`
     (`"bf16"`, `{"model.": "bf16"}`, ...) casts the floating-point tensors of every save,
@@ -807,7 +823,8 @@ class CheckpointManager:
         run: str | os.PathLike,
         *,
         policies: Sequence[Every] | None = None,
-        save_interval: float | _dt.timedelta | None = None,
+        save_interval: float | _dt.timedelta | str | None = None,
+        mtbf: float | _dt.timedelta | None = None,
         keep: Keep | Sequence[Keep] = (),
         async_save: bool = True,
         max_in_flight: int = 1,
@@ -826,6 +843,13 @@ class CheckpointManager:
         metric: str | None = None,
         mode: str = "min",
     ) -> None:
+        auto = isinstance(save_interval, str)
+        if auto and save_interval != "auto":
+            raise ValueError(f"save_interval is seconds, a timedelta or 'auto', not {save_interval!r}")
+        if auto and mtbf is None:
+            raise ValueError("save_interval='auto' needs mtbf=, the mean time between failures")
+        if mtbf is not None and not auto:
+            raise ValueError("mtbf= is for save_interval='auto'")
         legacy = dict(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, metric=metric, mode=mode)
         last, every, best = _retention(keep, legacy)
         dtype = _arrays.cast_plan(dtype)
@@ -833,7 +857,7 @@ class CheckpointManager:
         self._native = _cairn.Manager(
             _uri(run),
             None if policies is None else [(p.interval, p.until) for p in policies],
-            _seconds(save_interval),
+            None if auto else _seconds(save_interval),
             last,
             every,
             best,
@@ -847,6 +871,7 @@ class CheckpointManager:
             all_gather,
             timeout,
             incremental,
+            _seconds(mtbf),
         )
         self._world_size = world_size
         self._rank = rank
@@ -896,6 +921,12 @@ class CheckpointManager:
         """Saves `state` as `step` now, whatever the policies. Raises `AlreadyExistsError`
         if the step is already saved."""
         self._native.save(step, _prepare(state, metrics, metadata, self._world_size, self._dtype), temporary)
+
+    def cadence(self) -> Cadence | None:
+        """What recent saves cost and the interval chosen from it, with
+        `save_interval="auto"`; else None."""
+        got = self._native.cadence()
+        return None if got is None else Cadence(*got)
 
     def wait(self) -> None:
         """Blocks until every save and deletion is done; raises a background error."""

@@ -36,7 +36,7 @@ impl Drop for Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0, incremental=true))]
+    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0, incremental=true, mtbf=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -56,6 +56,7 @@ impl Manager {
         all_gather: Option<Py<PyAny>>,
         timeout: f64,
         incremental: bool,
+        mtbf: Option<f64>,
     ) -> PyResult<Manager> {
         guarded(|| {
             let mut policy = match policies {
@@ -67,6 +68,9 @@ impl Manager {
             };
             if let Some(seconds) = save_interval {
                 policy = policy.with_time_interval(self::seconds("save_interval", seconds)?);
+            }
+            if let Some(mtbf) = mtbf {
+                policy = policy.with_auto_interval(self::seconds("mtbf", mtbf)?);
             }
             let retention = retention(keep_last, keep_every, keep_best)?;
             let orphan_grace = orphan_grace.map(|s| seconds("orphan_grace", s)).transpose()?;
@@ -107,6 +111,21 @@ impl Manager {
     fn save(&self, py: Python<'_>, step: u64, prepare: Py<PyAny>, temporary: bool) -> PyResult<()> {
         let req = SaveRequest { force: true, temporary, ..Default::default() };
         self.submit(py, prepare, |make| self.inner.save_with(step, req, make))
+    }
+
+    /// `(interval, blocking, writing, mtbf)` in seconds (the first three `None` until a
+    /// save is measured), when the policy has an automatic interval; else `None`.
+    #[allow(clippy::type_complexity)]
+    fn cadence(&self) -> Option<(Option<f64>, Option<f64>, Option<f64>, f64)> {
+        self.inner.cadence().map(|c| {
+            let estimates = c.estimates();
+            (
+                c.interval().map(|d| d.as_secs_f64()),
+                estimates.map(|(b, _)| b.as_secs_f64()),
+                estimates.map(|(_, w)| w.as_secs_f64()),
+                c.mtbf().as_secs_f64(),
+            )
+        })
     }
 
     fn wait(&self, py: Python<'_>) -> PyResult<()> {

@@ -2,10 +2,13 @@
 only what changed, retention keeps every committed checkpoint whole, and the CLI shows
 the saving and copies a checkpoint that stands alone."""
 
+import datetime as _dt
 import json
+import math
 import subprocess
 
 import numpy as np
+import pytest
 import torch
 
 import cairn
@@ -73,3 +76,24 @@ def test_a_manager_without_incremental_saves_writes_everything(run_dir):
     info = cairn.save(run_dir, fine_tuning(4, base), step=4, incremental=True)
     assert info.written_bytes < info.tensor_bytes // 2
     assert torch.equal(cairn.load(run_dir, framework="torch")["model"]["base.weight"], base)
+
+
+def test_an_automatic_save_interval_follows_what_saves_cost(run_dir):
+    base = torch.randn(BASE // 4, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(cairn.InvalidArgumentError, match="mtbf"):
+        cairn.CheckpointManager(run_dir, save_interval="auto")
+    with pytest.raises(cairn.InvalidArgumentError, match="mtbf"):
+        cairn.CheckpointManager(run_dir, mtbf=3600)
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(10**9)], save_interval="auto",
+                                 mtbf=_dt.timedelta(hours=1), async_save=False) as manager:
+        assert manager.cadence() == cairn.Cadence(None, None, None, 3600.0)
+        assert manager.on_step(1, fine_tuning(1, base)), "nothing measured yet: the first save is due at once"
+        cadence = manager.cadence()
+        assert cadence.blocking > 0 and cadence.writing >= cadence.blocking
+        # Daly's optimum for the measured stall, never shorter than a write.
+        c, m = cadence.blocking, 3600.0
+        r = c / (2 * m)
+        daly = math.sqrt(2 * c * m) * (1 + math.sqrt(r) / 3 + r / 9) - c
+        assert cadence.interval == pytest.approx(max(daly, cadence.writing), rel=1e-9)
+        assert not manager.on_step(2, fine_tuning(2, base)), "the interval has not passed"
+    assert [i.temporary for i in cairn.list_checkpoints(run_dir)] == [True]

@@ -19,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cadence;
 mod cloud_store;
 mod commit;
 pub mod dist;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::cadence::Cadence;
 use crate::dist::{self, AllGather, CallbackExchange, Ranks};
 use crate::error::{Error, ErrorKind, Result};
 use crate::info::CheckpointInfo;
@@ -268,6 +269,10 @@ struct Inner {
     last_step: Option<u64>,
     last_save_at: Duration,
     shutdown: bool,
+    /// What saves cost, when the policy chooses its interval from it.
+    cadence: Option<Cadence>,
+    /// How long each asynchronous save in flight stalled the loop, until it is written.
+    stalls: BTreeMap<u64, Duration>,
 }
 
 struct Shared {
@@ -279,6 +284,8 @@ struct Shared {
     world_size: u32,
     coordination_timeout: Duration,
     all_gather: Option<AllGather>,
+    /// The manager's clock (save costs are measured with it).
+    clock: Arc<dyn Clock>,
     inner: Mutex<Inner>,
     changed: Condvar,
 }
@@ -324,12 +331,19 @@ impl Shared {
     /// failure of the hint is a cleanup problem, never the save's).
     fn write(&self, step: u64, state: Handover<'_>, opts: &SaveOptions) -> Result<()> {
         let booking = Release { shared: self, step };
+        let started = self.clock.now();
         let result = self.save(state.state(), opts);
+        let writing = self.clock.now().saturating_sub(started);
         drop(state);
         drop(booking);
+        let stall = self.lock().stalls.remove(&step);
         let info = result?;
         let newest = {
             let mut inner = self.lock();
+            // An asynchronous save's cost: its stall, and the write that followed.
+            if let (Some(cadence), Some(stall)) = (inner.cadence.as_mut(), stall) {
+                cadence.record(stall, stall + writing);
+            }
             inner.known.insert(step, Candidate::from_info(&info, self.retention.metric()));
             inner.known.keys().next_back() == Some(&step)
         };
@@ -504,6 +518,7 @@ impl CheckpointManager {
             last_step: known.keys().next_back().copied(),
             last_save_at: opts.clock.now(),
             known,
+            cadence: opts.policy.auto_interval_mtbf().map(Cadence::new),
             ..Default::default()
         };
         let shared = Arc::new(Shared {
@@ -514,6 +529,7 @@ impl CheckpointManager {
             world_size: opts.world_size,
             coordination_timeout: opts.coordination_timeout,
             all_gather: opts.all_gather.clone(),
+            clock: opts.clock.clone(),
             inner: Mutex::new(inner),
             changed: Condvar::new(),
         });
@@ -662,6 +678,7 @@ impl CheckpointManager {
         inner.writing.insert(step);
         inner.saves_in_flight += 1;
         let booked = (inner.last_step, inner.last_save_at);
+        let started = inner.last_save_at;
         drop(inner);
         let mut booking = Booking { shared: &self.shared, step, before, booked, armed: true };
 
@@ -694,16 +711,30 @@ impl CheckpointManager {
         };
         opts.metrics = req.metrics;
         opts.metadata = req.metadata;
+        let stalled = || self.clock.now().saturating_sub(started);
         if self.async_save {
             let state = match handover {
                 Handover::Copy(state) => state.snapshot_in(&self.snapshots),
                 Handover::Give(state) => state,
             };
+            let stall = stalled();
+            let mut inner = self.shared.lock();
+            if inner.cadence.is_some() {
+                inner.stalls.insert(step, stall);
+            }
+            drop(inner);
             self.enqueue(Job::Save { step, state, opts });
             booking.hand_over();
         } else {
             booking.hand_over();
             let written = self.shared.write(step, handover, &opts);
+            if written.is_ok() {
+                // A synchronous save stalls the loop for all of it.
+                let stall = stalled();
+                if let Some(cadence) = self.shared.lock().cadence.as_mut() {
+                    cadence.record(stall, stall);
+                }
+            }
             self.enqueue(Job::Retain);
             written?;
         }
@@ -715,6 +746,9 @@ impl CheckpointManager {
 
     /// What the policy says of `step` at this moment.
     fn decide(&self, inner: &Inner, step: u64, force: bool, preempted: bool) -> Decision {
+        // Unmeasured, the first automatic save is due at once, unless a save is under way
+        // (its cost will be known when it is written).
+        let unmeasured = if inner.saves_in_flight > 0 { Duration::MAX } else { Duration::ZERO };
         let ctx = SaveContext {
             step,
             now: self.clock.now(),
@@ -722,8 +756,15 @@ impl CheckpointManager {
             last_save_at: inner.last_save_at,
             force,
             preempted,
+            auto_interval: inner.cadence.map(|c| c.interval().unwrap_or(unmeasured)),
         };
         policy::should_save(&self.policy, &ctx)
+    }
+
+    /// What recent saves cost and the interval chosen from it, when the policy has an
+    /// automatic interval ([`SavePolicy::with_auto_interval`]).
+    pub fn cadence(&self) -> Option<Cadence> {
+        self.shared.lock().cadence
     }
 
     /// Blocks until every queued save and deletion is done; returns the first background

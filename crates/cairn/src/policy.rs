@@ -42,6 +42,8 @@ impl Every {
 pub struct SavePolicy {
     steps: Vec<Every>,
     interval: Option<Duration>,
+    /// The mean time between failures an automatic interval is chosen for.
+    auto: Option<Duration>,
 }
 
 /// The step rules of the default [`SavePolicy`].
@@ -50,7 +52,7 @@ pub const DEFAULT_SAVE_RULES: [Every; 2] =
 
 impl Default for SavePolicy {
     fn default() -> Self {
-        SavePolicy { steps: DEFAULT_SAVE_RULES.to_vec(), interval: None }
+        SavePolicy { steps: DEFAULT_SAVE_RULES.to_vec(), interval: None, auto: None }
     }
 }
 
@@ -78,7 +80,7 @@ impl SavePolicy {
                 _ => {}
             }
         }
-        Ok(SavePolicy { steps: rules, interval: None })
+        Ok(SavePolicy { steps: rules, interval: None, auto: None })
     }
 
     /// Also save a *temporary* checkpoint whenever `interval` has passed since the last save.
@@ -87,9 +89,22 @@ impl SavePolicy {
         self
     }
 
-    /// Whether a time interval (temporary checkpoints) is configured.
+    /// Also save a *temporary* checkpoint whenever the interval chosen from the measured
+    /// cost of recent saves and `mtbf`, the mean time between failures, has passed since
+    /// the last save (see [`crate::cadence`]); the manager measures the costs.
+    pub fn with_auto_interval(mut self, mtbf: Duration) -> SavePolicy {
+        self.auto = Some(mtbf);
+        self
+    }
+
+    /// The mean time between failures of an automatic interval, if one is configured.
+    pub fn auto_interval_mtbf(&self) -> Option<Duration> {
+        self.auto
+    }
+
+    /// Whether a time interval (temporary checkpoints), fixed or automatic, is configured.
     pub fn has_time_interval(&self) -> bool {
-        self.interval.is_some()
+        self.interval.is_some() || self.auto.is_some()
     }
 
     /// The step rule that applies at `step`, if any.
@@ -113,6 +128,9 @@ pub struct SaveContext {
     pub force: bool,
     /// A preemption signal arrived.
     pub preempted: bool,
+    /// The automatic interval as things stand (see [`crate::cadence::Cadence`]), when the
+    /// policy has one: zero while no save has been measured (the first is due at once).
+    pub auto_interval: Option<Duration>,
 }
 
 /// What to do at a step.
@@ -129,7 +147,8 @@ pub enum Decision {
 
 /// Decides whether to save at `ctx.step`: forced and preemption saves always happen;
 /// otherwise step 0 and an already saved step are skipped; a step rule match saves a
-/// permanent checkpoint; an elapsed time interval saves a temporary one.
+/// permanent checkpoint; an elapsed time interval, fixed or automatic, saves a temporary
+/// one.
 pub fn should_save(policy: &SavePolicy, ctx: &SaveContext) -> Decision {
     if ctx.force || ctx.preempted {
         return Decision::Save { temporary: false };
@@ -140,9 +159,11 @@ pub fn should_save(policy: &SavePolicy, ctx: &SaveContext) -> Decision {
     if policy.rule_at(ctx.step).is_some_and(|r| ctx.step % r.interval == 0) {
         return Decision::Save { temporary: false };
     }
-    match policy.interval {
-        Some(interval) if ctx.now.saturating_sub(ctx.last_save_at) >= interval => Decision::Save { temporary: true },
-        _ => Decision::Skip,
+    let elapsed = ctx.now.saturating_sub(ctx.last_save_at);
+    let due = |interval: Option<Duration>| interval.is_some_and(|interval| elapsed >= interval);
+    match due(policy.interval) || (policy.auto.is_some() && due(ctx.auto_interval.or(Some(Duration::ZERO)))) {
+        true => Decision::Save { temporary: true },
+        false => Decision::Skip,
     }
 }
 
@@ -339,6 +360,26 @@ mod tests {
             should_save(&policy, &SaveContext { preempted: true, ..ctx(7) }),
             Decision::Save { temporary: false }
         );
+    }
+
+    #[test]
+    fn an_automatic_interval_saves_at_once_then_as_the_measured_costs_say() {
+        let policy = SavePolicy::steps(vec![Every::new(1000)]).unwrap().with_auto_interval(Duration::from_secs(3600));
+        assert!(policy.has_time_interval());
+        let at = |step, secs, auto_interval| SaveContext {
+            now: Duration::from_secs(secs),
+            last_save_at: Duration::from_secs(100),
+            last_step: Some(1),
+            auto_interval,
+            ..ctx(step)
+        };
+        let temporary = Decision::Save { temporary: true };
+        assert_eq!(should_save(&policy, &at(2, 100, None)), temporary, "nothing measured: due at once");
+        assert_eq!(should_save(&policy, &at(2, 105, Some(Duration::from_secs(10)))), Decision::Skip);
+        assert_eq!(should_save(&policy, &at(3, 110, Some(Duration::from_secs(10)))), temporary);
+        assert_eq!(should_save(&policy, &at(1000, 101, Some(Duration::MAX))), Decision::Save { temporary: false });
+        let plain = SavePolicy::steps(vec![Every::new(1000)]).unwrap();
+        assert_eq!(should_save(&plain, &at(2, 100, None)), Decision::Skip, "no automatic interval configured");
     }
 
     #[test]

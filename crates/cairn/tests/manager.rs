@@ -211,6 +211,46 @@ fn time_interval_saves_temporaries_that_newer_checkpoints_replace() {
 }
 
 #[test]
+fn an_automatic_interval_follows_the_measured_cost_of_saves() {
+    use cairn::cadence::optimal_interval;
+    let mtbf = Duration::from_secs(3600);
+    for async_save in [false, true] {
+        let clock = Arc::new(cairn::manager::ManualClock::default());
+        let policy = SavePolicy::steps(vec![Every::new(1_000_000)]).unwrap().with_auto_interval(mtbf);
+        let opts = options(1).with_policy(policy).with_clock(clock.clone()).with_async_save(async_save);
+        let manager = CheckpointManager::open(&format!("memory://manager/auto-{async_save}"), opts).unwrap();
+        assert_eq!(manager.cadence().unwrap().interval(), None);
+        let state = common::model_state(1, 1, 2);
+        let mut saved = Vec::new();
+        for step in 1..=2000u64 {
+            clock.advance(Duration::from_secs(1));
+            // Making the state (a copy off the GPU, say) takes 10 s of the loop's time.
+            let made = manager
+                .on_step_with(step, SaveRequest::default(), |_| {
+                    clock.advance(Duration::from_secs(10));
+                    Ok(Handover::Give(state.clone()))
+                })
+                .unwrap();
+            if made {
+                saved.push(step);
+                manager.wait().unwrap();
+            }
+        }
+        // The first save is due at once; then one every optimal interval for a 10 s stall
+        // (261.7 s, Daly), counted in steps of 1 s plus the 10 s each save stalls.
+        let interval = optimal_interval(Duration::from_secs(10), mtbf);
+        let cadence = manager.cadence().unwrap();
+        assert_eq!(cadence.estimates().unwrap().0, Duration::from_secs(10), "async={async_save}");
+        assert_eq!(cadence.interval(), Some(interval.max(cadence.estimates().unwrap().1)));
+        assert_eq!(saved[0], 1, "async={async_save}");
+        let gaps: Vec<u64> = saved.windows(2).map(|w| w[1] - w[0]).collect();
+        let expected = (interval.as_secs_f64() - 10.0).ceil() as u64;
+        assert!(gaps.iter().all(|&g| g == expected), "async={async_save} gaps {gaps:?}, expected {expected}");
+        assert!(manager.list().unwrap().iter().all(|i| i.temporary));
+    }
+}
+
+#[test]
 fn latest_hint_names_the_newest_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let uri = dir.path().join("run");
