@@ -6,12 +6,13 @@
 //! reading the manifests of the run's newest committed checkpoints (newest first, so it refers
 //! to the copies retention deletes last) and *pins* what it may refer to before it
 //! relies on it: it writes the list of those files into its own folder, then checks that
-//! each manifest it found them in is still committed. Its tensors are then hashed shard
-//! by shard as the shards are written (see `save`), so hashing overlaps the writes. It
-//! removes its pin once committed (or failed).
+//! each manifest it found them in is still committed. Its tensors are then sampled shard
+//! by shard as the shards are written (see `save`), and hashed whole only where a stored
+//! piece has the same sample (`Dedup::needs_id`). It removes its pin once committed (or
+//! failed for certain).
 //!
 //! Deletions remove a manifest first, then read the remaining manifests, then the pins,
-//! then the manifests committed meanwhile, and keep every file any of them names (see
+//! then the manifests again, and keep every file any of them names (see
 //! `Run::live_files`). A save that found a source still committed after pinning is seen
 //! by every later deletion of it (its pin is read after that source went); a save whose
 //! pin is gone by then had committed before (a commit whose outcome is unknown keeps its
@@ -174,8 +175,9 @@ pub(crate) struct Dedup {
 impl Dedup {
     /// Reads what the run around `dest` (the folder of the checkpoint of `step`) stores,
     /// pins every file of it, then keeps only the pieces whose source manifests are still
-    /// committed (see the module docs). The save then hashes its tensors shard by shard,
-    /// while other shards are being written, and refers to whatever is found here.
+    /// committed (see the module docs). The save then samples its tensors shard by shard,
+    /// while other shards are being written, hashes those whose sample is stored, and
+    /// refers to whatever is found here.
     pub(crate) async fn prepare(dest: &Location, step: u64, save_id: &str) -> Result<Dedup> {
         let Some(run) = dest.parent() else {
             return Ok(Dedup::default());
