@@ -19,6 +19,7 @@ from accelerate.utils import DataLoaderConfiguration
 
 import cairn
 import cairn.accelerate
+from _leave import leave  # beside this file
 
 EPOCHS, SAVE_EVERY = 3, 5
 
@@ -82,3 +83,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 
 import cairn
+from _leave import leave  # beside this file
 
 
 def reference():
@@ -84,3 +85,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()

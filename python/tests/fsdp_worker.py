@@ -25,6 +25,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import cairn
+from _leave import leave  # beside this file
 
 
 def build(seed, mesh):
@@ -220,3 +221,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()

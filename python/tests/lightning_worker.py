@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import cairn
 import cairn.lightning
+from _leave import leave  # beside this file
 
 
 class Model(L.LightningModule):
@@ -88,3 +89,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()
