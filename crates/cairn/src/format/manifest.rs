@@ -260,45 +260,52 @@ pub struct PieceRecord {
     pub sample: Option<u64>,
 }
 
-/// A 64-bit content sample as 16 lowercase hex digits; anything else is refused.
-mod hex64 {
+/// Fixed-width lowercase hex for the content fields (`xxh3`, `sample`): written with
+/// every digit, read back only in exactly that form.
+mod hex {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(sample: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
-        match sample {
-            Some(sample) => serializer.serialize_str(&format!("{sample:016x}")),
+    pub fn serialize<S: Serializer>(value: Option<u128>, digits: usize, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => serializer.serialize_str(&format!("{value:0digits$x}")),
             None => serializer.serialize_none(),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D, digits: usize) -> Result<u128, D::Error> {
         let text = <&str>::deserialize(deserializer)?;
-        let canonical = text.len() == 16 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let canonical = text.len() == digits && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !canonical {
-            return Err(serde::de::Error::custom("sample must be 16 lowercase hex digits"));
+            return Err(serde::de::Error::custom(format!("expected {digits} lowercase hex digits")));
         }
-        u64::from_str_radix(text, 16).map(Some).map_err(serde::de::Error::custom)
+        u128::from_str_radix(text, 16).map_err(serde::de::Error::custom)
     }
 }
 
-/// A 128-bit content hash as 32 lowercase hex digits; anything else is refused.
+/// A 64-bit content sample as 16 lowercase hex digits.
+mod hex64 {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(sample: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
+        super::hex::serialize(sample.map(u128::from), 16, serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+        // 16 hex digits always fit.
+        super::hex::deserialize(deserializer, 16).map(|v| Some(v as u64))
+    }
+}
+
+/// A 128-bit content hash as 32 lowercase hex digits.
 mod hex128 {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(hash: &Option<u128>, serializer: S) -> Result<S::Ok, S::Error> {
-        match hash {
-            Some(hash) => serializer.serialize_str(&format!("{hash:032x}")),
-            None => serializer.serialize_none(),
-        }
+        super::hex::serialize(*hash, 32, serializer)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u128>, D::Error> {
-        let text = <&str>::deserialize(deserializer)?;
-        let canonical = text.len() == 32 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !canonical {
-            return Err(serde::de::Error::custom("xxh3 must be 32 lowercase hex digits"));
-        }
-        u128::from_str_radix(text, 16).map(Some).map_err(serde::de::Error::custom)
+        super::hex::deserialize(deserializer, 32).map(Some)
     }
 }
 
@@ -765,7 +772,11 @@ mod tests {
     fn content_hashes_are_32_lowercase_hex_digits() {
         let mut m = sample();
         m.tensors.get_mut("w").unwrap().pieces[0].xxh3 = Some(0xabc);
+        m.tensors.get_mut("w").unwrap().pieces[0].sample = Some(0xdef);
         let text = String::from_utf8(m.encode().unwrap()).unwrap();
+        assert!(text.contains("\"sample\":\"0000000000000def\""), "{text}");
+        let short = text.replace("\"0000000000000def\"", "\"def\"");
+        assert_eq!(decode_text_err(&short).kind(), crate::ErrorKind::Corrupt);
         assert!(text.contains("\"xxh3\":\"00000000000000000000000000000abc\""), "{text}");
         assert_eq!(Manifest::decode(text.as_bytes(), "m.json").unwrap(), m);
         for bad in ["ABC", "00000000000000000000000000000ABC", "+0000000000000000000000000000abc", ""] {
