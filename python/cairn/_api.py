@@ -12,7 +12,7 @@ import signal as _signal
 import sys
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field as _field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -37,6 +37,10 @@ class CheckpointInfo:
     #: Bytes of the data files in the checkpoint's own folder: what its save wrote (less
     #: than `tensor_bytes` when an incremental save found tensors already stored).
     written_bytes: int
+    #: How long its save took, as the save measured itself, in seconds: `snapshot` (the
+    #: loop blocked while a manager copied the state; absent otherwise) and `write`
+    #: (from the start of the save to its commit). Empty for multi-rank saves.
+    timings: dict[str, float] = _field(default_factory=dict)
 
     @classmethod
     def _from_native(cls, d: dict) -> "CheckpointInfo":
@@ -52,6 +56,7 @@ class CheckpointInfo:
             num_tensors=d["num_tensors"],
             tensor_bytes=d["tensor_bytes"],
             written_bytes=d["written_bytes"],
+            timings=dict(d["timings"]),
         )
 
 
@@ -815,7 +820,26 @@ class CheckpointManager:
     costs what a full one does; a tensor that stops changing is written once more (with
     its content id), then shared. Deleting a checkpoint keeps the data
     others still refer to; `cairn cp` of one checkpoint copies what it refers to. A job of
-    several processes writes everything."""
+    several processes writes everything.
+
+    Two tiers: with `local=` (a fast local folder), saves go there first, by
+    `local_policies` / `local_save_interval` and kept by `keep_local` (a count or
+    `Keep` rules); the checkpoints that `policies` / `save_interval` select go on to
+    `run` (a bucket, say) in the background, copied from the local copy and verified
+    there, and `keep` applies to those. A local checkpoint is kept until its upload is
+    done; uploads a killed process owed are done by the next manager on the same local
+    folder. `restore()` takes the newest readable copy across both tiers (the local one
+    of a step first) and passes over a missing or damaged copy with a
+    `DamagedCheckpointWarning`. After SIGTERM the preemption save goes to the local tier,
+    then uploads go on for `upload_grace` seconds at most. Upload failures are cleanup
+    problems (`cleanup_errors()`); `pending_uploads()` tells what is owed.
+
+    `on_event(event)` is called (from a background thread) after every save, upload,
+    load and deletion with a dict: `operation`, `tier` ("local" or "durable"), `step`,
+    `uri`, `unix_ms`, `duration_s`, `phases` (seconds by phase: snapshot, write, commit,
+    upload, verify, read, retention), `bytes`, `bytes_per_s`, `error`, `detail`;
+    `event_log=` appends the same as JSON Lines to a file. An exception in `on_event` is
+    reported as unraisable and never fails a save."""
 
     @_typed
     def __init__(
@@ -837,6 +861,13 @@ class CheckpointManager:
         orphan_grace: float | _dt.timedelta | None = 3600.0,
         dtype: Any = None,
         incremental: bool = True,
+        local: str | os.PathLike | None = None,
+        local_policies: Sequence[Every] | None = None,
+        local_save_interval: float | _dt.timedelta | None = None,
+        keep_local: int | Keep | Sequence[Keep] = (),
+        upload_grace: float | _dt.timedelta = 30.0,
+        on_event: Callable[[dict], Any] | None = None,
+        event_log: str | os.PathLike | None = None,
         keep_last: int | None = None,
         keep_every: int | None = None,
         keep_best: int | None = None,
@@ -854,6 +885,19 @@ class CheckpointManager:
         last, every, best = _retention(keep, legacy)
         dtype = _arrays.cast_plan(dtype)
         rank, world_size, all_gather = _manager_job(rank, world_size, process_group, timeout)
+        tier = None
+        if local is not None:
+            keep_local = KeepLast(keep_local) if isinstance(keep_local, int) else keep_local
+            tier = (
+                _uri(local),
+                None if local_policies is None else [(p.interval, p.until) for p in local_policies],
+                _seconds(local_save_interval),
+                _seconds(mtbf) if auto else None,
+                _retention(keep_local, {}),
+                _seconds(upload_grace),
+            )
+        elif local_policies is not None or local_save_interval is not None or keep_local != ():
+            raise ValueError("local_policies, local_save_interval and keep_local are for a local tier (local=)")
         self._native = _cairn.Manager(
             _uri(run),
             None if policies is None else [(p.interval, p.until) for p in policies],
@@ -871,7 +915,10 @@ class CheckpointManager:
             all_gather,
             timeout,
             incremental,
-            _seconds(mtbf),
+            None if tier is not None else _seconds(mtbf),
+            tier,
+            on_event,
+            None if event_log is None else os.fspath(event_log),
         )
         self._world_size = world_size
         self._rank = rank
@@ -884,6 +931,16 @@ class CheckpointManager:
     def run(self) -> str:
         """The run's location."""
         return self._native.uri()
+
+    @property
+    def local(self) -> str | None:
+        """The local tier's location, if the manager has one."""
+        return self._native.local_uri()
+
+    def pending_uploads(self) -> list[int]:
+        """The steps still owed to the durable tier (queued, uploading, or failed and
+        kept for the next try), in step order."""
+        return self._native.pending_uploads()
 
     @property
     def preempted(self) -> bool:
@@ -929,7 +986,8 @@ class CheckpointManager:
         return None if got is None else Cadence(*got)
 
     def wait(self) -> None:
-        """Blocks until every save and deletion is done; raises a background error."""
+        """Blocks until every save, deletion and upload is done (after a preemption
+        save, uploads only for `upload_grace`); raises a background error of a save."""
         self._native.wait()
 
     @_typed
@@ -961,19 +1019,26 @@ class CheckpointManager:
                 step = self._native.settled_latest_step()
                 if step is None:
                     raise _cairn.CheckpointNotFoundError(f"no committed checkpoint run=`{self.run}`")
+            run = self._native.locate(step)
+            if run is None:
+                raise _cairn.CheckpointNotFoundError(f"no committed checkpoint step={step} run=`{self.run}`")
             state = load(
-                self.run, prefix=prefix, keys=keys, rename=rename, dtype=dtype, framework=framework,
+                run, prefix=prefix, keys=keys, rename=rename, dtype=dtype, framework=framework,
                 step=step, storage_options=self._storage_options, boxes=boxes, target=target, rank=self._rank,
                 device=device, map_location=map_location,
             )
-            info = next((i for i in self.list() if i.step == step), None)
+            info = next((i for i in self.list() if i.step == step and i.uri.startswith(run.rstrip("/") + "/")), None)
             if info is None:
                 raise _cairn.CheckpointNotFoundError(f"checkpoint deleted while loading step={step} run=`{self.run}`")
             return state, info
         device = _device(device, map_location, framework)
         dtype = None if dtype is None else _arrays.resolve_dtype(dtype)
         with _tree.gc_paused():
-            native = self._native.restore(step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename))
+            native, passed_over = self._native.restore(
+                step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename)
+            )
+            for message in passed_over:
+                warnings.warn(f"passed over a copy that could not be restored: {message}", DamagedCheckpointWarning, stacklevel=3)
             state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None, device=device)
         return state, CheckpointInfo._from_native(native[2])
 

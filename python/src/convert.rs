@@ -293,6 +293,14 @@ pub(crate) fn info_to_py<'py>(py: Python<'py>, info: &CheckpointInfo) -> PyResul
     dict.set_item("num_tensors", info.num_tensors)?;
     dict.set_item("tensor_bytes", info.tensor_bytes)?;
     dict.set_item("written_bytes", info.written_bytes)?;
+    let timings = PyDict::new(py);
+    if let Some(t) = info.timings {
+        if let Some(snapshot) = t.snapshot_ms {
+            timings.set_item("snapshot", snapshot as f64 / 1000.0)?;
+        }
+        timings.set_item("write", t.write_ms as f64 / 1000.0)?;
+    }
+    dict.set_item("timings", timings)?;
     Ok(dict)
 }
 

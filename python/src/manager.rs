@@ -4,6 +4,8 @@ use std::mem::ManuallyDrop;
 
 use cairn::manager::{CheckpointManager, Handover, ManagerOptions, SaveRequest};
 use cairn::policy::{Every, SavePolicy};
+use cairn::telemetry::{self, Event};
+use cairn::tier::LocalTier;
 use cairn::{Location, Run, State, StoreOptions};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -16,7 +18,9 @@ use crate::errors::*;
 pub(crate) struct Manager {
     /// Dropped with the GIL released (see `Drop`).
     inner: ManuallyDrop<CheckpointManager>,
-    local: bool,
+    /// Whether the runs of the tiers (the local one, then the manager's own) are local
+    /// folders, whose loaded tensors are private mappings.
+    mapped: (bool, bool),
 }
 
 impl Drop for Manager {
@@ -36,7 +40,7 @@ impl Drop for Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0, incremental=true, mtbf=None))]
+    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0, incremental=true, mtbf=None, local=None, on_event=None, event_log=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -57,21 +61,12 @@ impl Manager {
         timeout: f64,
         incremental: bool,
         mtbf: Option<f64>,
+        local: Option<LocalArgs>,
+        on_event: Option<Py<PyAny>>,
+        event_log: Option<std::path::PathBuf>,
     ) -> PyResult<Manager> {
         guarded(|| {
-            let mut policy = match policies {
-                Some(rules) => {
-                    SavePolicy::steps(rules.into_iter().map(|(interval, until)| Every { interval, until }).collect())
-                        .map_err(to_py_err)?
-                }
-                None => SavePolicy::default(),
-            };
-            if let Some(seconds) = save_interval {
-                policy = policy.with_time_interval(self::seconds("save_interval", seconds)?);
-            }
-            if let Some(mtbf) = mtbf {
-                policy = policy.with_auto_interval(self::seconds("mtbf", mtbf)?);
-            }
+            let policy = save_policy(policies, save_interval, mtbf)?;
             let retention = retention(keep_last, keep_every, keep_best)?;
             let orphan_grace = orphan_grace.map(|s| seconds("orphan_grace", s)).transpose()?;
             let mut opts = ManagerOptions::default()
@@ -87,12 +82,38 @@ impl Manager {
             if let Some(f) = all_gather {
                 opts = opts.with_all_gather(std::sync::Arc::new(move |payload| crate::call_all_gather(&f, payload)));
             }
+            if let Some(callback) = on_event {
+                opts = opts.with_event_sink(std::sync::Arc::new(move |event: &Event| call_on_event(&callback, event)));
+            }
+            if let Some(path) = event_log {
+                opts = opts.with_event_sink(telemetry::json_lines(&path).map_err(to_py_err)?);
+            }
             let storage = storage_options.unwrap_or_default();
+            let local = local
+                .map(|(uri, policies, save_interval, mtbf, (last, every, best), grace)| {
+                    let policy = save_policy(policies, save_interval, mtbf)?;
+                    Ok::<_, PyErr>((
+                        uri,
+                        policy,
+                        crate::convert::retention(last, every, best)?,
+                        seconds("upload_grace", grace)?,
+                    ))
+                })
+                .transpose()?;
             let inner = py
-                .detach(|| CheckpointManager::with_run(Run::at(Location::with_options(uri, true, &storage)?), opts))
+                .detach(|| {
+                    if let Some((uri, policy, retention, grace)) = local {
+                        let tier = LocalTier::new(Run::create(&uri)?, policy, retention).with_upload_grace(grace);
+                        opts = opts.with_local_tier(tier);
+                    }
+                    CheckpointManager::with_run(Run::at(Location::with_options(uri, true, &storage)?), opts)
+                })
                 .map_err(to_py_err)?;
-            let local = inner.run().location().local_dir().is_some();
-            Ok(Manager { inner: ManuallyDrop::new(inner), local })
+            let mapped = (
+                inner.local_run().is_some_and(|r| r.location().local_dir().is_some()),
+                inner.run().location().local_dir().is_some(),
+            );
+            Ok(Manager { inner: ManuallyDrop::new(inner), mapped })
         })
     }
 
@@ -145,12 +166,45 @@ impl Manager {
         prefix: Option<Vec<String>>,
         keys: Option<Vec<String>>,
         rename: Option<Vec<(String, String)>>,
-    ) -> PyResult<PyLeaves<'py>> {
+    ) -> PyResult<(PyLeaves<'py>, Vec<String>)> {
         guarded(|| {
             let opts = load_options(prefix, keys, rename)?;
-            let (state, info) = py.detach(|| self.inner.restore(step, &opts)).map_err(to_py_err)?;
-            state_to_py(py, state, &info, self.local)
+            let restored = py.detach(|| self.inner.restore_reporting(step, &opts)).map_err(to_py_err)?;
+            let from_local = self.inner.local_run().is_some_and(|r| {
+                restored.info.uri.strip_prefix(r.location().uri()).is_some_and(|rest| rest.starts_with('/'))
+            });
+            let mapped = if from_local { self.mapped.0 } else { self.mapped.1 };
+            let passed_over = restored.passed_over.iter().map(cairn::Error::full_message).collect();
+            Ok((state_to_py(py, restored.state, &restored.info, mapped)?, passed_over))
         })
+    }
+
+    /// The run holding the committed checkpoint of `step` (the local tier's when it has
+    /// it), or `None`.
+    fn locate(&self, py: Python<'_>, step: u64) -> PyResult<Option<String>> {
+        guarded(|| {
+            py.detach(|| {
+                for run in self.inner.local_run().into_iter().chain([self.inner.run()]) {
+                    match run.checkpoint(step) {
+                        Ok(_) => return Ok(Some(run.location().uri().to_string())),
+                        Err(e) if e.kind() == cairn::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(None)
+            })
+            .map_err(to_py_err)
+        })
+    }
+
+    /// The steps still owed to the durable tier.
+    fn pending_uploads(&self) -> Vec<u64> {
+        self.inner.pending_uploads()
+    }
+
+    /// The local tier's run, if any.
+    fn local_uri(&self) -> Option<String> {
+        self.inner.local_run().map(|r| r.location().uri().to_string())
     }
 
     fn latest_step(&self, py: Python<'_>) -> PyResult<Option<u64>> {
@@ -189,6 +243,53 @@ impl Manager {
     fn uri(&self) -> String {
         self.inner.run().location().uri().to_string()
     }
+}
+
+/// What `local=` says from Python: the local run's uri, its step rules, time interval and
+/// mtbf (as for the manager's own policy), its retention (keep_last, keep_every,
+/// keep_best), and the upload grace in seconds.
+type LocalArgs = (
+    String,
+    Option<Vec<(u64, Option<u64>)>>,
+    Option<f64>,
+    Option<f64>,
+    (Option<usize>, Option<u64>, Option<(usize, String, String)>),
+    f64,
+);
+
+/// A save policy from the step rules, the time interval and the mtbf of an automatic one.
+fn save_policy(
+    rules: Option<Vec<(u64, Option<u64>)>>,
+    save_interval: Option<f64>,
+    mtbf: Option<f64>,
+) -> PyResult<SavePolicy> {
+    let mut policy = match rules {
+        Some(rules) => {
+            SavePolicy::steps(rules.into_iter().map(|(interval, until)| Every { interval, until }).collect())
+                .map_err(to_py_err)?
+        }
+        None => SavePolicy::default(),
+    };
+    if let Some(interval) = save_interval {
+        policy = policy.with_time_interval(seconds("save_interval", interval)?);
+    }
+    if let Some(mtbf) = mtbf {
+        policy = policy.with_auto_interval(seconds("mtbf", mtbf)?);
+    }
+    Ok(policy)
+}
+
+/// Calls `on_event(event)` with the event as a dict (its JSON form); an exception it
+/// raises is reported as unraisable, never to the save.
+fn call_on_event(callback: &Py<PyAny>, event: &Event) {
+    Python::attach(|py| {
+        let called = pyo3::types::PyModule::import(py, "json")
+            .and_then(|json| json.call_method1("loads", (event.to_json().to_string(),)))
+            .and_then(|dict| callback.call1(py, (dict,)));
+        if let Err(err) = called {
+            err.write_unraisable(py, Some(callback.bind(py)));
+        }
+    });
 }
 
 /// The state a save makes from Python, kept by the binding so that buffers borrowed from

@@ -67,6 +67,7 @@ fn big_manifest(tensors: usize) -> Manifest {
         tensors: map,
         files,
         ranks: BTreeMap::new(),
+        timings: None,
     }
 }
 

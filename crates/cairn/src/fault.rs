@@ -1,12 +1,15 @@
 //! A fault-injecting store wrapper for reliability tests: it numbers every I/O operation
 //! and, at a chosen one, crashes (that operation and every later one fails, as if the
 //! process died there), fails once, or tears a write (only a prefix lands, then it
-//! crashes). Tests pick the operation from a logged seed, so every failure replays.
+//! crashes). Tests pick the operation from a logged seed, so every failure replays. It
+//! can also be taken down (every operation fails until it is back up) and slowed (each
+//! write waits first), as an unreachable or slow remote store is.
 
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -46,6 +49,10 @@ struct Counter {
     fault: Fault,
     ops: AtomicU64,
     crashed: AtomicBool,
+    /// Every operation fails while set.
+    down: AtomicBool,
+    /// Milliseconds each write waits before it starts.
+    delay_ms: AtomicU64,
 }
 
 impl FaultStore {
@@ -60,7 +67,14 @@ impl FaultStore {
     }
 
     fn with(inner: Arc<dyn ObjectStore>, at: Option<u64>, fault: Fault) -> FaultStore {
-        let state = Counter { at, fault, ops: AtomicU64::new(0), crashed: AtomicBool::new(false) };
+        let state = Counter {
+            at,
+            fault,
+            ops: AtomicU64::new(0),
+            crashed: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+            delay_ms: AtomicU64::new(0),
+        };
         FaultStore { inner, state: Arc::new(state) }
     }
 
@@ -69,8 +83,26 @@ impl FaultStore {
         self.state.ops.load(Ordering::SeqCst)
     }
 
+    /// Takes the store down (every operation fails, as if unreachable) or back up.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes each write wait `delay` before it starts (a slow link).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
     fn step(&self, what: &str, location: &Path) -> Result<bool> {
         self.state.step(what, location)
+    }
+
+    /// Waits as long as a write must (see [`FaultStore::set_delay`]).
+    async fn delay(&self) {
+        let ms = self.state.delay_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
     }
 }
 
@@ -80,6 +112,9 @@ impl Counter {
     fn step(&self, what: &str, location: &Path) -> Result<bool> {
         if self.crashed.load(Ordering::SeqCst) {
             return Err(injected(what, location, "after a crash"));
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(injected(what, location, "store down"));
         }
         let n = self.ops.fetch_add(1, Ordering::SeqCst);
         if Some(n) != self.at {
@@ -113,6 +148,7 @@ impl fmt::Display for FaultStore {
 #[async_trait]
 impl ObjectStore for FaultStore {
     async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+        self.delay().await;
         if self.step("put", location)? {
             if self.state.fault == Fault::LostAck {
                 self.inner.put_opts(location, payload, opts).await?;
@@ -129,6 +165,7 @@ impl ObjectStore for FaultStore {
     }
 
     async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
+        self.delay().await;
         if self.step("multipart upload", location)? {
             return Err(injected("multipart upload", location, "injected crash"));
         }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::format::manifest::Manifest;
+use crate::format::manifest::{Manifest, SaveTimings};
 use crate::state::Value;
 
 /// Summary of one committed checkpoint.
@@ -31,6 +31,9 @@ pub struct CheckpointInfo {
     /// An incremental save that found tensors already stored wrote less than
     /// `tensor_bytes`; a full save writes slightly more (the shard headers).
     pub written_bytes: u64,
+    /// How long its save took, as the save measured itself (absent for multi-rank saves
+    /// and older writers).
+    pub timings: Option<SaveTimings>,
 }
 
 impl CheckpointInfo {
@@ -54,6 +57,7 @@ impl CheckpointInfo {
             num_tensors: manifest.tensors.len(),
             tensor_bytes,
             written_bytes: manifest.own_file_bytes(),
+            timings: manifest.timings,
         }
     }
 

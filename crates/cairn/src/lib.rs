@@ -46,6 +46,8 @@ pub mod save;
 mod snapshot;
 pub mod state;
 pub mod store;
+pub mod telemetry;
+pub mod tier;
 pub mod transfer;
 
 pub use entry::{load, open, open_at, resolve_at, save, save_at, Target};

@@ -26,6 +26,8 @@ use crate::run::Run;
 use crate::save::SaveOptions;
 use crate::snapshot::ArenaPool;
 use crate::state::{State, Value};
+use crate::telemetry::{Event, EventSink, Operation, Phase, Sinks, Tier};
+use crate::tier::{self, LocalTier};
 
 /// A source of elapsed time, injectable so time-based policies are testable.
 pub trait Clock: Send + Sync {
@@ -102,6 +104,13 @@ pub struct ManagerOptions {
     /// On open, the leading rank removes in the background what unfinished saves left in
     /// the run once it is older than this (`None`: never; see [`Run::prune_orphans`]).
     pub orphan_grace: Option<Duration>,
+    /// A fast local tier: saves go there first (by its own policy and retention), and
+    /// those the manager's `policy` selects are then uploaded in the background to the
+    /// manager's run, which keeps them by `retention` (see [`crate::tier`]). One process
+    /// only.
+    pub local: Option<LocalTier>,
+    /// Where the manager's events go (see [`crate::telemetry`]).
+    pub events: Vec<EventSink>,
 }
 
 /// Leftovers of unfinished saves younger than this are left alone when a manager opens:
@@ -123,6 +132,8 @@ impl Default for ManagerOptions {
             coordination_timeout: Duration::from_secs(600),
             all_gather: None,
             orphan_grace: Some(DEFAULT_ORPHAN_GRACE),
+            local: None,
+            events: Vec::new(),
         }
     }
 }
@@ -185,6 +196,18 @@ impl ManagerOptions {
         self
     }
 
+    /// Adds a fast local tier in front of the manager's run.
+    pub fn with_local_tier(mut self, local: LocalTier) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// Sends the manager's events to `sink` too.
+    pub fn with_event_sink(mut self, sink: EventSink) -> Self {
+        self.events.push(sink);
+        self
+    }
+
     /// Sets (or disables) the preemption signal.
     pub fn with_preemption_signal(mut self, signal: Option<i32>) -> Self {
         self.preemption_signal = signal;
@@ -240,6 +263,8 @@ enum Job {
         step: u64,
         state: State,
         opts: SaveOptions,
+        /// Whether the durable tier gets a copy once it is committed.
+        upload: bool,
     },
     Retain,
     /// Take part in the other ranks' save without a state (see [`Shared::refuse`]).
@@ -271,13 +296,53 @@ struct Inner {
     shutdown: bool,
     /// What saves cost, when the policy chooses its interval from it.
     cadence: Option<Cadence>,
-    /// How long each asynchronous save in flight stalled the loop, until it is written.
-    stalls: BTreeMap<u64, Duration>,
+    /// With a local tier: the steps owed to the durable tier (their markers exist), the
+    /// ones queued for the uploader and the one it copies now, what the durable tier's
+    /// retention knows, and the last step its policy selected and when.
+    owed: BTreeSet<u64>,
+    uploads: VecDeque<u64>,
+    uploading: Option<u64>,
+    durable_known: BTreeMap<u64, Candidate>,
+    durable_last: (Option<u64>, Duration),
+}
+
+/// What the save policies go by: the last step saved and when, for the manager's own
+/// policy (with a local tier, the local policy's), and for the durable tier's.
+#[derive(Clone, Copy, PartialEq)]
+struct Facts {
+    last_step: Option<u64>,
+    last_save_at: Duration,
+    durable: (Option<u64>, Duration),
+}
+
+impl Inner {
+    fn facts(&self) -> Facts {
+        Facts { last_step: self.last_step, last_save_at: self.last_save_at, durable: self.durable_last }
+    }
+
+    /// Whether uploads are queued or running.
+    fn uploads_busy(&self) -> bool {
+        !self.uploads.is_empty() || self.uploading.is_some()
+    }
+}
+
+/// The durable tier of a manager with a local tier.
+struct Durable {
+    run: Run,
+    retention: Retention,
+    upload_grace: Duration,
+    /// The step the durable run's `LATEST` hint names, as this manager last wrote it.
+    hinted: Mutex<Option<u64>>,
 }
 
 struct Shared {
+    /// The run saves go to (the local tier's, if the manager has one).
     run: Run,
+    /// What to keep of `run`.
     retention: Retention,
+    /// The tier uploads go to, with a local tier.
+    durable: Option<Durable>,
+    sinks: Sinks,
     /// The step the `LATEST` hint names, as this manager last wrote it.
     hinted: Mutex<Option<u64>>,
     rank: u32,
@@ -324,40 +389,202 @@ impl Shared {
         self.rank == 0
     }
 
+    /// The tier saves go to.
+    fn save_tier(&self) -> Tier {
+        match self.durable {
+            Some(_) => Tier::Local,
+            None => Tier::Durable,
+        }
+    }
+
     /// Writes the booked save of `step` and does what follows, the one path of sync and
     /// async saves alike: the state is dropped (its memory free for the next snapshot),
     /// then the booking is released, even if the save panics; on a commit retention learns
-    /// of the checkpoint and, when it is the newest, the run's `LATEST` hint names it (a
-    /// failure of the hint is a cleanup problem, never the save's).
-    fn write(&self, step: u64, state: Handover<'_>, opts: &SaveOptions) -> Result<()> {
+    /// of the checkpoint, when it is the newest the run's `LATEST` hint names it (a
+    /// failure of the hint is a cleanup problem, never the save's), and with `upload` it
+    /// is queued for the durable tier (its marker written before the save began).
+    fn write(&self, step: u64, state: Handover<'_>, opts: &SaveOptions, upload: bool) -> Result<()> {
         let booking = Release { shared: self, step };
         let started = self.clock.now();
-        let result = self.save(state.state(), opts);
+        let timer = Instant::now();
+        let marked = match upload {
+            true => tier::mark(&self.run, step),
+            false => Ok(()),
+        };
+        let result = marked.and_then(|()| self.save(state.state(), opts));
         let writing = self.clock.now().saturating_sub(started);
         drop(state);
         drop(booking);
-        let stall = self.lock().stalls.remove(&step);
-        let info = result?;
+        let outcome = self.committed(step, result.as_ref().ok(), opts.snapshot_time, writing);
+        if self.sinks.active() {
+            self.sinks.emit(self.save_event(step, &result, opts.snapshot_time, timer.elapsed()));
+        }
+        if upload {
+            match outcome {
+                true => {
+                    let mut inner = self.lock();
+                    inner.owed.insert(step);
+                    inner.uploads.push_back(step);
+                    self.changed.notify_all();
+                }
+                // Nothing committed: nothing is owed.
+                false => drop(tier::unmark(&self.run, step)),
+            }
+        }
+        result.map(drop)
+    }
+
+    /// What follows a save of `step`: when committed (`info`), retention learns of it, its
+    /// cost is measured, and the `LATEST` hint names it when it is the newest. Returns
+    /// whether it committed.
+    fn committed(&self, step: u64, info: Option<&CheckpointInfo>, stall: Option<Duration>, writing: Duration) -> bool {
+        let Some(info) = info else { return false };
         let newest = {
             let mut inner = self.lock();
             // An asynchronous save's cost: its stall, and the write that followed.
             if let (Some(cadence), Some(stall)) = (inner.cadence.as_mut(), stall) {
                 cadence.record(stall, stall + writing);
             }
-            inner.known.insert(step, Candidate::from_info(&info, self.retention.metric()));
+            inner.known.insert(step, Candidate::from_info(info, self.retention.metric()));
             inner.known.keys().next_back() == Some(&step)
         };
         if newest && self.leads() {
-            // Hints are written one at a time and never name an older step than the last.
-            let mut hinted = self.hinted.lock().unwrap_or_else(|p| p.into_inner());
-            if hinted.is_none_or(|h| h < step) {
-                match retried(|| self.run.write_latest_hint(&info)) {
-                    Ok(()) => *hinted = Some(step),
-                    Err(err) => self.cleanup_failed(err),
-                }
+            self.hint(&self.run, &self.hinted, info);
+        }
+        true
+    }
+
+    /// Points `run`'s `LATEST` hint at `info` unless it names a newer step already
+    /// (`hinted` is the step it names, as this manager last wrote it).
+    fn hint(&self, run: &Run, hinted: &Mutex<Option<u64>>, info: &CheckpointInfo) {
+        // Hints are written one at a time and never name an older step than the last.
+        let mut hinted = hinted.lock().unwrap_or_else(|p| p.into_inner());
+        if hinted.is_none_or(|h| h < info.step) {
+            match retried(|| run.write_latest_hint(info)) {
+                Ok(()) => *hinted = Some(info.step),
+                Err(err) => self.cleanup_failed(err),
             }
         }
-        Ok(())
+    }
+
+    /// The event of the save of `step` that ended with `result`, `total` after it began
+    /// (after a snapshot of `snapshot`, for an asynchronous save).
+    fn save_event(
+        &self,
+        step: u64,
+        result: &Result<CheckpointInfo>,
+        snapshot: Option<Duration>,
+        total: Duration,
+    ) -> Event {
+        let mut event = Event::new(Operation::Save, self.save_tier(), step, self.run.step_location(step).uri());
+        if let Some(snapshot) = snapshot {
+            event = event.with_phase(Phase::Snapshot, snapshot);
+        }
+        // The save measured its own writing; the rest is the commit and the hint.
+        let info = result.as_ref().ok();
+        event = match info.and_then(|i| i.timings).map(|t| Duration::from_millis(t.write_ms)) {
+            Some(write) => event.with_phase(Phase::Write, write).with_phase(Phase::Commit, total.saturating_sub(write)),
+            None => event.with_phase(Phase::Write, total),
+        };
+        event.with_bytes(info.map_or(0, |i| i.written_bytes)).with_outcome(result)
+    }
+
+    /// Uploads `step` to the durable tier (retrying what the store may fix), then applies
+    /// the durable tier's retention and hint; the step is then no longer owed, unless the
+    /// upload failed in a way a later try may mend (its marker stays; the next manager on
+    /// this local run tries again).
+    fn upload(&self, durable: &Durable, step: u64) {
+        let mut attempt = 1;
+        let (result, event) = loop {
+            let (result, event) = tier::upload(&self.run, &durable.run, step);
+            match &result {
+                Err(e) if e.kind() == ErrorKind::Unavailable && attempt < CLEANUP_ATTEMPTS => {
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                    attempt += 1;
+                }
+                _ => break (result, event),
+            }
+        };
+        self.sinks.emit(event);
+        let settled = match &result {
+            Ok(info) => {
+                let newest = {
+                    let mut inner = self.lock();
+                    inner.durable_known.insert(step, Candidate::from_info(info, durable.retention.metric()));
+                    inner.durable_known.keys().next_back() == Some(&step)
+                };
+                if newest {
+                    self.hint(&durable.run, &durable.hinted, info);
+                }
+                true
+            }
+            Err(e) => tier::hopeless(e),
+        };
+        if let Err(err) = result {
+            let shown = format!("uploading to the durable tier failed step={step}: {}", err.full_message());
+            self.cleanup_failed(Error::new(err.kind(), shown));
+        }
+        if settled {
+            match retried(|| tier::unmark(&self.run, step)) {
+                Ok(()) => {
+                    self.lock().owed.remove(&step);
+                }
+                Err(err) => self.cleanup_failed(err),
+            }
+        }
+        self.apply_durable_retention(durable);
+    }
+
+    /// Deletes from the durable tier what its retention no longer keeps.
+    fn apply_durable_retention(&self, durable: &Durable) {
+        let (doomed, latest) = {
+            let inner = self.lock();
+            let candidates: Vec<Candidate> = inner.durable_known.values().cloned().collect();
+            let protected: BTreeSet<u64> = inner.reading.keys().chain(&inner.uploading).copied().collect();
+            (
+                policy::to_delete(&durable.retention, &candidates, &protected),
+                inner.durable_known.keys().next_back().copied(),
+            )
+        };
+        for step in doomed.into_iter().filter(|s| Some(*s) != latest) {
+            if self.lock().reading.contains_key(&step) {
+                continue;
+            }
+            if self.delete(&durable.run, Tier::Durable, step) {
+                self.lock().durable_known.remove(&step);
+            }
+        }
+    }
+
+    /// Deletes `step` from `run` (retried), reporting it; returns whether it is gone.
+    fn delete(&self, run: &Run, tier: Tier, step: u64) -> bool {
+        let timer = Instant::now();
+        let stored = match self.sinks.active() {
+            true => run.checkpoint(step).map_or(0, |c| c.info().written_bytes),
+            false => 0,
+        };
+        let result = retried(|| run.delete(step));
+        self.sinks.emit(
+            Event::new(Operation::Delete, tier, step, run.step_location(step).uri())
+                .with_phase(Phase::Retention, timer.elapsed())
+                .with_bytes(stored)
+                .with_outcome(&result),
+        );
+        match result {
+            Ok(()) => true,
+            Err(err) => {
+                self.cleanup_failed(err);
+                false
+            }
+        }
+    }
+
+    /// Queues `job` for the worker.
+    fn enqueue(&self, job: Job) {
+        let mut inner = self.lock();
+        inner.busy += 1;
+        inner.queue.push_back(job);
+        self.changed.notify_all();
     }
 
     /// Records a cleanup problem (the checkpoints themselves are committed); the oldest
@@ -393,9 +620,10 @@ impl Drop for Release<'_> {
 struct Booking<'a> {
     shared: &'a Shared,
     step: u64,
-    /// The policy's facts before the booking, and as the booking set them.
-    before: (Option<u64>, Duration),
-    booked: (Option<u64>, Duration),
+    /// The policies' facts (the last step and save time of the manager's own policy,
+    /// then of the durable tier's) before the booking, and as the booking set them.
+    before: Facts,
+    booked: Facts,
     armed: bool,
 }
 
@@ -419,11 +647,14 @@ impl Drop for Booking<'_> {
         }
         let mut inner = self.shared.lock();
         // Restored unless a later booking moved them on meanwhile.
-        if inner.last_step == self.booked.0 {
-            inner.last_step = self.before.0;
+        if inner.last_step == self.booked.last_step {
+            inner.last_step = self.before.last_step;
         }
-        if inner.last_save_at == self.booked.1 {
-            inner.last_save_at = self.before.1;
+        if inner.last_save_at == self.booked.last_save_at {
+            inner.last_save_at = self.before.last_save_at;
+        }
+        if inner.durable_last == self.booked.durable {
+            inner.durable_last = self.before.durable;
         }
         inner.writing.remove(&self.step);
         inner.saves_in_flight -= 1;
@@ -487,6 +718,24 @@ pub struct CheckpointManager {
     worker: Option<JoinHandle<()>>,
     /// Memory for snapshots, reused from one async save to the next.
     snapshots: ArenaPool,
+    /// With a local tier: when to save locally (`policy` then selects the uploads), and
+    /// the thread that uploads.
+    local_policy: Option<SavePolicy>,
+    uploader: Option<JoinHandle<()>>,
+    /// Set by a preemption save: uploads are not waited for past it.
+    upload_deadline: Mutex<Option<Instant>>,
+}
+
+/// What [`CheckpointManager::restore_reporting`] restored, and the copies it passed over.
+#[derive(Debug)]
+pub struct Restored {
+    /// The state loaded.
+    pub state: State,
+    /// The checkpoint it came from (its `uri` says which tier).
+    pub info: CheckpointInfo,
+    /// Why each newer copy (or the same step's copy on the other tier) could not be
+    /// restored, newest first.
+    pub passed_over: Vec<Error>,
 }
 
 impl CheckpointManager {
@@ -507,23 +756,68 @@ impl CheckpointManager {
         if opts.rank >= opts.world_size {
             return Err(Error::invalid(format!("rank {} is not below world_size {}", opts.rank, opts.world_size)));
         }
+        if opts.local.is_some() && opts.world_size > 1 {
+            return Err(Error::invalid(format!(
+                "a local tier is for a one-process job; with world_size={} each rank's saves go to the run directly run=`{}`",
+                opts.world_size,
+                run.location().uri()
+            )));
+        }
+        let (run, retention, durable, local_policy) = match opts.local {
+            Some(local) => {
+                let durable = Durable {
+                    run,
+                    retention: opts.retention,
+                    upload_grace: local.upload_grace,
+                    hinted: Mutex::new(None),
+                };
+                (local.run, local.retention, Some(durable), Some(local.policy))
+            }
+            None => (run, opts.retention, None, None),
+        };
         let mut known = BTreeMap::new();
         for info in run.infos()? {
-            known.insert(info.step, Candidate::from_info(&info, opts.retention.metric()));
+            known.insert(info.step, Candidate::from_info(&info, retention.metric()));
+        }
+        let mut durable_known = BTreeMap::new();
+        let mut uploads = VecDeque::new();
+        let mut owed = BTreeSet::new();
+        if let Some(durable) = &durable {
+            for info in durable.run.infos()? {
+                durable_known.insert(info.step, Candidate::from_info(&info, durable.retention.metric()));
+            }
+            // Uploads the last process owed: again, if its local save committed.
+            for step in tier::marked(&run)? {
+                match known.contains_key(&step) {
+                    true => {
+                        owed.insert(step);
+                        uploads.push_back(step);
+                    }
+                    false => tier::unmark(&run, step)?,
+                }
+            }
         }
         let preempted = Arc::new(AtomicBool::new(false));
         let preemption =
             opts.preemption_signal.map(|signal| Preemption::install(signal, preempted.clone())).transpose()?;
+        let mtbf = local_policy.as_ref().unwrap_or(&opts.policy).auto_interval_mtbf();
+        let durable_last = durable_known.keys().next_back().copied();
         let inner = Inner {
-            last_step: known.keys().next_back().copied(),
+            last_step: known.keys().next_back().copied().max(durable_last),
             last_save_at: opts.clock.now(),
             known,
-            cadence: opts.policy.auto_interval_mtbf().map(Cadence::new),
+            cadence: mtbf.map(Cadence::new),
+            owed,
+            uploads,
+            durable_known,
+            durable_last: (durable_last, opts.clock.now()),
             ..Default::default()
         };
         let shared = Arc::new(Shared {
             run,
-            retention: opts.retention.clone(),
+            retention,
+            durable,
+            sinks: Sinks::new(opts.events),
             hinted: Mutex::new(None),
             rank: opts.rank,
             world_size: opts.world_size,
@@ -533,11 +827,18 @@ impl CheckpointManager {
             inner: Mutex::new(inner),
             changed: Condvar::new(),
         });
-        let worker_shared = shared.clone();
-        let worker = std::thread::Builder::new()
-            .name("cairn-manager".into())
-            .spawn(move || work(&worker_shared))
-            .map_err(|e| Error::new(ErrorKind::Unavailable, "cannot start manager thread").with_source(e))?;
+        let spawn = |name: &str, work: fn(&Shared)| {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || work(&shared))
+                .map_err(|e| Error::new(ErrorKind::Unavailable, format!("cannot start thread {name}")).with_source(e))
+        };
+        let worker = spawn("cairn-manager", work)?;
+        let uploader = match shared.durable.is_some() {
+            true => Some(spawn("cairn-upload", upload_work)?),
+            false => None,
+        };
         let manager = CheckpointManager {
             shared,
             policy: opts.policy,
@@ -549,17 +850,33 @@ impl CheckpointManager {
             preemption: Mutex::new(preemption),
             worker: Some(worker),
             snapshots: ArenaPool::default(),
+            local_policy,
+            uploader,
+            upload_deadline: Mutex::new(None),
         };
-        manager.enqueue(Job::Retain);
+        manager.shared.enqueue(Job::Retain);
         if let Some(grace) = opts.orphan_grace.filter(|_| manager.shared.leads()) {
-            manager.enqueue(Job::Prune(grace));
+            manager.shared.enqueue(Job::Prune(grace));
         }
         Ok(manager)
     }
 
-    /// The run this manager writes.
+    /// The run this manager was opened on (with a local tier, the durable one).
     pub fn run(&self) -> &Run {
-        &self.shared.run
+        self.shared.durable.as_ref().map_or(&self.shared.run, |d| &d.run)
+    }
+
+    /// The local tier's run, if the manager has one.
+    pub fn local_run(&self) -> Option<&Run> {
+        self.shared.durable.as_ref().map(|_| &self.shared.run)
+    }
+
+    /// The runs of the manager's tiers: the local one first, if any.
+    fn tiers(&self) -> Vec<(Tier, &Run)> {
+        match &self.shared.durable {
+            Some(durable) => vec![(Tier::Local, &self.shared.run), (Tier::Durable, &durable.run)],
+            None => vec![(Tier::Durable, &self.shared.run)],
+        }
     }
 
     /// Saves queued or being written right now (never more than `max_in_flight`).
@@ -640,15 +957,17 @@ impl CheckpointManager {
             return Err(err);
         }
         let report = |earlier: Option<Error>, saved: bool| earlier.map_or(Ok(saved), Err);
-        let taken = |inner: &Inner| inner.known.contains_key(&step) || inner.writing.contains(&step);
+        let taken = |inner: &Inner| {
+            inner.known.contains_key(&step) || inner.writing.contains(&step) || inner.durable_known.contains_key(&step)
+        };
         if matches!(call, Call::OnStep) && taken(&inner) {
             return report(earlier, false);
         }
-        let temporary = match call {
-            Call::Save => req.temporary,
+        let (temporary, upload) = match call {
+            Call::Save => (req.temporary, self.shared.durable.is_some()),
             Call::OnStep => match self.decide(&inner, step, req.force, preempted) {
-                Decision::Skip => return report(earlier, false),
-                Decision::Save { temporary } => temporary,
+                (Decision::Skip, _) => return report(earlier, false),
+                (Decision::Save { temporary }, upload) => (temporary, upload),
             },
         };
         while inner.saves_in_flight >= self.max_in_flight && (together || inner.error.is_none()) {
@@ -672,12 +991,15 @@ impl CheckpointManager {
                 })),
             };
         }
-        let before = (inner.last_step, inner.last_save_at);
+        let before = inner.facts();
         inner.last_step = Some(inner.last_step.map_or(step, |s| s.max(step)));
         inner.last_save_at = self.clock.now();
+        if upload {
+            inner.durable_last = (Some(inner.durable_last.0.map_or(step, |s| s.max(step))), inner.last_save_at);
+        }
         inner.writing.insert(step);
         inner.saves_in_flight += 1;
-        let booked = (inner.last_step, inner.last_save_at);
+        let booked = inner.facts();
         let started = inner.last_save_at;
         drop(inner);
         let mut booking = Booking { shared: &self.shared, step, before, booked, armed: true };
@@ -698,7 +1020,7 @@ impl CheckpointManager {
                     booking.keep_decision();
                     let reason = Error::new(err.kind(), err.full_message());
                     match self.async_save {
-                        true => self.enqueue(Job::Refuse { opts, reason }),
+                        true => self.shared.enqueue(Job::Refuse { opts, reason }),
                         false => drop(self.shared.refuse(&opts, &reason)),
                     }
                     if let Some(earlier) = earlier {
@@ -717,17 +1039,12 @@ impl CheckpointManager {
                 Handover::Copy(state) => state.snapshot_in(&self.snapshots),
                 Handover::Give(state) => state,
             };
-            let stall = stalled();
-            let mut inner = self.shared.lock();
-            if inner.cadence.is_some() {
-                inner.stalls.insert(step, stall);
-            }
-            drop(inner);
-            self.enqueue(Job::Save { step, state, opts });
+            opts.snapshot_time = Some(stalled());
+            self.shared.enqueue(Job::Save { step, state, opts, upload });
             booking.hand_over();
         } else {
             booking.hand_over();
-            let written = self.shared.write(step, handover, &opts);
+            let written = self.shared.write(step, handover, &opts, upload);
             if written.is_ok() {
                 // A synchronous save stalls the loop for all of it.
                 let stall = stalled();
@@ -735,17 +1052,24 @@ impl CheckpointManager {
                     cadence.record(stall, stall);
                 }
             }
-            self.enqueue(Job::Retain);
+            self.shared.enqueue(Job::Retain);
             written?;
         }
         if preempted && matches!(call, Call::OnStep) {
+            // Uploads go on for the grace period after the preemption save, no longer.
+            if let Some(durable) = &self.shared.durable {
+                let mut deadline = self.upload_deadline.lock().unwrap_or_else(|p| p.into_inner());
+                deadline.get_or_insert_with(|| Instant::now() + durable.upload_grace);
+            }
             self.wait()?;
         }
         report(earlier, true)
     }
 
-    /// What the policy says of `step` at this moment.
-    fn decide(&self, inner: &Inner, step: u64, force: bool, preempted: bool) -> Decision {
+    /// What the policies say of `step` at this moment: whether to save, and whether the
+    /// save goes on to the durable tier (with a local tier: the local policy and the
+    /// manager's own one each decide; it is temporary only if neither keeps it).
+    fn decide(&self, inner: &Inner, step: u64, force: bool, preempted: bool) -> (Decision, bool) {
         // Unmeasured, the first automatic save is due at once, unless a save is under way
         // (its cost will be known when it is written).
         let unmeasured = if inner.saves_in_flight > 0 { Duration::MAX } else { Duration::ZERO };
@@ -758,7 +1082,19 @@ impl CheckpointManager {
             preempted,
             auto_interval: inner.cadence.map(|c| c.interval().unwrap_or(unmeasured)),
         };
-        policy::should_save(&self.policy, &ctx)
+        let Some(local_policy) = &self.local_policy else {
+            return (policy::should_save(&self.policy, &ctx), false);
+        };
+        let (last_step, last_save_at) = inner.durable_last;
+        let local = policy::should_save(local_policy, &ctx);
+        let durable = policy::should_save(&self.policy, &SaveContext { last_step, last_save_at, ..ctx });
+        let temporary = |d: Decision| !matches!(d, Decision::Save { temporary: false });
+        match (local, durable) {
+            (Decision::Skip, Decision::Skip) => (Decision::Skip, false),
+            (local, durable) => {
+                (Decision::Save { temporary: temporary(local) && temporary(durable) }, durable != Decision::Skip)
+            }
+        }
     }
 
     /// What recent saves cost and the interval chosen from it, when the policy has an
@@ -767,17 +1103,36 @@ impl CheckpointManager {
         self.shared.lock().cadence
     }
 
-    /// Blocks until every queued save and deletion is done; returns the first background
-    /// error since the last call, if any.
+    /// Blocks until every queued save, deletion and upload is done (after a preemption
+    /// save, uploads only until the local tier's upload grace has passed); returns the
+    /// first background error of a save since the last call, if any. An upload's failure
+    /// is a cleanup problem ([`take_cleanup_errors`](Self::take_cleanup_errors)): its
+    /// checkpoint is committed locally, and the upload is tried again by the next manager.
     pub fn wait(&self) -> Result<()> {
+        let deadline = *self.upload_deadline.lock().unwrap_or_else(|p| p.into_inner());
         let mut inner = self.shared.lock();
-        while inner.busy > 0 {
-            inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+        loop {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if inner.busy > 0 {
+                inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+            } else if !inner.uploads_busy() || left == Some(Duration::ZERO) {
+                break;
+            } else if let Some(left) = left {
+                inner = self.shared.changed.wait_timeout(inner, left).unwrap_or_else(|p| p.into_inner()).0;
+            } else {
+                inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+            }
         }
         match inner.error.take() {
             Some(err) => Err(err),
             None => Ok(()),
         }
+    }
+
+    /// The steps still owed to the durable tier (queued, uploading, or failed and kept
+    /// for a later try), in step order; empty without a local tier.
+    pub fn pending_uploads(&self) -> Vec<u64> {
+        self.shared.lock().owed.iter().copied().collect()
     }
 
     /// Waits for everything in flight (returning its error, as [`wait`](Self::wait)) and
@@ -802,68 +1157,140 @@ impl CheckpointManager {
 
     /// Loads the checkpoint of `step`, or when `None` the latest committed one (highest
     /// step) once this manager's saves in flight are over, with this rank's own plain
-    /// values unless `opts.rank` says otherwise.
+    /// values unless `opts.rank` says otherwise. A copy that cannot be read (gone,
+    /// damaged, its store unreachable) is passed over for the same step on the other
+    /// tier, then (without a `step`) for older ones (see
+    /// [`restore_reporting`](Self::restore_reporting) to learn which).
     /// [`ErrorKind::NotFound`] when there is none. Retention never deletes a checkpoint
     /// while it is being read.
     pub fn restore(&self, step: Option<u64>, opts: &LoadOptions) -> Result<(State, CheckpointInfo)> {
+        self.restore_reporting(step, opts).map(|r| (r.state, r.info))
+    }
+
+    /// [`restore`](Self::restore), also saying which copies it passed over and why.
+    pub fn restore_reporting(&self, step: Option<u64>, opts: &LoadOptions) -> Result<Restored> {
         self.take_error()?;
-        let step = match step {
-            Some(step) => step,
-            None => self.settled_latest_step()?.ok_or_else(|| {
-                Error::not_found(format!("no committed checkpoint run=`{}`", self.shared.run.location().uri()))
-            })?,
-        };
+        if step.is_none() {
+            self.settle()?;
+        }
         // Each rank gets back the plain values it saved.
         let opts = LoadOptions { rank: opts.rank.or(Some(self.shared.rank)), ..opts.clone() };
-        *self.shared.lock().reading.entry(step).or_default() += 1;
-        let result = self.shared.run.checkpoint(step).and_then(|c| Ok((c.load(&opts)?, c.info())));
-        let mut inner = self.shared.lock();
-        if let Some(count) = inner.reading.get_mut(&step) {
-            *count -= 1;
-            if *count == 0 {
-                inner.reading.remove(&step);
+        let mut copies: Vec<(u64, Tier, &Run)> = Vec::new();
+        for (tier, run) in self.tiers() {
+            match step {
+                Some(step) => copies.push((step, tier, run)),
+                None => copies.extend(run.list()?.into_iter().map(|c| (c.step, tier, run))),
             }
         }
-        result
+        // Newest first; of one step, the local copy first.
+        copies.sort_by_key(|(step, tier, _)| (std::cmp::Reverse(*step), *tier != Tier::Local));
+        let mut passed_over = Vec::new();
+        for (step, tier, run) in copies {
+            *self.shared.lock().reading.entry(step).or_default() += 1;
+            let timer = Instant::now();
+            let (opening, result) = match run.checkpoint(step) {
+                Ok(c) => (false, c.load(&opts).map(|state| (state, c.info()))),
+                Err(e) => (true, Err(e)),
+            };
+            let mut inner = self.shared.lock();
+            if let Some(count) = inner.reading.get_mut(&step) {
+                *count -= 1;
+                if *count == 0 {
+                    inner.reading.remove(&step);
+                }
+            }
+            drop(inner);
+            self.shared.sinks.emit(
+                Event::new(Operation::Load, tier, step, run.step_location(step).uri())
+                    .with_phase(Phase::Read, timer.elapsed())
+                    .with_bytes(result.as_ref().map_or(0, |(_, info)| info.tensor_bytes))
+                    .with_outcome(&result),
+            );
+            match result {
+                Ok((state, info)) => return Ok(Restored { state, info, passed_over }),
+                Err(e) if copy_failed(&e, opening, run, step) => passed_over.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        let shown = self.run().location().uri();
+        let mut failures = passed_over.into_iter();
+        match failures.next() {
+            None => Err(Error::not_found(format!("no committed checkpoint run=`{shown}`"))),
+            Some(newest) if failures.len() == 0 => Err(newest),
+            Some(newest) => Err(Error::new(
+                newest.kind(),
+                format!(
+                    "no copy could be restored ({} more failed) run=`{shown}`: {}",
+                    failures.len(),
+                    newest.full_message()
+                ),
+            )),
+        }
     }
 
-    /// The highest committed step, if any (read from the store, not from a hint).
-    pub fn latest_step(&self) -> Result<Option<u64>> {
-        Ok(self.shared.run.latest()?.map(|c| c.manifest().step))
-    }
-
-    /// The highest committed step once this manager's saves in flight and queued work
-    /// are over (each rank's save returns only once rank 0 committed or failed it, so
-    /// every rank of a job then finds the same step); returns the error of a failed one
-    /// (the worker records it before it counts the job done).
-    pub fn settled_latest_step(&self) -> Result<Option<u64>> {
+    /// Waits until this manager's saves in flight and queued work are over; returns the
+    /// error of a failed one (the worker records it before it counts the job done).
+    fn settle(&self) -> Result<()> {
         let mut inner = self.shared.lock();
         while inner.saves_in_flight > 0 || inner.busy > 0 {
             inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
-        if let Some(err) = inner.error.take() {
-            return Err(err);
+        match inner.error.take() {
+            Some(err) => Err(err),
+            None => Ok(()),
         }
-        drop(inner);
+    }
+
+    /// The highest committed step on any tier, if any (read from the stores, not from a
+    /// hint).
+    pub fn latest_step(&self) -> Result<Option<u64>> {
+        let mut latest = None;
+        for (_, run) in self.tiers() {
+            latest = latest.max(run.latest()?.map(|c| c.manifest().step));
+        }
+        Ok(latest)
+    }
+
+    /// The highest committed step once this manager's saves in flight and queued work
+    /// are over (each rank's save returns only once rank 0 committed or failed it, so
+    /// every rank of a job then finds the same step); returns the error of a failed one.
+    pub fn settled_latest_step(&self) -> Result<Option<u64>> {
+        self.settle()?;
         self.latest_step()
     }
 
-    /// Every committed checkpoint, in step order.
+    /// Every committed checkpoint, in step order; with a local tier, those of both tiers
+    /// (the local copy of a step first; `uri` tells them apart).
     pub fn list(&self) -> Result<Vec<CheckpointInfo>> {
-        self.shared.run.infos()
+        let mut all = Vec::new();
+        for (_, run) in self.tiers() {
+            all.extend(run.infos()?);
+        }
+        all.sort_by_key(|info| info.step);
+        Ok(all)
     }
 
-    /// Deletes every checkpoint of the run (after waiting for work in flight).
+    /// Deletes every checkpoint of the run, on every tier (after waiting for work in
+    /// flight), and forgets the uploads owed.
     pub fn reset(&self) -> Result<()> {
         self.wait()?;
-        let run = &self.shared.run;
-        for c in run.list()? {
-            run.delete(c.step)?;
+        for (_, run) in self.tiers() {
+            for c in run.list()? {
+                run.delete(c.step)?;
+            }
+            run.remove_latest_hint()?;
         }
-        run.remove_latest_hint()?;
+        if self.shared.durable.is_some() {
+            for step in tier::marked(&self.shared.run)? {
+                tier::unmark(&self.shared.run, step)?;
+            }
+        }
         let mut inner = self.shared.lock();
         inner.known.clear();
+        inner.durable_known.clear();
+        inner.owed.clear();
         inner.last_step = None;
+        inner.durable_last.0 = None;
         Ok(())
     }
 
@@ -872,13 +1299,6 @@ impl CheckpointManager {
             Some(err) => Err(err),
             None => Ok(()),
         }
-    }
-
-    fn enqueue(&self, job: Job) {
-        let mut inner = self.shared.lock();
-        inner.busy += 1;
-        inner.queue.push_back(job);
-        self.shared.changed.notify_all();
     }
 }
 
@@ -892,6 +1312,25 @@ impl Drop for CheckpointManager {
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
+        // An upload still running past a preemption's grace is left to finish on its own
+        // (the process is about to end; its marker lets the next manager finish it).
+        if let Some(uploader) = self.uploader.take().filter(|_| !self.shared.lock().uploads_busy()) {
+            let _ = uploader.join();
+        }
+    }
+}
+
+/// Whether a restore's failure `err` on the copy of `step` in `run` is the copy's own
+/// (gone, damaged, unreadable), so that another copy may serve: any failure to open it
+/// (`opening`), or a load that found damage or could not reach the store. A key the
+/// caller asked for and the checkpoint lacks is no reason to try an older one.
+fn copy_failed(err: &Error, opening: bool, run: &Run, step: u64) -> bool {
+    match err.kind() {
+        ErrorKind::Invalid | ErrorKind::Internal => false,
+        ErrorKind::Corrupt | ErrorKind::Unavailable | ErrorKind::Incompatible | ErrorKind::Permission => true,
+        // Deleted while it was read, not a missing key.
+        ErrorKind::NotFound if !opening => run.checkpoint(step).is_err(),
+        _ => opening,
     }
 }
 
@@ -910,7 +1349,7 @@ fn work(shared: &Shared) {
             }
         };
         let saved = match job {
-            Job::Save { step, state, opts } => shared.write(step, Handover::Give(state), &opts),
+            Job::Save { step, state, opts, upload } => shared.write(step, Handover::Give(state), &opts, upload),
             Job::Retain => Ok(()),
             // The refusing rank's call already reported its reason.
             Job::Refuse { opts, reason } => {
@@ -945,18 +1384,46 @@ fn apply_retention(shared: &Shared) {
     let (doomed, known_latest) = {
         let inner = shared.lock();
         let candidates: Vec<Candidate> = inner.known.values().cloned().collect();
-        let protected: BTreeSet<u64> = inner.writing.iter().chain(inner.reading.keys()).copied().collect();
+        // A local checkpoint still owed to the durable tier stays until it is uploaded.
+        let protected: BTreeSet<u64> =
+            inner.writing.iter().chain(inner.reading.keys()).chain(&inner.owed).copied().collect();
         (policy::to_delete(&shared.retention, &candidates, &protected), inner.known.keys().next_back().copied())
     };
     for step in doomed {
         if Some(step) == known_latest || shared.lock().reading.contains_key(&step) {
             continue;
         }
-        match retried(|| shared.run.delete(step)) {
-            Ok(()) => {
-                shared.lock().known.remove(&step);
-            }
-            Err(err) => shared.cleanup_failed(err),
+        if shared.delete(&shared.run, shared.save_tier(), step) {
+            shared.lock().known.remove(&step);
         }
+    }
+}
+
+/// The uploader of a manager with a local tier: uploads the steps queued, one at a time,
+/// until the manager shuts down.
+fn upload_work(shared: &Shared) {
+    let Some(durable) = &shared.durable else { return };
+    loop {
+        let step = {
+            let mut inner = shared.lock();
+            loop {
+                if inner.shutdown {
+                    return;
+                }
+                if let Some(step) = inner.uploads.pop_front() {
+                    inner.uploading = Some(step);
+                    break step;
+                }
+                inner = shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        shared.upload(durable, step);
+        // The local tier's retention may now drop the uploaded checkpoint: queued in the
+        // same breath as the upload ends, so that waiting sees one or the other.
+        let mut inner = shared.lock();
+        inner.uploading = None;
+        inner.busy += 1;
+        inner.queue.push_back(Job::Retain);
+        shared.changed.notify_all();
     }
 }

@@ -20,8 +20,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::checksum;
 use crate::format::layout;
 use crate::format::manifest::{
-    check_structure_size, count_value_maps, FileRecord, Manifest, PieceRecord, TensorRecord, Writer, FORMAT_NAME,
-    FORMAT_VERSION_STANDALONE, MAX_METADATA_BYTES, MAX_VALUE_MAPS,
+    check_structure_size, count_value_maps, FileRecord, Manifest, PieceRecord, SaveTimings, TensorRecord, Writer,
+    FORMAT_NAME, FORMAT_VERSION_STANDALONE, MAX_METADATA_BYTES, MAX_VALUE_MAPS,
 };
 use crate::format::shard::{self, ShardEntry, DATA_ALIGN};
 use crate::incremental::Dedup;
@@ -71,6 +71,9 @@ pub struct SaveOptions {
     /// `docs/format.md`, "Incremental saves"). Needs a step; multi-rank saves write
     /// everything.
     pub incremental: bool,
+    /// How long the caller was blocked taking the state's snapshot before this save
+    /// (a manager's asynchronous save), recorded in the manifest's timings.
+    pub snapshot_time: Option<std::time::Duration>,
 }
 
 impl Default for SaveOptions {
@@ -85,6 +88,7 @@ impl Default for SaveOptions {
             multipart_bytes: DEFAULT_MULTIPART_BYTES,
             part_bytes: DEFAULT_PART_BYTES,
             incremental: false,
+            snapshot_time: None,
         }
     }
 }
@@ -239,6 +243,7 @@ async fn write_and_commit(
     save_id: &str,
     dedup: Option<&Dedup>,
 ) -> (Result<CheckpointInfo>, bool) {
+    let started = std::time::Instant::now();
     let shares = match write_share_with(dest, state, 0, &save_id[..12], opts, dedup.map(|d| (d, step))).await {
         Ok(shares) => shares,
         Err(e) => return (Err(e), false),
@@ -252,7 +257,11 @@ async fn write_and_commit(
         }
     }
     let files: Vec<String> = shares.written.iter().map(|w| w.file.clone()).collect();
-    let manifest = build_manifest(state, step, opts, save_id, shares);
+    let mut manifest = build_manifest(state, step, opts, save_id, shares);
+    manifest.timings = Some(SaveTimings {
+        snapshot_ms: opts.snapshot_time.map(|d| d.as_millis() as u64),
+        write_ms: started.elapsed().as_millis() as u64,
+    });
     let outcome = match commit::create_manifest(dest, &manifest, step).await {
         Ok(()) => Ok(CheckpointInfo::from_manifest(&manifest, dest.uri())),
         // Another writer committed this step: ours never landed, so our files can go.
@@ -615,6 +624,7 @@ pub(crate) fn manifest_of(
         tensors,
         files,
         ranks: BTreeMap::new(),
+        timings: None,
     };
     manifest.format_version = manifest.required_version();
     manifest

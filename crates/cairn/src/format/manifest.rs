@@ -74,6 +74,22 @@ pub struct Manifest {
     /// that every rank gets its own back; absent when every rank held what rank 0 did.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "unique_keys")]
     pub ranks: BTreeMap<String, RankRecord>,
+    /// How long the save that committed it took, as it measured itself (absent in
+    /// manifests of multi-rank saves and of older writers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<SaveTimings>,
+}
+
+/// How long a save took, as the saving process measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveTimings {
+    /// Milliseconds the training loop was blocked taking the state's snapshot before the
+    /// save was handed to the background (a manager's save; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_ms: Option<u64>,
+    /// Milliseconds from the start of the save to the commit: writing every data file
+    /// durably.
+    pub write_ms: u64,
 }
 
 /// What one rank of a multi-rank save held besides the shared tensors.
@@ -650,6 +666,7 @@ mod tests {
             tensors,
             files,
             ranks: BTreeMap::new(),
+            timings: None,
         }
     }
 

@@ -145,5 +145,6 @@ pub fn simulated_fsdp_manifest(ranks: u64, layers: usize, adam: bool) -> Manifes
         tensors,
         files,
         ranks: BTreeMap::new(),
+        timings: None,
     }
 }

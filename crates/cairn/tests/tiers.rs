@@ -1,0 +1,318 @@
+//! Two tiers: saves go to a local run first, the ones the durable policy selects are
+//! uploaded in the background and verified; each tier keeps what its own retention
+//! says; restore takes the newest readable copy across tiers and says what it passed
+//! over; uploads owed when the durable store is down are done by the next manager; a
+//! preempted manager uploads only for its grace period; events come complete and in order.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn::fault::FaultStore;
+use cairn::manager::{CheckpointManager, ManagerOptions, SaveRequest};
+use cairn::policy::{Every, Retention, SavePolicy};
+use cairn::telemetry::{Event, Operation, Phase, Tier};
+use cairn::tier::LocalTier;
+use cairn::{ErrorKind, LoadOptions, Location, Run, State};
+use object_store::memory::InMemory;
+
+fn every(n: u64) -> SavePolicy {
+    SavePolicy::steps(vec![Every::new(n)]).unwrap()
+}
+
+fn keep_last(n: usize) -> Retention {
+    Retention { keep_last: Some(n), ..Default::default() }
+}
+
+/// A manager saving into `local` every `local_every` steps (keeping `keep_local`) and
+/// uploading every `durable_every` to `durable` (keeping `keep`).
+fn tiered(
+    local: &Run,
+    durable: Run,
+    (local_every, keep_local): (u64, usize),
+    (durable_every, keep): (u64, usize),
+) -> CheckpointManager {
+    let opts = ManagerOptions::default()
+        .with_policy(every(durable_every))
+        .with_retention(keep_last(keep))
+        .with_local_tier(LocalTier::new(local.clone(), every(local_every), keep_last(keep_local)))
+        .with_preemption_signal(None)
+        .with_orphan_grace(None);
+    CheckpointManager::with_run(durable, opts).unwrap()
+}
+
+fn steps(run: &Run) -> Vec<u64> {
+    run.list().unwrap().iter().map(|c| c.step).collect()
+}
+
+/// Half of the state is frozen (the local saves refer to it), half changes every step.
+fn state_at(step: u64) -> State {
+    let mut state = common::model_state(0, 2, 64);
+    for (key, tensor) in common::model_state(step, 2, 64).tensors() {
+        if key.starts_with("model.layers.1.") || key.starts_with("optim.") {
+            state.insert_tensor(key.clone(), tensor.clone());
+        }
+    }
+    state
+}
+
+fn local_dir_run(dir: &std::path::Path, name: &str) -> Run {
+    Run::create(dir.join(name).to_str().unwrap()).unwrap()
+}
+
+#[test]
+fn saves_go_local_first_and_the_durable_policy_selects_the_uploads_each_tier_keeping_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let durable = local_dir_run(dir.path(), "durable");
+    let manager = tiered(&local, durable.clone(), (2, 2), (6, 2));
+    for step in 1..=12 {
+        manager.on_step(step, &state_at(step), SaveRequest::default()).unwrap();
+    }
+    manager.wait().unwrap();
+    assert!(manager.take_cleanup_errors().is_empty());
+    assert_eq!(steps(&local), [10, 12]);
+    assert_eq!(steps(&durable), [6, 12]);
+    assert!(manager.pending_uploads().is_empty());
+    // The local saves were incremental; each durable copy stands alone, every byte checked.
+    assert!(local.checkpoint(12).unwrap().manifest().has_references());
+    for step in [6, 12] {
+        let copy = durable.checkpoint(step).unwrap();
+        assert!(!copy.manifest().has_references(), "step {step}");
+        assert!(copy.verify().unwrap().is_empty());
+        assert_eq!(copy.load(&LoadOptions::default()).unwrap(), state_at(step));
+    }
+    assert!(!dir.path().join("local/.cairn-uploads/step-000000000012").exists());
+    // Both tiers are listed; the newest is the local copy of step 12.
+    let listed: Vec<u64> = manager.list().unwrap().iter().map(|i| i.step).collect();
+    assert_eq!(listed, [6, 10, 12, 12]);
+    let (state, info) = manager.restore(None, &LoadOptions::default()).unwrap();
+    assert_eq!(state, state_at(12));
+    assert!(info.uri.starts_with(local.location().uri()), "{}", info.uri);
+}
+
+#[test]
+fn restore_passes_over_a_missing_corrupt_or_half_written_copy_and_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let durable = local_dir_run(dir.path(), "durable");
+    let manager = tiered(&local, durable.clone(), (1, 10), (2, 10));
+    for step in 1..=4 {
+        manager.on_step(step, &state_at(step), SaveRequest::default()).unwrap();
+    }
+    manager.wait().unwrap();
+    assert_eq!(steps(&durable), [2, 4]);
+
+    // A half-written newer local checkpoint (a killed save: data, no manifest) is unseen.
+    let killed = dir.path().join("local/step-000000000009/shards");
+    std::fs::create_dir_all(&killed).unwrap();
+    std::fs::write(killed.join("r00000-00000-of-00001-abc.safetensors"), b"partial").unwrap();
+
+    // The local copy of step 4 is corrupt: its durable copy serves.
+    let shards = dir.path().join("local/step-000000000004/shards");
+    for entry in std::fs::read_dir(&shards).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let restored = manager.restore_reporting(None, &LoadOptions::default()).unwrap();
+    assert_eq!(restored.info.step, 4);
+    assert!(restored.info.uri.starts_with(durable.location().uri()), "{}", restored.info.uri);
+    assert_eq!(restored.state, state_at(4));
+    assert_eq!(restored.passed_over.len(), 1);
+    assert_eq!(restored.passed_over[0].kind(), ErrorKind::Corrupt);
+    assert!(restored.passed_over[0].full_message().contains("step-000000000004"), "{}", restored.passed_over[0]);
+
+    // The durable copy of step 4 gone as well: step 3, local.
+    durable.delete(4).unwrap();
+    let restored = manager.restore_reporting(None, &LoadOptions::default()).unwrap();
+    assert_eq!((restored.info.step, restored.passed_over.len()), (3, 1));
+    assert_eq!(restored.state, state_at(3));
+
+    // The local copy of step 3 deleted by hand, folder and all: the durable tier has no
+    // step 3, so step 2 (local first).
+    std::fs::remove_dir_all(dir.path().join("local/step-000000000003")).unwrap();
+    let restored = manager.restore_reporting(None, &LoadOptions::default()).unwrap();
+    assert_eq!(restored.info.step, 2);
+    assert!(restored.info.uri.starts_with(local.location().uri()));
+
+    // A step asked for: its copies only, never an older step.
+    let err = manager.restore(Some(4), &LoadOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    // A key the checkpoint lacks is the caller's error, not a reason to go back in time.
+    let opts = LoadOptions { keys: Some(vec!["no.such.key".into()]), ..Default::default() };
+    let err = manager.restore(None, &opts).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(err.to_string().contains("no.such.key"), "{err}");
+}
+
+#[test]
+fn uploads_owed_while_the_durable_store_is_down_are_done_by_the_next_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let memory: Arc<InMemory> = Arc::new(InMemory::new());
+    let faulty = Arc::new(FaultStore::counting(memory.clone()));
+    let durable = Run::at(Location::from_store(faulty.clone(), "memory://tiers").child("run"));
+
+    let manager = tiered(&local, durable.clone(), (1, 1), (2, 3));
+    faulty.set_down(true);
+    for step in 1..=4 {
+        manager.on_step(step, &state_at(step), SaveRequest::default()).unwrap();
+    }
+    manager.wait().unwrap();
+    // Saving never failed; the uploads did, and are owed. Local retention keeps 1, and
+    // also everything still owed.
+    let problems = manager.take_cleanup_errors();
+    assert!(!problems.is_empty());
+    assert!(problems.iter().all(|e| e.kind() == ErrorKind::Unavailable && e.to_string().contains("durable tier")));
+    assert_eq!(manager.pending_uploads(), [2, 4]);
+    assert_eq!(steps(&local), [2, 4]);
+    drop(manager);
+
+    // The store is back: a new manager on the same local run uploads what was owed.
+    faulty.set_down(false);
+    let manager = tiered(&local, durable.clone(), (1, 1), (2, 3));
+    manager.wait().unwrap();
+    assert!(manager.take_cleanup_errors().is_empty());
+    assert!(manager.pending_uploads().is_empty());
+    assert_eq!(steps(&durable), [2, 4]);
+    for step in [2, 4] {
+        assert_eq!(durable.checkpoint(step).unwrap().load(&LoadOptions::default()).unwrap(), state_at(step));
+    }
+    // Uploaded, the older local copy goes.
+    assert_eq!(steps(&local), [4]);
+    let markers = dir.path().join("local/.cairn-uploads");
+    assert!(!markers.exists() || std::fs::read_dir(markers).unwrap().count() == 0);
+}
+
+#[test]
+fn a_marker_whose_local_save_never_committed_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let durable = local_dir_run(dir.path(), "durable");
+    std::fs::create_dir_all(dir.path().join("local/.cairn-uploads")).unwrap();
+    std::fs::write(dir.path().join("local/.cairn-uploads/step-000000000005"), b"").unwrap();
+    // Not a marker: left alone.
+    std::fs::write(dir.path().join("local/.cairn-uploads/notes.txt"), b"mine").unwrap();
+    let manager = tiered(&local, durable.clone(), (1, 1), (2, 3));
+    manager.wait().unwrap();
+    assert!(manager.pending_uploads().is_empty());
+    assert!(steps(&durable).is_empty());
+    assert!(!dir.path().join("local/.cairn-uploads/step-000000000005").exists());
+    assert!(dir.path().join("local/.cairn-uploads/notes.txt").exists());
+}
+
+#[test]
+fn a_preempted_manager_uploads_for_the_grace_period_then_returns_and_the_next_one_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let memory: Arc<InMemory> = Arc::new(InMemory::new());
+    let slow = Arc::new(FaultStore::counting(memory.clone()));
+    let durable = Run::at(Location::from_store(slow.clone(), "memory://grace").child("run"));
+    let signal = signal_hook::consts::SIGUSR1;
+    let grace = Duration::from_millis(300);
+    let opts = ManagerOptions::default()
+        .with_policy(every(1000))
+        .with_local_tier(LocalTier::new(local.clone(), every(1000), keep_last(2)).with_upload_grace(grace))
+        .with_preemption_signal(Some(signal))
+        .with_orphan_grace(None);
+    let manager = CheckpointManager::with_run(durable.clone(), opts.clone()).unwrap();
+    let state = state_at(7);
+    assert!(!manager.on_step(7, &state, SaveRequest::default()).unwrap());
+    slow.set_delay(Duration::from_secs(5));
+    signal_hook::low_level::raise(signal).unwrap();
+    let started = Instant::now();
+    assert!(manager.on_step(8, &state, SaveRequest::default()).unwrap());
+    let took = started.elapsed();
+    // Committed locally; the upload was given the grace period, not the 5 s it needs.
+    assert_eq!(steps(&local), [8]);
+    assert!(took >= grace && took < Duration::from_secs(4), "{took:?}");
+    assert_eq!(manager.pending_uploads(), [8]);
+    let started = Instant::now();
+    drop(manager);
+    assert!(started.elapsed() < Duration::from_secs(4), "closing waited for the upload");
+
+    slow.set_delay(Duration::ZERO);
+    let manager = CheckpointManager::with_run(durable.clone(), opts.with_preemption_signal(None)).unwrap();
+    manager.wait().unwrap();
+    assert!(manager.pending_uploads().is_empty());
+    assert_eq!(steps(&durable), [8]);
+    assert_eq!(durable.checkpoint(8).unwrap().load(&LoadOptions::default()).unwrap(), state);
+}
+
+#[test]
+fn events_are_complete_and_in_order_with_several_saves_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let durable = local_dir_run(dir.path(), "durable");
+    let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let sink = events.clone();
+    let log = dir.path().join("events.jsonl");
+    let opts = ManagerOptions::default()
+        .with_policy(every(4))
+        .with_retention(keep_last(1))
+        .with_local_tier(LocalTier::new(local.clone(), every(1), keep_last(2)))
+        .with_max_in_flight(3)
+        .with_preemption_signal(None)
+        .with_event_sink(Arc::new(move |e: &Event| sink.lock().unwrap().push(e.clone())))
+        .with_event_sink(cairn::telemetry::json_lines(&log).unwrap());
+    let manager = CheckpointManager::with_run(durable.clone(), opts).unwrap();
+    for step in 1..=12 {
+        manager.on_step(step, &state_at(step), SaveRequest::default()).unwrap();
+    }
+    manager.wait().unwrap();
+    manager.restore(None, &LoadOptions::default()).unwrap();
+    let events = events.lock().unwrap().clone();
+    let of = |op: Operation, tier: Tier| -> Vec<u64> {
+        events.iter().filter(|e| e.operation == op && e.tier == tier).map(|e| e.step).collect()
+    };
+    assert_eq!(of(Operation::Save, Tier::Local), (1..=12).collect::<Vec<_>>());
+    assert_eq!(of(Operation::Upload, Tier::Durable), [4, 8, 12]);
+    assert_eq!(of(Operation::Delete, Tier::Durable), [4, 8]);
+    let mut deleted_locally = of(Operation::Delete, Tier::Local);
+    deleted_locally.sort();
+    assert_eq!(deleted_locally, (1..=10).collect::<Vec<_>>());
+    assert_eq!(of(Operation::Load, Tier::Local), [12]);
+    let position = |op: Operation, step: u64| events.iter().position(|e| e.operation == op && e.step == step).unwrap();
+    for step in 1..=12 {
+        let save = &events[position(Operation::Save, step)];
+        assert!(save.error.is_none());
+        assert_eq!(
+            save.phases.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            [Phase::Snapshot, Phase::Write, Phase::Commit]
+        );
+        assert!(save.bytes > 0);
+        if step % 4 == 0 {
+            assert!(position(Operation::Save, step) < position(Operation::Upload, step));
+            let upload = &events[position(Operation::Upload, step)];
+            assert!(upload.phase(Phase::Upload).is_some() && upload.phase(Phase::Verify).is_some());
+            assert_eq!(upload.bytes, durable.checkpoint(step).map_or(upload.bytes, |c| c.info().written_bytes));
+        }
+        if step <= 10 {
+            assert!(position(Operation::Save, step) < position(Operation::Delete, step));
+        }
+    }
+    // The manifest keeps the save's own timings; the log has every event, as JSON.
+    let info = local.checkpoint(12).unwrap().info();
+    assert!(info.timings.is_some_and(|t| t.snapshot_ms.is_some()));
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(lines.lines().count(), events.len());
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(first["operation"], "save");
+}
+
+#[test]
+fn a_local_tier_is_for_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let opts = ManagerOptions::default()
+        .with_local_tier(LocalTier::new(local, every(1), keep_last(1)))
+        .with_ranks(0, 2)
+        .with_preemption_signal(None);
+    let err = CheckpointManager::with_run(local_dir_run(dir.path(), "durable"), opts).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+    assert!(err.to_string().contains("world_size=2"), "{err}");
+}
