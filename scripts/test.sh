@@ -2,7 +2,8 @@
 # Runs every test of the project: Rust unit, integration, property, crash, doc and
 # storage-conformance tests (memory, local disk, and S3 on a real SeaweedFS server), then
 # the main job, the fuzz targets (bounded), then the Python package's tests (numpy,
-# torch, jax, and the frameworks Cairn plugs into) with pytest.
+# torch, jax, and the frameworks Cairn plugs into, and `cairn report` in a headless
+# Chromium) with pytest.
 #
 # The Rust tests, the Python package and the CLI are built once, in the `ci` profile
 # (optimised, debug assertions on; see Cargo.toml), and share their dependencies; the
@@ -19,6 +20,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 phase "python environment (.venv: torch, jax, frameworks, seaweedfs) and package build"
 CAIRN_PACKAGE_BUILD="--profile ci --features cairn/s3-tests" ./scripts/python-env.sh
+
+phase "headless browser for the report test (Debian's chromium)"
+if ! command -v chromium >/dev/null; then
+  sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+  install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+  install || { $sudo apt-get update -q && install; }
+fi
 
 phase "main job (train, SIGKILL, resume, bit-exact check)"
 .venv/bin/python examples/train_resume.py

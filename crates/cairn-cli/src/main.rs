@@ -1,5 +1,5 @@
-//! `cairn`: list, inspect, verify, diff, copy, prune, export and import checkpoints on any
-//! store the library opens. Data goes to stdout, messages and progress to stderr. Exit
+//! `cairn`: list, inspect, verify, diff, copy, prune, report, export and import checkpoints
+//! on any store the library opens. Data goes to stdout, messages and progress to stderr. Exit
 //! status: 0 all well, 1 problems found (corrupt data, differences, nothing to show),
 //! 2 error.
 
@@ -23,7 +23,8 @@ Examples:
   cairn cp runs/job s3://bucket/job       copy a run (or one checkpoint), verified
   cairn prune runs/job --keep-last 3 --keep-every 10000 --dry-run
   cairn export runs/job model.safetensors --prefix model. --dtype bf16
-  cairn import hf-model/ runs/finetune --step 0";
+  cairn import hf-model/ runs/finetune --step 0
+  cairn report runs/job -o report.html --keep-last 3   the run's history as one HTML page";
 
 /// Inspect, verify and move Cairn checkpoints.
 #[derive(Parser)]
@@ -101,6 +102,33 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Write the run's history as one self-contained HTML page: checkpoints on a timeline,
+    /// metrics, sizes and bytes written, save stall and write time, retention's verdict.
+    Report {
+        /// Run directory or URI (with a two-tier manager, its durable tier).
+        run: String,
+        /// The HTML file to write.
+        #[arg(short, long, default_value = "report.html")]
+        out: PathBuf,
+        /// The local tier's run, shown beside the durable one.
+        #[arg(long)]
+        local: Option<String>,
+        /// Show which checkpoints retention keeps: the last N permanent ones.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// ... and every one whose step is a multiple of K.
+        #[arg(long)]
+        keep_every: Option<u64>,
+        /// ... and the best K by --metric.
+        #[arg(long, requires = "metric")]
+        keep_best: Option<usize>,
+        /// Metric ranked by --keep-best.
+        #[arg(long)]
+        metric: Option<String>,
+        /// Whether lower or higher --metric is better.
+        #[arg(long, default_value = "min", value_parser = ["min", "max"])]
+        mode: String,
+    },
     /// Write one plain safetensors file (for inference and the Hugging Face ecosystem).
     Export {
         /// Checkpoint folder, or a run (its latest checkpoint).
@@ -155,6 +183,20 @@ fn main() -> ExitCode {
             .and_then(|mode| cairn::policy::Retention::from_flags(keep_last, keep_every, keep_best, metric, mode))
             .map_err(output::CliError::from)
             .and_then(|retention| commands::prune::run(&run, &retention, grace, dry_run)),
+        Command::Report { run, out, local, keep_last, keep_every, keep_best, metric, mode } => {
+            let given = keep_last.is_some() || keep_every.is_some() || keep_best.is_some();
+            mode.parse()
+                .and_then(|mode| cairn::policy::Retention::from_flags(keep_last, keep_every, keep_best, metric, mode))
+                .map_err(output::CliError::from)
+                .and_then(|retention| {
+                    commands::report::run(commands::report::Report {
+                        run: &run,
+                        local: local.as_deref(),
+                        retention: given.then_some(retention),
+                        out: &out,
+                    })
+                })
+        }
         Command::Export { ckpt, out, prefix, strip_prefix, dtype, max_shard_size } => {
             commands::convert::export(commands::convert::Export {
                 uri: &ckpt,

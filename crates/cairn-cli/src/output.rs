@@ -65,6 +65,11 @@ pub fn time(unix_ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
 }
 
+/// Milliseconds as seconds with two decimals (`0.25s`), or `-` when not known.
+pub fn seconds(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "-".to_string(), |ms| format!("{:.2}s", ms as f64 / 1000.0))
+}
+
 /// A progress bar over `bytes` on stderr, with the rate and time left, hidden when
 /// stderr is not a terminal.
 pub fn progress(bytes: u64, what: &str) -> ProgressBar {

@@ -48,6 +48,7 @@ macro_rules! snapshot {
         insta::with_settings!({filters => vec![
             (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "[TIME]"),
             (r"r\d{5}-\d{5}-of-\d{5}-[0-9a-f]{12}", "[SHARD]"),
+            (r"\b\d\.\d\ds\b", "[SECS]"),
         ]}, {
             insta::assert_snapshot!($name, $value);
         });
@@ -322,4 +323,29 @@ fn export_writes_a_file_others_can_read() {
     assert_eq!(cairn(dir.path(), &["export", "run", "model.safetensors"]).code, 0);
     let mode = std::fs::metadata(dir.path().join("model.safetensors")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o644);
+}
+
+#[test]
+fn report_writes_one_page_with_every_checkpoint_and_retention_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path());
+    // A metric name from a hostile manifest cannot open an element on the page.
+    let opts = SaveOptions::default().with_step(40).with_metric("<script>alert(1)</script>", 0.5);
+    cairn::save(dir.path().join("run").to_str().unwrap(), &state(1.0), &opts).unwrap();
+    let out = cairn(dir.path(), &["report", "run", "-o", "page.html", "--keep-last", "2"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let page = std::fs::read_to_string(dir.path().join("page.html")).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>") && page.trim_end().ends_with("</html>"));
+    for step in [10, 20, 30, 40] {
+        assert!(page.contains(&format!("data-step=\"{step}\"")));
+    }
+    assert_eq!(page.matches("<circle class=\"ckpt").count(), 4);
+    assert_eq!(page.matches("<tr class=\"row\"").count(), 4);
+    // Keep the last 2 permanent: 10 goes; the temporary 30 goes (a newer one committed).
+    assert_eq!(page.matches("deleted next").count(), 2);
+    assert!(!page.contains("<script") && page.contains("&lt;script&gt;"));
+    assert!(!page.contains("http://") && !page.contains("https://"), "the page fetches nothing");
+    // Nothing was deleted by showing the verdict.
+    let listed = cairn(dir.path(), &["ls", "run"]);
+    assert!(listed.stdout.contains("4 checkpoints:"), "{}", listed.stdout);
 }

@@ -27,6 +27,10 @@ pub fn ls(uri: &str, json: bool) -> CommandResult {
                     "tensors": i.num_tensors,
                     "temporary": i.temporary,
                     "metrics": metrics,
+                    "timings": i.timings.map(|t| serde_json::json!({
+                        "snapshot_s": t.snapshot_ms.map(|ms| ms as f64 / 1000.0),
+                        "write_s": t.write_ms as f64 / 1000.0,
+                    })),
                 })
             })
             .collect();
@@ -41,12 +45,14 @@ pub fn ls(uri: &str, json: bool) -> CommandResult {
                 output::time(i.created_unix_ms),
                 output::size(i.tensor_bytes),
                 output::size(i.written_bytes),
+                output::seconds(i.timings.and_then(|t| t.snapshot_ms)),
+                output::seconds(i.timings.map(|t| t.write_ms)),
                 if i.temporary { "yes" } else { "no" }.to_string(),
                 output::metrics(i),
             ]
         })
         .collect();
-    output::table(&["STEP", "CREATED", "SIZE", "WRITTEN", "TEMPORARY", "METRICS"], &rows);
+    output::table(&["STEP", "CREATED", "SIZE", "WRITTEN", "STALL", "WRITE", "TEMPORARY", "METRICS"], &rows);
     if !infos.is_empty() {
         let logical = infos.iter().fold(0u64, |total, i| total.saturating_add(i.tensor_bytes));
         let saved = (100.0 * (1.0 - survey.stored_bytes as f64 / logical.max(1) as f64)).max(0.0);

@@ -6,6 +6,7 @@ pub mod diff;
 pub mod inspect;
 pub mod list;
 pub mod prune;
+pub mod report;
 pub mod verify;
 
 /// Exit status 1: the command worked and found a problem (or nothing).
