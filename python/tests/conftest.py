@@ -1,6 +1,7 @@
 import os
 import pathlib
 import subprocess
+import uuid
 
 import pytest
 
@@ -22,3 +23,14 @@ def cli() -> str:
     if not binary.exists():
         subprocess.run(["cargo", "build", "-q", "-p", "cairn-cli"], cwd=ROOT, check=True, timeout=1800)
     return str(binary)
+
+
+@pytest.fixture
+def s3_run():
+    """A fresh run on the S3 server of scripts/with-seaweedfs.sh (CAIRN_TEST_S3_URI)."""
+    base = os.environ.get("CAIRN_TEST_S3_URI")
+    if not base:
+        if os.environ.get("CI"):
+            pytest.fail("CAIRN_TEST_S3_URI is not set: run under scripts/with-seaweedfs.sh")
+        pytest.skip("no S3 server: run under scripts/with-seaweedfs.sh")
+    return f"{base}/pytest-{uuid.uuid4().hex[:12]}"

@@ -8,22 +8,11 @@ import io
 import os
 import re
 import threading
-import uuid
 
 import numpy as np
 import pytest
 
 import cairn
-
-
-@pytest.fixture
-def s3_run():
-    base = os.environ.get("CAIRN_TEST_S3_URI")
-    if not base:
-        if os.environ.get("CI"):
-            pytest.fail("CAIRN_TEST_S3_URI is not set: run under scripts/with-seaweedfs.sh")
-        pytest.skip("no S3 server: run under scripts/with-seaweedfs.sh")
-    return f"{base}/pytest-{uuid.uuid4().hex[:12]}"
 
 
 def state(step):
