@@ -837,7 +837,8 @@ class CheckpointManager:
     `on_event(event)` is called (from a background thread) after every save, upload,
     load and deletion with a dict: `operation`, `tier` ("local" or "durable"), `step`,
     `uri`, `unix_ms`, `duration_s`, `phases` (seconds by phase: snapshot, write, commit,
-    upload, verify, read, retention), `bytes`, `bytes_per_s`, `error`, `detail`;
+    upload, verify, read, retention), `bytes`, `bytes_per_s`, `error`, `detail`,
+    `interval_s` (after a save, with `save_interval="auto"`: the interval chosen);
     `event_log=` appends the same as JSON Lines to a file. An exception in `on_event` is
     reported as unraisable and never fails a save."""
 

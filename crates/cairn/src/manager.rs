@@ -402,8 +402,17 @@ impl Shared {
     /// then the booking is released, even if the save panics; on a commit retention learns
     /// of the checkpoint, when it is the newest the run's `LATEST` hint names it (a
     /// failure of the hint is a cleanup problem, never the save's), and with `upload` it
-    /// is queued for the durable tier (its marker written before the save began).
-    fn write(&self, step: u64, state: Handover<'_>, opts: &SaveOptions, upload: bool) -> Result<()> {
+    /// is queued for the durable tier (its marker written before the save began). A
+    /// synchronous save gives the clock time it was booked at (`sync_since`): the loop
+    /// stalled from then until it is written.
+    fn write(
+        &self,
+        step: u64,
+        state: Handover<'_>,
+        opts: &SaveOptions,
+        upload: bool,
+        sync_since: Option<Duration>,
+    ) -> Result<()> {
         let booking = Release { shared: self, step };
         let started = self.clock.now();
         let timer = Instant::now();
@@ -415,9 +424,18 @@ impl Shared {
         let writing = self.clock.now().saturating_sub(started);
         drop(state);
         drop(booking);
-        let outcome = self.committed(step, result.as_ref().ok(), opts.snapshot_time, writing);
+        let cost = match sync_since {
+            Some(booked) => {
+                let stall = self.clock.now().saturating_sub(booked);
+                Some((stall, stall))
+            }
+            None => opts.snapshot_time.map(|stall| (stall, stall + writing)),
+        };
+        let outcome = self.committed(step, result.as_ref().ok(), cost);
         if self.sinks.active() {
-            self.sinks.emit(self.save_event(step, &result, opts.snapshot_time, timer.elapsed()));
+            let mut event = self.save_event(step, &result, opts.snapshot_time, timer.elapsed());
+            event.interval = self.lock().cadence.and_then(|c| c.interval());
+            self.sinks.emit(event);
         }
         if upload {
             match outcome {
@@ -435,15 +453,14 @@ impl Shared {
     }
 
     /// What follows a save of `step`: when committed (`info`), retention learns of it, its
-    /// cost is measured, and the `LATEST` hint names it when it is the newest. Returns
-    /// whether it committed.
-    fn committed(&self, step: u64, info: Option<&CheckpointInfo>, stall: Option<Duration>, writing: Duration) -> bool {
+    /// cost (`(stall, until written)`) is recorded, and the `LATEST` hint names it when it
+    /// is the newest. Returns whether it committed.
+    fn committed(&self, step: u64, info: Option<&CheckpointInfo>, cost: Option<(Duration, Duration)>) -> bool {
         let Some(info) = info else { return false };
         let newest = {
             let mut inner = self.lock();
-            // An asynchronous save's cost: its stall, and the write that followed.
-            if let (Some(cadence), Some(stall)) = (inner.cadence.as_mut(), stall) {
-                cadence.record(stall, stall + writing);
+            if let (Some(cadence), Some((stall, written))) = (inner.cadence.as_mut(), cost) {
+                cadence.record(stall, written);
             }
             inner.known.insert(step, Candidate::from_info(info, self.retention.metric()));
             inner.known.keys().next_back() == Some(&step)
@@ -782,9 +799,17 @@ impl CheckpointManager {
         let mut durable_known = BTreeMap::new();
         let mut uploads = VecDeque::new();
         let mut owed = BTreeSet::new();
+        let mut cleanup_errors = VecDeque::new();
         if let Some(durable) = &durable {
-            for info in durable.run.infos()? {
-                durable_known.insert(info.step, Candidate::from_info(&info, durable.retention.metric()));
+            // An unreachable durable store does not stop a run that saves locally: its
+            // retention then knows only what this manager uploads.
+            match durable.run.infos() {
+                Ok(infos) => {
+                    for info in infos {
+                        durable_known.insert(info.step, Candidate::from_info(&info, durable.retention.metric()));
+                    }
+                }
+                Err(err) => cleanup_errors.push_back(err),
             }
             // Uploads the last process owed: again, if its local save committed.
             for step in tier::marked(&run)? {
@@ -811,6 +836,7 @@ impl CheckpointManager {
             uploads,
             durable_known,
             durable_last: (durable_last, opts.clock.now()),
+            cleanup_errors,
             ..Default::default()
         };
         let shared = Arc::new(Shared {
@@ -1033,25 +1059,17 @@ impl CheckpointManager {
         };
         opts.metrics = req.metrics;
         opts.metadata = req.metadata;
-        let stalled = || self.clock.now().saturating_sub(started);
         if self.async_save {
             let state = match handover {
                 Handover::Copy(state) => state.snapshot_in(&self.snapshots),
                 Handover::Give(state) => state,
             };
-            opts.snapshot_time = Some(stalled());
+            opts.snapshot_time = Some(self.clock.now().saturating_sub(started));
             self.shared.enqueue(Job::Save { step, state, opts, upload });
             booking.hand_over();
         } else {
             booking.hand_over();
-            let written = self.shared.write(step, handover, &opts, upload);
-            if written.is_ok() {
-                // A synchronous save stalls the loop for all of it.
-                let stall = stalled();
-                if let Some(cadence) = self.shared.lock().cadence.as_mut() {
-                    cadence.record(stall, stall);
-                }
-            }
+            let written = self.shared.write(step, handover, &opts, upload, Some(started));
             self.shared.enqueue(Job::Retain);
             written?;
         }
@@ -1176,15 +1194,21 @@ impl CheckpointManager {
         // Each rank gets back the plain values it saved.
         let opts = LoadOptions { rank: opts.rank.or(Some(self.shared.rank)), ..opts.clone() };
         let mut copies: Vec<(u64, Tier, &Run)> = Vec::new();
-        for (tier, run) in self.tiers() {
+        let mut passed_over = Vec::new();
+        let tiers = self.tiers();
+        for &(tier, run) in &tiers {
             match step {
                 Some(step) => copies.push((step, tier, run)),
-                None => copies.extend(run.list()?.into_iter().map(|c| (c.step, tier, run))),
+                None => match run.list() {
+                    Ok(listed) => copies.extend(listed.into_iter().map(|c| (c.step, tier, run))),
+                    // One tier unreachable: the other may still serve.
+                    Err(e) if tiers.len() > 1 => passed_over.push(e),
+                    Err(e) => return Err(e),
+                },
             }
         }
         // Newest first; of one step, the local copy first.
         copies.sort_by_key(|(step, tier, _)| (std::cmp::Reverse(*step), *tier != Tier::Local));
-        let mut passed_over = Vec::new();
         for (step, tier, run) in copies {
             *self.shared.lock().reading.entry(step).or_default() += 1;
             let timer = Instant::now();
@@ -1349,7 +1373,7 @@ fn work(shared: &Shared) {
             }
         };
         let saved = match job {
-            Job::Save { step, state, opts, upload } => shared.write(step, Handover::Give(state), &opts, upload),
+            Job::Save { step, state, opts, upload } => shared.write(step, Handover::Give(state), &opts, upload, None),
             Job::Retain => Ok(()),
             // The refusing rank's call already reported its reason.
             Job::Refuse { opts, reason } => {

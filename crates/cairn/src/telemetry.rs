@@ -80,6 +80,9 @@ pub struct Event {
     pub error: Option<String>,
     /// What else a person should know (e.g. the copies a restore passed over).
     pub detail: Option<String>,
+    /// After a save, the interval an automatic cadence chose from the costs measured so
+    /// far, this save's included (see [`crate::cadence::Cadence`]).
+    pub interval: Option<Duration>,
 }
 
 impl Event {
@@ -95,6 +98,7 @@ impl Event {
             bytes: 0,
             error: None,
             detail: None,
+            interval: None,
         }
     }
 
@@ -134,7 +138,7 @@ impl Event {
 
     /// The event as one JSON object: `operation`, `tier`, `step`, `uri`, `unix_ms`,
     /// `duration_s`, `phases` (seconds by phase name), `bytes`, `bytes_per_s`, `error`,
-    /// `detail`.
+    /// `detail`, `interval_s`.
     pub fn to_json(&self) -> serde_json::Value {
         let phases: serde_json::Map<String, serde_json::Value> =
             self.phases.iter().map(|(phase, took)| (name(phase), serde_json::json!(took.as_secs_f64()))).collect();
@@ -150,6 +154,7 @@ impl Event {
             "bytes_per_s": self.throughput(),
             "error": self.error,
             "detail": self.detail,
+            "interval_s": self.interval.map(|d| d.as_secs_f64()),
         })
     }
 }

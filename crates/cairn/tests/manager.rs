@@ -217,7 +217,16 @@ fn an_automatic_interval_follows_the_measured_cost_of_saves() {
     for async_save in [false, true] {
         let clock = Arc::new(cairn::manager::ManualClock::default());
         let policy = SavePolicy::steps(vec![Every::new(1_000_000)]).unwrap().with_auto_interval(mtbf);
-        let opts = options(1).with_policy(policy).with_clock(clock.clone()).with_async_save(async_save);
+        let intervals: Arc<std::sync::Mutex<Vec<Option<Duration>>>> = Arc::default();
+        let sink = intervals.clone();
+        let opts =
+            options(1).with_policy(policy).with_clock(clock.clone()).with_async_save(async_save).with_event_sink(
+                Arc::new(move |e: &cairn::telemetry::Event| {
+                    if e.operation == cairn::telemetry::Operation::Save {
+                        sink.lock().unwrap().push(e.interval);
+                    }
+                }),
+            );
         let manager = CheckpointManager::open(&format!("memory://manager/auto-{async_save}"), opts).unwrap();
         assert_eq!(manager.cadence().unwrap().interval(), None);
         let state = common::model_state(1, 1, 2);
@@ -247,6 +256,10 @@ fn an_automatic_interval_follows_the_measured_cost_of_saves() {
         let expected = (interval.as_secs_f64() - 10.0).ceil() as u64;
         assert!(gaps.iter().all(|&g| g == expected), "async={async_save} gaps {gaps:?}, expected {expected}");
         assert!(manager.list().unwrap().iter().all(|i| i.temporary));
+        // Each save's event reports the interval chosen once its cost was known.
+        let intervals = intervals.lock().unwrap().clone();
+        assert_eq!(intervals.len(), saved.len());
+        assert!(intervals.iter().all(|i| *i == cadence.interval()), "async={async_save} {intervals:?}");
     }
 }
 
