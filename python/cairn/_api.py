@@ -599,6 +599,11 @@ class DamagedCheckpointWarning(UserWarning):
     and was skipped; the message names it. It is never deleted by retention."""
 
 
+def _warn_passed_over(messages: list[str]) -> None:
+    for message in messages:
+        warnings.warn(f"passed over a copy that could not be restored: {message}", DamagedCheckpointWarning, stacklevel=4)
+
+
 @_typed
 def list_checkpoints(path: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> list[CheckpointInfo]:
     """The readable committed checkpoints of the run at `path`, in step order. Each
@@ -834,7 +839,8 @@ class CheckpointManager:
     then uploads go on for `upload_grace` seconds at most. Upload failures are cleanup
     problems (`cleanup_errors()`); `pending_uploads()` tells what is owed.
 
-    `on_event(event)` is called (from a background thread) after every save, upload,
+    `on_event(event)` is called (on the thread that did the work: a background one for
+    background saves and uploads; it must not call the manager) after every save, upload,
     load and deletion with a dict: `operation`, `tier` ("local" or "durable"), `step`,
     `uri`, `unix_ms`, `duration_s`, `phases` (seconds by phase: snapshot, write, commit,
     upload, verify, read, retention), `bytes`, `bytes_per_s`, `error`, `detail`,
@@ -1016,30 +1022,23 @@ class CheckpointManager:
         saved none of its own (or a rank beyond those that saved) gets the shared ones:
         rank 0's values and structure, the lowest-ranked holder's tensors."""
         if target is not None or boxes is not None:
-            if step is None:
-                step = self._native.settled_latest_step()
-                if step is None:
-                    raise _cairn.CheckpointNotFoundError(f"no committed checkpoint run=`{self.run}`")
-            run = self._native.locate(step)
-            if run is None:
-                raise _cairn.CheckpointNotFoundError(f"no committed checkpoint step={step} run=`{self.run}`")
-            state = load(
-                run, prefix=prefix, keys=keys, rename=rename, dtype=dtype, framework=framework,
-                step=step, storage_options=self._storage_options, boxes=boxes, target=target, rank=self._rank,
-                device=device, map_location=map_location,
-            )
-            info = next((i for i in self.list() if i.step == step and i.uri.startswith(run.rstrip("/") + "/")), None)
-            if info is None:
-                raise _cairn.CheckpointNotFoundError(f"checkpoint deleted while loading step={step} run=`{self.run}`")
-            return state, info
+            def load_copy(uri: str) -> Any:
+                return load(
+                    uri, prefix=prefix, keys=keys, rename=rename, dtype=dtype, framework=framework,
+                    storage_options=self._storage_options, boxes=boxes, target=target, rank=self._rank,
+                    device=device, map_location=map_location,
+                )
+
+            state, info, passed_over = self._native.restore_into(step, load_copy)
+            _warn_passed_over(passed_over)
+            return state, CheckpointInfo._from_native(info)
         device = _device(device, map_location, framework)
         dtype = None if dtype is None else _arrays.resolve_dtype(dtype)
         with _tree.gc_paused():
             native, passed_over = self._native.restore(
                 step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename)
             )
-            for message in passed_over:
-                warnings.warn(f"passed over a copy that could not be restored: {message}", DamagedCheckpointWarning, stacklevel=3)
+            _warn_passed_over(passed_over)
             state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None, device=device)
         return state, CheckpointInfo._from_native(native[2])
 

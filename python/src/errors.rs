@@ -65,6 +65,21 @@ pub(crate) fn to_py_err(err: cairn::Error) -> PyErr {
     }
 }
 
+/// The kind of a Python exception raised where Cairn expects its own errors: that of its
+/// `CheckpointError` subclass; anything else counts as the caller's error (`Invalid`).
+pub(crate) fn error_kind(py: Python<'_>, err: &PyErr) -> ErrorKind {
+    let kinds = [
+        (err.is_instance_of::<CorruptCheckpointError>(py), ErrorKind::Corrupt),
+        (err.is_instance_of::<IncompatibleError>(py), ErrorKind::Incompatible),
+        (err.is_instance_of::<UnavailableError>(py), ErrorKind::Unavailable),
+        (err.is_instance_of::<PermissionDeniedError>(py), ErrorKind::Permission),
+        (err.is_instance_of::<CheckpointNotFoundError>(py), ErrorKind::NotFound),
+        (err.is_instance_of::<StorageFullError>(py), ErrorKind::StorageFull),
+        (err.is_instance_of::<AlreadyExistsError>(py), ErrorKind::AlreadyExists),
+    ];
+    kinds.into_iter().find(|(is, _)| *is).map_or(ErrorKind::Invalid, |(_, kind)| kind)
+}
+
 /// Runs `f`, turning a Rust panic into a `CheckpointError` instead of letting it out.
 pub(crate) fn guarded<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {

@@ -179,21 +179,40 @@ impl Manager {
         })
     }
 
-    /// The run holding the committed checkpoint of `step` (the local tier's when it has
-    /// it), or `None`.
-    fn locate(&self, py: Python<'_>, step: u64) -> PyResult<Option<String>> {
+    /// Restores with `load(checkpoint_uri)` for each copy tried, as `restore` tries them:
+    /// `(what load returned, info, passed over)`. A `CheckpointError` from `load` is
+    /// judged by its kind (a damaged copy is passed over); any other exception is raised.
+    fn restore_into<'py>(
+        &self,
+        py: Python<'py>,
+        step: Option<u64>,
+        load: Py<PyAny>,
+    ) -> PyResult<(Py<PyAny>, Bound<'py, PyDict>, Vec<String>)> {
         guarded(|| {
-            py.detach(|| {
-                for run in self.inner.local_run().into_iter().chain([self.inner.run()]) {
-                    match run.checkpoint(step) {
-                        Ok(_) => return Ok(Some(run.location().uri().to_string())),
-                        Err(e) if e.kind() == cairn::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
-                    }
+            let raised: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
+            let restored = py.detach(|| {
+                self.inner.restore_with(step, |checkpoint| {
+                    Python::attach(|py| {
+                        load.call1(py, (checkpoint.location().uri(),)).map_err(|err| {
+                            let judged = cairn::Error::new(error_kind(py, &err), err.to_string());
+                            *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                            judged
+                        })
+                    })
+                })
+            });
+            let raised = raised.into_inner().unwrap_or_else(|p| p.into_inner());
+            match restored {
+                Ok(r) => {
+                    let passed_over = r.passed_over.iter().map(cairn::Error::full_message).collect();
+                    Ok((r.state, info_to_py(py, &r.info)?, passed_over))
                 }
-                Ok(None)
-            })
-            .map_err(to_py_err)
+                // The load's own error, raised as it was.
+                Err(e) => match raised.filter(|err| err.to_string() == e.message()) {
+                    Some(err) => Err(err),
+                    None => Err(to_py_err(e)),
+                },
+            }
         })
     }
 

@@ -74,11 +74,19 @@ def test_restore_passes_over_a_damaged_local_copy_with_a_warning(tmp_path):
             restored, info = mgr.restore()
         assert info.step == 4 and info.uri.startswith(mgr.run.rstrip("/") + "/"), (info.uri, mgr.run)
         np.testing.assert_array_equal(restored["w"], np.full(1024, 4, np.float32))
-        # Into a target too: the step is found on the tier that has it.
+        # Into a target too: the damaged local copy is passed over the same way...
         target = {"w": np.zeros(1024, np.float32)}
+        with pytest.warns(cairn.DamagedCheckpointWarning, match="step-000000000004"):
+            _, info = mgr.restore(target=target)
+        assert info.step == 4 and info.uri.startswith(mgr.run.rstrip("/") + "/"), (info.uri, mgr.run)
+        np.testing.assert_array_equal(target["w"], np.full(1024, 4, np.float32))
+        # ... a step is found on the tier that has it (3: local only)...
         _, info = mgr.restore(3, target=target)
-        assert info.step == 3
+        assert info.step == 3 and info.uri.startswith(mgr.local.rstrip("/") + "/")
         np.testing.assert_array_equal(target["w"], np.full(1024, 3, np.float32))
+        # ... and the caller's own mistake is raised as it is, not passed over.
+        with pytest.raises(cairn.CheckpointNotFoundError, match="nope"):
+            mgr.restore(target={"nope": np.zeros(3, np.float32)})
 
 
 def test_events_reach_the_callback_and_the_log_and_a_raising_callback_fails_nothing(tmp_path, monkeypatch):

@@ -249,6 +249,17 @@ impl Handover<'_> {
     }
 }
 
+/// Whether a save goes on to the durable tier, and how urgently.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Upload {
+    /// No (or the manager has no local tier).
+    No,
+    /// After the uploads already queued.
+    Queue,
+    /// Before them: a preemption save, which has only the grace period.
+    First,
+}
+
 /// Which call a save came from.
 #[derive(Clone, Copy)]
 enum Call {
@@ -264,7 +275,7 @@ enum Job {
         state: State,
         opts: SaveOptions,
         /// Whether the durable tier gets a copy once it is committed.
-        upload: bool,
+        upload: Upload,
     },
     Retain,
     /// Take part in the other ranks' save without a state (see [`Shared::refuse`]).
@@ -410,15 +421,19 @@ impl Shared {
         step: u64,
         state: Handover<'_>,
         opts: &SaveOptions,
-        upload: bool,
+        upload: Upload,
         sync_since: Option<Duration>,
     ) -> Result<()> {
         let booking = Release { shared: self, step };
         let started = self.clock.now();
         let timer = Instant::now();
+        // Owed from before its marker exists: local retention never takes it meanwhile.
         let marked = match upload {
-            true => tier::mark(&self.run, step),
-            false => Ok(()),
+            Upload::No => Ok(()),
+            _ => {
+                self.lock().owed.insert(step);
+                tier::mark(&self.run, step)
+            }
         };
         let result = marked.and_then(|()| self.save(state.state(), opts));
         let writing = self.clock.now().saturating_sub(started);
@@ -432,22 +447,32 @@ impl Shared {
             None => opts.snapshot_time.map(|stall| (stall, stall + writing)),
         };
         let outcome = self.committed(step, result.as_ref().ok(), cost);
+        if upload != Upload::No && !outcome {
+            // Nothing committed: nothing is owed.
+            self.lock().owed.remove(&step);
+            drop(tier::unmark(&self.run, step));
+        }
+        if self.durable.is_some() {
+            let mut inner = self.lock();
+            match (upload, outcome) {
+                (Upload::First, true) => inner.uploads.push_front(step),
+                (Upload::Queue, true) => inner.uploads.push_back(step),
+                _ => {}
+            }
+            // What an earlier upload could not do (the store was down) is tried again.
+            let retry: Vec<u64> = inner
+                .owed
+                .iter()
+                .copied()
+                .filter(|s| *s != step && Some(*s) != inner.uploading && !inner.uploads.contains(s))
+                .collect();
+            inner.uploads.extend(retry);
+            self.changed.notify_all();
+        }
         if self.sinks.active() {
             let mut event = self.save_event(step, &result, opts.snapshot_time, timer.elapsed());
             event.interval = self.lock().cadence.and_then(|c| c.interval());
             self.sinks.emit(event);
-        }
-        if upload {
-            match outcome {
-                true => {
-                    let mut inner = self.lock();
-                    inner.owed.insert(step);
-                    inner.uploads.push_back(step);
-                    self.changed.notify_all();
-                }
-                // Nothing committed: nothing is owed.
-                false => drop(tier::unmark(&self.run, step)),
-            }
         }
         result.map(drop)
     }
@@ -511,18 +536,15 @@ impl Shared {
     /// upload failed in a way a later try may mend (its marker stays; the next manager on
     /// this local run tries again).
     fn upload(&self, durable: &Durable, step: u64) {
-        let mut attempt = 1;
-        let (result, event) = loop {
+        let mut last = None;
+        let result = retried(|| {
             let (result, event) = tier::upload(&self.run, &durable.run, step);
-            match &result {
-                Err(e) if e.kind() == ErrorKind::Unavailable && attempt < CLEANUP_ATTEMPTS => {
-                    std::thread::sleep(Duration::from_millis(100 << attempt));
-                    attempt += 1;
-                }
-                _ => break (result, event),
-            }
-        };
-        self.sinks.emit(event);
+            last = Some(event);
+            result
+        });
+        if let Some(event) = last {
+            self.sinks.emit(event);
+        }
         let settled = match &result {
             Ok(info) => {
                 let newest = {
@@ -557,7 +579,7 @@ impl Shared {
         let (doomed, latest) = {
             let inner = self.lock();
             let candidates: Vec<Candidate> = inner.durable_known.values().cloned().collect();
-            let protected: BTreeSet<u64> = inner.reading.keys().chain(&inner.uploading).copied().collect();
+            let protected: BTreeSet<u64> = inner.reading.keys().copied().collect();
             (
                 policy::to_delete(&durable.retention, &candidates, &protected),
                 inner.durable_known.keys().next_back().copied(),
@@ -743,11 +765,36 @@ pub struct CheckpointManager {
     upload_deadline: Mutex<Option<Instant>>,
 }
 
+/// One copy of a checkpoint a restore may read.
+struct CheckpointCopy {
+    step: u64,
+    tier: Tier,
+    run: Run,
+}
+
+/// Retention keeps off a step while a `Reading` of it lives.
+struct Reading<'a> {
+    shared: &'a Shared,
+    step: u64,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        if let Some(count) = inner.reading.get_mut(&self.step) {
+            *count -= 1;
+            if *count == 0 {
+                inner.reading.remove(&self.step);
+            }
+        }
+    }
+}
+
 /// What [`CheckpointManager::restore_reporting`] restored, and the copies it passed over.
 #[derive(Debug)]
-pub struct Restored {
+pub struct Restored<T = State> {
     /// The state loaded.
-    pub state: State,
+    pub state: T,
     /// The checkpoint it came from (its `uri` says which tier).
     pub info: CheckpointInfo,
     /// Why each newer copy (or the same step's copy on the other tier) could not be
@@ -779,6 +826,19 @@ impl CheckpointManager {
                 opts.world_size,
                 run.location().uri()
             )));
+        }
+        if let Some(local) = &opts.local {
+            if opts.policy.auto_interval_mtbf().is_some() {
+                return Err(Error::invalid(
+                    "an automatic interval measures the saves it times: with a local tier, give it to the local tier's policy",
+                ));
+            }
+            if local.run.location().uri() == run.location().uri() {
+                return Err(Error::invalid(format!(
+                    "the local tier is the run itself: give it a folder of its own run=`{}`",
+                    run.location().uri()
+                )));
+            }
         }
         let (run, retention, durable, local_policy) = match opts.local {
             Some(local) => {
@@ -971,6 +1031,7 @@ impl CheckpointManager {
                 "a state being made for a save cannot itself save through a manager step={step}"
             )));
         }
+        refuse_in_sink("on_step and save")?;
         let preempted = self.preempted();
         // A rank of a job takes part in every save the policy gives it, even when this
         // call reports an earlier background failure (the other ranks would wait for it
@@ -996,6 +1057,11 @@ impl CheckpointManager {
                 (Decision::Save { temporary }, upload) => (temporary, upload),
             },
         };
+        let upload = match (upload, preempted) {
+            (false, _) => Upload::No,
+            (true, false) => Upload::Queue,
+            (true, true) => Upload::First,
+        };
         while inner.saves_in_flight >= self.max_in_flight && (together || inner.error.is_none()) {
             inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
@@ -1020,7 +1086,7 @@ impl CheckpointManager {
         let before = inner.facts();
         inner.last_step = Some(inner.last_step.map_or(step, |s| s.max(step)));
         inner.last_save_at = self.clock.now();
-        if upload {
+        if upload != Upload::No {
             inner.durable_last = (Some(inner.durable_last.0.map_or(step, |s| s.max(step))), inner.last_save_at);
         }
         inner.writing.insert(step);
@@ -1074,8 +1140,14 @@ impl CheckpointManager {
             written?;
         }
         if preempted && matches!(call, Call::OnStep) {
-            // Uploads go on for the grace period after the preemption save, no longer.
+            // Uploads go on for the grace period after the preemption save is written, no
+            // longer.
             if let Some(durable) = &self.shared.durable {
+                let mut inner = self.shared.lock();
+                while inner.busy > 0 {
+                    inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+                }
+                drop(inner);
                 let mut deadline = self.upload_deadline.lock().unwrap_or_else(|p| p.into_inner());
                 deadline.get_or_insert_with(|| Instant::now() + durable.upload_grace);
             }
@@ -1127,6 +1199,7 @@ impl CheckpointManager {
     /// is a cleanup problem ([`take_cleanup_errors`](Self::take_cleanup_errors)): its
     /// checkpoint is committed locally, and the upload is tried again by the next manager.
     pub fn wait(&self) -> Result<()> {
+        refuse_in_sink("wait")?;
         let deadline = *self.upload_deadline.lock().unwrap_or_else(|p| p.into_inner());
         let mut inner = self.shared.lock();
         loop {
@@ -1187,69 +1260,108 @@ impl CheckpointManager {
 
     /// [`restore`](Self::restore), also saying which copies it passed over and why.
     pub fn restore_reporting(&self, step: Option<u64>, opts: &LoadOptions) -> Result<Restored> {
+        // Each rank gets back the plain values it saved.
+        let opts = LoadOptions { rank: opts.rank.or(Some(self.shared.rank)), ..opts.clone() };
+        self.restore_with(step, |checkpoint| checkpoint.load(&opts))
+    }
+
+    /// [`restore_reporting`](Self::restore_reporting) with the caller's own load of each
+    /// copy tried (a load into a target the caller holds, say): `load` is given the
+    /// opened checkpoint, kept from retention meanwhile; its errors are judged as a
+    /// load's (a damaged copy is passed over, the caller's error is returned).
+    pub fn restore_with<T>(
+        &self,
+        step: Option<u64>,
+        mut load: impl FnMut(&crate::load::Checkpoint) -> Result<T>,
+    ) -> Result<Restored<T>> {
         self.take_error()?;
+        refuse_in_sink("restore")?;
         if step.is_none() {
             self.settle()?;
         }
-        // Each rank gets back the plain values it saved.
-        let opts = LoadOptions { rank: opts.rank.or(Some(self.shared.rank)), ..opts.clone() };
-        let mut copies: Vec<(u64, Tier, &Run)> = Vec::new();
-        let mut passed_over = Vec::new();
-        let tiers = self.tiers();
-        for &(tier, run) in &tiers {
-            match step {
-                Some(step) => copies.push((step, tier, run)),
-                None => match run.list() {
-                    Ok(listed) => copies.extend(listed.into_iter().map(|c| (c.step, tier, run))),
-                    // One tier unreachable: the other may still serve.
-                    Err(e) if tiers.len() > 1 => passed_over.push(e),
-                    Err(e) => return Err(e),
-                },
+        let (copies, mut passed_over) = self.copies(step)?;
+        // Once a copy's store could not be reached, only the same step's other copy may
+        // stand in: an older step would silently lose progress over a passing outage.
+        let mut only_step = None;
+        for copy in copies {
+            if only_step.is_some_and(|s| s != copy.step) {
+                continue;
             }
-        }
-        // Newest first; of one step, the local copy first.
-        copies.sort_by_key(|(step, tier, _)| (std::cmp::Reverse(*step), *tier != Tier::Local));
-        for (step, tier, run) in copies {
-            *self.shared.lock().reading.entry(step).or_default() += 1;
+            let _reading = self.begin_reading(copy.step);
             let timer = Instant::now();
-            let (opening, result) = match run.checkpoint(step) {
-                Ok(c) => (false, c.load(&opts).map(|state| (state, c.info()))),
+            let (opening, result) = match copy.run.checkpoint(copy.step) {
+                Ok(c) => (false, load(&c).map(|state| (state, c.info()))),
                 Err(e) => (true, Err(e)),
             };
-            let mut inner = self.shared.lock();
-            if let Some(count) = inner.reading.get_mut(&step) {
-                *count -= 1;
-                if *count == 0 {
-                    inner.reading.remove(&step);
-                }
-            }
-            drop(inner);
-            self.shared.sinks.emit(
-                Event::new(Operation::Load, tier, step, run.step_location(step).uri())
-                    .with_phase(Phase::Read, timer.elapsed())
-                    .with_bytes(result.as_ref().map_or(0, |(_, info)| info.tensor_bytes))
-                    .with_outcome(&result),
-            );
-            match result {
+            drop(_reading);
+            let mut event = Event::new(Operation::Load, copy.tier, copy.step, copy.run.step_location(copy.step).uri())
+                .with_phase(Phase::Read, timer.elapsed())
+                .with_bytes(result.as_ref().map_or(0, |(_, info)| info.tensor_bytes))
+                .with_outcome(&result);
+            let messages: Vec<String> = passed_over.iter().map(Error::full_message).collect();
+            event.detail =
+                (!messages.is_empty() && result.is_ok()).then(|| format!("passed over: {}", messages.join("; ")));
+            self.shared.sinks.emit(event);
+            let err = match result {
                 Ok((state, info)) => return Ok(Restored { state, info, passed_over }),
-                Err(e) if copy_failed(&e, opening, run, step) => passed_over.push(e),
-                Err(e) => return Err(e),
+                Err(err) => err,
+            };
+            match copy_failure(&err, opening, &copy.run, copy.step) {
+                CopyFailure::Gone => {}
+                CopyFailure::Damaged => passed_over.push(err),
+                CopyFailure::Unreachable => {
+                    only_step = Some(copy.step);
+                    passed_over.push(err);
+                }
+                CopyFailure::Caller => return Err(err),
             }
         }
         let shown = self.run().location().uri();
+        let asked = step.map_or(String::new(), |s| format!(" step={s}"));
         let mut failures = passed_over.into_iter();
         match failures.next() {
-            None => Err(Error::not_found(format!("no committed checkpoint run=`{shown}`"))),
+            None => Err(Error::not_found(format!("no committed checkpoint{asked} run=`{shown}`"))),
             Some(newest) if failures.len() == 0 => Err(newest),
             Some(newest) => Err(Error::new(
                 newest.kind(),
                 format!(
-                    "no copy could be restored ({} more failed) run=`{shown}`: {}",
+                    "no copy could be restored ({} more failed){asked} run=`{shown}`: {}",
                     failures.len(),
                     newest.full_message()
                 ),
             )),
         }
+    }
+
+    /// The copies a restore tries, in order: those of `step` (one per tier), or every
+    /// committed checkpoint, newest first, of one step the local copy first; and the
+    /// tiers that could not be listed (the other may still serve).
+    fn copies(&self, step: Option<u64>) -> Result<(Vec<CheckpointCopy>, Vec<Error>)> {
+        let mut copies = Vec::new();
+        let mut unlisted = Vec::new();
+        let tiers = self.tiers();
+        for &(tier, run) in &tiers {
+            match step {
+                Some(step) => copies.push(CheckpointCopy { step, tier, run: run.clone() }),
+                None => match run.list() {
+                    Ok(listed) => copies.extend(listed.into_iter().map(|c| CheckpointCopy {
+                        step: c.step,
+                        tier,
+                        run: run.clone(),
+                    })),
+                    Err(e) if tiers.len() > 1 => unlisted.push(e),
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        copies.sort_by_key(|c| (std::cmp::Reverse(c.step), c.tier != Tier::Local));
+        Ok((copies, unlisted))
+    }
+
+    /// Keeps retention (of either tier) off `step` until the guard is dropped.
+    fn begin_reading(&self, step: u64) -> Reading<'_> {
+        *self.shared.lock().reading.entry(step).or_default() += 1;
+        Reading { shared: &self.shared, step }
     }
 
     /// Waits until this manager's saves in flight and queued work are over; returns the
@@ -1298,6 +1410,10 @@ impl CheckpointManager {
     /// flight), and forgets the uploads owed.
     pub fn reset(&self) -> Result<()> {
         self.wait()?;
+        *self.shared.hinted.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(durable) = &self.shared.durable {
+            *durable.hinted.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         for (_, run) in self.tiers() {
             for c in run.list()? {
                 run.delete(c.step)?;
@@ -1344,17 +1460,40 @@ impl Drop for CheckpointManager {
     }
 }
 
-/// Whether a restore's failure `err` on the copy of `step` in `run` is the copy's own
-/// (gone, damaged, unreadable), so that another copy may serve: any failure to open it
-/// (`opening`), or a load that found damage or could not reach the store. A key the
-/// caller asked for and the checkpoint lacks is no reason to try an older one.
-fn copy_failed(err: &Error, opening: bool, run: &Run, step: u64) -> bool {
+/// What a restore's failure on one copy says.
+enum CopyFailure {
+    /// The copy is not there (deleted, or never on this tier): no damage to report.
+    Gone,
+    /// The copy is damaged or of an unknown format: any other copy may serve.
+    Damaged,
+    /// Its store could not be reached or refused access: the same step's other copy may
+    /// serve, an older step may not.
+    Unreachable,
+    /// The caller's own error (a key the checkpoint lacks, bad options): reported.
+    Caller,
+}
+
+/// Refuses a call into the manager from one of its event sinks (the sink runs on a
+/// thread the call may wait for).
+fn refuse_in_sink(call: &str) -> Result<()> {
+    match crate::telemetry::in_sink() {
+        true => Err(Error::invalid(format!(
+            "an event sink cannot call the manager's {call}: it runs on the manager's own threads"
+        ))),
+        false => Ok(()),
+    }
+}
+
+/// Classifies a restore's failure `err` on the copy of `step` in `run`, met while
+/// `opening` it or while loading it.
+fn copy_failure(err: &Error, opening: bool, run: &Run, step: u64) -> CopyFailure {
     match err.kind() {
-        ErrorKind::Invalid | ErrorKind::Internal => false,
-        ErrorKind::Corrupt | ErrorKind::Unavailable | ErrorKind::Incompatible | ErrorKind::Permission => true,
+        ErrorKind::Corrupt | ErrorKind::Incompatible => CopyFailure::Damaged,
+        ErrorKind::Unavailable | ErrorKind::Permission => CopyFailure::Unreachable,
+        ErrorKind::NotFound if opening => CopyFailure::Gone,
         // Deleted while it was read, not a missing key.
-        ErrorKind::NotFound if !opening => run.checkpoint(step).is_err(),
-        _ => opening,
+        ErrorKind::NotFound if run.checkpoint(step).is_err() => CopyFailure::Gone,
+        _ => CopyFailure::Caller,
     }
 }
 
@@ -1449,5 +1588,30 @@ fn upload_work(shared: &Shared) {
         inner.busy += 1;
         inner.queue.push_back(Job::Retain);
         shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_judges_each_failure_by_what_it_says_of_the_copy() {
+        let run = Run::create("memory://copy-failure/run").unwrap();
+        let judged = |kind, opening| copy_failure(&Error::new(kind, "x"), opening, &run, 1);
+        assert!(matches!(judged(ErrorKind::Corrupt, false), CopyFailure::Damaged));
+        assert!(matches!(judged(ErrorKind::Incompatible, true), CopyFailure::Damaged));
+        assert!(matches!(judged(ErrorKind::Unavailable, false), CopyFailure::Unreachable));
+        assert!(matches!(judged(ErrorKind::Permission, true), CopyFailure::Unreachable));
+        assert!(matches!(judged(ErrorKind::NotFound, true), CopyFailure::Gone));
+        // Not found while loading a checkpoint that is no longer there: deleted meanwhile.
+        assert!(matches!(judged(ErrorKind::NotFound, false), CopyFailure::Gone));
+        let mut state = State::new();
+        state.insert_tensor("w", crate::Tensor::new(crate::DType::U8, vec![1], vec![7]).unwrap());
+        run.save(&state, &SaveOptions::default().with_step(1)).unwrap();
+        // ... while it is still there: a key the caller asked for and it lacks.
+        assert!(matches!(judged(ErrorKind::NotFound, false), CopyFailure::Caller));
+        assert!(matches!(judged(ErrorKind::Invalid, false), CopyFailure::Caller));
+        assert!(matches!(judged(ErrorKind::Internal, true), CopyFailure::Caller));
     }
 }

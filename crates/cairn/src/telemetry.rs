@@ -2,8 +2,9 @@
 //! deletion ends with one [`Event`]: which operation, on which tier, its step, how long
 //! each phase took, the bytes it moved and whether it failed. Events go to the sinks
 //! given in [`crate::manager::ManagerOptions::events`] (a callback, a JSON Lines file),
-//! one at a time, never while the manager holds a lock; a sink's own failure never fails
-//! the operation it reports.
+//! one at a time, on the thread that did the work, never while the manager holds a
+//! lock; a sink's own failure (a panic included) never fails the operation it reports,
+//! and a sink must not call back into the manager (such calls are refused).
 
 use std::io::Write;
 use std::path::Path;
@@ -39,7 +40,7 @@ pub enum Tier {
 }
 
 /// A timed phase of an operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// The training loop blocked while the state was made and copied.
@@ -185,8 +186,18 @@ pub fn json_lines(path: &Path) -> Result<EventSink> {
     }))
 }
 
+thread_local! {
+    /// Set while this thread runs a sink.
+    static IN_SINK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is running an event sink (which must not call back into
+/// the manager that called it).
+pub(crate) fn in_sink() -> bool {
+    IN_SINK.get()
+}
+
 /// The sinks of a manager, called in turn, one event at a time.
-#[derive(Clone, Default)]
 pub(crate) struct Sinks {
     sinks: Vec<EventSink>,
     /// Held while the sinks are called: events reach them in the order they were emitted.
@@ -203,15 +214,18 @@ impl Sinks {
         !self.sinks.is_empty()
     }
 
-    /// Gives `event` to every sink.
+    /// Gives `event` to every sink; a sink that panics is passed over (the work it
+    /// reports is done).
     pub(crate) fn emit(&self, event: Event) {
         if self.sinks.is_empty() {
             return;
         }
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        IN_SINK.set(true);
         for sink in &self.sinks {
-            sink(&event);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(&event)));
         }
+        IN_SINK.set(false);
     }
 }
 

@@ -190,7 +190,76 @@ fn uploads_owed_while_the_durable_store_is_down_are_done_by_the_next_manager() {
     // Uploaded, the older local copy goes.
     assert_eq!(steps(&local), [4]);
     let markers = dir.path().join("local/.cairn-uploads");
-    assert!(!markers.exists() || std::fs::read_dir(markers).unwrap().count() == 0);
+    assert!(!markers.exists() || std::fs::read_dir(&markers).unwrap().count() == 0);
+
+    // Down again while this manager runs: what is owed is tried again after the next
+    // save, without a restart, once the store is back.
+    faulty.set_down(true);
+    manager.on_step(6, &state_at(6), SaveRequest::default()).unwrap();
+    manager.wait().unwrap();
+    assert_eq!(manager.pending_uploads(), [6]);
+    faulty.set_down(false);
+    manager.on_step(7, &state_at(7), SaveRequest::default()).unwrap();
+    manager.wait().unwrap();
+    assert!(manager.pending_uploads().is_empty());
+    assert_eq!(steps(&durable), [2, 4, 6]);
+    // A step asked for whose local copy retention removed comes from the durable tier,
+    // with nothing passed over (a copy that is not there is not a damaged one).
+    let restored = manager.restore_reporting(Some(2), &LoadOptions::default()).unwrap();
+    assert_eq!((restored.info.step, restored.passed_over.len()), (2, 0));
+    assert_eq!(manager.restore(Some(3), &LoadOptions::default()).unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+#[test]
+fn options_that_cannot_work_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let auto = every(10).with_auto_interval(Duration::from_secs(3600));
+    let opts = ManagerOptions::default()
+        .with_policy(auto)
+        .with_local_tier(LocalTier::new(local.clone(), every(1), keep_last(1)))
+        .with_preemption_signal(None);
+    let err = CheckpointManager::with_run(local_dir_run(dir.path(), "durable"), opts).err().unwrap();
+    assert!(err.kind() == ErrorKind::Invalid && err.to_string().contains("local tier's policy"), "{err}");
+    let opts = ManagerOptions::default()
+        .with_local_tier(LocalTier::new(local.clone(), every(1), keep_last(1)))
+        .with_preemption_signal(None);
+    let err = CheckpointManager::with_run(local.clone(), opts).err().unwrap();
+    assert!(err.kind() == ErrorKind::Invalid && err.to_string().contains("the run itself"), "{err}");
+}
+
+#[test]
+fn a_sink_that_panics_or_calls_the_manager_stops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let durable = local_dir_run(dir.path(), "durable");
+    let manager: Arc<Mutex<Option<Arc<CheckpointManager>>>> = Arc::default();
+    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (handle, seen) = (manager.clone(), refused.clone());
+    let opts = ManagerOptions::default()
+        .with_policy(every(2))
+        .with_local_tier(LocalTier::new(local.clone(), every(1), keep_last(1)))
+        .with_preemption_signal(None)
+        .with_event_sink(Arc::new(move |e: &Event| {
+            if let Some(m) = handle.lock().unwrap().clone() {
+                if let Err(err) = m.wait() {
+                    seen.lock().unwrap().push(err.to_string());
+                }
+            }
+            if e.operation == Operation::Upload {
+                panic!("a broken dashboard");
+            }
+        }));
+    let shared = Arc::new(CheckpointManager::with_run(durable.clone(), opts).unwrap());
+    *manager.lock().unwrap() = Some(shared.clone());
+    for step in 1..=4 {
+        shared.on_step(step, &state_at(step), SaveRequest::default()).unwrap();
+    }
+    shared.wait().unwrap();
+    assert_eq!(steps(&durable), [2, 4]);
+    assert!(!refused.lock().unwrap().is_empty());
+    assert!(refused.lock().unwrap().iter().all(|e| e.contains("event sink cannot call")));
+    manager.lock().unwrap().take();
 }
 
 #[test]
