@@ -256,7 +256,9 @@ def _unflatten(node: Any, leaves: dict[str, Any]) -> Any:
     if "dict" in node:
         out = {}
         for k, child in node["dict"]:
-            value = _unflatten(child, leaves)
+            # A tensor child is looked up here, without a call (most children are).
+            leaf = child.get("tensor")
+            value = leaves.get(leaf, _MISSING) if leaf is not None else _unflatten(child, leaves)
             if value is not _MISSING:
                 out[k] = value
         return out if out or not node["dict"] else _MISSING
