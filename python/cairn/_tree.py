@@ -152,7 +152,10 @@ def _walk(obj: Any, path: tuple[str, ...], leaf: Callable[[str, Any], Any]) -> A
                 raise InvalidArgumentError(
                     f"dict keys must be str or int, got `{type(k).__name__}` key=`{_key(path)}`"
                 )
-            items.append([k, _walk(v, path + (str(k),), leaf)])
+            # A plain array (most leaves of a state) goes to `leaf` without a call of
+            # its own here.
+            node = leaf(_key(path + (str(k),)), v) if type(v) is np.ndarray else _walk(v, path + (str(k),), leaf)
+            items.append([k, node])
         return {"dict": items}
     if isinstance(obj, (list, tuple)):
         kind = "list" if isinstance(obj, list) else "tuple"
@@ -162,6 +165,10 @@ def _walk(obj: Any, path: tuple[str, ...], leaf: Callable[[str, Any], Any]) -> A
 
 def _leaf(key: str, obj: Any, leaves: Leaves) -> Any:
     """Records the leaf `obj` under `key` in `leaves`; returns its structure node."""
+    if type(obj) is np.ndarray:  # the common case, checked first
+        leaves._claim(key)
+        leaves._arrays.append((key, obj, None))
+        return {"tensor": key}
     if isinstance(obj, Piece):
         leaves._claim(key)
         _arrays.check_storable(key, obj.local)
