@@ -80,21 +80,8 @@ enum Command {
     Prune {
         /// Run directory or URI.
         run: String,
-        /// Keep the last N permanent checkpoints.
-        #[arg(long)]
-        keep_last: Option<usize>,
-        /// Keep every checkpoint whose step is a multiple of K.
-        #[arg(long)]
-        keep_every: Option<u64>,
-        /// Keep the best K by --metric.
-        #[arg(long, requires = "metric")]
-        keep_best: Option<usize>,
-        /// Metric ranked by --keep-best.
-        #[arg(long)]
-        metric: Option<String>,
-        /// Whether lower or higher --metric is better.
-        #[arg(long, default_value = "min", value_parser = ["min", "max"])]
-        mode: String,
+        #[command(flatten)]
+        keep: KeepFlags,
         /// Leftovers of unfinished saves younger than this are kept (a save may be running).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
@@ -113,21 +100,9 @@ enum Command {
         /// The local tier's run, shown beside the durable one.
         #[arg(long)]
         local: Option<String>,
-        /// Show which checkpoints retention keeps: the last N permanent ones.
-        #[arg(long)]
-        keep_last: Option<usize>,
-        /// ... and every one whose step is a multiple of K.
-        #[arg(long)]
-        keep_every: Option<u64>,
-        /// ... and the best K by --metric.
-        #[arg(long, requires = "metric")]
-        keep_best: Option<usize>,
-        /// Metric ranked by --keep-best.
-        #[arg(long)]
-        metric: Option<String>,
-        /// Whether lower or higher --metric is better.
-        #[arg(long, default_value = "min", value_parser = ["min", "max"])]
-        mode: String,
+        /// Retention rules whose verdict the page shows (none: no verdict).
+        #[command(flatten)]
+        keep: KeepFlags,
     },
     /// Write one plain safetensors file (for inference and the Hugging Face ecosystem).
     Export {
@@ -163,6 +138,39 @@ enum Command {
     },
 }
 
+/// Retention rules, as `cairn prune` applies them and `cairn report` shows them.
+#[derive(clap::Args)]
+struct KeepFlags {
+    /// Keep the last N permanent checkpoints.
+    #[arg(long)]
+    keep_last: Option<usize>,
+    /// Keep every checkpoint whose step is a multiple of K.
+    #[arg(long)]
+    keep_every: Option<u64>,
+    /// Keep the best K by --metric.
+    #[arg(long, requires = "metric")]
+    keep_best: Option<usize>,
+    /// Metric ranked by --keep-best.
+    #[arg(long)]
+    metric: Option<String>,
+    /// Whether lower or higher --metric is better.
+    #[arg(long, default_value = "min", value_parser = ["min", "max"])]
+    mode: String,
+}
+
+impl KeepFlags {
+    /// Whether any rule was given.
+    fn given(&self) -> bool {
+        self.keep_last.is_some() || self.keep_every.is_some() || self.keep_best.is_some()
+    }
+
+    /// The rules as the library takes them.
+    fn retention(self) -> Result<cairn::policy::Retention, CliError> {
+        let mode = self.mode.parse()?;
+        Ok(cairn::policy::Retention::from_flags(self.keep_last, self.keep_every, self.keep_best, self.metric, mode)?)
+    }
+}
+
 fn main() -> ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes away
     // (`cairn ls RUN | head`) instead of failing on a broken pipe.
@@ -178,24 +186,19 @@ fn main() -> ExitCode {
         Command::Verify { target } => commands::verify::run(&target),
         Command::Diff { a, b } => commands::diff::run(&a, &b),
         Command::Cp { src, dst } => commands::copy::run(&src, &dst),
-        Command::Prune { run, keep_last, keep_every, keep_best, metric, mode, grace, dry_run } => mode
-            .parse()
-            .and_then(|mode| cairn::policy::Retention::from_flags(keep_last, keep_every, keep_best, metric, mode))
-            .map_err(output::CliError::from)
-            .and_then(|retention| commands::prune::run(&run, &retention, grace, dry_run)),
-        Command::Report { run, out, local, keep_last, keep_every, keep_best, metric, mode } => {
-            let given = keep_last.is_some() || keep_every.is_some() || keep_best.is_some();
-            mode.parse()
-                .and_then(|mode| cairn::policy::Retention::from_flags(keep_last, keep_every, keep_best, metric, mode))
-                .map_err(output::CliError::from)
-                .and_then(|retention| {
-                    commands::report::run(commands::report::Report {
-                        run: &run,
-                        local: local.as_deref(),
-                        retention: given.then_some(retention),
-                        out: &out,
-                    })
+        Command::Prune { run, keep, grace, dry_run } => {
+            keep.retention().and_then(|retention| commands::prune::run(&run, &retention, grace, dry_run))
+        }
+        Command::Report { run, out, local, keep } => {
+            let given = keep.given();
+            keep.retention().and_then(|retention| {
+                commands::report::run(commands::report::Report {
+                    run: &run,
+                    local: local.as_deref(),
+                    retention: given.then_some(retention),
+                    out: &out,
                 })
+            })
         }
         Command::Export { ckpt, out, prefix, strip_prefix, dtype, max_shard_size } => {
             commands::convert::export(commands::convert::Export {
