@@ -313,6 +313,9 @@ struct Inner {
     owed: BTreeSet<u64>,
     uploads: VecDeque<u64>,
     uploading: Option<u64>,
+    /// Owed steps the store refused in a way retrying in this process will not mend
+    /// (credentials, say): left for the next manager, not queued again here.
+    held: BTreeSet<u64>,
     durable_known: BTreeMap<u64, Candidate>,
     durable_last: (Option<u64>, Duration),
 }
@@ -459,12 +462,20 @@ impl Shared {
                 (Upload::Queue, true) => inner.uploads.push_back(step),
                 _ => {}
             }
-            // What an earlier upload could not do (the store was down) is tried again.
+            // What an earlier upload could not do (the store was down) is tried again: a
+            // committed step, not one being saved, queued or uploaded, nor one the store
+            // refused in a way time will not mend (the next manager tries those).
             let retry: Vec<u64> = inner
                 .owed
                 .iter()
                 .copied()
-                .filter(|s| *s != step && Some(*s) != inner.uploading && !inner.uploads.contains(s))
+                .filter(|s| {
+                    inner.known.contains_key(s)
+                        && !inner.writing.contains(s)
+                        && !inner.held.contains(s)
+                        && Some(*s) != inner.uploading
+                        && !inner.uploads.contains(s)
+                })
                 .collect();
             inner.uploads.extend(retry);
             self.changed.notify_all();
@@ -559,6 +570,11 @@ impl Shared {
             }
             Err(e) => tier::hopeless(e),
         };
+        if let Err(e) = &result {
+            if !settled && !matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::StorageFull) {
+                self.lock().held.insert(step);
+            }
+        }
         if let Err(err) = result {
             let shown = format!("uploading to the durable tier failed step={step}: {}", err.full_message());
             self.cleanup_failed(Error::new(err.kind(), shown));
@@ -566,7 +582,9 @@ impl Shared {
         if settled {
             match retried(|| tier::unmark(&self.run, step)) {
                 Ok(()) => {
-                    self.lock().owed.remove(&step);
+                    let mut inner = self.lock();
+                    inner.owed.remove(&step);
+                    inner.held.remove(&step);
                 }
                 Err(err) => self.cleanup_failed(err),
             }
@@ -1274,8 +1292,8 @@ impl CheckpointManager {
         step: Option<u64>,
         mut load: impl FnMut(&crate::load::Checkpoint) -> Result<T>,
     ) -> Result<Restored<T>> {
-        self.take_error()?;
         refuse_in_sink("restore")?;
+        self.take_error()?;
         if step.is_none() {
             self.settle()?;
         }
@@ -1429,6 +1447,8 @@ impl CheckpointManager {
         inner.known.clear();
         inner.durable_known.clear();
         inner.owed.clear();
+        inner.held.clear();
+        inner.uploads.clear();
         inner.last_step = None;
         inner.durable_last.0 = None;
         Ok(())
@@ -1491,8 +1511,13 @@ fn copy_failure(err: &Error, opening: bool, run: &Run, step: u64) -> CopyFailure
         ErrorKind::Corrupt | ErrorKind::Incompatible => CopyFailure::Damaged,
         ErrorKind::Unavailable | ErrorKind::Permission => CopyFailure::Unreachable,
         ErrorKind::NotFound if opening => CopyFailure::Gone,
-        // Deleted while it was read, not a missing key.
-        ErrorKind::NotFound if run.checkpoint(step).is_err() => CopyFailure::Gone,
+        // Deleted while it was read, not a missing key: what opening it again says.
+        ErrorKind::NotFound => match run.checkpoint(step).map_err(|e| e.kind()) {
+            Ok(_) => CopyFailure::Caller,
+            Err(ErrorKind::NotFound) => CopyFailure::Gone,
+            Err(ErrorKind::Unavailable | ErrorKind::Permission) => CopyFailure::Unreachable,
+            Err(_) => CopyFailure::Damaged,
+        },
         _ => CopyFailure::Caller,
     }
 }
@@ -1574,6 +1599,10 @@ fn upload_work(shared: &Shared) {
                     return;
                 }
                 if let Some(step) = inner.uploads.pop_front() {
+                    // Queued twice, or no longer owed (a reset): nothing to do.
+                    if !inner.owed.contains(&step) || inner.uploading == Some(step) {
+                        continue;
+                    }
                     inner.uploading = Some(step);
                     break step;
                 }

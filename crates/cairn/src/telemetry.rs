@@ -221,11 +221,11 @@ impl Sinks {
             return;
         }
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        IN_SINK.set(true);
+        let outer = IN_SINK.replace(true);
         for sink in &self.sinks {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(&event)));
         }
-        IN_SINK.set(false);
+        IN_SINK.set(outer);
     }
 }
 
