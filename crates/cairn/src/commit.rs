@@ -61,11 +61,11 @@ pub(crate) async fn create_manifest(dest: &Location, manifest: &Manifest, step: 
         match (manifest_owner(dest, &manifest.save_id).await, failure) {
             (Owner::Us, _) => return Ok(()),
             (Owner::Other, object_store::Error::AlreadyExists { .. }) => return Err(already_committed(step, dest)),
-            (Owner::Unknown, _) if attempt < COMMIT_ATTEMPTS => {
+            (Owner::Unknown(_), _) if attempt < COMMIT_ATTEMPTS => {
                 tokio::time::sleep(std::time::Duration::from_millis(100 << attempt.min(5))).await;
                 attempt += 1;
             }
-            (Owner::Unknown, object_store::Error::AlreadyExists { .. }) => {
+            (Owner::Unknown(_), object_store::Error::AlreadyExists { .. }) => {
                 return Err(Error::new(
                     ErrorKind::Unavailable,
                     format!(
@@ -105,8 +105,8 @@ pub(crate) enum Owner {
     Other,
     /// There is none.
     Nobody,
-    /// It could not be read.
-    Unknown,
+    /// It could not be read: why (an unreachable store, refused access, ...).
+    Unknown(ErrorKind),
 }
 
 /// Who wrote the manifest of `dest`, as far as one read can tell.
@@ -114,12 +114,12 @@ pub(crate) async fn manifest_owner(dest: &Location, save_id: &str) -> Owner {
     let got = match dest.store().get(&dest.path(MANIFEST_FILE)).await {
         Ok(got) => got,
         Err(object_store::Error::NotFound { .. }) => return Owner::Nobody,
-        Err(_) => return Owner::Unknown,
+        Err(e) => return Owner::Unknown(Error::from_store(e, "reading manifest", "").kind()),
     };
     match got.bytes().await {
         Ok(bytes) if Manifest::decode(&bytes, MANIFEST_FILE).is_ok_and(|m| m.save_id == save_id) => Owner::Us,
         Ok(_) => Owner::Other,
-        Err(_) => Owner::Unknown,
+        Err(e) => Owner::Unknown(Error::from_store(e, "reading manifest", "").kind()),
     }
 }
 

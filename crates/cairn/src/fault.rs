@@ -2,8 +2,9 @@
 //! and, at a chosen one, crashes (that operation and every later one fails, as if the
 //! process died there), fails once, or tears a write (only a prefix lands, then it
 //! crashes). Tests pick the operation from a logged seed, so every failure replays. It
-//! can also be taken down (every operation fails until it is back up) and slowed (each
-//! write waits first), as an unreachable or slow remote store is.
+//! can also be taken down (every operation fails until it is back up), made to refuse
+//! (permission denied) and slowed (each write waits first), as an unreachable, wrongly
+//! configured or slow remote store is.
 
 use std::fmt;
 use std::ops::Range;
@@ -51,6 +52,8 @@ struct Counter {
     crashed: AtomicBool,
     /// Every operation fails while set.
     down: AtomicBool,
+    /// Every operation is refused (permission denied) while set.
+    refusing: AtomicBool,
     /// Milliseconds each write waits before it starts.
     delay_ms: AtomicU64,
 }
@@ -73,6 +76,7 @@ impl FaultStore {
             ops: AtomicU64::new(0),
             crashed: AtomicBool::new(false),
             down: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
         };
         FaultStore { inner, state: Arc::new(state) }
@@ -86,6 +90,12 @@ impl FaultStore {
     /// Takes the store down (every operation fails, as if unreachable) or back up.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes the store refuse every operation (permission denied: wrong credentials), or
+    /// stop refusing.
+    pub fn set_refusing(&self, refusing: bool) {
+        self.state.refusing.store(refusing, Ordering::SeqCst);
     }
 
     /// Makes each write wait `delay` before it starts (a slow link).
@@ -115,6 +125,12 @@ impl Counter {
         }
         if self.down.load(Ordering::SeqCst) {
             return Err(injected(what, location, "store down"));
+        }
+        if self.refusing.load(Ordering::SeqCst) {
+            return Err(object_store::Error::PermissionDenied {
+                path: location.to_string(),
+                source: format!("injected refusal during {what}").into(),
+            });
         }
         let n = self.ops.fetch_add(1, Ordering::SeqCst);
         if Some(n) != self.at {

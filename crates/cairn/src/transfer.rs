@@ -50,9 +50,9 @@ async fn copy_async(src: &Checkpoint, dst: &Location, progress: Progress<'_>) ->
                 format!("destination holds another checkpoint dir=`{}`", dst.uri()),
             ))
         }
-        Owner::Unknown => {
+        Owner::Unknown(kind) => {
             return Err(Error::new(
-                ErrorKind::Unavailable,
+                kind,
                 format!("cannot read the destination's manifest to tell whose it is dir=`{}`", dst.uri()),
             ))
         }

@@ -263,6 +263,36 @@ fn a_sink_that_panics_or_calls_the_manager_stops_nothing() {
 }
 
 #[test]
+fn an_upload_the_store_refuses_is_left_for_the_next_manager_not_retried_after_every_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let memory: Arc<InMemory> = Arc::new(InMemory::new());
+    let faulty = Arc::new(FaultStore::counting(memory.clone()));
+    let durable = Run::at(Location::from_store(faulty.clone(), "memory://refusing").child("run"));
+    let manager = tiered(&local, durable.clone(), (1, 1), (2, 3));
+    faulty.set_refusing(true);
+    manager.on_step(2, &state_at(2), SaveRequest::default()).unwrap();
+    manager.wait().unwrap();
+    let problems = manager.take_cleanup_errors();
+    assert!(problems.iter().any(|e| e.kind() == ErrorKind::Permission), "{problems:?}");
+    // Later saves do not try it again (the credentials will not mend themselves)...
+    let before = faulty.ops();
+    manager.on_step(3, &state_at(3), SaveRequest::default()).unwrap();
+    manager.wait().unwrap();
+    assert_eq!(manager.pending_uploads(), [2]);
+    assert!(manager.take_cleanup_errors().is_empty(), "step 2 was uploaded again");
+    assert_eq!(faulty.ops(), before, "the refusing store was asked again");
+    // ... and the local copy is kept for the next manager, which uploads it.
+    assert_eq!(steps(&local), [2, 3]);
+    drop(manager);
+    faulty.set_refusing(false);
+    let manager = tiered(&local, durable.clone(), (1, 1), (2, 3));
+    manager.wait().unwrap();
+    assert!(manager.pending_uploads().is_empty());
+    assert_eq!(steps(&durable), [2]);
+}
+
+#[test]
 fn a_marker_whose_local_save_never_committed_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let local = local_dir_run(dir.path(), "local");
