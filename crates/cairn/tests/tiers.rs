@@ -57,6 +57,13 @@ fn state_at(step: u64) -> State {
     state
 }
 
+/// A durable run on an in-memory store that a test can take down, make refuse or slow.
+fn store_backed_run(name: &str) -> (Arc<FaultStore>, Run) {
+    let store = Arc::new(FaultStore::counting(Arc::new(InMemory::new())));
+    let run = Run::at(Location::from_store(store.clone(), &format!("memory://{name}")).child("run"));
+    (store, run)
+}
+
 fn local_dir_run(dir: &std::path::Path, name: &str) -> Run {
     Run::create(dir.join(name).to_str().unwrap()).unwrap()
 }
@@ -153,9 +160,7 @@ fn restore_passes_over_a_missing_corrupt_or_half_written_copy_and_says_which() {
 fn uploads_owed_while_the_durable_store_is_down_are_done_by_the_next_manager() {
     let dir = tempfile::tempdir().unwrap();
     let local = local_dir_run(dir.path(), "local");
-    let memory: Arc<InMemory> = Arc::new(InMemory::new());
-    let faulty = Arc::new(FaultStore::counting(memory.clone()));
-    let durable = Run::at(Location::from_store(faulty.clone(), "memory://tiers").child("run"));
+    let (faulty, durable) = store_backed_run("tiers");
 
     // Down from the start: the manager opens, saves locally and restores from there.
     faulty.set_down(true);
@@ -266,9 +271,7 @@ fn a_sink_that_panics_or_calls_the_manager_stops_nothing() {
 fn an_upload_the_store_refuses_is_left_for_the_next_manager_not_retried_after_every_save() {
     let dir = tempfile::tempdir().unwrap();
     let local = local_dir_run(dir.path(), "local");
-    let memory: Arc<InMemory> = Arc::new(InMemory::new());
-    let faulty = Arc::new(FaultStore::counting(memory.clone()));
-    let durable = Run::at(Location::from_store(faulty.clone(), "memory://refusing").child("run"));
+    let (faulty, durable) = store_backed_run("refusing");
     let manager = tiered(&local, durable.clone(), (1, 1), (2, 3));
     faulty.set_refusing(true);
     manager.on_step(2, &state_at(2), SaveRequest::default()).unwrap();
@@ -313,9 +316,7 @@ fn a_marker_whose_local_save_never_committed_is_dropped() {
 fn a_preempted_manager_uploads_for_the_grace_period_then_returns_and_the_next_one_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let local = local_dir_run(dir.path(), "local");
-    let memory: Arc<InMemory> = Arc::new(InMemory::new());
-    let slow = Arc::new(FaultStore::counting(memory.clone()));
-    let durable = Run::at(Location::from_store(slow.clone(), "memory://grace").child("run"));
+    let (slow, durable) = store_backed_run("grace");
     let signal = signal_hook::consts::SIGUSR1;
     let grace = Duration::from_millis(300);
     let opts = ManagerOptions::default()
