@@ -60,7 +60,7 @@ fn state_at(step: u64) -> State {
 /// A durable run on an in-memory store that a test can take down, make refuse or slow.
 fn store_backed_run(name: &str) -> (Arc<FaultStore>, Run) {
     let store = Arc::new(FaultStore::counting(Arc::new(InMemory::new())));
-    let run = Run::at(Location::from_store(store.clone(), &format!("memory://{name}")).child("run"));
+    let run = Run::at(Location::from_store(store.clone(), format!("memory://{name}")).child("run"));
     (store, run)
 }
 
