@@ -68,6 +68,7 @@ fn big_manifest(tensors: usize) -> Manifest {
         files,
         ranks: BTreeMap::new(),
         timings: None,
+        part: None,
     }
 }
 

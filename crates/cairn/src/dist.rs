@@ -547,7 +547,10 @@ fn plan_writers(declared: &[Vec<Declared>]) -> Result<HashMap<PieceId, u32>> {
     Ok(plan)
 }
 
-pub(crate) fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
+/// What `state` holds, as declared to the other ranks; whole tensors carry their content
+/// id when `contents` (what tells replicas from per-rank tensors; a save that plans with
+/// nobody skips hashing them).
+pub(crate) fn declared_pieces(state: &State, contents: bool) -> Result<Vec<Declared>> {
     let pieces = state.pieces();
     let mut out: Vec<Declared> = state
         .tensors()
@@ -557,7 +560,7 @@ pub(crate) fn declared_pieces(state: &State) -> Result<Vec<Declared>> {
             global_shape: t.shape().to_vec(),
             offsets: vec![0; t.shape().len()],
             shape: t.shape().to_vec(),
-            content: Some(checksum::content_id(t.data())),
+            content: contents.then(|| checksum::content_id(t.data())),
         })
         .collect();
     for (key, s) in pieces.iter().flat_map(|(key, held)| held.iter().map(move |s| (key, s))) {
@@ -750,7 +753,7 @@ pub fn save_distributed(
 ) -> Result<CheckpointInfo> {
     let mine = match block_on(crate::commit::is_committed(dest)) {
         Ok(true) => return Err(crate::commit::already_committed(step, dest)),
-        Ok(false) => declared_pieces(state),
+        Ok(false) => declared_pieces(state, true),
         Err(err) => Err(err),
     };
     // A rank that cannot say what it holds still joins, so that no rank waits for it.

@@ -21,7 +21,7 @@ use crate::info::CheckpointInfo;
 use crate::local_store::Root;
 use crate::ranged_read;
 use crate::runtime::block_on;
-use crate::state::{checked_nbytes, Entry, State, Tensor};
+use crate::state::{checked_nbytes, checked_numel, Entry, State, Tensor};
 use crate::store::Location;
 
 /// One piece to read: where its bytes lie, their checksum, and the slot (its number among
@@ -255,6 +255,9 @@ impl Checkpoint {
         for ((key, _), record) in selected.iter().zip(&records) {
             let first = owners.len();
             if let Some(record) = record {
+                if let Some(rank) = self.manifest.part {
+                    self.check_held(key, record, boxes.get(*key).copied(), rank)?;
+                }
                 for (index, piece) in record.pieces.iter().enumerate() {
                     let overlaps = boxes.get(*key).is_none_or(|r| {
                         geometry::intersection(&r.offsets, &r.shape, &piece.offsets, &piece.shape).is_some()
@@ -523,6 +526,32 @@ impl Checkpoint {
             }
         }
         Ok(problems)
+    }
+
+    /// In one rank's part (see [`Manifest::part`]), refuses a load of the box `wanted` (the
+    /// whole tensor when `None`) of the tensor `key` that its pieces do not cover: the
+    /// rest of it is in the other ranks' parts.
+    fn check_held(&self, key: &str, record: &TensorRecord, wanted: Option<&TensorBox>, rank: u32) -> Result<()> {
+        let whole = TensorBox { offsets: vec![0; record.shape.len()], shape: record.shape.clone() };
+        let wanted = wanted.unwrap_or(&whole);
+        let covered: u64 = record
+            .pieces
+            .iter()
+            .filter_map(|p| geometry::intersection(&wanted.offsets, &wanted.shape, &p.offsets, &p.shape))
+            .map(|(_, shape)| checked_numel(&shape).unwrap_or(0))
+            .sum();
+        if covered < checked_numel(&wanted.shape).unwrap_or(u64::MAX) {
+            return Err(Error::new(
+                ErrorKind::Incompatible,
+                format!(
+                    "this copy holds only rank {rank}'s part, not all of box offsets {:?} shape {:?} tensor=`{key}` checkpoint=`{}`",
+                    wanted.offsets,
+                    wanted.shape,
+                    self.location.uri()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Builds the box `wanted` of the tensor `key` from its read pieces (`(index among the

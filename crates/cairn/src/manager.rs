@@ -282,6 +282,7 @@ enum Job {
     Refuse {
         opts: SaveOptions,
         reason: Error,
+        upload: Upload,
     },
     /// Remove leftovers of unfinished saves older than this.
     Prune(Duration),
@@ -316,6 +317,9 @@ struct Inner {
     /// Owed steps the store refused in a way retrying in this process will not mend
     /// (credentials, say): left for the next manager, not queued again here.
     held: BTreeSet<u64>,
+    /// In a multi-rank job with a local tier: steps the other ranks upload that this rank
+    /// has no part of (its save failed, why): it joins their upload only to fail it.
+    refusals: BTreeMap<u64, Error>,
     durable_known: BTreeMap<u64, Candidate>,
     durable_last: (Option<u64>, Duration),
 }
@@ -376,19 +380,48 @@ impl Shared {
 
     /// Saves and commits one checkpoint: alone, or together with the other ranks.
     fn save(&self, state: &State, opts: &SaveOptions) -> Result<CheckpointInfo> {
+        if self.parted() {
+            return crate::parts::save_part(self.run.location(), state, opts, self.rank, self.world_size);
+        }
         self.with_ranks(|ranks, exchange| dist::save_as_rank(self.run.location(), state, opts, ranks, exchange))
     }
 
     /// Takes part in the other ranks' save of `opts.step` with this rank's `reason` for
     /// having no state: they fail it at once instead of waiting for this rank. Returns
     /// the error every rank gets, naming this one (this rank reports its own reason).
-    fn refuse(&self, opts: &SaveOptions, reason: &Error) -> Error {
+    /// With a local tier of its own (see [`Shared::parted`]) each rank saves alone: the
+    /// save of the others is not failed, but their upload of the step (per `upload`) is.
+    fn refuse(&self, opts: &SaveOptions, reason: &Error, upload: Upload) -> Error {
+        if self.parted() {
+            if let Some(step) = opts.step {
+                self.refuse_upload(step, reason, upload);
+            }
+            return Error::new(reason.kind(), reason.full_message());
+        }
         self.with_ranks(|ranks, exchange| dist::refuse_as_rank(self.run.location(), opts, ranks, exchange, reason))
+    }
+
+    /// Queues, per `upload`, this rank's part in the other ranks' upload of `step`, which
+    /// it cannot upload (`reason`): it joins only to fail it on every rank at once.
+    fn refuse_upload(&self, step: u64, reason: &Error, upload: Upload) {
+        let mut inner = self.lock();
+        inner.refusals.insert(step, Error::new(reason.kind(), reason.full_message()));
+        match upload {
+            Upload::No => return,
+            Upload::Queue => inner.uploads.push_back(step),
+            Upload::First => inner.uploads.push_front(step),
+        }
+        self.changed.notify_all();
+    }
+
+    /// This manager's rank, how many ranks there are, and how long they wait for each other.
+    fn ranks(&self) -> Ranks {
+        Ranks { rank: self.rank, world_size: self.world_size, timeout: self.coordination_timeout }
     }
 
     /// Calls `f` with this manager's ranks and the exchange of the job's collectives, if any.
     fn with_ranks<T>(&self, f: impl FnOnce(Ranks, Option<&mut dyn dist::Exchange>) -> T) -> T {
-        let ranks = Ranks { rank: self.rank, world_size: self.world_size, timeout: self.coordination_timeout };
+        let ranks = self.ranks();
         match &self.all_gather {
             Some(all_gather) => {
                 let mut exchange = CallbackExchange::new(self.rank, self.world_size, |payload| all_gather(payload));
@@ -398,9 +431,24 @@ impl Shared {
         }
     }
 
-    /// Whether this process deletes checkpoints and writes the hint (rank 0 only).
+    /// Whether this process deletes checkpoints and writes the hint of the run it shares
+    /// with the other ranks (rank 0 only).
     fn leads(&self) -> bool {
         self.rank == 0
+    }
+
+    /// Whether each rank saves its own part into a local tier of its own (a multi-rank job
+    /// with a local tier): the ranks then save together only into the durable tier, when
+    /// they upload.
+    fn parted(&self) -> bool {
+        self.durable.is_some() && self.world_size > 1
+    }
+
+    /// Whether this process deletes checkpoints from and writes the hint of the run saves
+    /// go to: the one it shares with the other ranks when it leads, its own local tier
+    /// always.
+    fn owns_run(&self) -> bool {
+        self.leads() || self.parted()
     }
 
     /// The tier saves go to.
@@ -454,6 +502,9 @@ impl Shared {
             // Nothing committed: nothing is owed.
             self.lock().owed.remove(&step);
             drop(tier::unmark(&self.run, step));
+            if let (true, Err(err)) = (self.parted(), &result) {
+                self.refuse_upload(step, err, upload);
+            }
         }
         if self.durable.is_some() {
             let mut inner = self.lock();
@@ -501,7 +552,7 @@ impl Shared {
             inner.known.insert(step, Candidate::from_info(info, self.retention.metric()));
             inner.known.keys().next_back() == Some(&step)
         };
-        if newest && self.leads() {
+        if newest && self.owns_run() {
             self.hint(&self.run, &self.hinted, info);
         }
         true
@@ -547,14 +598,22 @@ impl Shared {
     /// upload failed in a way a later try may mend (its marker stays; the next manager on
     /// this local run tries again).
     fn upload(&self, durable: &Durable, step: u64) {
+        let missing = self.lock().refusals.remove(&step);
         let mut last = None;
         let result = retried(|| {
-            let (result, event) = tier::upload(&self.run, &durable.run, step);
+            let (result, event) = match self.parted() {
+                true => tier::upload_part(&self.run, &durable.run, step, self.ranks(), missing.as_ref()),
+                false => tier::upload(&self.run, &durable.run, step),
+            };
             last = Some(event);
             result
         });
         if let Some(event) = last {
             self.sinks.emit(event);
+        }
+        if missing.is_some() {
+            // This rank's failed save was reported by the save itself.
+            return;
         }
         let settled = match &result {
             Ok(info) => {
@@ -563,7 +622,7 @@ impl Shared {
                     inner.durable_known.insert(step, Candidate::from_info(info, durable.retention.metric()));
                     inner.durable_known.keys().next_back() == Some(&step)
                 };
-                if newest {
+                if newest && self.leads() {
                     self.hint(&durable.run, &durable.hinted, info);
                 }
                 true
@@ -589,7 +648,9 @@ impl Shared {
                 Err(err) => self.cleanup_failed(err),
             }
         }
-        self.apply_durable_retention(durable);
+        if self.leads() {
+            self.apply_durable_retention(durable);
+        }
     }
 
     /// Deletes from the durable tier what its retention no longer keeps.
@@ -838,13 +899,6 @@ impl CheckpointManager {
         if opts.rank >= opts.world_size {
             return Err(Error::invalid(format!("rank {} is not below world_size {}", opts.rank, opts.world_size)));
         }
-        if opts.local.is_some() && opts.world_size > 1 {
-            return Err(Error::invalid(format!(
-                "a local tier is for a one-process job; with world_size={} each rank's saves go to the run directly run=`{}`",
-                opts.world_size,
-                run.location().uri()
-            )));
-        }
         if let Some(local) = &opts.local {
             if opts.policy.auto_interval_mtbf().is_some() {
                 return Err(Error::invalid(
@@ -858,7 +912,11 @@ impl CheckpointManager {
                 )));
             }
         }
-        let (run, retention, durable, local_policy) = match opts.local {
+        let local = match opts.local {
+            Some(local) if opts.world_size > 1 => Some(local.for_rank(opts.rank)?),
+            local => local,
+        };
+        let (run, retention, durable, local_policy) = match local {
             Some(local) => {
                 let durable = Durable {
                     run,
@@ -959,7 +1017,7 @@ impl CheckpointManager {
             upload_deadline: Mutex::new(None),
         };
         manager.shared.enqueue(Job::Retain);
-        if let Some(grace) = opts.orphan_grace.filter(|_| manager.shared.leads()) {
+        if let Some(grace) = opts.orphan_grace.filter(|_| manager.shared.owns_run()) {
             manager.shared.enqueue(Job::Prune(grace));
         }
         Ok(manager)
@@ -1130,8 +1188,8 @@ impl CheckpointManager {
                     booking.keep_decision();
                     let reason = Error::new(err.kind(), err.full_message());
                     match self.async_save {
-                        true => self.shared.enqueue(Job::Refuse { opts, reason }),
-                        false => drop(self.shared.refuse(&opts, &reason)),
+                        true => self.shared.enqueue(Job::Refuse { opts, reason, upload }),
+                        false => drop(self.shared.refuse(&opts, &reason, upload)),
                     }
                     if let Some(earlier) = earlier {
                         self.shared.lock().error.get_or_insert(earlier);
@@ -1293,6 +1351,9 @@ impl CheckpointManager {
         mut load: impl FnMut(&crate::load::Checkpoint) -> Result<T>,
     ) -> Result<Restored<T>> {
         refuse_in_sink("restore")?;
+        if let (true, Some(all_gather)) = (self.shared.parted(), self.shared.all_gather.clone()) {
+            return self.restore_together(step, &all_gather, load);
+        }
         self.take_error()?;
         if step.is_none() {
             self.settle()?;
@@ -1305,49 +1366,144 @@ impl CheckpointManager {
             if only_step.is_some_and(|s| s != copy.step) {
                 continue;
             }
-            let _reading = self.begin_reading(copy.step);
-            let timer = Instant::now();
-            let (opening, result) = match copy.run.checkpoint(copy.step) {
-                Ok(c) => (false, load(&c).map(|state| (state, c.info()))),
-                Err(e) => (true, Err(e)),
-            };
-            drop(_reading);
-            let mut event = Event::new(Operation::Load, copy.tier, copy.step, copy.run.step_location(copy.step).uri())
-                .with_phase(Phase::Read, timer.elapsed())
-                .with_bytes(result.as_ref().map_or(0, |(_, info)| info.tensor_bytes))
-                .with_outcome(&result);
-            let messages: Vec<String> = passed_over.iter().map(Error::full_message).collect();
-            event.detail =
-                (!messages.is_empty() && result.is_ok()).then(|| format!("passed over: {}", messages.join("; ")));
-            self.shared.sinks.emit(event);
-            let err = match result {
+            let err = match self.try_copy(&copy, &mut load, &passed_over) {
                 Ok((state, info)) => return Ok(Restored { state, info, passed_over }),
-                Err(err) => err,
-            };
-            match copy_failure(&err, opening, &copy.run, copy.step) {
-                CopyFailure::Gone => {}
-                CopyFailure::Damaged => passed_over.push(err),
-                CopyFailure::Unreachable => {
+                Err((CopyFailure::Caller, err)) => return Err(err),
+                Err((CopyFailure::Unreachable, err)) => {
                     only_step = Some(copy.step);
-                    passed_over.push(err);
+                    err
                 }
-                CopyFailure::Caller => return Err(err),
+                Err((CopyFailure::Damaged, err)) => err,
+                Err((CopyFailure::Gone, _)) => continue,
+            };
+            passed_over.push(err);
+        }
+        Err(self.none_restored(step, passed_over))
+    }
+
+    /// Loads `copy` with `load`, kept from retention meanwhile, and reports it (with the
+    /// copies `passed_over` before it); on failure says what the failure means for the
+    /// other copies.
+    fn try_copy<T>(
+        &self,
+        copy: &CheckpointCopy,
+        load: &mut impl FnMut(&crate::load::Checkpoint) -> Result<T>,
+        passed_over: &[Error],
+    ) -> std::result::Result<(T, CheckpointInfo), (CopyFailure, Error)> {
+        let reading = self.begin_reading(copy.step);
+        let timer = Instant::now();
+        let (opening, result) = match copy.run.checkpoint(copy.step) {
+            Ok(c) => (false, load(&c).map(|state| (state, c.info()))),
+            Err(e) => (true, Err(e)),
+        };
+        drop(reading);
+        let mut event = Event::new(Operation::Load, copy.tier, copy.step, copy.run.step_location(copy.step).uri())
+            .with_phase(Phase::Read, timer.elapsed())
+            .with_bytes(result.as_ref().map_or(0, |(_, info)| info.tensor_bytes))
+            .with_outcome(&result);
+        let messages: Vec<String> = passed_over.iter().map(Error::full_message).collect();
+        event.detail =
+            (!messages.is_empty() && result.is_ok()).then(|| format!("passed over: {}", messages.join("; ")));
+        self.shared.sinks.emit(event);
+        result.map_err(|err| (copy_failure(&err, opening, &copy.run, copy.step), err))
+    }
+
+    /// A restore in a multi-rank job whose ranks each have a local tier of their own: the
+    /// ranks agree through the job's collectives on the newest step every rank can load
+    /// (from its own part, or from the durable run), each loads it, local part first; if
+    /// a rank cannot, every rank passes over that step together, so that all of them
+    /// resume from the same one. A copy that cannot be reached stops the restore on every
+    /// rank, never stepping back past it (as alone).
+    fn restore_together<T>(
+        &self,
+        step: Option<u64>,
+        all_gather: &AllGather,
+        mut load: impl FnMut(&crate::load::Checkpoint) -> Result<T>,
+    ) -> Result<Restored<T>> {
+        // A rank that cannot restore still joins every round, so that none waits for it.
+        let ready = self.take_error().and_then(|()| if step.is_none() { self.settle() } else { Ok(()) });
+        let mut passed_over = Vec::new();
+        let durable = self.run();
+        let mine = match &ready {
+            Err(err) => tier::Holding::refused(err),
+            Ok(()) => {
+                let local = self.shared.run.list().unwrap_or_else(|err| {
+                    passed_over.push(err);
+                    Vec::new()
+                });
+                let listed = durable.list().map_err(|err| passed_over.push(err)).ok();
+                tier::Holding::of(&local, listed.as_deref())
+            }
+        };
+        let all: Vec<tier::Holding> = gather(all_gather, self.shared.world_size, &mine)?;
+        ready?;
+        let candidates = tier::agreed_steps(&all, step)?;
+        let rank = self.shared.rank as usize;
+        for (s, durable_has) in candidates {
+            let copies =
+                [(Tier::Local, &self.shared.run, all[rank].has_local(s)), (Tier::Durable, durable, durable_has)];
+            let mut verdict = tier::Verdict::Skip;
+            let mut loaded = None;
+            for (tier, run, _) in copies.into_iter().filter(|(_, _, held)| *held) {
+                let copy = CheckpointCopy { step: s, tier, run: run.clone() };
+                match self.try_copy(&copy, &mut load, &passed_over) {
+                    Ok(done) => {
+                        loaded = Some(done);
+                        verdict = tier::Verdict::Loaded;
+                        break;
+                    }
+                    Err((CopyFailure::Gone, _)) => {}
+                    Err((CopyFailure::Damaged, err)) => passed_over.push(err),
+                    Err((CopyFailure::Unreachable | CopyFailure::Caller, err)) => {
+                        verdict = tier::Verdict::Stop(err.kind(), err.full_message());
+                        passed_over.push(err);
+                        break;
+                    }
+                }
+            }
+            let verdicts: Vec<tier::Verdict> = gather(all_gather, self.shared.world_size, &verdict)?;
+            if let Some((r, kind, message)) = tier::stopped(&verdicts) {
+                if r == rank {
+                    return Err(passed_over.pop().unwrap_or_else(|| Error::new(kind, message)));
+                }
+                return Err(Error::new(kind, format!("rank {r} could not restore step={s}: {message}")));
+            }
+            match (loaded, verdicts.iter().all(|v| *v == tier::Verdict::Loaded)) {
+                (Some((state, info)), true) => return Ok(Restored { state, info, passed_over }),
+                _ => {
+                    let missing: Vec<usize> = verdicts
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, v)| **v != tier::Verdict::Loaded)
+                        .map(|(r, _)| r)
+                        .collect();
+                    passed_over.push(Error::new(
+                        ErrorKind::Corrupt,
+                        format!("step {s} passed over by every rank: ranks {missing:?} could not load it"),
+                    ));
+                }
             }
         }
+        Err(self.none_restored(step, passed_over))
+    }
+
+    /// The error of a restore that found nothing to load (`passed_over`: why each copy
+    /// tried failed, newest first).
+    fn none_restored(&self, step: Option<u64>, passed_over: Vec<Error>) -> Error {
         let shown = self.run().location().uri();
         let asked = step.map_or(String::new(), |s| format!(" step={s}"));
         let mut failures = passed_over.into_iter();
         match failures.next() {
-            None => Err(Error::not_found(format!("no committed checkpoint{asked} run=`{shown}`"))),
-            Some(newest) if failures.len() == 0 => Err(newest),
-            Some(newest) => Err(Error::new(
+            None => Error::not_found(format!("no committed checkpoint{asked} run=`{shown}`")),
+            Some(newest) if failures.len() == 0 => newest,
+            Some(newest) => Error::new(
                 newest.kind(),
                 format!(
                     "no copy could be restored ({} more failed){asked} run=`{shown}`: {}",
                     failures.len(),
                     newest.full_message()
                 ),
-            )),
+            ),
         }
     }
 
@@ -1357,7 +1513,12 @@ impl CheckpointManager {
     fn copies(&self, step: Option<u64>) -> Result<(Vec<CheckpointCopy>, Vec<Error>)> {
         let mut copies = Vec::new();
         let mut unlisted = Vec::new();
-        let tiers = self.tiers();
+        let mut tiers = self.tiers();
+        // Ranks with local tiers of their own and no collectives to agree through: only
+        // the durable tier, where every rank finds the same checkpoints.
+        if self.shared.parted() {
+            tiers.retain(|(tier, _)| *tier == Tier::Durable);
+        }
         for &(tier, run) in &tiers {
             match step {
                 Some(step) => copies.push(CheckpointCopy { step, tier, run: run.clone() }),
@@ -1449,6 +1610,7 @@ impl CheckpointManager {
         inner.owed.clear();
         inner.held.clear();
         inner.uploads.clear();
+        inner.refusals.clear();
         inner.last_step = None;
         inner.durable_last.0 = None;
         Ok(())
@@ -1491,6 +1653,27 @@ enum CopyFailure {
     Unreachable,
     /// The caller's own error (a key the checkpoint lacks, bad options): reported.
     Caller,
+}
+
+/// Every rank's `mine`, in rank order, through the job's collective.
+fn gather<M: serde::Serialize + serde::de::DeserializeOwned>(
+    all_gather: &AllGather,
+    world_size: u32,
+    mine: &M,
+) -> Result<Vec<M>> {
+    let bytes = serde_json::to_vec(mine)
+        .map_err(|e| Error::invalid("cannot encode a message for the other ranks").with_source(e))?;
+    let all = all_gather(bytes)?;
+    if all.len() != world_size as usize {
+        return Err(Error::invalid(format!("the collective gathered {} messages from {world_size} ranks", all.len())));
+    }
+    all.iter()
+        .enumerate()
+        .map(|(r, b)| {
+            serde_json::from_slice(b)
+                .map_err(|e| Error::corrupt(format!("unreadable message from rank {r}")).with_source(e))
+        })
+        .collect()
 }
 
 /// Refuses a call into the manager from one of its event sinks (the sink runs on a
@@ -1540,8 +1723,8 @@ fn work(shared: &Shared) {
             Job::Save { step, state, opts, upload } => shared.write(step, Handover::Give(state), &opts, upload, None),
             Job::Retain => Ok(()),
             // The refusing rank's call already reported its reason.
-            Job::Refuse { opts, reason } => {
-                drop(shared.refuse(&opts, &reason));
+            Job::Refuse { opts, reason, upload } => {
+                drop(shared.refuse(&opts, &reason, upload));
                 Ok(())
             }
             Job::Prune(grace) => {
@@ -1566,7 +1749,7 @@ fn work(shared: &Shared) {
 /// Deletes what retention no longer keeps; a deletion the store keeps failing is a
 /// cleanup problem, tried again the next time retention runs.
 fn apply_retention(shared: &Shared) {
-    if !shared.leads() {
+    if !shared.owns_run() {
         return;
     }
     let (doomed, known_latest) = {
@@ -1600,7 +1783,8 @@ fn upload_work(shared: &Shared) {
                 }
                 if let Some(step) = inner.uploads.pop_front() {
                     // Queued twice, or no longer owed (a reset): nothing to do.
-                    if !inner.owed.contains(&step) || inner.uploading == Some(step) {
+                    let wanted = inner.owed.contains(&step) || inner.refusals.contains_key(&step);
+                    if !wanted || inner.uploading == Some(step) {
                         continue;
                     }
                     inner.uploading = Some(step);

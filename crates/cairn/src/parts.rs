@@ -4,6 +4,11 @@
 //! of them with [`commit_parts`] — the manifest written last, as for every save. Cairn's
 //! own multi-rank saves ([`crate::dist`]) plan and coordinate themselves; this is the
 //! same writing and the same commit, for a framework that already does the rest.
+//!
+//! A rank's part can also stand alone: [`save_part`] commits what one rank holds as a
+//! checkpoint of its own (a local tier's copy in a multi-rank job, on the rank's own
+//! disk), and [`load_part`] reads it back as that rank's state, to be saved with the
+//! other ranks' into the durable run.
 
 use std::collections::BTreeMap;
 
@@ -15,10 +20,11 @@ use crate::error::{Error, Result};
 use crate::format::layout;
 use crate::format::manifest::{FileRecord, TensorRecord};
 use crate::info::CheckpointInfo;
+use crate::load::{Checkpoint, LoadOptions};
 use crate::run::Run;
 use crate::runtime::block_on;
 use crate::save::{self, SaveOptions};
-use crate::state::State;
+use crate::state::{Piece, State};
 use crate::store::Location;
 
 /// What one rank wrote into a checkpoint folder: where each of its pieces lies, and its
@@ -71,7 +77,7 @@ pub fn write_part(location: &Location, state: &State, rank: u32, opts: &SaveOpti
     if block_on(commit::is_committed(&dest))? {
         return Err(commit::already_committed(step, &dest));
     }
-    let declared = declared_pieces(state)?;
+    let declared = declared_pieces(state, true)?;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let (pieces, files) = write_held(&dest, state, rank, &tag[..12], opts, declared.iter())?;
     Ok(Part { rank, pieces, files })
@@ -112,4 +118,87 @@ pub fn commit_parts(
     block_on(crate::dist::confirm_files(dest, &manifest.files))?;
     block_on(commit::create_manifest(dest, &manifest, step))?;
     Ok(CheckpointInfo::from_manifest(&manifest, dest.uri()))
+}
+
+/// Saves and commits, into the run `location` (or the checkpoint folder, see
+/// [`write_part`]), everything rank `rank` of `world_size` holds of `state` (its whole
+/// tensors and its pieces of sharded ones) as a checkpoint of its own, marked as that
+/// rank's part ([`Manifest::part`](crate::format::manifest::Manifest::part)): its
+/// tensors may have holes where other ranks' pieces go. Written in full (an incremental
+/// save writes everything here). Nothing is exchanged with the other ranks.
+pub(crate) fn save_part(
+    location: &Location,
+    state: &State,
+    opts: &SaveOptions,
+    rank: u32,
+    world_size: u32,
+) -> Result<CheckpointInfo> {
+    let started = std::time::Instant::now();
+    let (dest, step) = destination(location, opts);
+    if block_on(commit::is_committed(&dest))? {
+        return Err(commit::already_committed(step, &dest));
+    }
+    let declared = declared_pieces(state, false)?;
+    let save_id = uuid::Uuid::new_v4().simple().to_string();
+    let (pieces, files) = write_held(&dest, state, rank, &save_id[..12], opts, declared.iter())?;
+    let mut tensors = BTreeMap::new();
+    for piece in pieces {
+        merge_piece(&mut tensors, rank as usize, piece)?;
+    }
+    let mut manifest = save::manifest_of(state, step, opts, &save_id, world_size, tensors, files);
+    manifest.part = Some(rank);
+    manifest.timings = Some(crate::format::manifest::SaveTimings {
+        snapshot_ms: opts.snapshot_time.map(|d| d.as_millis() as u64),
+        write_ms: started.elapsed().as_millis() as u64,
+    });
+    block_on(commit::create_manifest(&dest, &manifest, step))?;
+    Ok(CheckpointInfo::from_manifest(&manifest, dest.uri()))
+}
+
+/// Reads a rank's part ([`save_part`]) back as the state that rank held: its whole
+/// tensors, its pieces of the others, its plain values and structure; every checksum is
+/// verified. A local part's tensors are mapped from its files, not copied.
+pub(crate) fn load_part(checkpoint: &Checkpoint) -> Result<State> {
+    let manifest = checkpoint.manifest();
+    if manifest.part.is_none() {
+        return checkpoint.load(&LoadOptions::default());
+    }
+    // One load per piece index, each reading at most one box of each tensor.
+    let most = manifest.tensors.values().map(|t| t.pieces.len()).max().unwrap_or(0);
+    let mut state = State::new();
+    for index in 0..most.max(1) {
+        let mut opts = LoadOptions::default();
+        let mut keys: Vec<&String> = Vec::new();
+        for (key, record) in &manifest.tensors {
+            if let Some(piece) = record.pieces.get(index) {
+                opts = opts.with_box(key.clone(), piece.offsets.clone(), piece.shape.clone());
+                keys.push(key);
+            }
+        }
+        if index == 0 {
+            keys.extend(manifest.values.keys());
+        }
+        let loaded = checkpoint.load(&opts.with_keys(keys))?;
+        if index == 0 {
+            state.set_structure(loaded.structure().map(str::to_string));
+        }
+        for (key, entry) in loaded.into_entries() {
+            let (tensor, record) = match (entry, manifest.tensors.get(&key)) {
+                (crate::state::Entry::Tensor(tensor), Some(record)) => (tensor, record),
+                (entry, _) => {
+                    state.insert(key, entry);
+                    continue;
+                }
+            };
+            let piece = &record.pieces[index];
+            match piece.shape == record.shape {
+                true => state.insert_tensor(key, tensor),
+                false => state.insert_piece(
+                    key,
+                    Piece { tensor, offsets: piece.offsets.clone(), global_shape: record.shape.clone() },
+                ),
+            }
+        }
+    }
+    Ok(state)
 }

@@ -625,6 +625,7 @@ pub(crate) fn manifest_of(
         files,
         ranks: BTreeMap::new(),
         timings: None,
+        part: None,
     };
     manifest.format_version = manifest.required_version();
     manifest

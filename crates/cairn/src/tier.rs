@@ -12,6 +12,12 @@
 //! first, the manifest last, create-only, then every byte verified at the destination;
 //! it resumes from the files already there, and a copy already committed by the same
 //! save is accepted as done.
+//!
+//! In a multi-rank job each rank's local tier is its own: it holds that rank's part of
+//! each checkpoint ([`parts::save_part`]). An upload is then a multi-rank save into the
+//! durable run ([`upload_part`]): every rank reads its part back and the ranks save
+//! together, coordinated through the durable store, each box written once and rank 0
+//! committing, as a save straight to the durable run would.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -19,15 +25,18 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
+use serde::{Deserialize, Serialize};
 
+use crate::dist::{self, Ranks};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::layout;
 use crate::info::CheckpointInfo;
+use crate::parts;
 use crate::policy::{Retention, SavePolicy};
 use crate::progress::Stage;
-use crate::run::Run;
+use crate::run::{CheckpointRef, Run};
 use crate::runtime::block_on;
-use crate::save::put_file;
+use crate::save::{put_file, SaveOptions};
 use crate::store::Location;
 use crate::telemetry::{Event, Operation, Phase, Tier};
 use crate::transfer;
@@ -57,6 +66,19 @@ impl LocalTier {
     /// A local tier on `run` saving by `policy`, keeping `retention`.
     pub fn new(run: Run, policy: SavePolicy, retention: Retention) -> LocalTier {
         LocalTier { run, policy, retention, upload_grace: DEFAULT_UPLOAD_GRACE }
+    }
+
+    /// The local tier of rank `rank` of a multi-rank job: its own run `rank-<rank>` inside
+    /// this one (ranks that share the folder never touch each other's parts).
+    pub fn for_rank(mut self, rank: u32) -> Result<LocalTier> {
+        let own = self.run.location().child(&format!("rank-{rank:05}"));
+        if let Some(dir) = own.local_dir() {
+            crate::store::create_dirs_durably(dir).map_err(|e| {
+                Error::from_io(e, "creating the rank's local tier", &format!("dir=`{}`", dir.display()))
+            })?;
+        }
+        self.run = Run::at(own);
+        Ok(self)
     }
 
     /// Sets the preemption grace for uploads.
@@ -125,9 +147,181 @@ pub(crate) fn upload(local: &Run, durable: &Run, step: u64) -> (Result<Checkpoin
     (outcome, event)
 }
 
+/// Uploads `step` as rank `ranks.rank` of a multi-rank job: reads this rank's part from
+/// `local` and saves it into `durable` together with the other ranks' (see the module
+/// docs); rank 0 then verifies every byte of the committed checkpoint. A rank whose part
+/// cannot be read (gone, damaged), or that has none (`missing`: its save of that step
+/// failed), takes part to fail the upload on every rank at once instead of leaving the
+/// others waiting. Returns what was committed and the event that reports it.
+pub(crate) fn upload_part(
+    local: &Run,
+    durable: &Run,
+    step: u64,
+    ranks: Ranks,
+    missing: Option<&Error>,
+) -> (Result<CheckpointInfo>, Event) {
+    let started = Instant::now();
+    let mut opts = SaveOptions::default().with_step(step);
+    let mut bytes = 0;
+    let part = match missing {
+        Some(why) => {
+            Err(Error::new(why.kind(), format!("rank {} has no part of step {step}: {}", ranks.rank, why.message())))
+        }
+        None => local.checkpoint(step).and_then(|src| {
+            let manifest = src.manifest();
+            opts.temporary = manifest.temporary;
+            opts.metrics = manifest.metrics.clone();
+            opts.metadata = manifest.metadata.clone();
+            parts::load_part(&src)
+        }),
+    };
+    let saved = match part {
+        Ok(state) => {
+            bytes = state.tensors().map(|(_, t)| t.data().len() as u64).sum::<u64>()
+                + state.pieces().values().flatten().map(|p| p.tensor.data().len() as u64).sum::<u64>();
+            dist::save_as_rank(durable.location(), &state, &opts, ranks, None)
+        }
+        Err(why) => Err(dist::refuse_as_rank(durable.location(), &opts, ranks, None, &why)),
+    };
+    let copying = started.elapsed();
+    let outcome = saved.and_then(|info| match ranks.rank {
+        0 => {
+            let problems = durable.checkpoint(step)?.verify()?;
+            match problems.into_iter().next() {
+                Some(first) => {
+                    Err(Error::corrupt(format!("upload failed verification at the destination: {}", first.message())))
+                }
+                None => Ok(info),
+            }
+        }
+        _ => Ok(info),
+    });
+    let event = Event::new(Operation::Upload, Tier::Durable, step, durable.step_location(step).uri())
+        .with_phase(Phase::Upload, copying)
+        .with_phase(Phase::Verify, started.elapsed().saturating_sub(copying))
+        .with_bytes(bytes)
+        .with_outcome(&outcome);
+    (outcome, event)
+}
+
 /// Whether an upload that failed this way can never succeed from this local copy (it is
-/// gone or damaged, or the durable run holds another save's checkpoint of the step), so
-/// that its marker is dropped instead of kept for a later try.
+/// gone or damaged, the durable run holds another save's checkpoint of the step, or the
+/// ranks could not upload it together: a rank lacks its part), so that its marker is
+/// dropped instead of kept for a later try.
 pub(crate) fn hopeless(err: &Error) -> bool {
-    matches!(err.kind(), ErrorKind::NotFound | ErrorKind::Corrupt | ErrorKind::AlreadyExists | ErrorKind::Incompatible)
+    matches!(
+        err.kind(),
+        ErrorKind::NotFound
+            | ErrorKind::Corrupt
+            | ErrorKind::AlreadyExists
+            | ErrorKind::Incompatible
+            | ErrorKind::Invalid
+    )
+}
+
+/// What one rank of a multi-rank job with local tiers can restore from, as it tells the
+/// other ranks before they agree on a step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Holding {
+    /// Why this rank cannot restore at all (an earlier save's failure it reports).
+    refused: Option<(ErrorKind, String)>,
+    /// The steps of its local parts.
+    local: BTreeSet<u64>,
+    /// The steps it found in the durable run (`None`: it could not list them).
+    durable: Option<BTreeSet<u64>>,
+}
+
+impl Holding {
+    /// A rank that cannot restore, and why.
+    pub(crate) fn refused(err: &Error) -> Holding {
+        Holding { refused: Some((err.kind(), err.full_message())), local: BTreeSet::new(), durable: None }
+    }
+
+    /// A rank holding the committed parts `local`, finding `durable` in the durable run.
+    pub(crate) fn of(local: &[CheckpointRef], durable: Option<&[CheckpointRef]>) -> Holding {
+        Holding {
+            refused: None,
+            local: local.iter().map(|c| c.step).collect(),
+            durable: durable.map(|d| d.iter().map(|c| c.step).collect()),
+        }
+    }
+
+    /// Whether the rank holds a local part of `step`.
+    pub(crate) fn has_local(&self, step: u64) -> bool {
+        self.local.contains(&step)
+    }
+}
+
+/// The steps a multi-rank restore tries, newest first, each with whether the durable run
+/// has it: those of `step` (all of them when `None`) that every rank can load, from its
+/// own local part or from the durable run (as any rank found it there). Fails, naming
+/// the rank, when a rank cannot restore at all. Pure: every rank computes the same from
+/// the same gathered holdings.
+pub(crate) fn agreed_steps(all: &[Holding], step: Option<u64>) -> Result<Vec<(u64, bool)>> {
+    if let Some((r, (kind, why))) = all.iter().enumerate().find_map(|(r, h)| Some((r, h.refused.clone()?))) {
+        return Err(Error::new(kind, format!("rank {r} cannot restore: {why}")));
+    }
+    let durable: BTreeSet<u64> = all.iter().filter_map(|h| h.durable.as_ref()).flatten().copied().collect();
+    let seen: BTreeSet<u64> = all.iter().flat_map(|h| h.local.iter()).chain(&durable).copied().collect();
+    Ok(seen
+        .into_iter()
+        .rev()
+        .filter(|s| step.is_none_or(|wanted| wanted == *s))
+        .filter(|s| durable.contains(s) || all.iter().all(|h| h.has_local(*s)))
+        .map(|s| (s, durable.contains(&s)))
+        .collect())
+}
+
+/// How one rank's try of an agreed step went, as it tells the others.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Verdict {
+    /// Loaded.
+    Loaded,
+    /// No copy of it could be loaded (gone or damaged): an older step may serve.
+    Skip,
+    /// A copy could not be reached, or the load failed for the caller's own reason:
+    /// every rank stops (kind and message).
+    Stop(ErrorKind, String),
+}
+
+/// The first rank whose verdict stops the restore, with its error's kind and message.
+pub(crate) fn stopped(verdicts: &[Verdict]) -> Option<(usize, ErrorKind, String)> {
+    verdicts.iter().enumerate().find_map(|(r, v)| match v {
+        Verdict::Stop(kind, message) => Some((r, *kind, message.clone())),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holding(local: &[u64], durable: Option<&[u64]>) -> Holding {
+        Holding {
+            refused: None,
+            local: local.iter().copied().collect(),
+            durable: durable.map(|d| d.iter().copied().collect()),
+        }
+    }
+
+    #[test]
+    fn ranks_agree_on_steps_every_rank_can_load() {
+        // Step 30: only rank 0 has its part and the durable run lacks it; step 20: every
+        // part; step 10: durable (seen by rank 1 only) and one part.
+        let all = [holding(&[10, 20, 30], None), holding(&[20], Some(&[10]))];
+        assert_eq!(agreed_steps(&all, None).unwrap(), vec![(20, false), (10, true)]);
+        assert_eq!(agreed_steps(&all, Some(10)).unwrap(), vec![(10, true)]);
+        assert!(agreed_steps(&all, Some(30)).unwrap().is_empty());
+        let refused = [holding(&[20], None), Holding::refused(&Error::new(ErrorKind::StorageFull, "disk full"))];
+        let err = agreed_steps(&refused, None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::StorageFull);
+        assert!(err.message().contains("rank 1"), "{err}");
+    }
+
+    #[test]
+    fn the_first_stopping_rank_stops_every_rank() {
+        let verdicts = [Verdict::Loaded, Verdict::Skip, Verdict::Stop(ErrorKind::Unavailable, "down".into())];
+        assert_eq!(stopped(&verdicts), Some((2, ErrorKind::Unavailable, "down".into())));
+        assert_eq!(stopped(&verdicts[..2]), None);
+    }
 }

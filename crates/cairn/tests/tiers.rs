@@ -409,15 +409,185 @@ fn events_are_complete_and_in_order_with_several_saves_in_flight() {
     assert_eq!(first["operation"], "save");
 }
 
+/// Rank `rank`'s state at `step` in a job of two: a replicated model, its half of a
+/// sharded tensor, and a plain value of its own.
+fn rank_state(rank: u32, step: u64) -> State {
+    let mut state = common::model_state(step, 1, 8);
+    let half = vec![(rank as u8 + 1).wrapping_mul(step as u8); 8];
+    state.insert_piece(
+        "sharded",
+        cairn::Piece {
+            tensor: cairn::Tensor::new(cairn::DType::U8, vec![2, 4], half).unwrap(),
+            offsets: vec![2 * rank as u64, 0],
+            global_shape: vec![4, 4],
+        },
+    );
+    state.insert_value("rank", cairn::Value::Int(rank as i64));
+    state
+}
+
+/// What rank `rank` loads to resume: its own half of the sharded tensor, and the rest.
+fn rank_load(rank: u32) -> LoadOptions {
+    LoadOptions::default().with_box("sharded", vec![2 * rank as u64, 0], vec![2, 4]).with_rank(rank)
+}
+
+/// A two-tier manager of rank `rank` of 2: every rank's local tier inside `local` (each
+/// in its own folder), uploads every `durable_every` steps to `durable`.
+fn rank_manager(
+    rank: u32,
+    local: &Run,
+    durable: &Run,
+    durable_every: u64,
+    all_gather: Option<cairn::dist::AllGather>,
+) -> CheckpointManager {
+    let mut opts = ManagerOptions::default()
+        .with_ranks(rank, 2)
+        .with_policy(every(durable_every))
+        .with_retention(keep_last(2))
+        .with_local_tier(LocalTier::new(local.clone(), every(1), keep_last(2)))
+        .with_coordination_timeout(Duration::from_secs(120))
+        .with_preemption_signal(None)
+        .with_orphan_grace(None);
+    if let Some(all_gather) = all_gather {
+        opts = opts.with_all_gather(all_gather);
+    }
+    CheckpointManager::with_run(durable.clone(), opts).unwrap()
+}
+
+/// Corrupts every data file of a local checkpoint folder.
+fn corrupt_shards(folder: &std::path::Path) {
+    for entry in std::fs::read_dir(folder.join("shards")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+}
+
 #[test]
-fn a_local_tier_is_for_one_process() {
+fn ranks_keep_their_own_parts_locally_upload_together_and_agree_on_what_to_restore() {
     let dir = tempfile::tempdir().unwrap();
     let local = local_dir_run(dir.path(), "local");
-    let opts = ManagerOptions::default()
-        .with_local_tier(LocalTier::new(local, every(1), keep_last(1)))
-        .with_ranks(0, 2)
-        .with_preemption_signal(None);
-    let err = CheckpointManager::with_run(local_dir_run(dir.path(), "durable"), opts).err().unwrap();
-    assert_eq!(err.kind(), ErrorKind::Invalid);
-    assert!(err.to_string().contains("world_size=2"), "{err}");
+    let durable = local_dir_run(dir.path(), "durable");
+    let rank_run = |rank: u32| Run::open(dir.path().join(format!("local/rank-{rank:05}")).to_str().unwrap()).unwrap();
+
+    // Saves every step locally, each rank alone; every second step uploaded together.
+    std::thread::scope(|s| {
+        for rank in 0..2u32 {
+            let (local, durable) = (&local, &durable);
+            s.spawn(move || {
+                let manager = rank_manager(rank, local, durable, 2, None);
+                for step in 1..=5 {
+                    manager.on_step(step, &rank_state(rank, step), SaveRequest::default()).unwrap();
+                }
+                manager.wait().unwrap();
+                assert!(manager.take_cleanup_errors().is_empty());
+                assert!(manager.pending_uploads().is_empty());
+            });
+        }
+    });
+    for rank in 0..2u32 {
+        let own = rank_run(rank);
+        assert_eq!(steps(&own), [4, 5], "rank {rank}");
+        let part = own.checkpoint(5).unwrap();
+        assert_eq!(part.manifest().part, Some(rank));
+        // A part holds its rank's box, not the other rank's: refused, not zeros.
+        let state = part.load(&rank_load(rank)).unwrap();
+        assert_eq!(state.tensor("sharded").unwrap().data()[0], (rank as u8 + 1) * 5);
+        let err = part.load(&rank_load(1 - rank)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");
+        assert!(err.to_string().contains("sharded"), "{err}");
+    }
+    // The durable copies are whole checkpoints of both ranks, each box written once.
+    assert_eq!(steps(&durable), [2, 4]);
+    let copy = durable.checkpoint(4).unwrap();
+    assert_eq!((copy.manifest().part, copy.manifest().writer.world_size), (None, 2));
+    assert!(copy.verify().unwrap().is_empty());
+    let whole = copy.load(&LoadOptions::default()).unwrap();
+    assert_eq!(whole.tensor("sharded").unwrap().data().as_ref(), [[4u8; 8], [8u8; 8]].concat());
+    for rank in 0..2u32 {
+        let theirs = copy.load(&rank_load(rank)).unwrap();
+        assert_eq!(theirs.value("rank"), Some(&cairn::Value::Int(rank as i64)));
+    }
+
+    // Restores, each rank's from its own part while every part is good.
+    let restore_all = |damage: &dyn Fn()| -> Vec<cairn::manager::Restored> {
+        damage();
+        let collective = common::in_process_collective(2);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2u32)
+                .map(|rank| {
+                    let (local, durable, all_gather) = (&local, &durable, collective(rank));
+                    s.spawn(move || {
+                        let manager = rank_manager(rank, local, durable, 2, Some(all_gather));
+                        manager.restore_reporting(None, &rank_load(rank)).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let restored = restore_all(&|| {});
+    for (rank, r) in restored.iter().enumerate() {
+        assert_eq!(r.info.step, 5);
+        assert!(r.info.uri.contains(&format!("rank-{rank:05}")), "{}", r.info.uri);
+        assert_eq!(r.state.tensor("sharded").unwrap().data()[0], (rank as u8 + 1) * 5);
+        assert_eq!(r.state.value("rank"), Some(&cairn::Value::Int(rank as i64)));
+    }
+    // Rank 1's part of step 5 is damaged and no durable copy of step 5 exists: every rank
+    // goes back to step 4 together, rank 1 saying why.
+    let restored = restore_all(&|| corrupt_shards(&dir.path().join("local/rank-00001/step-000000000005")));
+    assert_eq!(restored.iter().map(|r| r.info.step).collect::<Vec<_>>(), [4, 4]);
+    assert!(restored[1].passed_over.iter().any(|e| e.kind() == ErrorKind::Corrupt));
+    assert!(restored[0].info.uri.contains("rank-00000"));
+    // Rank 1's part of step 4 damaged too: it loads step 4 from the durable run.
+    let restored = restore_all(&|| corrupt_shards(&dir.path().join("local/rank-00001/step-000000000004")));
+    assert_eq!(restored.iter().map(|r| r.info.step).collect::<Vec<_>>(), [4, 4]);
+    assert!(restored[1].info.uri.starts_with(durable.location().uri()), "{}", restored[1].info.uri);
+    assert_eq!(restored[1].state.tensor("sharded").unwrap().data()[0], 8);
+
+    // Without the job's collectives the ranks cannot agree on a local step: the durable
+    // tier serves, the same for every rank.
+    let alone = rank_manager(0, &local, &durable, 2, None);
+    let r = alone.restore_reporting(None, &rank_load(0)).unwrap();
+    assert!(r.info.uri.starts_with(durable.location().uri()) && r.info.step == 4, "{}", r.info.uri);
+}
+
+#[test]
+fn a_rank_without_its_part_fails_the_upload_on_every_rank_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let durable = local_dir_run(dir.path(), "durable");
+    let problems: Vec<Vec<cairn::Error>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u32)
+            .map(|rank| {
+                let (local, durable) = (&local, &durable);
+                s.spawn(move || {
+                    let manager = rank_manager(rank, local, durable, 2, None);
+                    manager.on_step(1, &rank_state(rank, 1), SaveRequest::default()).unwrap();
+                    // Rank 1 cannot make its state for step 2, an upload step.
+                    let made = manager.on_step_with(2, SaveRequest::default(), |_| match rank {
+                        0 => Ok(cairn::manager::Handover::Give(rank_state(0, 2))),
+                        _ => Err(cairn::Error::new(ErrorKind::Internal, "out of host memory")),
+                    });
+                    assert_eq!(made.is_err(), rank == 1);
+                    // Waiting returns long before the coordination timeout (120 s): the
+                    // upload of step 2 failed on both ranks, and step 4 went through.
+                    for step in 3..=4 {
+                        manager.on_step(step, &rank_state(rank, step), SaveRequest::default()).unwrap();
+                    }
+                    manager.wait().unwrap();
+                    assert!(manager.pending_uploads().is_empty());
+                    manager.take_cleanup_errors()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(steps(&durable), [4]);
+    assert!(problems[1].is_empty(), "{:?}", problems[1]);
+    assert_eq!(problems[0].len(), 1, "{:?}", problems[0]);
+    let shown = problems[0][0].to_string();
+    assert!(shown.contains("rank 1") && shown.contains("out of host memory") && shown.contains("step=2"), "{shown}");
 }

@@ -78,6 +78,12 @@ pub struct Manifest {
     /// manifests of multi-rank saves and of older writers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<SaveTimings>,
+    /// Set when the checkpoint holds only what one rank of a job of `writer.world_size`
+    /// ranks held (each rank's copy on a local tier): the rank's number. Its tensors may
+    /// then have holes (the other ranks' pieces), and a load reads only boxes its pieces
+    /// cover; any other box is refused ([`ErrorKind::Incompatible`](crate::ErrorKind)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<u32>,
 }
 
 /// How long a save took, as the saving process measured it.
@@ -524,7 +530,7 @@ impl Manifest {
                         crate::error::escape_control(key)
                     )));
                 }
-                validate_tensor(key, tensor, &self.files)
+                validate_tensor(key, tensor, &self.files, false)
                     .map_err(|msg| Error::corrupt(format!("{msg} tensor=`{key}` rank={rank} file=`{file}`")))?;
             }
         }
@@ -559,8 +565,15 @@ impl Manifest {
                 )));
             }
         }
+        if let Some(rank) = self.part.filter(|&r| r >= self.writer.world_size) {
+            return Err(Error::corrupt(format!(
+                "the part of rank {rank} of a save by {} ranks file=`{file}`",
+                self.writer.world_size
+            )));
+        }
+        let partial = self.part.is_some();
         for (key, record) in &self.tensors {
-            validate_tensor(key, record, &self.files)
+            validate_tensor(key, record, &self.files, partial)
                 .map_err(|msg| Error::corrupt(format!("{msg} tensor=`{key}` file=`{file}`")))?;
             if self.values.contains_key(key) {
                 return Err(Error::corrupt(format!("key is both a tensor and a value key=`{key}` file=`{file}`")));
@@ -570,7 +583,14 @@ impl Manifest {
     }
 }
 
-fn validate_tensor(key: &str, record: &TensorRecord, files: &BTreeMap<String, FileRecord>) -> Result<(), String> {
+/// Checks one tensor record: every piece inside the global shape and its file, no two
+/// overlapping, and (unless `partial`, a rank's part) every element covered.
+fn validate_tensor(
+    key: &str,
+    record: &TensorRecord,
+    files: &BTreeMap<String, FileRecord>,
+    partial: bool,
+) -> Result<(), String> {
     if key.is_empty() {
         return Err("empty tensor key".into());
     }
@@ -614,7 +634,7 @@ fn validate_tensor(key: &str, record: &TensorRecord, files: &BTreeMap<String, Fi
         }
         covered = covered.saturating_add(checked_numel(&piece.shape).unwrap_or(u64::MAX));
     }
-    if covered < total {
+    if covered < total && !partial {
         return Err(format!("pieces cover {covered} of {total} elements"));
     }
     let boxes: Vec<(&[u64], &[u64])> = record.pieces.iter().map(|p| (&p.offsets[..], &p.shape[..])).collect();
@@ -667,6 +687,7 @@ mod tests {
             files,
             ranks: BTreeMap::new(),
             timings: None,
+            part: None,
         }
     }
 

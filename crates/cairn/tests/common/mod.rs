@@ -146,5 +146,40 @@ pub fn simulated_fsdp_manifest(ranks: u64, layers: usize, adam: bool) -> Manifes
         files,
         ranks: BTreeMap::new(),
         timings: None,
+        part: None,
+    }
+}
+
+/// An in-process collective for `n` ranks standing in for a torch.distributed group: the
+/// k-th call of every rank forms the k-th all-gather (so ranks that fall out of step
+/// pair the wrong calls, as a real collective would), and a call no other rank joins
+/// within 20 s fails instead of hanging the test.
+pub fn in_process_collective(n: usize) -> impl Fn(u32) -> cairn::dist::AllGather {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::Duration;
+    let rounds = Arc::new((Mutex::new(HashMap::<usize, Vec<Option<Vec<u8>>>>::new()), Condvar::new()));
+    move |rank: u32| -> cairn::dist::AllGather {
+        let rounds = rounds.clone();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        Arc::new(move |payload: Vec<u8>| {
+            let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (lock, changed) = &*rounds;
+            let mut all = lock.lock().unwrap();
+            all.entry(call).or_insert_with(|| vec![None; n])[rank as usize] = Some(payload);
+            changed.notify_all();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while all[&call].iter().any(Option::is_none) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(cairn::Error::new(
+                        cairn::ErrorKind::Unavailable,
+                        format!("rank {rank}: call {call} alone"),
+                    ));
+                }
+                all = changed.wait_timeout(all, left).unwrap().0;
+            }
+            Ok(all[&call].iter().flatten().cloned().collect())
+        })
     }
 }
