@@ -844,7 +844,13 @@ class CheckpointManager:
     of a step first) and passes over a missing or damaged copy with a
     `DamagedCheckpointWarning`. After SIGTERM the preemption save goes to the local tier,
     then uploads go on for `upload_grace` seconds at most. Upload failures are cleanup
-    problems (`cleanup_errors()`); `pending_uploads()` tells what is owed.
+    problems (`cleanup_errors()`); `pending_uploads()` tells what is owed. In a job of
+    several ranks each rank saves its own part (what it holds) into its own folder
+    `rank-<r>` inside `local`, and the ranks upload together into one checkpoint of `run`,
+    each box written once; `restore()` agrees over the job's collectives on the newest
+    step every rank can load (from its own part, else from `run`), so that all ranks
+    resume from the same step (without collectives, `rank=`/`world_size=` given, only
+    `run` serves).
 
     `on_event(event)` is called (on the thread that did the work: a background one for
     background saves and uploads; it must not call the manager) after every save, upload,

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=N fsdp_worker.py save RUN REF [MESH]
     torchrun --standalone --nproc_per_node=M fsdp_worker.py load RUN REF [MESH]
+    torchrun --standalone --nproc_per_node=2 fsdp_worker.py tiers RUN REF
 
 `save` trains one step of a small FSDP2 model with Adam, passes `get_state_dict` straight to
 `cairn.save`, then trains one more step; rank 0 writes the full state at both points to
@@ -12,6 +13,8 @@ param groups bit-exact against REF step 1, trains the same step and compares wit
 step 2 (to float rounding: another world size reduces gradients in another order). MESH `2x2` shards the model over a 2-D mesh (HSDP: replicated over the first
 dimension, sharded over the second, so each box is held by two ranks and written once);
 MESH `tp` over a (dp, tp) mesh: tensor parallel, then FSDP over dp (`_StridedShard`).
+`tiers` trains with a two-tier manager (see `tiers` below); rank 0 writes the full state
+it saved last to REF (step 4).
 """
 
 import pathlib
@@ -174,6 +177,60 @@ def sharded_tensor(run):
         assert torch.equal(shard.tensor, whole[lo : lo + n])
 
 
+def tiers(run, ref, mesh):
+    """Two tiers on every rank: each saves its own part locally every step (into its own
+    folder inside RUN-local), every second step is uploaded as one checkpoint of all ranks;
+    fresh models restore from the newest step every rank can load, each rank from its own
+    part, then (rank 1's part of step 4 damaged) rank 1 from the durable copy of the same
+    step, with a warning, the others still from their parts."""
+    import warnings
+
+    local, rank = run + "-local", dist.get_rank()
+    tiered = dict(local=local, local_policies=[cairn.Every(1)], policies=[cairn.Every(2)], keep_local=2,
+                  preemption_signal=None)
+
+    def state_of(model, opt):
+        msd, osd = get_state_dict(model, opt)
+        return {"model": msd, "optim": osd}
+
+    model, opt = build(0, mesh)
+    with cairn.CheckpointManager(run, **tiered) as mgr:
+        for step in range(1, 5):
+            train_step(model, opt, step)
+            assert mgr.on_step(step, state_of(model, opt))
+        mgr.wait()
+        assert mgr.pending_uploads() == [] and mgr.cleanup_errors() == []
+    saved = full(state_of(model, opt))
+    if rank == 0:
+        cairn.save(ref, saved, step=4, rank=0, world_size=1)
+
+    def restore():
+        fresh, fresh_opt = build(1, mesh)
+        train_step(fresh, fresh_opt, 99)
+        with cairn.CheckpointManager(run, **tiered) as mgr, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            restored, info = mgr.restore(target=state_of(fresh, fresh_opt))
+        set_state_dict(fresh, fresh_opt, model_state_dict=restored["model"], optim_state_dict=restored["optim"])
+        compare(full(state_of(fresh, fresh_opt)), saved, "", exact=True)
+        return info, [w for w in caught if issubclass(w.category, cairn.DamagedCheckpointWarning)]
+
+    info, warned = restore()
+    assert info.step == 4 and f"rank-{rank:05}" in info.uri and not warned, (info.uri, warned)
+    dist.barrier()
+    if rank == 1:
+        for shard in pathlib.Path(local, "rank-00001", "step-000000000004", "shards").iterdir():
+            data = bytearray(shard.read_bytes())
+            data[-1] ^= 0xFF
+            shard.write_bytes(bytes(data))
+    dist.barrier()
+    info, warned = restore()
+    assert info.step == 4, info
+    if rank == 1:
+        assert "rank-" not in info.uri and warned, (info.uri, warned)
+    else:
+        assert f"rank-{rank:05}" in info.uri and not warned, (info.uri, warned)
+
+
 def main():
     mode, run, ref = sys.argv[1], sys.argv[2], sys.argv[3]
     shape = sys.argv[4] if len(sys.argv) > 4 else None
@@ -185,7 +242,9 @@ def main():
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))  # FSDP x TP
     else:
         mesh = init_device_mesh("cpu", (world,))
-    if mode == "save":
+    if mode == "tiers":
+        tiers(run, ref, mesh)
+    elif mode == "save":
         model, opt = build(0, mesh)
         train_step(model, opt, 0)
         msd, osd = get_state_dict(model, opt)

@@ -55,6 +55,21 @@ def test_hsdp_on_a_two_by_two_mesh_writes_each_box_once_and_loads_on_a_plain_mes
     torchrun(2, "load", run, ref)
 
 
+def test_fsdp2_ranks_save_parts_locally_upload_together_and_restore_from_their_own_parts(tmp_path):
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    torchrun(2, "tiers", run, ref)
+    # The durable run holds every second step as one checkpoint of both ranks.
+    assert [i.step for i in cairn.list_checkpoints(run)] == [2, 4]
+    whole = cairn.load(run, step=4, framework="torch")
+    want = cairn.load(ref, step=4, framework="torch")
+    for name, tensor in want["model"].items():
+        assert whole["model"][name].equal(tensor), name
+    # Each rank's own folder holds its parts of the last two steps.
+    for rank in range(2):
+        own = tmp_path / "run-local" / f"rank-{rank:05}"
+        assert [i.step for i in cairn.list_checkpoints(own)] == [3, 4]
+
+
 def test_fsdp_over_tensor_parallel_on_a_two_by_two_mesh_loads_on_a_plain_mesh(tmp_path):
     # FSDP2 over a tensor-parallel model: the first weight is sharded by rows over "tp"
     # and each of those again over "dp" (a _StridedShard placement), the second by
