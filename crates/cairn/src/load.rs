@@ -493,6 +493,16 @@ impl Checkpoint {
     /// [`Checkpoint::verify_async`], telling `progress` the bytes of each data file once
     /// it is checked ([`Stage::Verifying`](crate::progress::Stage::Verifying)).
     pub async fn verify_async_with(&self, progress: crate::progress::Progress<'_>) -> Result<Vec<Error>> {
+        self.verify_files(|_| true, progress).await
+    }
+
+    /// [`Checkpoint::verify_async_with`] for the data files named in the manifest that
+    /// `chosen` keeps (and the pieces in them).
+    pub(crate) async fn verify_files(
+        &self,
+        chosen: impl Fn(&str) -> bool,
+        progress: crate::progress::Progress<'_>,
+    ) -> Result<Vec<Error>> {
         let mut problems = Vec::new();
         let mut by_file: BTreeMap<&str, Vec<(&str, &PieceRecord)>> = BTreeMap::new();
         for (key, record) in self.manifest.all_tensors() {
@@ -500,7 +510,7 @@ impl Checkpoint {
                 by_file.entry(piece.file.as_str()).or_default().push((key.as_str(), piece));
             }
         }
-        for file in self.manifest.files.keys() {
+        for file in self.manifest.files.keys().filter(|f| chosen(f)) {
             let pieces = by_file.remove(file.as_str()).unwrap_or_default();
             let ranges = pieces.iter().map(|(_, p)| p.range[0]..p.range[1]).collect();
             let shown = format!("{}/{file}", self.location.uri());

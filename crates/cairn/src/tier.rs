@@ -149,7 +149,7 @@ pub(crate) fn upload(local: &Run, durable: &Run, step: u64) -> (Result<Checkpoin
 
 /// Uploads `step` as rank `ranks.rank` of a multi-rank job: reads this rank's part from
 /// `local` and saves it into `durable` together with the other ranks' (see the module
-/// docs); rank 0 then verifies every byte of the committed checkpoint. A rank whose part
+/// docs); each rank then verifies every byte it wrote there. A rank whose part
 /// cannot be read (gone, damaged), or that has none (`missing`: its save of that step
 /// failed), takes part to fail the upload on every rank at once instead of leaving the
 /// others waiting. Returns what was committed and the event that reports it.
@@ -184,17 +184,16 @@ pub(crate) fn upload_part(
         Err(why) => Err(dist::refuse_as_rank(durable.location(), &opts, ranks, None, &why)),
     };
     let copying = started.elapsed();
-    let outcome = saved.and_then(|info| match ranks.rank {
-        0 => {
-            let problems = durable.checkpoint(step)?.verify()?;
-            match problems.into_iter().next() {
-                Some(first) => {
-                    Err(Error::corrupt(format!("upload failed verification at the destination: {}", first.message())))
-                }
-                None => Ok(info),
+    let outcome = saved.and_then(|info| {
+        let mine = layout::rank_shards(ranks.rank);
+        let copy = durable.checkpoint(step)?;
+        let problems = block_on(copy.verify_files(|file| file.starts_with(&mine), &crate::progress::quiet))?;
+        match problems.into_iter().next() {
+            Some(first) => {
+                Err(Error::corrupt(format!("upload failed verification at the destination: {}", first.message())))
             }
+            None => Ok(info),
         }
-        _ => Ok(info),
     });
     let event = Event::new(Operation::Upload, Tier::Durable, step, durable.step_location(step).uri())
         .with_phase(Phase::Upload, copying)
