@@ -242,7 +242,7 @@ impl StoreExchange {
                     self.coord.uri()
                 );
                 self.write(&format!("{}/abort", self.attempt), reason.clone().into_bytes()).await?;
-                return Err(Error::new(ErrorKind::Unavailable, reason));
+                return Err(ranks_missing(reason));
             }
             tokio::time::sleep(pause(n)).await;
         }
@@ -257,6 +257,23 @@ impl StoreExchange {
     fn store_err(&self, e: object_store::Error) -> Error {
         Error::from_store(e, "coordinating ranks", &format!("dir=`{}`", self.coord.uri()))
     }
+}
+
+/// The cause of a store-coordinated save that failed because a rank did not show up in
+/// time (see [`is_ranks_missing`]).
+#[derive(Debug, thiserror::Error)]
+#[error("a rank did not take part in time")]
+struct RanksMissing;
+
+/// A save that failed because a rank did not show up within the timeout, `reason` why.
+fn ranks_missing(reason: String) -> Error {
+    Error::new(ErrorKind::Unavailable, reason).with_source(RanksMissing)
+}
+
+/// Whether `err` is a store-coordinated save that failed because a rank did not show up
+/// in time (not because the store failed).
+pub(crate) fn is_ranks_missing(err: &Error) -> bool {
+    std::error::Error::source(err).is_some_and(|cause| cause.is::<RanksMissing>())
 }
 
 fn pause(attempt: u32) -> Duration {
@@ -297,10 +314,7 @@ impl Exchange for StoreExchange {
                 }
                 tokio::time::sleep(pause(n)).await;
             }
-            Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("timed out waiting for rank 0 to start the save dir=`{}`", self.coord.uri()),
-            ))
+            Err(ranks_missing(format!("timed out waiting for rank 0 to start the save dir=`{}`", self.coord.uri())))
         })
     }
 
@@ -324,7 +338,7 @@ impl Exchange for StoreExchange {
                     if self.committed().await {
                         return Ok(Gathered::Committed);
                     }
-                    return Err(Error::new(ErrorKind::Unavailable, String::from_utf8_lossy(&reason).into_owned()));
+                    return Err(ranks_missing(String::from_utf8_lossy(&reason).into_owned()));
                 }
                 if n % 4 == 3 {
                     match self.read("attempt").await?.map(|id| String::from_utf8_lossy(&id).into_owned()) {
@@ -344,7 +358,7 @@ impl Exchange for StoreExchange {
                         "timed out waiting for rank 0 to gather round={round} dir=`{}`; nothing was committed",
                         self.coord.uri()
                     );
-                    return Err(Error::new(ErrorKind::Unavailable, reason));
+                    return Err(ranks_missing(reason));
                 }
                 tokio::time::sleep(pause(n)).await;
             }
@@ -429,14 +443,19 @@ struct Plan {
     pieces: Vec<Declared>,
     #[serde(default)]
     refused: Option<String>,
+    /// The kind of the refusing rank's error, which every rank's error then has.
+    #[serde(default)]
+    refused_kind: Option<ErrorKind>,
 }
 
 /// Refuses a save whose ranks disagree on its terms or whose number of ranks is not the
 /// world size. Every rank sees the same plans, so every rank fails the same way, in the
 /// same round, and nothing is written.
 fn check_terms(mine: &Terms, plans: &[Plan]) -> Result<()> {
-    if let Some((r, why)) = plans.iter().enumerate().find_map(|(r, p)| Some((r, p.refused.as_ref()?))) {
-        return Err(Error::invalid(format!("rank {r} could not take part: {why}; nothing was saved")));
+    if let Some((r, plan)) = plans.iter().enumerate().find(|(_, p)| p.refused.is_some()) {
+        let why = plan.refused.as_deref().unwrap_or_default();
+        let kind = plan.refused_kind.unwrap_or(ErrorKind::Invalid);
+        return Err(Error::new(kind, format!("rank {r} could not take part: {why}; nothing was saved")));
     }
     let rank0 = &plans.first().ok_or_else(|| Error::invalid("no rank took part in the save"))?.terms;
     for (r, plan) in plans.iter().enumerate() {
@@ -669,26 +688,32 @@ pub fn refuse_as_rank(
     if ranks.world_size == 1 && exchange.is_none() {
         return Error::new(reason.kind(), reason.full_message());
     }
-    let why = reason.full_message();
     let outcome = together(location, opts, ranks, exchange, |dest, step, exchange| {
         Ok(match block_on(crate::commit::is_committed(dest)) {
             Ok(true) => crate::commit::already_committed(step, dest),
-            _ => refuse_in(dest, step, opts, exchange, &why),
+            _ => refuse_in(dest, step, opts, exchange, reason),
         })
     });
     outcome.unwrap_or_else(|err| err)
 }
 
-/// This rank's side of a save it cannot take part in (`why`): it joins the attempt and
-/// the plan round with its refusal, so every rank fails there; returns that error.
-fn refuse_in(dest: &Location, step: u64, opts: &SaveOptions, exchange: &mut dyn Exchange, why: &str) -> Error {
+/// This rank's side of a save it cannot take part in (`reason`): it joins the attempt
+/// and the plan round with its refusal, so every rank fails there, with the kind of
+/// `reason`; returns that error.
+fn refuse_in(dest: &Location, step: u64, opts: &SaveOptions, exchange: &mut dyn Exchange, reason: &Error) -> Error {
+    let why = reason.full_message();
     loop {
         if let Err(err) = exchange.begin() {
             return err;
         }
         let terms =
             Terms { step, dest: dest.uri().to_string(), world_size: exchange.world_size(), temporary: opts.temporary };
-        let plan = Plan { terms: terms.clone(), pieces: Vec::new(), refused: Some(why.to_string()) };
+        let plan = Plan {
+            terms: terms.clone(),
+            pieces: Vec::new(),
+            refused: Some(why.clone()),
+            refused_kind: Some(reason.kind()),
+        };
         let gathered = encode(&plan).and_then(|plan| round(exchange, dest, "plan", plan));
         if exchange.rank() == 0 {
             let _ = exchange.end(false);
@@ -699,7 +724,7 @@ fn refuse_in(dest: &Location, step: u64, opts: &SaveOptions, exchange: &mut dyn 
                 let plans: Result<Vec<Plan>> = all.iter().enumerate().map(|(r, b)| decode(b, r)).collect();
                 return match plans.and_then(|plans| check_terms(&terms, &plans)) {
                     Err(err) => err,
-                    Ok(()) => Error::invalid(format!("rank {} could not take part: {why}", exchange.rank())),
+                    Ok(()) => Error::new(reason.kind(), format!("rank {} could not take part: {why}", exchange.rank())),
                 };
             }
             // Rank 0 started a newer attempt: refuse that one.
@@ -757,7 +782,7 @@ pub fn save_distributed(
         Err(err) => Err(err),
     };
     // A rank that cannot say what it holds still joins, so that no rank waits for it.
-    let mine = mine.map_err(|err| refuse_in(dest, step, opts, exchange, &err.full_message()))?;
+    let mine = mine.map_err(|err| refuse_in(dest, step, opts, exchange, &err))?;
     loop {
         let attempt = exchange.begin()?;
         let result = attempt_save(dest, state, step, opts, exchange, &attempt, &mine);
@@ -801,7 +826,7 @@ fn attempt_save(
     let rank = exchange.rank();
     let terms =
         Terms { step, dest: dest.uri().to_string(), world_size: exchange.world_size(), temporary: opts.temporary };
-    let mine_plan = Plan { terms: terms.clone(), pieces: mine.to_vec(), refused: None };
+    let mine_plan = Plan { terms: terms.clone(), pieces: mine.to_vec(), refused: None, refused_kind: None };
     let all = match round(exchange, dest, "plan", encode(&mine_plan)?)? {
         ControlFlow::Continue(all) => all,
         ControlFlow::Break(ended) => return Ok(ended),
@@ -813,7 +838,14 @@ fn attempt_save(
 
     let held = held_by(state);
     let chosen = mine.iter().filter(|held| plan.get(&held.id()) == Some(&rank));
-    let (report, failure) = match write_held(dest, state, rank, &attempt[..attempt.len().min(12)], opts, chosen) {
+    let written =
+        write_held(dest, state, rank, &attempt[..attempt.len().min(12)], opts, chosen).and_then(|(pieces, files)| {
+            match opts.verify_written {
+                true => verify_written(dest, &pieces, &files).map(|()| (pieces, files)),
+                false => Ok((pieces, files)),
+            }
+        });
+    let (report, failure) = match written {
         Ok((pieces, files)) => (Written { pieces, files, held }, None),
         // A rank whose writes failed still takes part, so every rank learns the outcome.
         Err(e) => (
@@ -903,6 +935,24 @@ pub(crate) fn write_held<'a>(
         .collect();
     let files = shards.into_iter().map(|s| (s.file, s.record)).collect();
     Ok((pieces, files))
+}
+
+/// Reads back `files`, just written into `dest`, and checks every checksum of them and of
+/// `pieces` in them; the first mismatch is a [`ErrorKind::Corrupt`] error naming it.
+fn verify_written(dest: &Location, pieces: &[WrittenPiece], files: &BTreeMap<String, FileRecord>) -> Result<()> {
+    let tensors = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let record = TensorRecord { dtype: p.dtype, shape: p.global_shape.clone(), pieces: vec![p.record.clone()] };
+            (format!("{}#{i}", p.key), record)
+        })
+        .collect();
+    let written = Checkpoint::written(dest.clone(), files.clone(), tensors);
+    match block_on(written.verify_async())?.into_iter().next() {
+        Some(first) => Err(Error::corrupt(format!("a written file failed verification: {}", first.message()))),
+        None => Ok(()),
+    }
 }
 
 /// Adds the piece rank `rank` wrote to the record of its tensor in `tensors`; a rank

@@ -493,16 +493,6 @@ impl Checkpoint {
     /// [`Checkpoint::verify_async`], telling `progress` the bytes of each data file once
     /// it is checked ([`Stage::Verifying`](crate::progress::Stage::Verifying)).
     pub async fn verify_async_with(&self, progress: crate::progress::Progress<'_>) -> Result<Vec<Error>> {
-        self.verify_files(|_| true, progress).await
-    }
-
-    /// [`Checkpoint::verify_async_with`] for the data files named in the manifest that
-    /// `chosen` keeps (and the pieces in them).
-    pub(crate) async fn verify_files(
-        &self,
-        chosen: impl Fn(&str) -> bool,
-        progress: crate::progress::Progress<'_>,
-    ) -> Result<Vec<Error>> {
         let mut problems = Vec::new();
         let mut by_file: BTreeMap<&str, Vec<(&str, &PieceRecord)>> = BTreeMap::new();
         for (key, record) in self.manifest.all_tensors() {
@@ -510,7 +500,7 @@ impl Checkpoint {
                 by_file.entry(piece.file.as_str()).or_default().push((key.as_str(), piece));
             }
         }
-        for file in self.manifest.files.keys().filter(|f| chosen(f)) {
+        for file in self.manifest.files.keys() {
             let pieces = by_file.remove(file.as_str()).unwrap_or_default();
             let ranges = pieces.iter().map(|(_, p)| p.range[0]..p.range[1]).collect();
             let shown = format!("{}/{file}", self.location.uri());
@@ -598,6 +588,20 @@ impl Checkpoint {
             );
         }
         Tensor::new(record.dtype, wanted.shape.clone(), buffer)
+    }
+}
+
+impl Checkpoint {
+    /// What a save just wrote into `location`, before any manifest: `files`, and the
+    /// tensors whose pieces lie in them (as recorded in no manifest yet), to verify them.
+    pub(crate) fn written(
+        location: Location,
+        files: BTreeMap<String, FileRecord>,
+        tensors: BTreeMap<String, TensorRecord>,
+    ) -> Checkpoint {
+        let manifest =
+            crate::save::manifest_of(&State::new(), 0, &crate::save::SaveOptions::default(), "", 1, tensors, files);
+        Checkpoint { location, manifest, run: None }
     }
 }
 

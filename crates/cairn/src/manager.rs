@@ -347,6 +347,9 @@ impl Inner {
 /// The durable tier of a manager with a local tier.
 struct Durable {
     run: Run,
+    /// The manager's save options (sizes, concurrency) for uploads that save anew (with
+    /// several ranks).
+    save: SaveOptions,
     retention: Retention,
     upload_grace: Duration,
     /// The step the durable run's `LATEST` hint names, as this manager last wrote it.
@@ -405,12 +408,12 @@ impl Shared {
     /// it cannot upload (`reason`): it joins only to fail it on every rank at once.
     fn refuse_upload(&self, step: u64, reason: &Error, upload: Upload) {
         let mut inner = self.lock();
-        inner.refusals.insert(step, Error::new(reason.kind(), reason.full_message()));
         match upload {
             Upload::No => return,
             Upload::Queue => inner.uploads.push_back(step),
             Upload::First => inner.uploads.push_front(step),
         }
+        inner.refusals.insert(step, Error::new(reason.kind(), reason.full_message()));
         self.changed.notify_all();
     }
 
@@ -550,6 +553,8 @@ impl Shared {
                 cadence.record(stall, written);
             }
             inner.known.insert(step, Candidate::from_info(info, self.retention.metric()));
+            // Saved after all (a `save` of a step whose earlier save failed): its own upload.
+            inner.refusals.remove(&step);
             inner.known.keys().next_back() == Some(&step)
         };
         if newest && self.owns_run() {
@@ -599,18 +604,21 @@ impl Shared {
     /// this local run tries again).
     fn upload(&self, durable: &Durable, step: u64) {
         let missing = self.lock().refusals.remove(&step);
-        let mut last = None;
-        let result = retried(|| {
-            let (result, event) = match self.parted() {
-                true => tier::upload_part(&self.run, &durable.run, step, self.ranks(), missing.as_ref()),
-                false => tier::upload(&self.run, &durable.run, step),
-            };
-            last = Some(event);
-            result
-        });
-        if let Some(event) = last {
-            self.sinks.emit(event);
-        }
+        let (result, event) = match self.parted() {
+            // Not retried here: every rank would have to retry together (the ranks retry
+            // after their next saves, in step).
+            true => tier::upload_part(&self.run, &durable.run, step, self.ranks(), &durable.save, missing.as_ref()),
+            false => {
+                let mut last = None;
+                let result = retried(|| {
+                    let (result, event) = tier::upload(&self.run, &durable.run, step);
+                    last = Some(event);
+                    result
+                });
+                (result, last.expect("retried tries at least once"))
+            }
+        };
+        self.sinks.emit(event);
         if missing.is_some() {
             // This rank's failed save was reported by the save itself.
             return;
@@ -627,7 +635,7 @@ impl Shared {
                 }
                 true
             }
-            Err(e) => tier::hopeless(e),
+            Err(e) => tier::hopeless(e, self.parted()),
         };
         if let Err(e) = &result {
             if !settled && !matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::StorageFull) {
@@ -900,6 +908,12 @@ impl CheckpointManager {
             return Err(Error::invalid(format!("rank {} is not below world_size {}", opts.rank, opts.world_size)));
         }
         if let Some(local) = &opts.local {
+            if opts.world_size > 1 && (local.policy.has_time_interval() || local.policy.auto_interval_mtbf().is_some())
+            {
+                return Err(Error::invalid(
+                    "a time-based or automatic local save interval cannot be used with several ranks: their parts would land on different steps",
+                ));
+            }
             if opts.policy.auto_interval_mtbf().is_some() {
                 return Err(Error::invalid(
                     "an automatic interval measures the saves it times: with a local tier, give it to the local tier's policy",
@@ -920,6 +934,7 @@ impl CheckpointManager {
             Some(local) => {
                 let durable = Durable {
                     run,
+                    save: opts.save.clone(),
                     retention: opts.retention,
                     upload_grace: local.upload_grace,
                     hinted: Mutex::new(None),
@@ -935,6 +950,7 @@ impl CheckpointManager {
         let mut durable_known = BTreeMap::new();
         let mut uploads = VecDeque::new();
         let mut owed = BTreeSet::new();
+        let mut refusals = BTreeMap::new();
         let mut cleanup_errors = VecDeque::new();
         if let Some(durable) = &durable {
             // An unreachable durable store does not stop a run that saves locally: its
@@ -947,14 +963,22 @@ impl CheckpointManager {
                 }
                 Err(err) => cleanup_errors.push_back(err),
             }
-            // Uploads the last process owed: again, if its local save committed.
+            // Uploads the last process owed: again, if its local save committed. With
+            // several ranks, a rank whose save never committed still joins the others'
+            // upload of that step, to fail it at once.
             for step in tier::marked(&run)? {
                 match known.contains_key(&step) {
                     true => {
                         owed.insert(step);
                         uploads.push_back(step);
                     }
-                    false => tier::unmark(&run, step)?,
+                    false => {
+                        tier::unmark(&run, step)?;
+                        if opts.world_size > 1 {
+                            refusals.insert(step, Error::not_found("its save of that step never committed"));
+                            uploads.push_back(step);
+                        }
+                    }
                 }
             }
         }
@@ -970,6 +994,7 @@ impl CheckpointManager {
             cadence: mtbf.map(Cadence::new),
             owed,
             uploads,
+            refusals,
             durable_known,
             durable_last: (durable_last, opts.clock.now()),
             cleanup_errors,
@@ -1367,7 +1392,10 @@ impl CheckpointManager {
                 continue;
             }
             let err = match self.try_copy(&copy, &mut load, &passed_over) {
-                Ok((state, info)) => return Ok(Restored { state, info, passed_over }),
+                Ok((state, info)) => {
+                    self.forget_parts_after(info.step);
+                    return Ok(Restored { state, info, passed_over });
+                }
                 Err((CopyFailure::Caller, err)) => return Err(err),
                 Err((CopyFailure::Unreachable, err)) => {
                     only_step = Some(copy.step);
@@ -1392,9 +1420,9 @@ impl CheckpointManager {
     ) -> std::result::Result<(T, CheckpointInfo), (CopyFailure, Error)> {
         let reading = self.begin_reading(copy.step);
         let timer = Instant::now();
-        let (opening, result) = match copy.run.checkpoint(copy.step) {
-            Ok(c) => (false, load(&c).map(|state| (state, c.info()))),
-            Err(e) => (true, Err(e)),
+        let (opening, part, result) = match copy.run.checkpoint(copy.step) {
+            Ok(c) => (false, c.manifest().part.is_some(), load(&c).map(|state| (state, c.info()))),
+            Err(e) => (true, false, Err(e)),
         };
         drop(reading);
         let mut event = Event::new(Operation::Load, copy.tier, copy.step, copy.run.step_location(copy.step).uri())
@@ -1405,7 +1433,12 @@ impl CheckpointManager {
         event.detail =
             (!messages.is_empty() && result.is_ok()).then(|| format!("passed over: {}", messages.join("; ")));
         self.shared.sinks.emit(event);
-        result.map_err(|err| (copy_failure(&err, opening, &copy.run, copy.step), err))
+        result.map_err(|err| match err.kind() {
+            // A rank's part lacks what this load asks for (whole tensors, say): not damage,
+            // only not a copy that serves it.
+            ErrorKind::Incompatible if part => (CopyFailure::Gone, err),
+            _ => (copy_failure(&err, opening, &copy.run, copy.step), err),
+        })
     }
 
     /// A restore in a multi-rank job whose ranks each have a local tier of their own: the
@@ -1425,19 +1458,19 @@ impl CheckpointManager {
         let mut passed_over = Vec::new();
         let durable = self.run();
         let mine = match &ready {
-            Err(err) => tier::Holding::refused(err),
+            Err(err) => tier::Holding::refused(step, err),
             Ok(()) => {
                 let local = self.shared.run.list().unwrap_or_else(|err| {
                     passed_over.push(err);
                     Vec::new()
                 });
                 let listed = durable.list().map_err(|err| passed_over.push(err)).ok();
-                tier::Holding::of(&local, listed.as_deref())
+                tier::Holding::of(step, &local, listed.as_deref())
             }
         };
         let all: Vec<tier::Holding> = gather(all_gather, self.shared.world_size, &mine)?;
         ready?;
-        let candidates = tier::agreed_steps(&all, step)?;
+        let candidates = tier::agreed_steps(&all)?;
         let rank = self.shared.rank as usize;
         for (s, durable_has) in candidates {
             let copies =
@@ -1469,8 +1502,13 @@ impl CheckpointManager {
                 return Err(Error::new(kind, format!("rank {r} could not restore step={s}: {message}")));
             }
             match (loaded, verdicts.iter().all(|v| *v == tier::Verdict::Loaded)) {
-                (Some((state, info)), true) => return Ok(Restored { state, info, passed_over }),
-                _ => {
+                (Some((state, info)), true) => {
+                    self.forget_parts_after(s);
+                    return Ok(Restored { state, info, passed_over });
+                }
+                // This rank could load the step, other ranks could not: say why it resumes
+                // from an older one.
+                (Some(_), false) => {
                     let missing: Vec<usize> = verdicts
                         .iter()
                         .enumerate()
@@ -1482,9 +1520,36 @@ impl CheckpointManager {
                         format!("step {s} passed over by every rank: ranks {missing:?} could not load it"),
                     ));
                 }
+                (None, _) => {}
             }
         }
         Err(self.none_restored(step, passed_over))
+    }
+
+    /// With local tiers of each rank's own: removes this rank's parts of steps after the
+    /// restored `step`, with their owed uploads. They belong to a timeline the job just
+    /// left (another rank lacked them); kept, a later save would skip their steps and a
+    /// later restore could mix them with the other ranks' new ones. A failure to remove
+    /// one is a cleanup problem.
+    fn forget_parts_after(&self, step: u64) {
+        if !self.shared.parted() {
+            return;
+        }
+        let newer: Vec<u64> = self.shared.lock().known.range(step + 1..).map(|(s, _)| *s).collect();
+        for s in newer {
+            let removed =
+                retried(|| tier::unmark(&self.shared.run, s)).and_then(|()| retried(|| self.shared.run.delete(s)));
+            let mut inner = self.shared.lock();
+            inner.owed.remove(&s);
+            inner.held.remove(&s);
+            match removed {
+                Ok(()) => drop(inner.known.remove(&s)),
+                Err(err) => {
+                    drop(inner);
+                    self.shared.cleanup_failed(err);
+                }
+            }
+        }
     }
 
     /// The error of a restore that found nothing to load (`passed_over`: why each copy
@@ -1557,8 +1622,13 @@ impl CheckpointManager {
     }
 
     /// The highest committed step on any tier, if any (read from the stores, not from a
-    /// hint).
+    /// hint); with a local tier of each rank's own (several ranks), the durable run's,
+    /// which every rank shares.
     pub fn latest_step(&self) -> Result<Option<u64>> {
+        if self.shared.parted() {
+            // Each rank's local parts are its own: the durable run is what all ranks share.
+            return Ok(self.run().latest()?.map(|c| c.manifest().step));
+        }
         let mut latest = None;
         for (_, run) in self.tiers() {
             latest = latest.max(run.latest()?.map(|c| c.manifest().step));
@@ -1729,6 +1799,11 @@ fn work(shared: &Shared) {
             }
             Job::Prune(grace) => {
                 if let Err(err) = retried(|| shared.run.prune_orphans(grace)) {
+                    shared.cleanup_failed(err);
+                }
+                // What unfinished uploads left in the durable run (with a local tier).
+                let durable = shared.durable.as_ref().filter(|_| shared.leads());
+                if let Err(err) = durable.map_or(Ok(Vec::new()), |d| retried(|| d.run.prune_orphans(grace))) {
                     shared.cleanup_failed(err);
                 }
                 Ok(())

@@ -74,6 +74,10 @@ pub struct SaveOptions {
     /// How long the caller was blocked taking the state's snapshot before this save
     /// (a manager's asynchronous save), recorded in the manifest's timings.
     pub snapshot_time: Option<std::time::Duration>,
+    /// In a multi-rank save, each rank reads back every file it wrote and checks its
+    /// checksums before the commit; a mismatch fails the save on every rank, nothing
+    /// committed (an upload from a local tier, which must not stand unverified).
+    pub verify_written: bool,
 }
 
 impl Default for SaveOptions {
@@ -89,6 +93,7 @@ impl Default for SaveOptions {
             part_bytes: DEFAULT_PART_BYTES,
             incremental: false,
             snapshot_time: None,
+            verify_written: false,
         }
     }
 }

@@ -149,7 +149,8 @@ pub(crate) fn upload(local: &Run, durable: &Run, step: u64) -> (Result<Checkpoin
 
 /// Uploads `step` as rank `ranks.rank` of a multi-rank job: reads this rank's part from
 /// `local` and saves it into `durable` together with the other ranks' (see the module
-/// docs); each rank then verifies every byte it wrote there. A rank whose part
+/// docs) with `template`'s sizes, each rank checking every byte it wrote there before the
+/// commit (a mismatch on any rank commits nothing). A rank whose part
 /// cannot be read (gone, damaged), or that has none (`missing`: its save of that step
 /// failed), takes part to fail the upload on every rank at once instead of leaving the
 /// others waiting. Returns what was committed and the event that reports it.
@@ -158,14 +159,17 @@ pub(crate) fn upload_part(
     durable: &Run,
     step: u64,
     ranks: Ranks,
+    template: &SaveOptions,
     missing: Option<&Error>,
 ) -> (Result<CheckpointInfo>, Event) {
     let started = Instant::now();
-    let mut opts = SaveOptions::default().with_step(step);
+    let mut opts = SaveOptions { verify_written: true, incremental: false, snapshot_time: None, ..template.clone() }
+        .with_step(step);
     let mut bytes = 0;
     let part = match missing {
+        // Never saved: the step can never be uploaded, whatever the reason was.
         Some(why) => {
-            Err(Error::new(why.kind(), format!("rank {} has no part of step {step}: {}", ranks.rank, why.message())))
+            Err(Error::not_found(format!("rank {} has no part of step {step}: {}", ranks.rank, why.message())))
         }
         None => local.checkpoint(step).and_then(|src| {
             let manifest = src.manifest();
@@ -184,17 +188,7 @@ pub(crate) fn upload_part(
         Err(why) => Err(dist::refuse_as_rank(durable.location(), &opts, ranks, None, &why)),
     };
     let copying = started.elapsed();
-    let outcome = saved.and_then(|info| {
-        let mine = layout::rank_shards(ranks.rank);
-        let copy = durable.checkpoint(step)?;
-        let problems = block_on(copy.verify_files(|file| file.starts_with(&mine), &crate::progress::quiet))?;
-        match problems.into_iter().next() {
-            Some(first) => {
-                Err(Error::corrupt(format!("upload failed verification at the destination: {}", first.message())))
-            }
-            None => Ok(info),
-        }
-    });
+    let outcome = saved;
     let event = Event::new(Operation::Upload, Tier::Durable, step, durable.step_location(step).uri())
         .with_phase(Phase::Upload, copying)
         .with_phase(Phase::Verify, started.elapsed().saturating_sub(copying))
@@ -204,24 +198,21 @@ pub(crate) fn upload_part(
 }
 
 /// Whether an upload that failed this way can never succeed from this local copy (it is
-/// gone or damaged, the durable run holds another save's checkpoint of the step, or the
-/// ranks could not upload it together: a rank lacks its part), so that its marker is
-/// dropped instead of kept for a later try.
-pub(crate) fn hopeless(err: &Error) -> bool {
-    matches!(
-        err.kind(),
-        ErrorKind::NotFound
-            | ErrorKind::Corrupt
-            | ErrorKind::AlreadyExists
-            | ErrorKind::Incompatible
-            | ErrorKind::Invalid
-    )
+/// gone or damaged, or the durable run holds another save's checkpoint of the step; with
+/// several `ranks`, also when a rank's part is, as its refusal says, or when a rank never
+/// showed up: its part was never saved, or it is not uploading that step), so that its
+/// marker is dropped instead of kept for a later try.
+pub(crate) fn hopeless(err: &Error, ranks: bool) -> bool {
+    matches!(err.kind(), ErrorKind::NotFound | ErrorKind::Corrupt | ErrorKind::AlreadyExists | ErrorKind::Incompatible)
+        || (ranks && dist::is_ranks_missing(err))
 }
 
 /// What one rank of a multi-rank job with local tiers can restore from, as it tells the
 /// other ranks before they agree on a step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Holding {
+    /// The step the rank was asked to restore (`None`: the newest).
+    step: Option<u64>,
     /// Why this rank cannot restore at all (an earlier save's failure it reports).
     refused: Option<(ErrorKind, String)>,
     /// The steps of its local parts.
@@ -231,14 +222,16 @@ pub(crate) struct Holding {
 }
 
 impl Holding {
-    /// A rank that cannot restore, and why.
-    pub(crate) fn refused(err: &Error) -> Holding {
-        Holding { refused: Some((err.kind(), err.full_message())), local: BTreeSet::new(), durable: None }
+    /// A rank asked to restore `step` that cannot restore, and why.
+    pub(crate) fn refused(step: Option<u64>, err: &Error) -> Holding {
+        Holding { step, refused: Some((err.kind(), err.full_message())), local: BTreeSet::new(), durable: None }
     }
 
-    /// A rank holding the committed parts `local`, finding `durable` in the durable run.
-    pub(crate) fn of(local: &[CheckpointRef], durable: Option<&[CheckpointRef]>) -> Holding {
+    /// A rank asked to restore `step`, holding the committed parts `local`, finding
+    /// `durable` in the durable run.
+    pub(crate) fn of(step: Option<u64>, local: &[CheckpointRef], durable: Option<&[CheckpointRef]>) -> Holding {
         Holding {
+            step,
             refused: None,
             local: local.iter().map(|c| c.step).collect(),
             durable: durable.map(|d| d.iter().map(|c| c.step).collect()),
@@ -254,11 +247,20 @@ impl Holding {
 /// The steps a multi-rank restore tries, newest first, each with whether the durable run
 /// has it: those of `step` (all of them when `None`) that every rank can load, from its
 /// own local part or from the durable run (as any rank found it there). Fails, naming
-/// the rank, when a rank cannot restore at all. Pure: every rank computes the same from
-/// the same gathered holdings.
-pub(crate) fn agreed_steps(all: &[Holding], step: Option<u64>) -> Result<Vec<(u64, bool)>> {
+/// the rank, when a rank cannot restore at all or ranks were asked for different steps.
+/// Pure: every rank computes the same from the same gathered holdings.
+pub(crate) fn agreed_steps(all: &[Holding]) -> Result<Vec<(u64, bool)>> {
     if let Some((r, (kind, why))) = all.iter().enumerate().find_map(|(r, h)| Some((r, h.refused.clone()?))) {
         return Err(Error::new(kind, format!("rank {r} cannot restore: {why}")));
+    }
+    let step = all.first().and_then(|h| h.step);
+    if let Some((r, other)) = all.iter().enumerate().find(|(_, h)| h.step != step) {
+        let shown = |s: Option<u64>| s.map_or("the newest step".to_string(), |s| format!("step {s}"));
+        return Err(Error::invalid(format!(
+            "ranks restore different steps: rank 0 {}, rank {r} {}",
+            shown(step),
+            shown(other.step)
+        )));
     }
     let durable: BTreeSet<u64> = all.iter().filter_map(|h| h.durable.as_ref()).flatten().copied().collect();
     let seen: BTreeSet<u64> = all.iter().flat_map(|h| h.local.iter()).chain(&durable).copied().collect();
@@ -297,6 +299,7 @@ mod tests {
 
     fn holding(local: &[u64], durable: Option<&[u64]>) -> Holding {
         Holding {
+            step: None,
             refused: None,
             local: local.iter().copied().collect(),
             durable: durable.map(|d| d.iter().copied().collect()),
@@ -308,11 +311,17 @@ mod tests {
         // Step 30: only rank 0 has its part and the durable run lacks it; step 20: every
         // part; step 10: durable (seen by rank 1 only) and one part.
         let all = [holding(&[10, 20, 30], None), holding(&[20], Some(&[10]))];
-        assert_eq!(agreed_steps(&all, None).unwrap(), vec![(20, false), (10, true)]);
-        assert_eq!(agreed_steps(&all, Some(10)).unwrap(), vec![(10, true)]);
-        assert!(agreed_steps(&all, Some(30)).unwrap().is_empty());
-        let refused = [holding(&[20], None), Holding::refused(&Error::new(ErrorKind::StorageFull, "disk full"))];
-        let err = agreed_steps(&refused, None).unwrap_err();
+        assert_eq!(agreed_steps(&all).unwrap(), vec![(20, false), (10, true)]);
+        let asked = |step| all.clone().map(|h| Holding { step: Some(step), ..h });
+        assert_eq!(agreed_steps(&asked(10)).unwrap(), vec![(10, true)]);
+        assert!(agreed_steps(&asked(30)).unwrap().is_empty());
+        // Ranks asked for different steps all fail alike (none waits for the others).
+        let mut differ = asked(10);
+        differ[1].step = Some(20);
+        assert!(agreed_steps(&differ).unwrap_err().to_string().contains("rank 1 step 20"));
+        let full = Holding::refused(None, &Error::new(ErrorKind::StorageFull, "disk full"));
+        let refused = [holding(&[20], None), full];
+        let err = agreed_steps(&refused).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::StorageFull);
         assert!(err.message().contains("rank 1"), "{err}");
     }

@@ -512,7 +512,7 @@ fn ranks_keep_their_own_parts_locally_upload_together_and_agree_on_what_to_resto
     }
 
     // Restores, each rank's from its own part while every part is good.
-    let restore_all = |damage: &dyn Fn()| -> Vec<cairn::manager::Restored> {
+    let restore_all = |damage: &dyn Fn(), load: fn(u32) -> LoadOptions| -> Vec<cairn::manager::Restored> {
         damage();
         let collective = common::in_process_collective(2);
         std::thread::scope(|s| {
@@ -521,14 +521,14 @@ fn ranks_keep_their_own_parts_locally_upload_together_and_agree_on_what_to_resto
                     let (local, durable, all_gather) = (&local, &durable, collective(rank));
                     s.spawn(move || {
                         let manager = rank_manager(rank, local, durable, 2, Some(all_gather));
-                        manager.restore_reporting(None, &rank_load(rank)).unwrap()
+                        manager.restore_reporting(None, &load(rank)).unwrap()
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
     };
-    let restored = restore_all(&|| {});
+    let restored = restore_all(&|| {}, rank_load);
     for (rank, r) in restored.iter().enumerate() {
         assert_eq!(r.info.step, 5);
         assert!(r.info.uri.contains(&format!("rank-{rank:05}")), "{}", r.info.uri);
@@ -537,15 +537,26 @@ fn ranks_keep_their_own_parts_locally_upload_together_and_agree_on_what_to_resto
     }
     // Rank 1's part of step 5 is damaged and no durable copy of step 5 exists: every rank
     // goes back to step 4 together, rank 1 saying why.
-    let restored = restore_all(&|| corrupt_shards(&dir.path().join("local/rank-00001/step-000000000005")));
+    let restored = restore_all(&|| corrupt_shards(&dir.path().join("local/rank-00001/step-000000000005")), rank_load);
     assert_eq!(restored.iter().map(|r| r.info.step).collect::<Vec<_>>(), [4, 4]);
     assert!(restored[1].passed_over.iter().any(|e| e.kind() == ErrorKind::Corrupt));
     assert!(restored[0].info.uri.contains("rank-00000"));
+    // The job left step 5's timeline: no rank keeps a part of it, to be mixed in later.
+    assert_eq!((steps(&rank_run(0)), steps(&rank_run(1))), (vec![4], vec![4]));
     // Rank 1's part of step 4 damaged too: it loads step 4 from the durable run.
-    let restored = restore_all(&|| corrupt_shards(&dir.path().join("local/rank-00001/step-000000000004")));
+    let restored = restore_all(&|| corrupt_shards(&dir.path().join("local/rank-00001/step-000000000004")), rank_load);
     assert_eq!(restored.iter().map(|r| r.info.step).collect::<Vec<_>>(), [4, 4]);
     assert!(restored[1].info.uri.starts_with(durable.location().uri()), "{}", restored[1].info.uri);
     assert_eq!(restored[1].state.tensor("sharded").unwrap().data()[0], 8);
+    // Whole tensors asked for: no part holds them, so every rank reads the durable copy,
+    // and a part that lacks them is not reported as damaged.
+    let whole = |rank: u32| LoadOptions::default().with_rank(rank);
+    let restored = restore_all(&|| {}, whole);
+    for r in &restored {
+        assert_eq!(r.info.step, 4);
+        assert!(r.info.uri.starts_with(durable.location().uri()) && r.passed_over.is_empty(), "{r:?}");
+        assert_eq!(r.state.tensor("sharded").unwrap().data().as_ref(), [[4u8; 8], [8u8; 8]].concat());
+    }
 
     // Without the job's collectives the ranks cannot agree on a local step: the durable
     // tier serves, the same for every rank.
@@ -590,4 +601,45 @@ fn a_rank_without_its_part_fails_the_upload_on_every_rank_at_once() {
     assert_eq!(problems[0].len(), 1, "{:?}", problems[0]);
     let shown = problems[0][0].to_string();
     assert!(shown.contains("rank 1") && shown.contains("out of host memory") && shown.contains("step=2"), "{shown}");
+}
+
+#[test]
+fn a_rank_whose_save_was_killed_fails_the_owed_upload_at_once_when_the_job_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let (faulty, durable) = store_backed_run("ranks-owed");
+    let run_job = |steps: std::ops::RangeInclusive<u64>| -> Vec<(Vec<cairn::Error>, Vec<u64>)> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2u32)
+                .map(|rank| {
+                    let (local, durable, steps) = (&local, &durable, steps.clone());
+                    s.spawn(move || {
+                        let manager = rank_manager(rank, local, durable, 2, None);
+                        for step in steps {
+                            manager.on_step(step, &rank_state(rank, step), SaveRequest::default()).unwrap();
+                        }
+                        manager.wait().unwrap();
+                        (manager.take_cleanup_errors(), manager.pending_uploads())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    // The durable store is down: steps 2 and 4 stay owed on both ranks.
+    faulty.set_down(true);
+    assert!(run_job(1..=4).iter().all(|(_, owed)| owed == &[2, 4]));
+    // Rank 1's part of step 2 is gone (as if its save had been killed before the commit).
+    std::fs::remove_dir_all(dir.path().join("local/rank-00001/step-000000000002")).unwrap();
+    faulty.set_down(false);
+    // Restarted, rank 1 joins the upload of step 2 only to fail it, at once (not after
+    // the 120 s coordination timeout); step 4 and the new steps upload.
+    let (problems, owed): (Vec<_>, Vec<_>) = run_job(5..=6).into_iter().unzip();
+    assert_eq!(steps(&durable), [4, 6]);
+    assert!(owed.iter().all(Vec::is_empty), "{owed:?}");
+    assert!(problems[1].is_empty(), "{:?}", problems[1]);
+    assert_eq!(problems[0].len(), 1, "{:?}", problems[0]);
+    let shown = problems[0][0].to_string();
+    assert!(shown.contains("rank 1 could not take part") && shown.contains("never committed"), "{shown}");
+    assert_eq!(problems[0][0].kind(), ErrorKind::NotFound);
 }

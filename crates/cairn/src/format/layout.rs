@@ -36,12 +36,7 @@ pub fn parse_step_dir(name: &str) -> Option<u64> {
 /// The attempt id keeps a zombie writer of a failed attempt from ever overwriting the
 /// shards of another attempt.
 pub fn shard_file(rank: u32, index: usize, count: usize, attempt: &str) -> String {
-    format!("{}{index:05}-of-{count:05}-{attempt}.safetensors", rank_shards(rank))
-}
-
-/// How the names of the data files rank `rank` writes begin (see [`shard_file`]).
-pub fn rank_shards(rank: u32) -> String {
-    format!("{SHARDS_DIR}/r{rank:05}-")
+    format!("{SHARDS_DIR}/r{rank:05}-{index:05}-of-{count:05}-{attempt}.safetensors")
 }
 
 /// Folder of a checkpoint where ranks of a multi-rank save exchange their messages.
