@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import _arrays, _sharded, _staging
+from . import _arrays, _cairn, _sharded, _staging
 from ._cairn import CorruptCheckpointError, InvalidArgumentError
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
@@ -241,6 +241,11 @@ def unflatten(structure: str | None, leaves: dict[str, Any], checkpoint: str = "
     that is not what `flatten` writes raises CorruptCheckpointError naming `checkpoint`."""
     if structure is None:
         return dict(leaves)
+    # Read natively (100,000 leaves in a fraction of the time); what that parser does
+    # not read (too deep, say) is read below, which also says what is malformed.
+    parsed, built = _cairn.unflatten(structure, leaves)
+    if parsed:
+        return built
     try:
         node = json.loads(structure)
         built = _unflatten(node, leaves)

@@ -8,6 +8,7 @@ mod convert;
 mod errors;
 mod manager;
 mod parts;
+mod tree;
 
 use std::collections::BTreeMap;
 
@@ -359,6 +360,7 @@ fn _cairn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parts::write_part, m)?)?;
     m.add_function(wrap_pyfunction!(parts::commit_parts, m)?)?;
     m.add_function(wrap_pyfunction!(parts::remove_run, m)?)?;
+    m.add_function(wrap_pyfunction!(tree::unflatten, m)?)?;
     m.add_class::<Manager>()?;
     m.add_class::<Opened>()?;
     m.add_class::<TensorBuffer>()?;

@@ -252,3 +252,47 @@ def test_a_load_reports_its_progress_in_bytes(tmp_path):
     cairn.load(tmp_path / "run", target=target, progress=lambda stage, n: told.append((stage, n)))
     assert sum(n for _, n in told) == info.tensor_bytes
     assert all(np.array_equal(target[k], v) for k, v in state.items())
+
+
+def test_the_native_reading_of_the_structure_builds_what_the_python_reading_does():
+    """`_tree.unflatten` reads the saved structure natively; every selection of every
+    kind of nesting (int keys, tuples, empty containers, None values) is built exactly as
+    the Python reading (the reference, and what reads structures the native one does
+    not: nested deeper than its parser goes) builds it."""
+    import itertools
+    import json
+
+    from cairn import _cairn, _tree
+
+    deep = current = {}
+    for _ in range(_tree.MAX_NESTING):
+        current["d"] = {}
+        current = current["d"]
+    current["leaf"] = np.zeros(1)
+    states = [
+        {"a": {0: np.ones(2), 1: {}, "t": (np.zeros(1), [], None)}, "b": [1, "x", np.ones(3)], "c": {"d": {"e": 5}}},
+        [np.ones(1), {"k": None}],
+        (),
+        np.ones(2),
+        deep,
+    ]
+    for state in states:
+        leaves = _tree.flatten(state)
+        keys = [t[0] for t in leaves.tensors] + [v[0] for v in leaves.values]
+        everything = {k: f"leaf:{k}" for k in keys}
+        for n in range(len(keys) + 1):
+            for chosen in itertools.islice(itertools.combinations(keys, n), 20):
+                selected = {k: everything[k] for k in chosen}
+                want = _tree._unflatten(json.loads(leaves.structure), selected)
+                if want is _tree._MISSING:
+                    want = {"dict": {}, "list": [], "tuple": ()}.get(next(iter(json.loads(leaves.structure))))
+                parsed, got = _cairn.unflatten(leaves.structure, selected)
+                if state is deep:
+                    assert not parsed  # deeper than the native parser goes: Python reads it
+                    continue
+                assert parsed and got == want and repr(got) == repr(want), (state, chosen, got, want)
+        assert _tree.unflatten(leaves.structure, everything) is not None
+    # Not a structure the native parser reads: Python's reading says what is wrong.
+    assert _cairn.unflatten('{"dict": [[["unhashable"], {"tensor": "w"}]]}', {"w": 1}) == (False, None)
+    with pytest.raises(cairn.CorruptCheckpointError, match="structure is malformed"):
+        _tree.unflatten('{"dict": [[["unhashable"], {"tensor": "w"}]]}', {"w": 1})
