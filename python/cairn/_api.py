@@ -127,10 +127,18 @@ def _prefixes(prefix: str | Sequence[str] | None) -> list[str] | None:
     return [prefix] if isinstance(prefix, str) else list(prefix)
 
 
+def _arrays_wanted(framework: str, dtype: Any) -> tuple[Any, dict[str, Any]] | None:
+    """What a native load needs to give its tensors as numpy arrays, as loaded (plain
+    numpy, no cast): made there, 100,000 tiny tensors take half the time."""
+    return (np.ndarray, _arrays.NUMPY_DTYPES) if framework == "numpy" and dtype is None else None
+
+
 def _build(native: tuple, *, dtype: Any, framework: str, renamed: bool, device: Any = None) -> Any:
     """A native load's result as the caller's state: tensors as `framework` arrays (on
     `device`), floating-point ones cast to `dtype` (from `_arrays.resolve_dtype`)."""
     leaves, structure, info = native
+    if isinstance(leaves, dict):  # numpy arrays as loaded, made natively (`_arrays_wanted`)
+        return leaves if renamed else _tree.unflatten(structure, leaves, info.get("uri", ""))
     out: dict[str, Any] = {}
     # Plain numpy arrays, as loaded, are the common case: made here without a call per
     # tensor (100,000 tiny tensors are made in a third less time).
@@ -298,6 +306,7 @@ def load(
             None,
             _own_rank(rank),
             progress,
+            _arrays_wanted(framework, dtype),
         )
         return _build(native, dtype=dtype, framework=framework, renamed=rename is not None, device=device)
 
@@ -1049,7 +1058,8 @@ class CheckpointManager:
         dtype = None if dtype is None else _arrays.resolve_dtype(dtype)
         with _tree.gc_paused():
             native, passed_over = self._native.restore(
-                step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename)
+                step, _prefixes(prefix), None if keys is None else list(keys), _rename(rename),
+                _arrays_wanted(framework, dtype),
             )
             _warn_passed_over(passed_over)
             state = _build(native, dtype=dtype, framework=framework, renamed=rename is not None, device=device)

@@ -17,7 +17,10 @@ class UnavailableError(CheckpointError): ...
 
 TensorLeaf = tuple[str, str, list[int], Any, tuple[list[int], list[int]] | None]
 ValueLeaf = tuple[str, Any]
-Loaded = tuple[list[tuple[Any, ...]], str | None, dict[str, Any]]
+Loaded = tuple[list[tuple[Any, ...]] | dict[str, Any], str | None, dict[str, Any]]
+# numpy's ndarray type and the numpy dtype of each Cairn dtype name: a load then gives its
+# tensors as numpy arrays, in a dict by key, with the values.
+Arrays = tuple[Any, dict[str, Any]] | None
 
 class TensorBuffer:
     """Loaded tensor bytes, exported through the buffer protocol without a copy."""
@@ -53,6 +56,7 @@ class Opened:
         shapes: dict[str, list[int]] | None = None,
         rank: int | None = None,
         progress: Callable[[str, int], Any] | None = None,
+        arrays: Arrays = None,
     ) -> Loaded: ...
     def describe(self, rank: int | None = None) -> tuple[list[tuple[str, str, list[int]]], list[str], str | None]: ...
 
@@ -130,6 +134,7 @@ class Manager:
         prefix: Sequence[str] | None = None,
         keys: Sequence[str] | None = None,
         rename: Sequence[tuple[str, str]] | None = None,
+        arrays: Arrays = None,
     ) -> tuple[Loaded, list[str]]: ...
     def restore_into(self, step: int | None, load: Callable[[str], Any]) -> tuple[Any, dict[str, Any], list[str]]: ...
     def pending_uploads(self) -> list[int]: ...

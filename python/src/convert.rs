@@ -10,7 +10,7 @@ use cairn::{CheckpointInfo, DType, Entry, LoadOptions, Piece, RenameRule, State,
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyBufferError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::errors::*;
 
@@ -249,18 +249,48 @@ impl TensorBuffer {
     }
 }
 
-pub(crate) type PyLeaves<'py> = (Vec<Bound<'py, PyAny>>, Option<String>, Bound<'py, PyDict>);
+pub(crate) type PyLeaves<'py> = (Bound<'py, PyAny>, Option<String>, Bound<'py, PyDict>);
 
-/// Converts a loaded state for Python: a list of leaves `(key, "tensor", dtype, shape,
-/// buffer)` or `(key, "value", object)`, the structure JSON, and the info dict. `mapped`:
-/// whether tensors are private mappings of local files, which may be handed out writable.
+/// How a load's tensors reach Python: numpy's `ndarray` type and its dtypes by Cairn's
+/// dtype names (`_arrays.NUMPY_DTYPES`), when the caller wants numpy arrays as loaded.
+pub(crate) type Arrays<'py> = (Bound<'py, PyAny>, Bound<'py, PyDict>);
+
+/// Converts a loaded state for Python: the leaves, the structure JSON, and the info dict.
+/// The leaves are a list of `(key, "tensor", dtype, shape, buffer)` and `(key, "value",
+/// object)`; with `arrays`, a dict of key -> numpy array (over the buffer, or a copy
+/// when it is read-only) or value. `mapped`: whether tensors are private mappings of
+/// local files, which may be handed out writable.
 pub(crate) fn state_to_py<'py>(
     py: Python<'py>,
     state: State,
     info: &CheckpointInfo,
     mapped: bool,
+    arrays: Option<Arrays<'py>>,
 ) -> PyResult<PyLeaves<'py>> {
     let structure = state.structure().map(|s| s.to_string());
+    if let Some((ndarray, dtypes)) = arrays {
+        let out = PyDict::new(py);
+        for (key, entry) in state.into_entries() {
+            let leaf = match entry {
+                Entry::Tensor(t) => {
+                    let (dtype, shape, data) = t.into_parts();
+                    let writable = mapped || data.is_unique();
+                    let buffer = Bound::new(py, TensorBuffer { data, writable })?;
+                    let dtype = dtypes.get_item(dtype.name())?.ok_or_else(|| {
+                        InvalidArgumentError::new_err(format!("no numpy dtype for {} key=`{key}`", dtype.name()))
+                    })?;
+                    let array = ndarray.call1((PyTuple::new(py, shape)?, dtype, buffer))?;
+                    match writable {
+                        true => array,
+                        false => array.call_method0("copy")?,
+                    }
+                }
+                Entry::Value(v) => value_to_py(py, &v)?,
+            };
+            out.set_item(key, leaf)?;
+        }
+        return Ok((out.into_any(), structure, info_to_py(py, info)?));
+    }
     let mut leaves = Vec::with_capacity(state.len());
     for (key, entry) in state.into_entries() {
         let leaf = match entry {
@@ -274,7 +304,7 @@ pub(crate) fn state_to_py<'py>(
         };
         leaves.push(leaf);
     }
-    Ok((leaves, structure, info_to_py(py, info)?))
+    Ok((PyList::new(py, leaves)?.into_any(), structure, info_to_py(py, info)?))
 }
 
 pub(crate) fn info_to_py<'py>(py: Python<'py>, info: &CheckpointInfo) -> PyResult<Bound<'py, PyDict>> {

@@ -107,7 +107,7 @@ struct Opened {
 impl Opened {
     /// Loads the selected tensors and values: `(tensors, values, info, structure)`.
     /// `progress(stage, nbytes)` is told the tensor bytes read (`"reading"`).
-    #[pyo3(signature = (prefix=None, keys=None, rename=None, boxes=None, shapes=None, rank=None, progress=None))]
+    #[pyo3(signature = (prefix=None, keys=None, rename=None, boxes=None, shapes=None, rank=None, progress=None, arrays=None))]
     #[allow(clippy::too_many_arguments)]
     fn load<'py>(
         &self,
@@ -119,6 +119,7 @@ impl Opened {
         shapes: Option<BTreeMap<String, Vec<u64>>>,
         rank: Option<u32>,
         progress: Option<Py<PyAny>>,
+        arrays: Option<Arrays<'py>>,
     ) -> PyResult<PyLeaves<'py>> {
         guarded(|| {
             let mut opts = load_options(prefix, keys, rename)?;
@@ -139,7 +140,7 @@ impl Opened {
                     state
                 })
                 .map_err(to_py_err)?;
-            state_to_py(py, state, &self.ckpt.info(), self.ckpt.location().local_dir().is_some())
+            state_to_py(py, state, &self.ckpt.info(), self.ckpt.location().local_dir().is_some(), arrays)
         })
     }
 

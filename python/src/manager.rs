@@ -158,7 +158,7 @@ impl Manager {
         guarded(|| py.detach(|| self.inner.close()).map_err(to_py_err))
     }
 
-    #[pyo3(signature = (step=None, prefix=None, keys=None, rename=None))]
+    #[pyo3(signature = (step=None, prefix=None, keys=None, rename=None, arrays=None))]
     fn restore<'py>(
         &self,
         py: Python<'py>,
@@ -166,6 +166,7 @@ impl Manager {
         prefix: Option<Vec<String>>,
         keys: Option<Vec<String>>,
         rename: Option<Vec<(String, String)>>,
+        arrays: Option<Arrays<'py>>,
     ) -> PyResult<(PyLeaves<'py>, Vec<String>)> {
         guarded(|| {
             let opts = load_options(prefix, keys, rename)?;
@@ -175,7 +176,7 @@ impl Manager {
             });
             let mapped = if from_local { self.mapped.0 } else { self.mapped.1 };
             let passed_over = restored.passed_over.iter().map(cairn::Error::full_message).collect();
-            Ok((state_to_py(py, restored.state, &restored.info, mapped)?, passed_over))
+            Ok((state_to_py(py, restored.state, &restored.info, mapped, arrays)?, passed_over))
         })
     }
 
