@@ -938,7 +938,8 @@ pub(crate) fn write_held<'a>(
 }
 
 /// Reads back `files`, just written into `dest`, and checks every checksum of them and of
-/// `pieces` in them; the first mismatch is a [`ErrorKind::Corrupt`] error naming it.
+/// `pieces` in them; the first mismatch is an [`ErrorKind::Unavailable`] error naming it
+/// (what was sent is intact: writing it again may well succeed).
 fn verify_written(dest: &Location, pieces: &[WrittenPiece], files: &BTreeMap<String, FileRecord>) -> Result<()> {
     let tensors = pieces
         .iter()
@@ -950,7 +951,10 @@ fn verify_written(dest: &Location, pieces: &[WrittenPiece], files: &BTreeMap<Str
         .collect();
     let written = Checkpoint::written(dest.clone(), files.clone(), tensors);
     match block_on(written.verify_async())?.into_iter().next() {
-        Some(first) => Err(Error::corrupt(format!("a written file failed verification: {}", first.message()))),
+        Some(first) => Err(Error::new(
+            ErrorKind::Unavailable,
+            format!("a written file read back differently: {}", first.message()),
+        )),
         None => Ok(()),
     }
 }

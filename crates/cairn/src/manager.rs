@@ -350,6 +350,9 @@ struct Durable {
     /// The manager's save options (sizes, concurrency) for uploads that save anew (with
     /// several ranks).
     save: SaveOptions,
+    /// Leftovers of unfinished uploads older than this are removed when the uploader
+    /// starts (see [`ManagerOptions::orphan_grace`]).
+    orphan_grace: Option<Duration>,
     retention: Retention,
     upload_grace: Duration,
     /// The step the durable run's `LATEST` hint names, as this manager last wrote it.
@@ -935,6 +938,7 @@ impl CheckpointManager {
                 let durable = Durable {
                     run,
                     save: opts.save.clone(),
+                    orphan_grace: opts.orphan_grace,
                     retention: opts.retention,
                     upload_grace: local.upload_grace,
                     hinted: Mutex::new(None),
@@ -1393,7 +1397,7 @@ impl CheckpointManager {
             }
             let err = match self.try_copy(&copy, &mut load, &passed_over) {
                 Ok((state, info)) => {
-                    self.forget_parts_after(info.step);
+                    self.forget_parts_after(info.step, step);
                     return Ok(Restored { state, info, passed_over });
                 }
                 Err((CopyFailure::Caller, err)) => return Err(err),
@@ -1503,7 +1507,7 @@ impl CheckpointManager {
             }
             match (loaded, verdicts.iter().all(|v| *v == tier::Verdict::Loaded)) {
                 (Some((state, info)), true) => {
-                    self.forget_parts_after(s);
+                    self.forget_parts_after(s, step);
                     return Ok(Restored { state, info, passed_over });
                 }
                 // This rank could load the step, other ranks could not: say why it resumes
@@ -1526,22 +1530,31 @@ impl CheckpointManager {
         Err(self.none_restored(step, passed_over))
     }
 
-    /// With local tiers of each rank's own: removes this rank's parts of steps after the
-    /// restored `step`, with their owed uploads. They belong to a timeline the job just
-    /// left (another rank lacked them); kept, a later save would skip their steps and a
-    /// later restore could mix them with the other ranks' new ones. A failure to remove
-    /// one is a cleanup problem.
-    fn forget_parts_after(&self, step: u64) {
-        if !self.shared.parted() {
+    /// With local tiers of each rank's own, after a restore of the newest step (`asked`
+    /// none) resumed from `step`: removes this rank's parts of later steps, with their
+    /// owed uploads (an upload of one already running is let finish first). They belong
+    /// to a timeline the job just left; kept, a later save would skip their steps and an
+    /// upload or restore could mix them with another rank's new parts. A restore of a
+    /// step asked for (to evaluate it, say) removes nothing. A failure to remove one is
+    /// a cleanup problem.
+    fn forget_parts_after(&self, step: u64, asked: Option<u64>) {
+        if !self.shared.parted() || asked.is_some() {
             return;
         }
         let newer: Vec<u64> = self.shared.lock().known.range(step + 1..).map(|(s, _)| *s).collect();
         for s in newer {
+            let mut inner = self.shared.lock();
+            inner.uploads.retain(|&queued| queued != s);
+            inner.refusals.remove(&s);
+            while inner.uploading == Some(s) {
+                inner = self.shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+            }
+            inner.owed.remove(&s);
+            inner.held.remove(&s);
+            drop(inner);
             let removed =
                 retried(|| tier::unmark(&self.shared.run, s)).and_then(|()| retried(|| self.shared.run.delete(s)));
             let mut inner = self.shared.lock();
-            inner.owed.remove(&s);
-            inner.held.remove(&s);
             match removed {
                 Ok(()) => drop(inner.known.remove(&s)),
                 Err(err) => {
@@ -1801,11 +1814,6 @@ fn work(shared: &Shared) {
                 if let Err(err) = retried(|| shared.run.prune_orphans(grace)) {
                     shared.cleanup_failed(err);
                 }
-                // What unfinished uploads left in the durable run (with a local tier).
-                let durable = shared.durable.as_ref().filter(|_| shared.leads());
-                if let Err(err) = durable.map_or(Ok(Vec::new()), |d| retried(|| d.run.prune_orphans(grace))) {
-                    shared.cleanup_failed(err);
-                }
                 Ok(())
             }
         };
@@ -1849,6 +1857,14 @@ fn apply_retention(shared: &Shared) {
 /// until the manager shuts down.
 fn upload_work(shared: &Shared) {
     let Some(durable) = &shared.durable else { return };
+    // What unfinished uploads left in the durable run, removed before this uploader
+    // resumes any (they may resume from files an earlier try left) and by the rank that
+    // coordinates them.
+    if let Some(grace) = durable.orphan_grace.filter(|_| shared.leads()) {
+        if let Err(err) = retried(|| durable.run.prune_orphans(grace)) {
+            shared.cleanup_failed(err);
+        }
+    }
     loop {
         let step = {
             let mut inner = shared.lock();
