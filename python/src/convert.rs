@@ -273,9 +273,8 @@ pub(crate) fn state_to_py<'py>(
         for (key, entry) in state.into_entries() {
             let leaf = match entry {
                 Entry::Tensor(t) => {
-                    let (dtype, shape, data) = t.into_parts();
-                    let writable = mapped || data.is_unique();
-                    let buffer = Bound::new(py, TensorBuffer { data, writable })?;
+                    let (dtype, shape, buffer) = exported(py, t, mapped)?;
+                    let writable = buffer.get().writable;
                     let dtype = dtypes.get_item(dtype.name())?.ok_or_else(|| {
                         InvalidArgumentError::new_err(format!("no numpy dtype for {} key=`{key}`", dtype.name()))
                     })?;
@@ -295,9 +294,7 @@ pub(crate) fn state_to_py<'py>(
     for (key, entry) in state.into_entries() {
         let leaf = match entry {
             Entry::Tensor(t) => {
-                let (dtype, shape, data) = t.into_parts();
-                let writable = mapped || data.is_unique();
-                let buffer = Bound::new(py, TensorBuffer { data, writable })?;
+                let (dtype, shape, buffer) = exported(py, t, mapped)?;
                 (key.as_str(), "tensor", dtype.name(), shape, buffer).into_pyobject(py)?.into_any()
             }
             Entry::Value(v) => (key.as_str(), "value", value_to_py(py, &v)?).into_pyobject(py)?.into_any(),
@@ -305,6 +302,19 @@ pub(crate) fn state_to_py<'py>(
         leaves.push(leaf);
     }
     Ok((PyList::new(py, leaves)?.into_any(), structure, info_to_py(py, info)?))
+}
+
+/// A loaded tensor's dtype, shape and its data as a buffer for Python: writable when
+/// `mapped` (a private mapping of a local file) or when the buffer is its data's only
+/// owner, read-only otherwise.
+fn exported<'py>(
+    py: Python<'py>,
+    tensor: Tensor,
+    mapped: bool,
+) -> PyResult<(DType, Vec<u64>, Bound<'py, TensorBuffer>)> {
+    let (dtype, shape, data) = tensor.into_parts();
+    let writable = mapped || data.is_unique();
+    Ok((dtype, shape, Bound::new(py, TensorBuffer { data, writable })?))
 }
 
 pub(crate) fn info_to_py<'py>(py: Python<'py>, info: &CheckpointInfo) -> PyResult<Bound<'py, PyDict>> {

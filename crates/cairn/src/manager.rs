@@ -618,7 +618,11 @@ impl Shared {
                     last = Some(event);
                     result
                 });
-                (result, last.expect("retried tries at least once"))
+                let event = last.unwrap_or_else(|| {
+                    Event::new(Operation::Upload, Tier::Durable, step, durable.run.step_location(step).uri())
+                        .with_outcome(&result)
+                });
+                (result, event)
             }
         };
         self.sinks.emit(event);

@@ -73,14 +73,27 @@ fn destination(location: &Location, opts: &SaveOptions) -> (Location, u64) {
 /// until [`commit_parts`]. Refused when that folder is already committed. Plain values
 /// and structure are the coordinator's (see [`commit_parts`]).
 pub fn write_part(location: &Location, state: &State, rank: u32, opts: &SaveOptions) -> Result<Part> {
+    write_own(location, state, rank, opts, true).map(|(part, ..)| part)
+}
+
+/// [`write_part`], also returning the checkpoint folder written, its step, and the tag
+/// the files' names carry; whole tensors are declared with their content ids when
+/// `contents` (what a coordinator's plan tells replicas by).
+fn write_own(
+    location: &Location,
+    state: &State,
+    rank: u32,
+    opts: &SaveOptions,
+    contents: bool,
+) -> Result<(Part, Location, u64, String)> {
     let (dest, step) = destination(location, opts);
     if block_on(commit::is_committed(&dest))? {
         return Err(commit::already_committed(step, &dest));
     }
-    let declared = declared_pieces(state, true)?;
+    let declared = declared_pieces(state, contents)?;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let (pieces, files) = write_held(&dest, state, rank, &tag[..12], opts, declared.iter())?;
-    Ok(Part { rank, pieces, files })
+    Ok((Part { rank, pieces, files }, dest, step, tag))
 }
 
 /// Commits the checkpoint folder that [`write_part`] wrote with the same `location` and
@@ -134,18 +147,12 @@ pub(crate) fn save_part(
     world_size: u32,
 ) -> Result<CheckpointInfo> {
     let started = std::time::Instant::now();
-    let (dest, step) = destination(location, opts);
-    if block_on(commit::is_committed(&dest))? {
-        return Err(commit::already_committed(step, &dest));
-    }
-    let declared = declared_pieces(state, false)?;
-    let save_id = uuid::Uuid::new_v4().simple().to_string();
-    let (pieces, files) = write_held(&dest, state, rank, &save_id[..12], opts, declared.iter())?;
+    let (part, dest, step, save_id) = write_own(location, state, rank, opts, false)?;
     let mut tensors = BTreeMap::new();
-    for piece in pieces {
+    for piece in part.pieces {
         merge_piece(&mut tensors, rank as usize, piece)?;
     }
-    let mut manifest = save::manifest_of(state, step, opts, &save_id, world_size, tensors, files);
+    let mut manifest = save::manifest_of(state, step, opts, &save_id, world_size, tensors, part.files);
     manifest.part = Some(rank);
     manifest.timings = Some(crate::format::manifest::SaveTimings {
         snapshot_ms: opts.snapshot_time.map(|d| d.as_millis() as u64),
