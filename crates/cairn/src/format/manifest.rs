@@ -702,6 +702,29 @@ mod tests {
     }
 
     #[test]
+    fn only_a_ranks_part_may_leave_holes_and_its_rank_is_one_of_the_job() {
+        // The tensor's one piece covers its first row only.
+        let mut holed = sample();
+        holed.writer.world_size = 2;
+        let w = holed.tensors.get_mut("w").unwrap();
+        w.shape = vec![4, 2];
+        assert!(decode_err(&holed).to_string().contains("pieces cover 4 of 8 elements"));
+        let mut part = holed.clone();
+        part.part = Some(1);
+        assert_eq!(Manifest::decode(&part.encode().unwrap(), "m.json").unwrap(), part);
+        part.part = Some(2);
+        let err = decode_err(&part);
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.to_string().contains("the part of rank 2 of a save by 2 ranks"), "{err}");
+        // Overlaps stay refused in a part.
+        let mut overlapping = holed.clone();
+        overlapping.part = Some(0);
+        let again = overlapping.tensors["w"].pieces[0].clone();
+        overlapping.tensors.get_mut("w").unwrap().pieces.push(again);
+        assert!(decode_err(&overlapping).to_string().contains("overlapping pieces"));
+    }
+
+    #[test]
     fn rank_records_round_trip_and_bad_ones_are_corrupt() {
         let mut m = sample();
         m.writer.world_size = 4;
