@@ -643,3 +643,45 @@ fn a_rank_whose_save_was_killed_fails_the_owed_upload_at_once_when_the_job_resta
     assert!(shown.contains("rank 1 could not take part") && shown.contains("never committed"), "{shown}");
     assert_eq!(problems[0][0].kind(), ErrorKind::NotFound);
 }
+
+#[test]
+fn a_restore_of_an_older_step_asked_for_keeps_every_newer_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir_run(dir.path(), "local");
+    let durable = local_dir_run(dir.path(), "durable");
+    std::thread::scope(|s| {
+        for rank in 0..2u32 {
+            let (local, durable) = (&local, &durable);
+            s.spawn(move || {
+                let manager = rank_manager(rank, local, durable, 2, None);
+                for step in 1..=4 {
+                    manager.on_step(step, &rank_state(rank, step), SaveRequest::default()).unwrap();
+                }
+                manager.wait().unwrap();
+            });
+        }
+    });
+    let collective = common::in_process_collective(2);
+    let restored: Vec<(u64, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u32)
+            .map(|rank| {
+                let (local, durable, all_gather) = (&local, &durable, collective(rank));
+                s.spawn(move || {
+                    let manager = rank_manager(rank, local, durable, 2, Some(all_gather));
+                    let r = manager.restore_reporting(Some(2), &rank_load(rank)).unwrap();
+                    (r.info.step, r.info.uri)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (step, uri) in &restored {
+        assert_eq!(*step, 2);
+        assert!(uri.starts_with(durable.location().uri()), "{uri}");
+    }
+    // Evaluating step 2 is not resuming from it: the parts of steps 3 and 4 stay.
+    for rank in 0..2u32 {
+        let own = Run::open(dir.path().join(format!("local/rank-{rank:05}")).to_str().unwrap()).unwrap();
+        assert_eq!(steps(&own), [3, 4], "rank {rank}");
+    }
+}
