@@ -926,10 +926,11 @@ impl CheckpointManager {
                     "an automatic interval measures the saves it times: with a local tier, give it to the local tier's policy",
                 ));
             }
-            if local.run.location().uri() == run.location().uri() {
+            if tier::overlapping(&local.run, &run) {
                 return Err(Error::invalid(format!(
-                    "the local tier is the run itself: give it a folder of its own run=`{}`",
-                    run.location().uri()
+                    "the local tier is the run itself, or inside it or around it: give it a folder of its own run=`{}` local=`{}`",
+                    run.location().uri(),
+                    local.run.location().uri()
                 )));
             }
         }

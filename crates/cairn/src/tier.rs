@@ -88,6 +88,23 @@ impl LocalTier {
     }
 }
 
+/// Whether the runs `a` and `b` are one run, or one lies inside the other: the same URI,
+/// or local folders that resolve (symlinks and `..` followed) to the same folder or to
+/// one inside the other.
+pub(crate) fn overlapping(a: &Run, b: &Run) -> bool {
+    if a.location().uri() == b.location().uri() {
+        return true;
+    }
+    let resolved = |run: &Run| {
+        let dir = run.location().local_dir()?;
+        Some(std::fs::canonicalize(dir).unwrap_or_else(|_| std::path::absolute(dir).unwrap_or(dir.to_path_buf())))
+    };
+    match (resolved(a), resolved(b)) {
+        (Some(a), Some(b)) => a.starts_with(&b) || b.starts_with(&a),
+        _ => false,
+    }
+}
+
 fn markers(local: &Run) -> Location {
     local.location().child(UPLOADS_DIR)
 }

@@ -231,6 +231,19 @@ fn options_that_cannot_work_are_refused() {
         .with_preemption_signal(None);
     let err = CheckpointManager::with_run(local.clone(), opts).err().unwrap();
     assert!(err.kind() == ErrorKind::Invalid && err.to_string().contains("the run itself"), "{err}");
+    // The same folder spelled otherwise, one inside the other, or reached through a
+    // symlink: refused alike.
+    std::os::unix::fs::symlink(dir.path().join("local"), dir.path().join("alias")).unwrap();
+    for (run, tier) in
+        [("local", "durable/../local/"), ("durable", "durable/nvme"), ("durable/inner", "durable"), ("local", "alias")]
+    {
+        let tier = Run::create(dir.path().join(tier).to_str().unwrap()).unwrap();
+        let opts = ManagerOptions::default()
+            .with_local_tier(LocalTier::new(tier, every(1), keep_last(1)))
+            .with_preemption_signal(None);
+        let err = CheckpointManager::with_run(local_dir_run(dir.path(), run), opts).err().unwrap();
+        assert!(err.kind() == ErrorKind::Invalid && err.to_string().contains("the run itself"), "{run}: {err}");
+    }
 }
 
 #[test]
