@@ -467,6 +467,31 @@ fn rank_manager(
     CheckpointManager::with_run(durable.clone(), opts).unwrap()
 }
 
+/// Two ranks (managers of `rank_manager`, no collectives) each save their state at
+/// `steps` and wait; each rank's cleanup problems and the uploads it still owes.
+fn save_on_two_ranks(
+    local: &Run,
+    durable: &Run,
+    steps: std::ops::RangeInclusive<u64>,
+) -> Vec<(Vec<cairn::Error>, Vec<u64>)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u32)
+            .map(|rank| {
+                let steps = steps.clone();
+                s.spawn(move || {
+                    let manager = rank_manager(rank, local, durable, 2, None);
+                    for step in steps {
+                        manager.on_step(step, &rank_state(rank, step), SaveRequest::default()).unwrap();
+                    }
+                    manager.wait().unwrap();
+                    (manager.take_cleanup_errors(), manager.pending_uploads())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Corrupts every data file of a local checkpoint folder.
 fn corrupt_shards(folder: &std::path::Path) {
     for entry in std::fs::read_dir(folder.join("shards")).unwrap() {
@@ -486,20 +511,9 @@ fn ranks_keep_their_own_parts_locally_upload_together_and_agree_on_what_to_resto
     let rank_run = |rank: u32| Run::open(dir.path().join(format!("local/rank-{rank:05}")).to_str().unwrap()).unwrap();
 
     // Saves every step locally, each rank alone; every second step uploaded together.
-    std::thread::scope(|s| {
-        for rank in 0..2u32 {
-            let (local, durable) = (&local, &durable);
-            s.spawn(move || {
-                let manager = rank_manager(rank, local, durable, 2, None);
-                for step in 1..=5 {
-                    manager.on_step(step, &rank_state(rank, step), SaveRequest::default()).unwrap();
-                }
-                manager.wait().unwrap();
-                assert!(manager.take_cleanup_errors().is_empty());
-                assert!(manager.pending_uploads().is_empty());
-            });
-        }
-    });
+    for (problems, owed) in save_on_two_ranks(&local, &durable, 1..=5) {
+        assert!(problems.is_empty() && owed.is_empty(), "{problems:?} {owed:?}");
+    }
     for rank in 0..2u32 {
         let own = rank_run(rank);
         assert_eq!(steps(&own), [4, 5], "rank {rank}");
@@ -621,33 +635,15 @@ fn a_rank_whose_save_was_killed_fails_the_owed_upload_at_once_when_the_job_resta
     let dir = tempfile::tempdir().unwrap();
     let local = local_dir_run(dir.path(), "local");
     let (faulty, durable) = store_backed_run("ranks-owed");
-    let run_job = |steps: std::ops::RangeInclusive<u64>| -> Vec<(Vec<cairn::Error>, Vec<u64>)> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..2u32)
-                .map(|rank| {
-                    let (local, durable, steps) = (&local, &durable, steps.clone());
-                    s.spawn(move || {
-                        let manager = rank_manager(rank, local, durable, 2, None);
-                        for step in steps {
-                            manager.on_step(step, &rank_state(rank, step), SaveRequest::default()).unwrap();
-                        }
-                        manager.wait().unwrap();
-                        (manager.take_cleanup_errors(), manager.pending_uploads())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    };
     // The durable store is down: steps 2 and 4 stay owed on both ranks.
     faulty.set_down(true);
-    assert!(run_job(1..=4).iter().all(|(_, owed)| owed == &[2, 4]));
+    assert!(save_on_two_ranks(&local, &durable, 1..=4).iter().all(|(_, owed)| owed == &[2, 4]));
     // Rank 1's part of step 2 is gone (as if its save had been killed before the commit).
     std::fs::remove_dir_all(dir.path().join("local/rank-00001/step-000000000002")).unwrap();
     faulty.set_down(false);
     // Restarted, rank 1 joins the upload of step 2 only to fail it, at once (not after
     // the 120 s coordination timeout); step 4 and the new steps upload.
-    let (problems, owed): (Vec<_>, Vec<_>) = run_job(5..=6).into_iter().unzip();
+    let (problems, owed): (Vec<_>, Vec<_>) = save_on_two_ranks(&local, &durable, 5..=6).into_iter().unzip();
     assert_eq!(steps(&durable), [4, 6]);
     assert!(owed.iter().all(Vec::is_empty), "{owed:?}");
     assert!(problems[1].is_empty(), "{:?}", problems[1]);
@@ -662,18 +658,7 @@ fn a_restore_of_an_older_step_asked_for_keeps_every_newer_part() {
     let dir = tempfile::tempdir().unwrap();
     let local = local_dir_run(dir.path(), "local");
     let durable = local_dir_run(dir.path(), "durable");
-    std::thread::scope(|s| {
-        for rank in 0..2u32 {
-            let (local, durable) = (&local, &durable);
-            s.spawn(move || {
-                let manager = rank_manager(rank, local, durable, 2, None);
-                for step in 1..=4 {
-                    manager.on_step(step, &rank_state(rank, step), SaveRequest::default()).unwrap();
-                }
-                manager.wait().unwrap();
-            });
-        }
-    });
+    save_on_two_ranks(&local, &durable, 1..=4);
     let collective = common::in_process_collective(2);
     let restored: Vec<(u64, String)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2u32)
