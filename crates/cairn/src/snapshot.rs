@@ -4,7 +4,10 @@
 //! All buffers go into one arena and the copy is split across threads, so the page
 //! faults of fresh memory are taken in parallel too. No transparent huge pages: the
 //! kernel's compaction to find them stalls the first snapshot (see
-//! docs/measurements.md).
+//! docs/measurements.md). Large pieces are copied with non-temporal (streaming) stores:
+//! the copy is read by the writer much later, so filling the caches with it only slows
+//! the copy (each destination line read before it is written) and evicts the training
+//! loop's data; glibc's `memcpy` streams only past a threshold far above these pieces.
 //!
 //! Each copy is a view into the arena. When the last view is dropped (the save is done),
 //! the arena goes back to its [`ArenaPool`], so the next snapshot copies into memory that
@@ -90,7 +93,7 @@ fn fill(arena: &mut [u8], sources: &[&[u8]], total: usize) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     if threads == 1 || total < PARALLEL_MIN_BYTES {
         for (from, to) in pieces {
-            to.copy_from_slice(from);
+            copy(to, from);
         }
         return;
     }
@@ -112,11 +115,68 @@ fn fill(arena: &mut [u8], sources: &[&[u8]], total: usize) {
         for run in runs {
             scope.spawn(move || {
                 for (from, to) in run {
-                    to.copy_from_slice(from);
+                    copy(to, from);
                 }
             });
         }
     });
+}
+
+/// Below this, a piece is copied through the caches (the writer may find it there).
+const STREAM_MIN_BYTES: usize = 256 << 10;
+
+/// Copies `from` into `to` (same length), streaming past the caches when it is large.
+fn copy(to: &mut [u8], from: &[u8]) {
+    if from.len() < STREAM_MIN_BYTES {
+        to.copy_from_slice(from);
+        return;
+    }
+    stream_copy(to, from);
+}
+
+/// Copies with SSE2 non-temporal stores (every x86-64 has SSE2): the destination lines
+/// are not read first and do not stay in the caches.
+#[cfg(target_arch = "x86_64")]
+fn stream_copy(to: &mut [u8], from: &[u8]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    const LANE: usize = 16;
+    const STRIDE: usize = 4 * LANE;
+    // The head up to the first 16-byte boundary of `to` and the tail past the last full
+    // stride go through the caches.
+    let head = to.as_ptr().align_offset(LANE).min(to.len());
+    let (to_head, to_body) = to.split_at_mut(head);
+    let (from_head, from_body) = from.split_at(head);
+    to_head.copy_from_slice(from_head);
+    let body = to_body.len() / STRIDE * STRIDE;
+    let (to_body, to_tail) = to_body.split_at_mut(body);
+    let (from_body, from_tail) = from_body.split_at(body);
+    for (dst, src) in to_body.chunks_exact_mut(STRIDE).zip(from_body.chunks_exact(STRIDE)) {
+        let (dst, src) = (dst.as_mut_ptr().cast::<__m128i>(), src.as_ptr().cast::<__m128i>());
+        // SAFETY: `dst` and `src` each span STRIDE bytes of distinct slices (4 lanes);
+        // `dst` is 16-byte aligned (the body starts at a 16-byte boundary and strides are
+        // multiples of 16), as `_mm_stream_si128` needs; `_mm_loadu_si128` takes any
+        // alignment. SSE2 is part of the x86-64 baseline.
+        unsafe {
+            let lanes = [
+                _mm_loadu_si128(src),
+                _mm_loadu_si128(src.add(1)),
+                _mm_loadu_si128(src.add(2)),
+                _mm_loadu_si128(src.add(3)),
+            ];
+            for (i, lane) in lanes.into_iter().enumerate() {
+                _mm_stream_si128(dst.add(i), lane);
+            }
+        }
+    }
+    to_tail.copy_from_slice(from_tail);
+    // SAFETY: a store fence has no preconditions; it orders the streaming stores above
+    // before whatever this thread does next (signalling that the copy is done).
+    unsafe { _mm_sfence() };
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn stream_copy(to: &mut [u8], from: &[u8]) {
+    to.copy_from_slice(from);
 }
 
 #[cfg(test)]
@@ -135,6 +195,22 @@ mod tests {
             if let Some(b) = source.first_mut() {
                 *b ^= 0xff;
                 assert_ne!(copy[0], *b, "the copy must not share memory with its source");
+            }
+        }
+    }
+
+    #[test]
+    fn streamed_copies_are_exact_at_every_alignment_and_length() {
+        let source: Vec<u8> = (0..STREAM_MIN_BYTES * 2 + 200).map(|i| (i * 31 % 251) as u8).collect();
+        let mut target = vec![0u8; source.len()];
+        for shift in [0, 1, 7, 16, 33] {
+            for len in [STREAM_MIN_BYTES, STREAM_MIN_BYTES + 1, STREAM_MIN_BYTES + 63, STREAM_MIN_BYTES * 2 - 5] {
+                target.fill(0);
+                let (from, to) = (&source[shift..shift + len], &mut target[shift + 3..shift + 3 + len]);
+                copy(to, from);
+                assert_eq!(to, from, "shift {shift} len {len}");
+                assert!(target[..shift + 3].iter().all(|&b| b == 0), "nothing written before the copy");
+                assert!(target[shift + 3 + len..].iter().all(|&b| b == 0), "nothing written after the copy");
             }
         }
     }
