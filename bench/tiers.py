@@ -13,7 +13,9 @@ free meanwhile, as it is while a GPU computes).
     upload's (or the S3 save's) commit, from the manager's events. Beside them: one memory
     copy of the state (`np.copyto` into preallocated arrays).
 (b) The loop: `--steps` steps with a local save at every one (uploads every 2x `--every`),
-    against the same loop without checkpoints.
+    against the same loop without checkpoints: once with the copy inside `on_step`, once
+    with `background_snapshot=True`, the loop calling `wait_snapshot()` before it changes
+    the state (the copy then overlaps the step).
 
     scripts/with-seaweedfs.sh .venv/bin/python bench/tiers.py [--size-mb 256] [--report docs/report.png]
 
@@ -102,7 +104,8 @@ def measure_saves(mgr_args: dict, state, saves: int, every: int, step_s: float, 
 
 
 def loop(state, steps: int, step_s: float, mgr_args: dict | None) -> tuple[float, float]:
-    """The loop's wall time, and the time its `on_step` calls blocked in all."""
+    """The loop's wall time, and the time its `on_step` (and `wait_snapshot`) calls
+    blocked in all."""
     mgr = None if mgr_args is None else cairn.CheckpointManager(**mgr_args, preemption_signal=None)
     if mgr is not None:
         mgr.on_step(0, state, force=True)  # as in (a): the snapshot memory, once
@@ -112,6 +115,10 @@ def loop(state, steps: int, step_s: float, mgr_args: dict | None) -> tuple[float
     try:
         for step in range(1, steps + 1):
             time.sleep(step_s)
+            if mgr is not None:
+                called = time.perf_counter()
+                mgr.wait_snapshot()  # the state changes next
+                blocked += time.perf_counter() - called
             touch(state, step)
             if mgr is not None:
                 called = time.perf_counter()
@@ -157,7 +164,10 @@ def main() -> None:
         every_step = dict(run=s3(), local=os.path.join(work, "loop"), local_policies=[cairn.Every(1)],
                           policies=[cairn.Every(args.every * 2)], keep_local=2, keep=keep)
         saving, blocked = loop(state, args.steps, args.step_s, every_step)
-        results["loop"] = {"steps": args.steps, "without_s": plain, "local_every_step_s": saving, "blocked_s": blocked}
+        every_step.update(run=s3(), local=os.path.join(work, "loop-behind"), background_snapshot=True)
+        behind, behind_blocked = loop(state, args.steps, args.step_s, every_step)
+        results["loop"] = {"steps": args.steps, "without_s": plain, "local_every_step_s": saving, "blocked_s": blocked,
+                           "background_snapshot_s": behind, "background_snapshot_blocked_s": behind_blocked}
 
         if args.report:
             report_run(work, args.report)
@@ -174,7 +184,9 @@ def main() -> None:
     lp = results["loop"]
     print(f"loop of {lp['steps']} steps: without checkpoints {lp['without_s']:.2f} s, "
           f"saving locally every step {lp['local_every_step_s']:.2f} s ({lp['local_every_step_s'] / lp['without_s']:.3f}x), "
-          f"on_step blocked {lp['blocked_s']:.2f} s in all")
+          f"on_step blocked {lp['blocked_s']:.2f} s in all; with background_snapshot "
+          f"{lp['background_snapshot_s']:.2f} s ({lp['background_snapshot_s'] / lp['without_s']:.3f}x), "
+          f"blocked {lp['background_snapshot_blocked_s']:.2f} s in all")
     with open(os.path.join(os.path.dirname(__file__), "tiers.json"), "w") as f:
         json.dump(results, f, indent=2)
 

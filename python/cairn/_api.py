@@ -816,6 +816,16 @@ class CheckpointManager:
     on exit. After SIGTERM (`preemption_signal`) the next `on_step` saves and flushes, and
     `preempted` becomes true: stop the loop then.
 
+    With `background_snapshot=True` (and async saving) the copy itself runs in the
+    background too, overlapping what the loop does next (the next batch, a GPU step), as
+    torch DCP's asynchronous staging: `on_step` returns at once, and the state's buffers
+    must stay unchanged until `wait_snapshot()` returns. Call it before anything changes
+    them: in torch, `optimizer.register_step_pre_hook(lambda *_: manager.wait_snapshot())`
+    covers the optimizer (a module that updates buffers in its forward pass, such as
+    batch norm, needs `module.register_forward_pre_hook` likewise). Changing the state
+    earlier saves a mix of old and new values. The next save, `wait()` and `close()` wait
+    for the copy too; a preemption save copies inside the call.
+
     In a multi-process job every process makes a manager and they save each checkpoint
     together (rank 0 applies retention). In a `torch.distributed` job the ranks are the
     job's and they coordinate through a `gloo` group of their own, made here (every rank
@@ -881,6 +891,7 @@ class CheckpointManager:
         keep: Keep | Sequence[Keep] = (),
         async_save: bool = True,
         max_in_flight: int = 1,
+        background_snapshot: bool = False,
         preemption_signal: int | None = _signal.SIGTERM,
         storage_options: dict[str, str] | None = None,
         rank: int | None = None,
@@ -948,6 +959,7 @@ class CheckpointManager:
             tier,
             on_event,
             None if event_log is None else os.fspath(event_log),
+            background_snapshot,
         )
         self._world_size = world_size
         self._rank = rank
@@ -965,6 +977,11 @@ class CheckpointManager:
     def local(self) -> str | None:
         """The local tier's location, if the manager has one."""
         return self._native.local_uri()
+
+    def wait_snapshot(self) -> None:
+        """Returns once the state handed to the last save has been copied: its buffers may
+        change from then on. At once unless `background_snapshot=True`."""
+        self._native.wait_snapshot()
 
     def pending_uploads(self) -> list[int]:
         """The steps still owed to the durable tier (queued, uploading, or failed and

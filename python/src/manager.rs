@@ -40,7 +40,7 @@ impl Drop for Manager {
 #[pymethods]
 impl Manager {
     #[new]
-    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0, incremental=true, mtbf=None, local=None, on_event=None, event_log=None))]
+    #[pyo3(signature = (uri, policies=None, save_interval=None, keep_last=None, keep_every=None, keep_best=None, async_save=true, max_in_flight=1, preemption_signal=None, storage_options=None, rank=0, world_size=1, orphan_grace=Some(3600.0), all_gather=None, timeout=600.0, incremental=true, mtbf=None, local=None, on_event=None, event_log=None, background_snapshot=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -64,6 +64,7 @@ impl Manager {
         local: Option<LocalArgs>,
         on_event: Option<Py<PyAny>>,
         event_log: Option<std::path::PathBuf>,
+        background_snapshot: bool,
     ) -> PyResult<Manager> {
         guarded(|| {
             let policy = save_policy(policies, save_interval, mtbf)?;
@@ -74,6 +75,7 @@ impl Manager {
                 .with_retention(retention)
                 .with_async_save(async_save)
                 .with_max_in_flight(max_in_flight)
+                .with_background_snapshot(background_snapshot)
                 .with_preemption_signal(preemption_signal)
                 .with_ranks(rank, world_size)
                 .with_coordination_timeout(seconds("timeout", timeout)?)
@@ -146,6 +148,15 @@ impl Manager {
                 estimates.map(|(_, w)| w.as_secs_f64()),
                 c.mtbf().as_secs_f64(),
             )
+        })
+    }
+
+    /// Returns once the state handed to the last save is copied (see
+    /// `CheckpointManager::wait_snapshot`).
+    fn wait_snapshot(&self, py: Python<'_>) -> PyResult<()> {
+        guarded(|| {
+            py.detach(|| self.inner.wait_snapshot());
+            Ok(())
         })
     }
 

@@ -51,6 +51,46 @@ def test_async_save_snapshots_before_the_caller_mutates(run_dir):
     assert info.step == 1 and not restored["w"].any()
 
 
+def test_a_background_snapshot_saves_the_state_as_it_was_when_the_caller_changes_it_after_wait_snapshot(run_dir):
+    # Large enough that changing it while the copy runs would show in the saved values.
+    state = {"w": np.zeros(1 << 24, np.float32), "b": np.arange(1000, dtype=np.int64)}
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)], background_snapshot=True, keep=cairn.KeepLast(10)) as mgr:
+        for step in range(1, 6):
+            assert mgr.on_step(step, state, metrics={"loss": float(step)})
+            mgr.wait_snapshot()
+            for array in state.values():
+                array += 1  # the update, in place, right after the copy is done
+    for step in range(1, 6):
+        restored, info = mgr.restore(step)
+        assert info.step == step and info.metrics == {"loss": float(step)}
+        np.testing.assert_array_equal(restored["w"], np.full(1 << 24, step - 1, np.float32))
+        np.testing.assert_array_equal(restored["b"], np.arange(1000) + step - 1)
+
+
+def test_a_background_snapshot_with_the_optimizer_hook_saves_each_step_of_a_torch_loop_bit_exact(run_dir):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.BatchNorm1d(256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    expected = {}
+    with cairn.CheckpointManager(run_dir, policies=[cairn.Every(1)], background_snapshot=True, keep=cairn.KeepLast(10)) as mgr:
+        optimizer.register_step_pre_hook(lambda *_: mgr.wait_snapshot())
+        model.register_forward_pre_hook(lambda *_: mgr.wait_snapshot())  # batch norm updates its buffers
+        for step in range(1, 7):
+            loss = model(torch.randn(32, 64)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+            mgr.on_step(step, state)
+            expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    for step, weights in expected.items():
+        restored, _ = mgr.restore(step)
+        assert restored["model"].keys() == weights.keys()
+        for key, value in weights.items():
+            assert torch.equal(torch.as_tensor(restored["model"][key]), value), (step, key)
+
+
 def test_restore_returns_state_and_info_and_resumes(run_dir):
     with cairn.CheckpointManager(run_dir, policies=[cairn.Every(5)]) as mgr:
         for s in range(1, 13):

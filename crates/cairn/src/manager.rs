@@ -81,6 +81,14 @@ pub struct ManagerOptions {
     pub async_save: bool,
     /// Saves queued or running at once; the next save waits for a slot.
     pub max_in_flight: usize,
+    /// With async saving, copy a live state ([`Handover::Copy`]) on a background thread:
+    /// `on_step` and `save` return before the copy is done, so that it overlaps what the
+    /// loop does next (a GPU step, the next batch), and the caller must leave the state's
+    /// buffers unchanged until [`CheckpointManager::wait_snapshot`] returns (before the
+    /// optimizer's update, say). As torch DCP's asynchronous staging. Off by default: the
+    /// call then returns once the copy is done. A preemption save always copies inside
+    /// the call.
+    pub background_snapshot: bool,
     /// Signal that requests a preemption save (SIGTERM by default; `None` for none).
     pub preemption_signal: Option<i32>,
     /// Clock for time-based policies.
@@ -124,6 +132,7 @@ impl Default for ManagerOptions {
             retention: Retention::default(),
             async_save: true,
             max_in_flight: 1,
+            background_snapshot: false,
             preemption_signal: Some(signal_hook::consts::SIGTERM),
             clock: Arc::new(SystemClock::default()),
             save: SaveOptions::default().with_incremental(true),
@@ -160,6 +169,13 @@ impl ManagerOptions {
     /// Sets how many saves may be in flight.
     pub fn with_max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Copies live states on a background thread (see
+    /// [`background_snapshot`](Self::background_snapshot)).
+    pub fn with_background_snapshot(mut self, background: bool) -> Self {
+        self.background_snapshot = background;
         self
     }
 
@@ -288,6 +304,17 @@ enum Job {
     Prune(Duration),
 }
 
+/// A save whose live state the snapshot thread copies before it is queued.
+struct Behind {
+    step: u64,
+    /// The caller's state, sharing its buffers.
+    live: State,
+    opts: SaveOptions,
+    upload: Upload,
+    /// When the save was booked (its snapshot time runs from there).
+    started: Duration,
+}
+
 #[derive(Default)]
 struct Inner {
     queue: VecDeque<Job>,
@@ -295,6 +322,9 @@ struct Inner {
     busy: usize,
     /// Save jobs queued or running.
     saves_in_flight: usize,
+    /// A live state handed to the snapshot thread, and whether it is copying one now.
+    behind: Option<Behind>,
+    snapshotting: bool,
     writing: BTreeSet<u64>,
     reading: BTreeMap<u64, usize>,
     /// What retention knows of each committed checkpoint.
@@ -375,6 +405,8 @@ struct Shared {
     all_gather: Option<AllGather>,
     /// The manager's clock (save costs are measured with it).
     clock: Arc<dyn Clock>,
+    /// Memory for snapshots, reused from one async save to the next.
+    snapshots: ArenaPool,
     inner: Mutex<Inner>,
     changed: Condvar,
 }
@@ -712,6 +744,14 @@ impl Shared {
         }
     }
 
+    /// Waits with `inner` until no live state is waiting to be copied or being copied.
+    fn snapshots_done<'a>(&'a self, mut inner: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        while inner.behind.is_some() || inner.snapshotting {
+            inner = self.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+        inner
+    }
+
     /// Queues `job` for the worker.
     fn enqueue(&self, job: Job) {
         let mut inner = self.lock();
@@ -849,8 +889,8 @@ pub struct CheckpointManager {
     /// The hold on the preemption signal, released on close.
     preemption: Mutex<Option<Preemption>>,
     worker: Option<JoinHandle<()>>,
-    /// Memory for snapshots, reused from one async save to the next.
-    snapshots: ArenaPool,
+    /// With [`ManagerOptions::background_snapshot`], the thread that copies live states.
+    snapshotter: Option<JoinHandle<()>>,
     /// With a local tier: when to save locally (`policy` then selects the uploads), and
     /// the thread that uploads.
     local_policy: Option<SavePolicy>,
@@ -1020,6 +1060,7 @@ impl CheckpointManager {
             coordination_timeout: opts.coordination_timeout,
             all_gather: opts.all_gather.clone(),
             clock: opts.clock.clone(),
+            snapshots: ArenaPool::default(),
             inner: Mutex::new(inner),
             changed: Condvar::new(),
         });
@@ -1031,6 +1072,10 @@ impl CheckpointManager {
                 .map_err(|e| Error::new(ErrorKind::Unavailable, format!("cannot start thread {name}")).with_source(e))
         };
         let worker = spawn("cairn-manager", work)?;
+        let snapshotter = match opts.background_snapshot && opts.async_save {
+            true => Some(spawn("cairn-snapshot", snapshot_work)?),
+            false => None,
+        };
         let uploader = match shared.durable.is_some() {
             true => Some(spawn("cairn-upload", upload_work)?),
             false => None,
@@ -1045,7 +1090,7 @@ impl CheckpointManager {
             preempted,
             preemption: Mutex::new(preemption),
             worker: Some(worker),
-            snapshots: ArenaPool::default(),
+            snapshotter,
             local_policy,
             uploader,
             upload_deadline: Mutex::new(None),
@@ -1087,7 +1132,9 @@ impl CheckpointManager {
 
     /// Called every step: saves if the policy says so (or `req.force`, or after a
     /// preemption signal) and returns whether it saved. Returns once the state is
-    /// snapshotted; after a preemption save it also waits until everything is durable.
+    /// snapshotted (with [`ManagerOptions::background_snapshot`], once the copy is
+    /// started: see [`wait_snapshot`](Self::wait_snapshot)); after a preemption save it
+    /// also waits until everything is durable.
     /// A step already committed (or being written) is never saved again, forced or not:
     /// `on_step` returns `false` (use [`save`](Self::save) to be told with an error).
     pub fn on_step(&self, step: u64, state: &State, req: SaveRequest) -> Result<bool> {
@@ -1112,7 +1159,8 @@ impl CheckpointManager {
     /// Saves `state` as `step` now, whatever the policy. Fails with
     /// [`ErrorKind::AlreadyExists`] if the step is already committed or being written.
     /// With async saving it returns once `state` is copied (the caller may then change
-    /// its buffers); otherwise once the checkpoint is committed.
+    /// its buffers; with [`ManagerOptions::background_snapshot`], once the copy is
+    /// started); otherwise once the checkpoint is committed.
     pub fn save(&self, step: u64, state: &State, req: SaveRequest) -> Result<()> {
         self.save_with(step, req, |_| Ok(Handover::Copy(state)))
     }
@@ -1148,7 +1196,9 @@ impl CheckpointManager {
         // otherwise, or pair their collectives with its next save): the failure is
         // returned once the save is under way. Alone, the call stops at the failure.
         let together = self.shared.world_size > 1;
-        let mut inner = self.shared.lock();
+        // A save never starts while the last one's state is still being copied: saves
+        // reach the worker in the order they were called.
+        let mut inner = self.shared.snapshots_done(self.shared.lock());
         let mut earlier = inner.error.take();
         if let Some(err) = earlier.take_if(|_| !together) {
             return Err(err);
@@ -1236,12 +1286,22 @@ impl CheckpointManager {
         opts.metrics = req.metrics;
         opts.metadata = req.metadata;
         if self.async_save {
-            let state = match handover {
-                Handover::Copy(state) => state.snapshot_in(&self.snapshots),
-                Handover::Give(state) => state,
-            };
-            opts.snapshot_time = Some(self.clock.now().saturating_sub(started));
-            self.shared.enqueue(Job::Save { step, state, opts, upload });
+            match handover {
+                Handover::Copy(state) if self.snapshotter.is_some() && !preempted => {
+                    let mut inner = self.shared.lock();
+                    inner.busy += 1;
+                    inner.behind = Some(Behind { step, live: state.clone(), opts, upload, started });
+                    self.shared.changed.notify_all();
+                }
+                handover => {
+                    let state = match handover {
+                        Handover::Copy(state) => state.snapshot_in(&self.shared.snapshots),
+                        Handover::Give(state) => state,
+                    };
+                    opts.snapshot_time = Some(self.clock.now().saturating_sub(started));
+                    self.shared.enqueue(Job::Save { step, state, opts, upload });
+                }
+            }
             booking.hand_over();
         } else {
             booking.hand_over();
@@ -1303,6 +1363,13 @@ impl CheckpointManager {
         self.shared.lock().cadence
     }
 
+    /// Blocks until the state handed to the last save has been copied (at once unless
+    /// [`ManagerOptions::background_snapshot`] is on): the caller may change its buffers
+    /// afterwards. Errors of the save itself are reported as for any async save.
+    pub fn wait_snapshot(&self) {
+        drop(self.shared.snapshots_done(self.shared.lock()));
+    }
+
     /// Blocks until every queued save, deletion and upload is done (after a preemption
     /// save, uploads only until the local tier's upload grace has passed); returns the
     /// first background error of a save since the last call, if any. An upload's failure
@@ -1310,6 +1377,7 @@ impl CheckpointManager {
     /// checkpoint is committed locally, and the upload is tried again by the next manager.
     pub fn wait(&self) -> Result<()> {
         refuse_in_sink("wait")?;
+        drop(self.shared.snapshots_done(self.shared.lock()));
         let deadline = *self.upload_deadline.lock().unwrap_or_else(|p| p.into_inner());
         let mut inner = self.shared.lock();
         loop {
@@ -1722,6 +1790,9 @@ impl Drop for CheckpointManager {
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
+        if let Some(snapshotter) = self.snapshotter.take() {
+            let _ = snapshotter.join();
+        }
         // An upload still running past a preemption's grace is left to finish on its own
         // (the process is about to end; its marker lets the next manager finish it).
         if let Some(uploader) = self.uploader.take().filter(|_| !self.shared.lock().uploads_busy()) {
@@ -1790,6 +1861,49 @@ fn copy_failure(err: &Error, opening: bool, run: &Run, step: u64) -> CopyFailure
             Err(_) => CopyFailure::Damaged,
         },
         _ => CopyFailure::Caller,
+    }
+}
+
+/// The snapshot thread of a manager with [`ManagerOptions::background_snapshot`]: copies
+/// each live state handed to it, then queues its save (already counted as busy).
+fn snapshot_work(shared: &Shared) {
+    loop {
+        let Behind { step, live, mut opts, upload, started } = {
+            let mut inner = shared.lock();
+            loop {
+                if let Some(behind) = inner.behind.take() {
+                    inner.snapshotting = true;
+                    break behind;
+                }
+                if inner.shutdown {
+                    return;
+                }
+                inner = shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| live.snapshot_in(&shared.snapshots)));
+        {
+            let mut inner = shared.lock();
+            inner.snapshotting = false;
+            match copied {
+                Ok(state) => {
+                    opts.snapshot_time = Some(shared.clock.now().saturating_sub(started));
+                    inner.queue.push_back(Job::Save { step, state, opts, upload });
+                }
+                // Nothing to write: the save fails, its step and slot are free again.
+                Err(_) => {
+                    inner.busy -= 1;
+                    inner.writing.remove(&step);
+                    inner.saves_in_flight -= 1;
+                    let err =
+                        Error::new(ErrorKind::Internal, format!("copying the state to save panicked step={step}"));
+                    inner.error.get_or_insert(err);
+                }
+            }
+            shared.changed.notify_all();
+        }
+        // Outside the lock: releasing a Python caller's buffers takes the GIL.
+        drop(live);
     }
 }
 

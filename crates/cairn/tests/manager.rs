@@ -551,3 +551,35 @@ fn forcing_a_step_that_is_already_committed_saves_nothing_and_says_so() {
     manager.wait().unwrap();
     assert_eq!(steps(&manager), [10, 11]);
 }
+
+#[test]
+fn a_background_snapshot_lets_go_of_the_callers_buffers_once_copied_and_saves_commit_in_order() {
+    let slow = ThrottledStore::new(
+        InMemory::new(),
+        ThrottleConfig { wait_put_per_call: Duration::from_millis(50), ..Default::default() },
+    );
+    let run = Run::at(Location::from_store(Arc::new(slow), "slow://background-snapshot"));
+    let manager = CheckpointManager::with_run(run, options(1).with_background_snapshot(true)).unwrap();
+    for step in 1..=3u64 {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let data = bytes::Bytes::from_owner(Flagged(vec![step as u8; 4096], dropped.clone()));
+        let mut live = State::new();
+        live.insert_tensor("w", cairn::Tensor::new(cairn::DType::U8, vec![4096], data).unwrap());
+        live.insert_value("step", Value::Int(step as i64));
+        assert!(manager.on_step(step, &live, SaveRequest::default()).unwrap());
+        manager.wait_snapshot();
+        drop(live);
+        // Copied: the caller's buffer is free although the save is still being written.
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "step {step}: the manager kept the caller's buffer");
+        assert_eq!(manager.saves_in_flight(), 1, "step {step}");
+    }
+    manager.wait().unwrap();
+    assert_eq!(steps(&manager), [1, 2, 3]);
+    for step in 1..=3u64 {
+        let (state, _) = manager.restore(Some(step), &LoadOptions::default()).unwrap();
+        let mut expected = State::new();
+        expected.insert_tensor("w", cairn::Tensor::new(cairn::DType::U8, vec![4096], vec![step as u8; 4096]).unwrap());
+        expected.insert_value("step", Value::Int(step as i64));
+        assert_eq!(state, expected);
+    }
+}
