@@ -818,13 +818,15 @@ class CheckpointManager:
 
     With `background_snapshot=True` (and async saving) the copy itself runs in the
     background too, overlapping what the loop does next (the next batch, a GPU step), as
-    torch DCP's asynchronous staging: `on_step` returns at once, and the state's buffers
-    must stay unchanged until `wait_snapshot()` returns. Call it before anything changes
+    torch DCP's asynchronous staging: `on_step` returns without waiting for the copy (it
+    still waits, as always, for a free save slot and for the last save's copy), and the
+    state's buffers must stay unchanged until `wait_snapshot()` returns. Call it before anything changes
     them: in torch, `optimizer.register_step_pre_hook(lambda *_: manager.wait_snapshot())`
     covers the optimizer (a module that updates buffers in its forward pass, such as
     batch norm, needs `module.register_forward_pre_hook` likewise). Changing the state
-    earlier saves a mix of old and new values. The next save, `wait()` and `close()` wait
-    for the copy too; a preemption save copies inside the call.
+    earlier saves a mix of old and new values. Every `on_step`, `save`, `wait()` and
+    `close()` waits for the copy too; a preemption save copies inside the call, and so does a state with
+    CUDA tensors (into pinned memory, as without this option).
 
     In a multi-process job every process makes a manager and they save each checkpoint
     together (rank 0 applies retention). In a `torch.distributed` job the ranks are the

@@ -85,9 +85,11 @@ pub struct ManagerOptions {
     /// `on_step` and `save` return before the copy is done, so that it overlaps what the
     /// loop does next (a GPU step, the next batch), and the caller must leave the state's
     /// buffers unchanged until [`CheckpointManager::wait_snapshot`] returns (before the
-    /// optimizer's update, say). As torch DCP's asynchronous staging. Off by default: the
-    /// call then returns once the copy is done. A preemption save always copies inside
-    /// the call.
+    /// optimizer's update, say). As torch DCP's asynchronous staging. Every call still
+    /// waits for a free save slot and for the last save's copy. Off by default: the call
+    /// then returns once the copy is done. A preemption save always copies inside the
+    /// call. The snapshot time a save records (and an automatic interval goes by) is the
+    /// copy's, although the caller was not blocked for it.
     pub background_snapshot: bool,
     /// Signal that requests a preemption save (SIGTERM by default; `None` for none).
     pub preemption_signal: Option<i32>,
@@ -1132,9 +1134,9 @@ impl CheckpointManager {
 
     /// Called every step: saves if the policy says so (or `req.force`, or after a
     /// preemption signal) and returns whether it saved. Returns once the state is
-    /// snapshotted (with [`ManagerOptions::background_snapshot`], once the copy is
-    /// started: see [`wait_snapshot`](Self::wait_snapshot)); after a preemption save it
-    /// also waits until everything is durable.
+    /// snapshotted (with [`ManagerOptions::background_snapshot`], once the state is
+    /// handed over: see [`wait_snapshot`](Self::wait_snapshot)); after a preemption save
+    /// it also waits until everything is durable.
     /// A step already committed (or being written) is never saved again, forced or not:
     /// `on_step` returns `false` (use [`save`](Self::save) to be told with an error).
     pub fn on_step(&self, step: u64, state: &State, req: SaveRequest) -> Result<bool> {
@@ -1159,8 +1161,8 @@ impl CheckpointManager {
     /// Saves `state` as `step` now, whatever the policy. Fails with
     /// [`ErrorKind::AlreadyExists`] if the step is already committed or being written.
     /// With async saving it returns once `state` is copied (the caller may then change
-    /// its buffers; with [`ManagerOptions::background_snapshot`], once the copy is
-    /// started); otherwise once the checkpoint is committed.
+    /// its buffers; with [`ManagerOptions::background_snapshot`], once the state is
+    /// handed over); otherwise once the checkpoint is committed.
     pub fn save(&self, step: u64, state: &State, req: SaveRequest) -> Result<()> {
         self.save_with(step, req, |_| Ok(Handover::Copy(state)))
     }
@@ -1288,7 +1290,8 @@ impl CheckpointManager {
         if self.async_save {
             match handover {
                 Handover::Copy(state) if self.snapshotter.is_some() && !preempted => {
-                    let mut inner = self.shared.lock();
+                    // Another thread's save may have handed its state over meanwhile.
+                    let mut inner = self.shared.snapshots_done(self.shared.lock());
                     inner.busy += 1;
                     inner.behind = Some(Behind { step, live: state.clone(), opts, upload, started });
                     self.shared.changed.notify_all();
@@ -1787,11 +1790,12 @@ impl Drop for CheckpointManager {
         let _ = self.close();
         self.shared.lock().shutdown = true;
         self.shared.changed.notify_all();
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
+        // The snapshot thread first: it queues what it copies for the worker.
         if let Some(snapshotter) = self.snapshotter.take() {
             let _ = snapshotter.join();
+        }
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
         }
         // An upload still running past a preemption's grace is left to finish on its own
         // (the process is about to end; its marker lets the next manager finish it).
@@ -1881,29 +1885,36 @@ fn snapshot_work(shared: &Shared) {
                 inner = shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| live.snapshot_in(&shared.snapshots)));
-        {
-            let mut inner = shared.lock();
-            inner.snapshotting = false;
-            match copied {
-                Ok(state) => {
-                    opts.snapshot_time = Some(shared.clock.now().saturating_sub(started));
-                    inner.queue.push_back(Job::Save { step, state, opts, upload });
-                }
-                // Nothing to write: the save fails, its step and slot are free again.
-                Err(_) => {
-                    inner.busy -= 1;
-                    inner.writing.remove(&step);
-                    inner.saves_in_flight -= 1;
-                    let err =
-                        Error::new(ErrorKind::Internal, format!("copying the state to save panicked step={step}"));
-                    inner.error.get_or_insert(err);
-                }
-            }
-            shared.changed.notify_all();
-        }
-        // Outside the lock: releasing a Python caller's buffers takes the GIL.
+        let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (live.snapshot_in(&shared.snapshots), shared.clock.now().saturating_sub(started))
+        }));
+        // The caller's buffers are let go before it is told the copy is done, and outside
+        // the lock: releasing a Python caller's buffers takes the GIL (every wait for a
+        // snapshot is made with the GIL released).
         drop(live);
+        let mut inner = shared.lock();
+        inner.snapshotting = false;
+        match copied {
+            Ok((state, took)) => {
+                opts.snapshot_time = Some(took);
+                inner.queue.push_back(Job::Save { step, state, opts, upload });
+            }
+            // Nothing to write: the save fails, its step and slot are free again; the
+            // other ranks of a job are told at once rather than left waiting for it.
+            Err(_) => {
+                inner.writing.remove(&step);
+                inner.saves_in_flight -= 1;
+                let reason =
+                    || Error::new(ErrorKind::Internal, format!("copying the state to save panicked step={step}"));
+                if shared.world_size > 1 {
+                    inner.queue.push_back(Job::Refuse { opts, reason: reason(), upload });
+                } else {
+                    inner.busy -= 1;
+                }
+                inner.error.get_or_insert(reason());
+            }
+        }
+        shared.changed.notify_all();
     }
 }
 

@@ -83,7 +83,7 @@ async fn copy_async(src: &Checkpoint, dst: &Location, progress: Progress<'_>) ->
 }
 
 /// The whole data file `file` of `size` bytes (as the manifest says), telling `read`
-/// the bytes as they arrive.
+/// the bytes as they arrive (a local file's all at once).
 async fn read_whole(loc: &Location, file: &str, size: u64, read: &(dyn Fn(u64) + Sync)) -> Result<Bytes> {
     let shown = format!("file=`{}/{file}`", loc.uri());
     let got = loc.store().get(&loc.path(file)).await.map_err(|e| Error::from_store(e, "reading", &shown))?;

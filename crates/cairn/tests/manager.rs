@@ -362,8 +362,13 @@ fn reset_deletes_every_checkpoint() {
 
 /// Two managers (ranks 0 and 1, keep-last 2) save steps 1..=4 with a piece each; only
 /// rank 0 deletes, and the run keeps steps 3 and 4. `all_gather` is the job's collective,
-/// if any, made for each rank (else the ranks coordinate through the store).
-fn two_ranks_save_four_steps(uri: &str, all_gather: Option<&(dyn Fn(u32) -> cairn::dist::AllGather + Sync)>) {
+/// if any, made for each rank (else the ranks coordinate through the store); `background`
+/// copies the states on the managers' snapshot threads.
+fn two_ranks_save_four_steps(
+    uri: &str,
+    all_gather: Option<&(dyn Fn(u32) -> cairn::dist::AllGather + Sync)>,
+    background: bool,
+) {
     use cairn::{DType, Piece, Tensor};
     std::thread::scope(|s| {
         for rank in 0..2u32 {
@@ -371,6 +376,7 @@ fn two_ranks_save_four_steps(uri: &str, all_gather: Option<&(dyn Fn(u32) -> cair
             s.spawn(move || {
                 let mut opts = options(1)
                     .with_ranks(rank, 2)
+                    .with_background_snapshot(background)
                     .with_retention(Retention { keep_last: Some(2), ..Default::default() });
                 if let Some(all_gather) = all_gather {
                     opts = opts.with_all_gather(all_gather);
@@ -399,7 +405,12 @@ fn two_ranks_save_four_steps(uri: &str, all_gather: Option<&(dyn Fn(u32) -> cair
 
 #[test]
 fn ranks_save_together_and_rank_zero_applies_retention() {
-    two_ranks_save_four_steps("memory://manager/ranks", None);
+    two_ranks_save_four_steps("memory://manager/ranks", None, false);
+}
+
+#[test]
+fn ranks_save_together_with_background_snapshots() {
+    two_ranks_save_four_steps("memory://manager/ranks-background", Some(&common::in_process_collective(2)), true);
 }
 
 #[test]
@@ -421,7 +432,7 @@ fn ranks_save_together_through_the_jobs_collective() {
             Ok(all)
         })
     };
-    two_ranks_save_four_steps("memory://manager/ranks-collective", Some(&make));
+    two_ranks_save_four_steps("memory://manager/ranks-collective", Some(&make), false);
     // Four saves of four rounds each, on each of the two ranks.
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2 * 4 * 4);
 }
@@ -581,5 +592,28 @@ fn a_background_snapshot_lets_go_of_the_callers_buffers_once_copied_and_saves_co
         expected.insert_tensor("w", cairn::Tensor::new(cairn::DType::U8, vec![4096], vec![step as u8; 4096]).unwrap());
         expected.insert_value("step", Value::Int(step as i64));
         assert_eq!(state, expected);
+    }
+}
+
+#[test]
+fn saves_from_several_threads_with_background_snapshots_all_commit() {
+    let opts = options(1).with_background_snapshot(true).with_max_in_flight(2);
+    let manager = CheckpointManager::open("memory://manager/background-threads", opts).unwrap();
+    std::thread::scope(|s| {
+        for first in [1u64, 2] {
+            let manager = &manager;
+            s.spawn(move || {
+                for step in (first..=20).step_by(2) {
+                    manager.save(step, &common::model_state(step, 2, 8), SaveRequest::default()).unwrap();
+                }
+            });
+        }
+    });
+    manager.wait().unwrap();
+    assert_eq!(manager.saves_in_flight(), 0);
+    assert_eq!(steps(&manager), (1..=20).collect::<Vec<_>>());
+    for step in [1, 10, 19, 20] {
+        let (state, _) = manager.restore(Some(step), &LoadOptions::default()).unwrap();
+        assert_eq!(state, common::model_state(step, 2, 8));
     }
 }
