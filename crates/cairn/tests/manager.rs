@@ -18,6 +18,12 @@ fn options(every: u64) -> ManagerOptions {
         .with_preemption_signal(None)
 }
 
+/// A run in memory whose every write takes `put_ms` milliseconds.
+fn slow_run(uri: &str, put_ms: u64) -> Run {
+    let config = ThrottleConfig { wait_put_per_call: Duration::from_millis(put_ms), ..Default::default() };
+    Run::at(Location::from_store(Arc::new(ThrottledStore::new(InMemory::new(), config)), uri))
+}
+
 fn steps(manager: &CheckpointManager) -> Vec<u64> {
     manager.list().unwrap().iter().map(|i| i.step).collect()
 }
@@ -110,11 +116,7 @@ fn restoring_the_latest_waits_for_the_saves_in_flight() {
     // On a slow store the save of step 2 is still being written when restore is called:
     // "the latest" is step 2 once it commits, not step 1 (every rank of a job, each
     // waiting for its own save, then reads the same step).
-    let slow = ThrottledStore::new(
-        InMemory::new(),
-        ThrottleConfig { wait_put_per_call: Duration::from_millis(50), ..Default::default() },
-    );
-    let run = Run::at(Location::from_store(Arc::new(slow), "slow://restore"));
+    let run = slow_run("slow://restore", 50);
     let manager = CheckpointManager::with_run(run, options(1)).unwrap();
     manager.on_step(1, &common::model_state(1, 1, 2), SaveRequest::default()).unwrap();
     manager.wait().unwrap();
@@ -127,11 +129,7 @@ fn restoring_the_latest_waits_for_the_saves_in_flight() {
 
 #[test]
 fn several_saves_in_flight_on_a_slow_store_all_commit() {
-    let slow = ThrottledStore::new(
-        InMemory::new(),
-        ThrottleConfig { wait_put_per_call: Duration::from_millis(30), ..Default::default() },
-    );
-    let run = Run::at(Location::from_store(Arc::new(slow), "slow://run"));
+    let run = slow_run("slow://run", 30);
     let manager = CheckpointManager::with_run(run, options(1).with_max_in_flight(2)).unwrap();
     for step in 1..=6 {
         manager.on_step(step, &common::model_state(step, 2, 8), SaveRequest::default()).unwrap();
@@ -565,11 +563,7 @@ fn forcing_a_step_that_is_already_committed_saves_nothing_and_says_so() {
 
 #[test]
 fn a_background_snapshot_lets_go_of_the_callers_buffers_once_copied_and_saves_commit_in_order() {
-    let slow = ThrottledStore::new(
-        InMemory::new(),
-        ThrottleConfig { wait_put_per_call: Duration::from_millis(50), ..Default::default() },
-    );
-    let run = Run::at(Location::from_store(Arc::new(slow), "slow://background-snapshot"));
+    let run = slow_run("slow://background-snapshot", 50);
     let manager = CheckpointManager::with_run(run, options(1).with_background_snapshot(true)).unwrap();
     for step in 1..=3u64 {
         let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
