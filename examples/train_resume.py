@@ -1,6 +1,8 @@
 """The main job: a real training loop checkpointing with cairn.CheckpointManager to
 ./runs/, SIGKILLed at a random step, resumed from the latest checkpoint, and checked
-bit-exact against an uninterrupted run.
+bit-exact against an uninterrupted run. The state is copied in the background
+(`background_snapshot=True`): the loop waits for the copy only where it changes the state
+(the optimizer's update).
 
     python examples/train_resume.py            # the whole demonstration
     python examples/train_resume.py --child --run DIR --steps N   # one training process
@@ -49,6 +51,11 @@ class TorchTrainer:
         )
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
 
+    def before_update(self, wait) -> None:
+        """Calls `wait()` before every change to the state (the weights and the optimizer's
+        moments change only in its step; the model has no buffers that forward updates)."""
+        self.opt.register_step_pre_hook(lambda *_: wait())
+
     def step(self, step: int) -> float:
         x, y = batch(step)
         loss = torch.nn.functional.cross_entropy(self.model(torch.from_numpy(x)), torch.from_numpy(y))
@@ -78,6 +85,10 @@ class TorchTrainer:
 class NumpyTrainer:
     def __init__(self) -> None:
         self.w = np.random.default_rng(0).standard_normal((32, 10)).astype(np.float32) * 0.1
+        self.wait = lambda: None
+
+    def before_update(self, wait) -> None:
+        self.wait = wait
 
     def step(self, step: int) -> float:
         x, y = batch(step)
@@ -86,6 +97,7 @@ class NumpyTrainer:
         p /= p.sum(axis=1, keepdims=True)
         loss = float(-np.log(p[np.arange(len(y)), y]).mean())
         p[np.arange(len(y)), y] -= 1
+        self.wait()
         self.w -= np.float32(0.1) * (x.T @ p / len(y)).astype(np.float32)
         return loss
 
@@ -104,7 +116,16 @@ def train(run: str, steps: int, stats_path: str) -> None:
     trainer = TorchTrainer() if torch is not None else NumpyTrainer()
     framework = "torch" if torch is not None else "numpy"
     blocked, saves, start = 0.0, 0, 1
-    with cairn.CheckpointManager(run, policies=POLICIES, keep=[cairn.KeepLast(3), cairn.KeepEvery(200)]) as mgr:
+    keep = [cairn.KeepLast(3), cairn.KeepEvery(200)]
+    waited = [0.0]  # the loop's waits for a copy before an update
+    with cairn.CheckpointManager(run, policies=POLICIES, keep=keep, background_snapshot=True) as mgr:
+
+        def wait_snapshot() -> None:
+            began = time.perf_counter()
+            mgr.wait_snapshot()
+            waited[0] += time.perf_counter() - began
+
+        trainer.before_update(wait_snapshot)
         try:
             state, info = mgr.restore(framework=framework)
             trainer.load(state)
@@ -122,7 +143,7 @@ def train(run: str, steps: int, stats_path: str) -> None:
             if mgr.preempted:
                 break
     with open(stats_path, "w") as f:
-        json.dump({"blocked_s": blocked, "saves": saves}, f)
+        json.dump({"blocked_s": blocked + waited[0], "saves": saves}, f)
 
 
 def final_weights(run: str) -> dict:
