@@ -315,6 +315,9 @@ struct Behind {
     upload: Upload,
     /// When the save was booked (its snapshot time runs from there).
     started: Duration,
+    /// The policies' facts before the booking and as it set them.
+    before: Facts,
+    booked: Facts,
 }
 
 #[derive(Default)]
@@ -368,6 +371,23 @@ struct Facts {
 impl Inner {
     fn facts(&self) -> Facts {
         Facts { last_step: self.last_step, last_save_at: self.last_save_at, durable: self.durable_last }
+    }
+
+    /// Gives back the step and the slot of a save that will not be written, and the
+    /// policies' facts as they were `before` its booking set them to `booked` (unless a
+    /// later booking moved them on meanwhile).
+    fn unbook(&mut self, step: u64, before: Facts, booked: Facts) {
+        if self.last_step == booked.last_step {
+            self.last_step = before.last_step;
+        }
+        if self.last_save_at == booked.last_save_at {
+            self.last_save_at = before.last_save_at;
+        }
+        if self.durable_last == booked.durable {
+            self.durable_last = before.durable;
+        }
+        self.writing.remove(&step);
+        self.saves_in_flight -= 1;
     }
 
     /// Whether uploads are queued or running.
@@ -820,19 +840,7 @@ impl Drop for Booking<'_> {
         if !self.armed {
             return;
         }
-        let mut inner = self.shared.lock();
-        // Restored unless a later booking moved them on meanwhile.
-        if inner.last_step == self.booked.last_step {
-            inner.last_step = self.before.last_step;
-        }
-        if inner.last_save_at == self.booked.last_save_at {
-            inner.last_save_at = self.before.last_save_at;
-        }
-        if inner.durable_last == self.booked.durable {
-            inner.durable_last = self.before.durable;
-        }
-        inner.writing.remove(&self.step);
-        inner.saves_in_flight -= 1;
+        self.shared.lock().unbook(self.step, self.before, self.booked);
         self.shared.changed.notify_all();
     }
 }
@@ -1293,7 +1301,8 @@ impl CheckpointManager {
                     // Another thread's save may have handed its state over meanwhile.
                     let mut inner = self.shared.snapshots_done(self.shared.lock());
                     inner.busy += 1;
-                    inner.behind = Some(Behind { step, live: state.clone(), opts, upload, started });
+                    let (before, booked) = (booking.before, booking.booked);
+                    inner.behind = Some(Behind { step, live: state.clone(), opts, upload, started, before, booked });
                     self.shared.changed.notify_all();
                 }
                 handover => {
@@ -1872,7 +1881,7 @@ fn copy_failure(err: &Error, opening: bool, run: &Run, step: u64) -> CopyFailure
 /// each live state handed to it, then queues its save (already counted as busy).
 fn snapshot_work(shared: &Shared) {
     loop {
-        let Behind { step, live, mut opts, upload, started } = {
+        let Behind { step, live, mut opts, upload, started, before, booked } = {
             let mut inner = shared.lock();
             loop {
                 if let Some(behind) = inner.behind.take() {
@@ -1899,16 +1908,17 @@ fn snapshot_work(shared: &Shared) {
                 opts.snapshot_time = Some(took);
                 inner.queue.push_back(Job::Save { step, state, opts, upload });
             }
-            // Nothing to write: the save fails, its step and slot are free again; the
-            // other ranks of a job are told at once rather than left waiting for it.
+            // Nothing to write: the save fails, its step and slot are free again (alone,
+            // the policy sees the last save as before; in a job the step counts as saved,
+            // as on the other ranks, which are told at once rather than left waiting).
             Err(_) => {
-                inner.writing.remove(&step);
-                inner.saves_in_flight -= 1;
                 let reason =
                     || Error::new(ErrorKind::Internal, format!("copying the state to save panicked step={step}"));
                 if shared.world_size > 1 {
+                    inner.unbook(step, booked, booked);
                     inner.queue.push_back(Job::Refuse { opts, reason: reason(), upload });
                 } else {
+                    inner.unbook(step, before, booked);
                     inner.busy -= 1;
                 }
                 inner.error.get_or_insert(reason());
