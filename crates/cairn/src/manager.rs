@@ -323,7 +323,7 @@ struct Behind {
 #[derive(Default)]
 struct Inner {
     queue: VecDeque<Job>,
-    /// Jobs queued or running.
+    /// Jobs queued or running (a save whose state the snapshot thread holds included).
     busy: usize,
     /// Save jobs queued or running.
     saves_in_flight: usize,
@@ -1389,7 +1389,6 @@ impl CheckpointManager {
     /// checkpoint is committed locally, and the upload is tried again by the next manager.
     pub fn wait(&self) -> Result<()> {
         refuse_in_sink("wait")?;
-        drop(self.shared.snapshots_done(self.shared.lock()));
         let deadline = *self.upload_deadline.lock().unwrap_or_else(|p| p.into_inner());
         let mut inner = self.shared.lock();
         loop {
